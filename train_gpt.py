@@ -1,0 +1,1262 @@
+"""Parameter Golf training script: an 11-layer GQA transformer trained in 600 s on 8xH100.
+
+Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py      (GPU, NCCL)
+      RUN_PRESET=smoke python train_gpt.py                         (CPU quick start)
+Every knob is an environment variable read by `Hyperparameters` below; unknown ones are refused.
+Component notes cite the public records they come from (R0323 = 2026-03-23 record, etc.).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ============================================================================ config
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, mistyped or inconsistent; raised before any work starts."""
+
+
+# Presets are plain tables of env defaults; explicit env vars still win.
+PRESETS: dict[str, dict[str, str]] = {
+    # Tiny model on the bundled sample: the whole run takes about a minute on 2 CPU cores.
+    "smoke": {
+        "DATA_PATH": "./data/datasets/sample_sp1024",
+        "NUM_LAYERS": "4",
+        "MODEL_DIM": "128",
+        "NUM_HEADS": "4",
+        "NUM_KV_HEADS": "2",
+        "XSA_LAST_N": "4",
+        "BIGRAM_BUCKETS": "1024",
+        "BIGRAM_DIM": "32",
+        "TRAIN_SEQ_LEN": "256",
+        "TRAIN_BATCH_TOKENS": "8192",
+        "MICROBATCH_TOKENS": "8192",
+        "VAL_BATCH_TOKENS": "32768",
+        "ITERATIONS": "200",
+        "MAX_WALLCLOCK_SECONDS": "120",
+        "VAL_LOSS_EVERY": "50",
+        "TRAIN_LOG_EVERY": "25",
+        "WARMUP_STEPS": "0",
+        "MUON_MOMENTUM_WARMUP_FRAC": "0.1",
+        "MATRIX_LR": "0.03",
+    },
+}
+
+# Env vars owned by other programs (torchrun, CUDA, NCCL, compilers) are never ours.
+FOREIGN_ENV_PREFIXES = (
+    "TORCH", "PYTORCH", "NCCL", "CUDA", "CUBLAS", "CUDNN", "NVIDIA", "OMP_", "MKL", "TRITON",
+    "MASTER_", "GROUP_", "ROLE_", "LOCAL_", "TORCHELASTIC", "PYTHON", "HF_", "KMP_", "GLOO",
+)
+# Technique families: any env var containing one of these tokens must be a known knob.
+KNOB_FAMILIES = {
+    "TTT", "XSA", "MUON", "EMA", "GPTQ", "QAT", "LORA", "SMEAR", "BIGRAM", "ROPE", "QK", "LN",
+    "UNET", "SKIP", "LOOP", "LOOPING", "PARALLEL", "QUANT", "SLIDING", "ADAM", "WARMDOWN",
+    "WARMUP", "LR", "VAL", "EVAL", "TRAIN", "MODEL", "VOCAB", "LOGIT", "MLP", "ATTN", "EMBED",
+    "HEADS", "LAYERS", "SEED", "PRESET", "VE", "VR", "MATRIX", "SCALAR", "SOFTCAP", "WALLCLOCK",
+}
+TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _parse(name: str, raw: str, kind: type) -> object:
+    """Typed parse of one env value; the error names the variable, the value and the type."""
+    try:
+        if kind is bool:
+            low = raw.strip().lower()
+            if low not in TRUE_WORDS | FALSE_WORDS:
+                raise ValueError
+            return low in TRUE_WORDS
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+class _KnobReader:
+    """Reads knobs for `Hyperparameters`: env value, else preset value, else the default."""
+
+    def __init__(self, target: object, environ: Mapping[str, str], preset: Mapping[str, str]):
+        self.target, self.environ, self.preset = target, environ, preset
+        self.names: dict[str, object] = {}
+
+    def __call__(self, name: str, kind: type, default: object) -> None:
+        raw = self.environ.get(name, self.preset.get(name))
+        value = default if raw is None else _parse(name, raw, kind)
+        self.names[name] = value
+        setattr(self.target, name.lower(), value)
+
+
+class Hyperparameters:
+    """Every knob of a run. One line per knob: NAME, type, default. Attributes are NAME.lower()."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None):
+        environ = os.environ if environ is None else environ
+        preset_name = environ.get("RUN_PRESET", "")
+        if preset_name and preset_name not in PRESETS:
+            raise ConfigError(f"RUN_PRESET={preset_name!r} is unknown; known presets: {sorted(PRESETS)}")
+        k = _KnobReader(self, environ, PRESETS.get(preset_name, {}))
+        # ---- run
+        k("RUN_PRESET", str, "")
+        k("RUN_ID", str, "")
+        k("SEED", int, 1337)
+        k("LOG_DIR", str, "logs")
+        k("ARTIFACT_DIR", str, ".")
+        # ---- data
+        k("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024")
+        k("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model")
+        k("VOCAB_SIZE", int, 1024)
+        k("BYTE_CHECK_DOCS", int, 64)
+        # ---- model
+        k("NUM_LAYERS", int, 11)
+        k("MODEL_DIM", int, 512)
+        k("NUM_HEADS", int, 8)
+        k("NUM_KV_HEADS", int, 4)
+        k("MLP_MULT", float, 3.0)
+        k("LEAKY_RELU_SLOPE", float, 0.5)
+        k("TIE_EMBEDDINGS", bool, True)
+        k("TIED_EMBED_INIT_STD", float, 0.005)
+        k("LOGIT_SOFTCAP", float, 30.0)
+        k("ROPE_DIMS", int, 16)
+        k("ROPE_BASE", float, 10000.0)
+        k("QK_GAIN_INIT", float, 5.0)
+        k("LN_SCALE", bool, True)
+        k("XSA_LAST_N", int, 11)
+        k("VALUE_RESIDUAL", bool, True)
+        k("GATED_ATTN", bool, True)
+        k("GATED_ATTN_BIAS_INIT", float, 4.0)
+        k("SMEAR_GATE", bool, True)
+        k("SMEAR_GATE_INPUTS", int, 12)
+        k("BIGRAM_BUCKETS", int, 3072)
+        k("BIGRAM_DIM", int, 112)
+        k("UNET_SKIPS", bool, True)
+        # ---- optimizers
+        k("MATRIX_LR", float, 0.025)
+        k("TIED_EMBED_LR", float, 0.035)
+        k("HEAD_LR", float, 0.008)
+        k("SCALAR_LR", float, 0.025)
+        k("MUON_MOMENTUM", float, 0.99)
+        k("MUON_MOMENTUM_WARMUP_START", float, 0.92)
+        k("MUON_MOMENTUM_WARMUP_FRAC", float, 0.2)
+        k("MUON_NS_STEPS", int, 5)
+        k("MUON_ROW_NORMALIZE", bool, True)
+        k("MUON_WD", float, 0.04)
+        k("EMBED_WD", float, 0.04)
+        k("SCALAR_WD", float, 0.02)
+        k("ADAM_BETA1", float, 0.9)
+        k("ADAM_BETA2", float, 0.95)
+        k("ADAM_EPS", float, 1e-8)
+        k("GRAD_CLIP_NORM", float, 0.3)
+        k("EMA_DECAY", float, 0.997)
+        # ---- schedule & budget
+        k("ITERATIONS", int, 20000)
+        k("MAX_WALLCLOCK_SECONDS", float, 600.0)
+        k("LR_WARMUP_FRAC", float, 0.0)
+        k("WARMDOWN_FRAC", float, 0.72)
+        k("MIN_LR", float, 0.0)
+        k("WARMUP_STEPS", int, 20)
+        k("TRAIN_SEQ_LEN", int, 2048)
+        k("TRAIN_BATCH_TOKENS", int, 786432)
+        k("MICROBATCH_TOKENS", int, 98304)
+        k("COMPILE", bool, True)
+        # ---- evaluation & logging
+        k("VAL_BATCH_TOKENS", int, 524288)
+        k("VAL_LOSS_EVERY", int, 1000)
+        k("TRAIN_LOG_EVERY", int, 100)
+        self.knobs = dict(k.names)
+        self.preset_name = preset_name or "none"
+        refuse_unknown_env(environ, set(self.knobs) | {"RUN_PRESET"})
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-knob consistency, checked before any work."""
+        checks = [
+            (self.model_dim % self.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
+            (self.num_heads % self.num_kv_heads == 0, "NUM_HEADS must be divisible by NUM_KV_HEADS"),
+            (self.rope_dims % 2 == 0 and 0 <= self.rope_dims <= self.head_dim,
+             "ROPE_DIMS must be even and at most MODEL_DIM/NUM_HEADS"),
+            (0 <= self.xsa_last_n <= self.num_layers, "XSA_LAST_N must be in [0, NUM_LAYERS]"),
+            (self.bigram_buckets == 0 or self.bigram_buckets >= 2, "BIGRAM_BUCKETS must be 0 (off) or >= 2"),
+            (0 < self.vocab_size <= 65536, "VOCAB_SIZE must be in (0, 65536] (uint16 shards)"),
+            (0 <= self.warmdown_frac <= 1 and 0 <= self.lr_warmup_frac < 1, "schedule fractions must be in [0, 1]"),
+            (self.iterations > 0, "ITERATIONS must be positive"),
+            (self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN"),
+            (self.microbatch_tokens % self.train_seq_len == 0, "MICROBATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN"),
+            (self.smear_gate_inputs <= self.model_dim, "SMEAR_GATE_INPUTS must be at most MODEL_DIM"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    def resolved_lines(self) -> list[str]:
+        return [f"{name}={value}" for name, value in sorted(self.knobs.items())]
+
+    def hash(self) -> str:
+        return hashlib.sha256("\n".join(self.resolved_lines()).encode()).hexdigest()[:8]
+
+
+def _looks_like_ours(name: str, known: set[str]) -> bool:
+    if name.startswith(FOREIGN_ENV_PREFIXES) or name in ("RANK", "WORLD_SIZE"):
+        return False
+    tokens = set(name.split("_"))
+    return bool(tokens & KNOB_FAMILIES) or bool(difflib.get_close_matches(name, known, n=1, cutoff=0.85))
+
+
+def refuse_unknown_env(environ: Mapping[str, str], known: set[str]) -> None:
+    """Stop on env vars that look like knobs but are not: a typo must never give a silent run."""
+    problems = []
+    for name in sorted(environ):
+        if name in known or not _looks_like_ours(name, known):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        problems.append(f"unknown setting {name}={environ[name]!r}{hint}")
+    if problems:
+        raise ConfigError("; ".join(problems) + " (unset it: train_gpt.py refuses unknown knobs)")
+
+
+# ============================================================================ logging
+
+
+class Logger:
+    """Rank-0 log to stdout and logs/<RUN_ID>.txt; every line is flushed so a crash loses nothing."""
+
+    def __init__(self, path: Path | None):
+        self.file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self.enabled = path is not None
+
+    def __call__(self, line: str) -> None:
+        if not self.enabled:
+            return
+        print(line, flush=True)
+        if self.file is not None:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def kv(**items: object) -> str:
+    """One stable `key:value key:value` log line; floats get a fixed precision."""
+    parts = []
+    for key, value in items.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}" if abs(value) >= 1 else f"{value:.6f}"
+        parts.append(f"{key}:{value}")
+    return " ".join(parts)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ============================================================================ distributed
+
+
+@dataclass
+class Runtime:
+    """Facts of this process, kept apart from the config: who we are and where we run."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    grad_accum_steps: int
+    run_id: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_runtime(hp: Hyperparameters) -> Runtime:
+    """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPU, gloo on CPU."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    per_step = hp.train_batch_tokens // world_size
+    if hp.train_batch_tokens % world_size or per_step % hp.microbatch_tokens:
+        raise ConfigError(
+            f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must split into WORLD_SIZE={world_size} ranks "
+            f"x whole micro-batches of MICROBATCH_TOKENS={hp.microbatch_tokens}"
+        )
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    run_id = hp.run_id or broadcast_object(uuid.uuid4().hex[:12], world_size)
+    return Runtime(rank, world_size, local_rank, device, per_step // hp.microbatch_tokens, run_id)
+
+
+def broadcast_object(obj: object, world_size: int) -> object:
+    if world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(values: Tensor, rt: Runtime) -> Tensor:
+    if rt.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def any_rank(flag: bool, rt: Runtime) -> bool:
+    """True if the flag is set on any rank: stop decisions are agreed, never rank-local."""
+    t = torch.tensor([1.0 if flag else 0.0], device=rt.device)
+    if rt.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def sync(rt: Runtime) -> None:
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+
+
+# ============================================================================ data
+
+BOS_ID = 1
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_WORDS = 20240520, 1, 256
+SHARD_HEADER_BYTES = SHARD_HEADER_WORDS * 4
+BOUNDARY_SPACE = "\u2581"  # SentencePiece's word-boundary marker
+
+
+class DataError(RuntimeError):
+    """Missing or damaged data/tokenizer; the message names the file, the problem and the fix."""
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> None:
+    """Challenge shard: 256 int32 header words (magic, version, count), then uint16 tokens."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise DataError(f"{path}: token ids must fit in uint16")
+    header = np.zeros(SHARD_HEADER_WORDS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+    os.replace(tmp, path)
+
+
+def read_shard_header(path: str | Path) -> int:
+    """Validates magic, version and file size; returns the token count."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: shard not found")
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise DataError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte header (truncated?)")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_WORDS)
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a challenge shard")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    count = int(header[2])
+    if size != SHARD_HEADER_BYTES + 2 * count:
+        raise DataError(
+            f"{path}: header says {count} tokens ({SHARD_HEADER_BYTES + 2 * count} bytes) but the file has "
+            f"{size} bytes; it is truncated or corrupt, re-download or rebuild it"
+        )
+    return count
+
+
+def load_shard(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
+    """Memory-mapped uint16 tokens of a validated shard; ids are checked against the vocabulary."""
+    count = read_shard_header(path)
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
+    if vocab_size is not None and count and int(tokens.max()) >= vocab_size:
+        raise DataError(
+            f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; the shards were made "
+            "with another tokenizer (set VOCAB_SIZE/DATA_PATH to matching ones)"
+        )
+    return tokens
+
+
+def find_shards(data_path: str, split: str) -> list[Path]:
+    files = sorted(Path(p) for p in glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    files = [f for f in files if "_bytes_" not in f.name]  # CaseOps byte sidecars are not tokens
+    if not files:
+        raise DataError(
+            f"no {split} shards matching {data_path}/fineweb_{split}_*.bin. Fetch the official data with "
+            "`python -m data.download --variant sp1024`, or build the bundled sample with "
+            "`python -m data.tokenize_docs --input data/sample/sample_wiki.jsonl.xz "
+            "--output data/datasets/sample_sp1024` (RUN_PRESET=smoke reads it)"
+        )
+    return files
+
+
+def load_tokenizer(path: str | Path, vocab_size: int) -> spm.SentencePieceProcessor:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"tokenizer {path} not found; set TOKENIZER_PATH or fetch it with `python -m data.download`"
+        )
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    if sp.vocab_size() != vocab_size:
+        raise DataError(
+            f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
+            "set VOCAB_SIZE to match the tokenizer and shards"
+        )
+    return sp
+
+
+def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> tuple[np.ndarray, ...]:
+    """Per-token UTF-8 byte counts for tokenizer-agnostic BPB (the official rule).
+
+    A piece starting with the boundary marker owns a real space only when the previous token is
+    not a boundary (BOS/control): the first word of a document carries no space.
+    """
+    base_bytes = np.zeros(vocab_size, dtype=np.int16)
+    has_space = np.zeros(vocab_size, dtype=bool)
+    is_boundary = np.ones(vocab_size, dtype=bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        is_boundary[i] = False
+        if sp.is_byte(i):
+            base_bytes[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith(BOUNDARY_SPACE):
+            has_space[i] = True
+            piece = piece[1:]
+        base_bytes[i] = len(piece.encode("utf-8"))
+    return base_bytes, has_space, is_boundary
+
+
+def count_target_bytes(tokens: np.ndarray, luts: tuple[np.ndarray, ...]) -> int:
+    """UTF-8 bytes of tokens[1:] as targets, each with its previous token tokens[:-1]."""
+    base_bytes, has_space, is_boundary = luts
+    tokens = np.asarray(tokens, dtype=np.int64)
+    prev, tgt = tokens[:-1], tokens[1:]
+    return int(base_bytes[tgt].sum() + (has_space[tgt] & ~is_boundary[prev]).sum())
+
+
+def check_byte_table(sp: spm.SentencePieceProcessor, docs: list, luts: tuple[np.ndarray, ...]) -> int:
+    """Self-check: LUT bytes of each [BOS]+doc equal the UTF-8 length of the decoded doc.
+
+    `docs` holds texts (encoded here) or token-id sequences (without BOS). Documents holding an
+    unknown token are skipped: the official rule counts <unk> as 0 bytes while decoding prints a
+    placeholder, so no exact comparison exists for them. Returns the number of bytes checked.
+    """
+    total, unknown = 0, sp.unk_id()
+    for i, doc in enumerate(docs):
+        ids = sp.encode(doc) if isinstance(doc, str) else [int(t) for t in doc]
+        if unknown in ids:
+            continue
+        want = len(sp.decode(ids).encode("utf-8"))
+        got = count_target_bytes(np.array([BOS_ID, *ids]), luts)
+        if got != want:
+            raise DataError(
+                f"BPB byte table mismatch on document {i}: table counts {got} bytes, decoded text has "
+                f"{want}; the tokenizer does not follow the byte rules val_bpb assumes"
+            )
+        total += want
+    if docs and total == 0:
+        raise DataError("BPB byte self-check found no document free of <unk> tokens to check")
+    return total
+
+
+def split_documents(tokens: np.ndarray, limit: int) -> list[np.ndarray]:
+    """The first `limit` BOS-delimited documents of a token stream (BOS removed)."""
+    starts = np.flatnonzero(tokens == BOS_ID)[: limit + 1]
+    return [tokens[a + 1 : b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+class TokenStream:
+    """Shards read in order, wrapping around. Its position is a small resumable state."""
+
+    def __init__(self, files: list[Path], vocab_size: int):
+        self.files, self.vocab_size = files, vocab_size
+        self.file_idx, self.pos = 0, 0
+        self.tokens = load_shard(files[0], vocab_size)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"file_idx": self.file_idx, "pos": self.pos}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        if state["file_idx"] != self.file_idx:
+            self.tokens = load_shard(self.files[state["file_idx"]], self.vocab_size)
+        self.file_idx, self.pos = state["file_idx"], state["pos"]
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos >= len(self.tokens):
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens, self.pos = load_shard(self.files[self.file_idx], self.vocab_size), 0
+            piece = self.tokens[self.pos : self.pos + n]
+            parts.append(piece)
+            self.pos += len(piece)
+            n -= len(piece)
+        return np.concatenate(parts)
+
+
+class DistributedTokenLoader:
+    """Each call takes one contiguous chunk for all ranks; rank r gets the r-th disjoint span.
+
+    With world_size W and accumulation A, the W*A micro-batches of one step cover the same tokens
+    as one process doing W*A micro-steps, so the global batch is independent of the world size.
+    """
+
+    def __init__(self, files: list[Path], vocab_size: int, rt: Runtime):
+        self.stream, self.rt = TokenStream(files, vocab_size), rt
+
+    def next_batch(self, micro_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        span = micro_tokens + 1
+        chunk = self.stream.take(span * self.rt.world_size)
+        local = torch.from_numpy(chunk[self.rt.rank * span : (self.rt.rank + 1) * span].astype(np.int64))
+        if self.rt.device.type == "cuda":
+            local = local.pin_memory().to(self.rt.device, non_blocking=True)
+        return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+
+
+def load_validation(hp: Hyperparameters) -> np.ndarray:
+    """All val shards concatenated, trimmed so every eval sequence is full (+1 for the last target)."""
+    tokens = np.concatenate([load_shard(f, hp.vocab_size) for f in find_shards(hp.data_path, "val")])
+    usable = ((len(tokens) - 1) // hp.train_seq_len) * hp.train_seq_len
+    if usable <= 0:
+        raise DataError(f"validation set in {hp.data_path} has {len(tokens)} tokens, less than TRAIN_SEQ_LEN+1")
+    return np.ascontiguousarray(tokens[: usable + 1])
+
+
+# ============================================================================ model
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight cast to the activation dtype at use; the single slot where later
+    waves hook quantisation (fake-quant / dequantised weights) and LoRA adapters."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+def _has_fa3() -> bool:
+    try:
+        import flash_attn_interface  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+ATTENTION_BACKEND = "fa3" if _has_fa3() else "sdpa"
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """(B,T,H,D) queries, (B,T,Hk,D) keys/values -> (B,T,H,D). FlashAttention-3 when importable."""
+    if ATTENTION_BACKEND == "fa3":
+        from flash_attn_interface import flash_attn_func
+
+        out = flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+    )
+    return y.transpose(1, 2)
+
+
+class Rotary(nn.Module):
+    """Partial RoPE (PR #315): only the first `dims` of each head rotate, half-split convention."""
+
+    def __init__(self, dims: int, base: float):
+        super().__init__()
+        self.dims = dims
+        inv_freq = base ** (-torch.arange(0, dims, 2, dtype=torch.float32) / max(dims, 1))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.dims == 0:
+            return x
+        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)
+        cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
+        rot, rest = x[..., : self.dims], x[..., self.dims :]
+        x1, x2 = rot.chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos), dim=-1)
+        return torch.cat((rotated, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    """GQA + QK RMS-norm with per-head gain + partial RoPE, with XSA, value residual and gate."""
+
+    def __init__(self, hp: Hyperparameters, layer: int):
+        super().__init__()
+        d, kv_dim = hp.model_dim, hp.num_kv_heads * hp.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = hp.num_heads, hp.num_kv_heads, hp.head_dim
+        self.c_q, self.c_k, self.c_v = CastedLinear(d, d, False), CastedLinear(d, kv_dim, False), CastedLinear(d, kv_dim, False)
+        self.proj = CastedLinear(d, d, False)
+        self.proj.zero_init = True
+        self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
+        self.rotary = Rotary(hp.rope_dims, hp.rope_base)
+        # XSA (PR #478): drop each head's component along its own value; last XSA_LAST_N layers.
+        self.xsa = layer >= hp.num_layers - hp.xsa_last_n
+        # Value residual (P638): mix layer 0's raw values into later layers; layer 0 has no lambda
+        # (it would get no gradient, which slows DDP).
+        self.vr_lambda = nn.Parameter(torch.tensor([0.5, 0.5])) if hp.value_residual and layer > 0 else None
+        # Gated attention (Qwen, arXiv:2505.06708; P638): per-head sigmoid gate, bias 4 -> ~0.98 open.
+        self.gate = None
+        if hp.gated_attn:
+            self.gate = CastedLinear(d, hp.num_heads, True)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, hp.gated_attn_bias_init)
+
+    def forward(self, x: Tensor, v0: Tensor | None) -> tuple[Tensor, Tensor]:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v_raw = v
+        if self.vr_lambda is not None and v0 is not None:
+            v = self.vr_lambda[0].to(v.dtype) * v0 + self.vr_lambda[1].to(v.dtype) * v
+        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = causal_attention(q, k, v)
+        if self.xsa:
+            y = exclusive_self_attention(y, v)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x)).unsqueeze(-1)
+        return self.proj(y.reshape(B, T, -1)), v_raw
+
+
+def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
+    """y_t -= (y_t . v̂_t) v̂_t per head, GQA-aware: the G query heads of a KV head share v̂."""
+    B, T, H, D = y.shape
+    group = H // v.size(2)
+    y = y.view(B, T, v.size(2), group, D)
+    v_hat = F.normalize(v, dim=-1).unsqueeze(3)
+    y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
+    return y.view(B, T, H, D)
+
+
+class MLP(nn.Module):
+    """LeakyReLU(0.5)^2 (PR #493): W_down(leaky_relu(W_up x)^2)."""
+
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        hidden = int(hp.mlp_mult * hp.model_dim)
+        self.fc, self.proj = CastedLinear(hp.model_dim, hidden, False), CastedLinear(hidden, hp.model_dim, False)
+        self.proj.zero_init = True
+        self.slope = hp.leaky_relu_slope
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+
+
+class Block(nn.Module):
+    def __init__(self, hp: Hyperparameters, layer: int):
+        super().__init__()
+        d = hp.model_dim
+        self.attn, self.mlp = Attention(hp, layer), MLP(hp)
+        self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(d)), nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+        # LN scale (P1125): damp deeper layers' normed inputs by 1/sqrt(layer+1); zero parameters.
+        self.ln_scale = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
+
+    def forward(self, x: Tensor, x0: Tensor, v0: Tensor | None) -> tuple[Tensor, Tensor]:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        a, v = self.attn(rms_norm(x) * self.ln_scale, v0)
+        x = x + self.attn_scale.to(x.dtype) * a
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
+        return x, v
+
+
+class SmearGate(nn.Module):
+    """x_t += lambda * sigmoid(W x_t[:k]) * x_{t-1}, never across a BOS (R0427, from PR #1667).
+
+    Identity at init (lambda = 0). The BOS mask stops the last token of one document from leaking
+    into the next document's BOS position in packed streams.
+    """
+
+    def __init__(self, inputs: int):
+        super().__init__()
+        self.inputs = inputs
+        self.gate = CastedLinear(inputs, 1, False)
+        nn.init.zeros_(self.gate.weight)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        keep = (ids != BOS_ID).unsqueeze(-1).to(x.dtype)
+        g = torch.sigmoid(self.gate(x[..., : self.inputs].contiguous()))
+        return x + self.smear_lambda.to(x.dtype) * g * prev * keep
+
+
+class BigramHash(nn.Module):
+    """Hashed (previous, current) token embedding projected to the model width (R0323/R0325).
+
+    Bucket B-1 means "no previous token": position 0 and BOS positions, so no document sees its
+    predecessor through this table. The table starts small-random and the projection at zero
+    (both at zero would leave both without gradient).
+    """
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.proj = CastedLinear(dim, model_dim, False)
+        self.proj.zero_init = True
+        self.bigram_scale = nn.Parameter(torch.tensor(0.05))
+
+    def bucket_ids(self, ids: Tensor) -> Tensor:
+        cur = ids.to(torch.int32)
+        prev = F.pad(cur[:, :-1], (1, 0))
+        h = torch.bitwise_xor(36313 * cur, 27191 * prev) % (self.buckets - 1)
+        h[:, 0] = self.buckets - 1
+        return torch.where(cur == BOS_ID, self.buckets - 1, h).long()
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.bigram_scale * self.proj(self.embed(self.bucket_ids(ids)))
+
+
+class GPT(nn.Module):
+    """Embedding (+BigramHash, SmearGate) -> U-Net of blocks -> tied head with logit softcap."""
+
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.softcap, self.tied = hp.logit_softcap, hp.tie_embeddings
+        self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
+        self.bigram = BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim) if hp.bigram_buckets else None
+        self.smear = SmearGate(hp.smear_gate_inputs) if hp.smear_gate else None
+        self.blocks = nn.ModuleList(Block(hp, i) for i in range(hp.num_layers))
+        # U-Net (modded-nanogpt lineage): encoder outputs feed decoder layers LIFO with learned weights.
+        self.num_encoder = hp.num_layers // 2
+        num_skips = min(self.num_encoder, hp.num_layers - self.num_encoder) if hp.unet_skips else 0
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, hp.model_dim)) if num_skips else None
+        self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, False)
+        self._init_weights(hp)
+
+    def _init_weights(self, hp: Hyperparameters) -> None:
+        """Orthogonal matrices (P2: needed for SmearGate), zero output projections and untied head."""
+        nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
+        for module in self.modules():
+            if not isinstance(module, CastedLinear) or module.weight.shape[0] < 2:
+                continue
+            if getattr(module, "zero_init", False) or module is self.lm_head:
+                nn.init.zeros_(module.weight)
+            elif min(module.weight.shape) >= 64:
+                nn.init.orthogonal_(module.weight)
+
+    def hidden(self, ids: Tensor) -> Tensor:
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids)
+        if self.smear is not None:
+            x = self.smear(x, ids)
+        x = x0 = rms_norm(x)
+        v0, skips = None, []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips and self.skip_weights is not None:
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            x, v = block(x, x0, v0)
+            v0 = v if v0 is None else v0
+            if i < self.num_encoder:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, ids: Tensor) -> Tensor:
+        h = self.hidden(ids)
+        raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.tied else self.lm_head(h)
+        return self.softcap * torch.tanh(raw.float() / self.softcap)
+
+    def forward(self, ids: Tensor, targets: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        """Logits (B,T,V) without targets; else the mean loss, or per-token NLL (B,T) with 'none'."""
+        logits = self.logits(ids)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+        return loss.view_as(targets) if reduction == "none" else loss
+
+
+# ============================================================================ optimizers
+
+# Quintic Newton-Schulz coefficients from modded-nanogpt (Keller Jordan), used by BASE..R0409.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(G: Tensor, steps: int) -> Tensor:
+    """Approximately orthogonalise a (batched) matrix in bf16: singular values pushed towards ~1."""
+    a, b, c = NS_COEFFS
+    X = G.bfloat16()
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if transposed else X
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz for 2-D matrices, Nesterov, decoupled WD.
+
+    Gradients are already averaged across ranks (DDP), so every rank computes the same update;
+    matrices of equal shape are orthogonalised together as one batch.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, ns_steps: int, weight_decay: float, row_normalize: bool):
+        defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.row_normalize = row_normalize
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            by_shape: dict[tuple[int, ...], list[Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape.setdefault(tuple(p.shape), []).append(p)
+            for params in by_shape.values():
+                self._update(group, params)
+
+    def _update(self, group: dict, params: list[Tensor]) -> None:
+        mu = group["momentum"]
+        updates = []
+        for p in params:
+            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+            buf.mul_(mu).add_(p.grad)
+            updates.append(p.grad.add(buf, alpha=mu))  # Nesterov
+        U = torch.stack(updates)
+        if self.row_normalize:  # MuonEq-R (R0409): equalise row norms before orthogonalising
+            U = U / (U.norm(dim=-1, keepdim=True) + 1e-7)
+        U = newton_schulz(U, group["ns_steps"])
+        scale = max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5
+        for p, u in zip(params, U, strict=True):
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)
+
+
+def split_params(model: GPT) -> dict[str, list[nn.Parameter]]:
+    """Matrices -> Muon; embeddings -> Adam (embed LR); untied head; everything small -> scalar Adam."""
+    groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embed": [], "head": [], "scalar": []}
+    for name, p in model.named_parameters():
+        if name in ("tok_emb.weight", "bigram.embed.weight"):
+            groups["embed"].append(p)
+        elif name == "lm_head.weight":
+            groups["head"].append(p)
+        elif p.ndim == 2 and min(p.shape) >= 64:
+            groups["matrix"].append(p)
+        else:
+            groups["scalar"].append(p)
+    return groups
+
+
+def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
+    groups = split_params(model)
+    adam_groups = [
+        dict(params=groups["embed"], lr=hp.tied_embed_lr, weight_decay=hp.embed_wd),
+        dict(params=groups["scalar"], lr=hp.scalar_lr, weight_decay=hp.scalar_wd),
+    ]
+    if groups["head"]:
+        adam_groups.append(dict(params=groups["head"], lr=hp.head_lr, weight_decay=0.0))
+    adam = torch.optim.AdamW(
+        adam_groups, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, fused=rt.device.type == "cuda"
+    )
+    muon = Muon(groups["matrix"], hp.matrix_lr, hp.muon_momentum, hp.muon_ns_steps, hp.muon_wd, hp.muon_row_normalize)
+    optimizers: list[torch.optim.Optimizer] = [adam, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
+
+def lr_multiplier(frac: float, hp: Hyperparameters) -> float:
+    """Warmup, constant, then linear warmdown over the last WARMDOWN_FRAC of the budget."""
+    if hp.lr_warmup_frac > 0 and frac < hp.lr_warmup_frac:
+        return frac / hp.lr_warmup_frac
+    if frac >= 1 - hp.warmdown_frac:
+        return max((1 - frac) / max(hp.warmdown_frac, 1e-9), hp.min_lr)
+    return 1.0
+
+
+def muon_momentum(frac: float, hp: Hyperparameters) -> float:
+    """Momentum warmed up from MUON_MOMENTUM_WARMUP_START over the first fraction of the run."""
+    t = min(frac / hp.muon_momentum_warmup_frac, 1.0) if hp.muon_momentum_warmup_frac > 0 else 1.0
+    return (1 - t) * hp.muon_momentum_warmup_start + t * hp.muon_momentum
+
+
+def apply_schedule(optimizers: list[torch.optim.Optimizer], frac: float, hp: Hyperparameters) -> float:
+    mult = lr_multiplier(frac, hp)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * mult
+            if isinstance(opt, Muon):
+                group["momentum"] = muon_momentum(frac, hp)
+    return mult
+
+
+class EMA:
+    """fp32 shadow of every float weight: E <- d*E + (1-d)*W with d = min(EMA_DECAY, (1+n)/(10+n)).
+
+    The warmup term forgets the initial weights quickly, so short runs (1 GPU, 4 min) do not
+    export a model dragged towards its initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.shadow = {n: t.detach().float().clone() for n, t in model.state_dict().items() if t.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        state = model.state_dict()
+        shadow = list(self.shadow.values())
+        torch._foreach_lerp_(shadow, [state[n].float() for n in self.shadow], 1 - d)
+        self.updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        state = model.state_dict()
+        for name, value in self.shadow.items():
+            state[name].copy_(value.to(state[name].dtype))
+
+
+# ============================================================================ quantization & serialization
+
+
+def save_artifact(model: nn.Module, path: Path) -> int:
+    """Writes the exported weights atomically (never a half-written file); returns its size.
+
+    Quantisation and compression arrive in their own issue; until then the artifact is the plain
+    state dict of the exported (EMA) model.
+    """
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+# ============================================================================ evaluation
+
+
+@dataclass
+class ValData:
+    tokens: np.ndarray
+    base_bytes: Tensor
+    has_space: Tensor
+    is_boundary: Tensor
+
+
+@torch.no_grad()
+def evaluate(model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime) -> tuple[float, float]:
+    """Flat eval: non-overlapping TRAIN_SEQ_LEN windows split across ranks; returns (val_loss, val_bpb).
+
+    val_bpb = sum of token NLL (nats) / ln 2 / UTF-8 bytes of exactly the scored tokens.
+    """
+    T = hp.train_seq_len
+    n_seqs = (len(val.tokens) - 1) // T
+    first, last = n_seqs * rt.rank // rt.world_size, n_seqs * (rt.rank + 1) // rt.world_size
+    per_batch = max(1, hp.val_batch_tokens // (T * rt.world_size))
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, tokens, bytes
+    was_training = model.training
+    model.eval()
+    for s in range(first, last, per_batch):
+        e = min(s + per_batch, last)
+        chunk = torch.from_numpy(val.tokens[s * T : e * T + 1].astype(np.int64)).to(rt.device)
+        x, y = chunk[:-1].view(-1, T), chunk[1:].view(-1, T)
+        with autocast(rt):
+            nll = model(x, y, reduction="none")
+        sums[0] += nll.double().sum()
+        sums[1] += y.numel()
+        sums[2] += token_bytes(x, y, val).sum()
+    model.train(was_training)
+    nll, count, nbytes = all_reduce_sum(sums, rt).tolist()
+    return nll / count, nll / math.log(2) / nbytes
+
+
+def token_bytes(prev: Tensor, tgt: Tensor, val: ValData) -> Tensor:
+    """Bytes per scored target; `prev` is taken at the same positions, shifted by one."""
+    space = val.has_space[tgt] & ~val.is_boundary[prev]
+    return val.base_bytes[tgt].to(torch.float64) + space.to(torch.float64)
+
+
+def autocast(rt: Runtime):
+    """bf16 autocast on GPU; CPU runs in fp32 (bf16 matmuls are slow there and tests want exactness)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if rt.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def prepare_validation(hp: Hyperparameters, rt: Runtime, log: Logger) -> ValData:
+    sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    luts = build_byte_luts(sp, hp.vocab_size)
+    tokens = load_validation(hp)
+    checked = check_byte_table(sp, split_documents(tokens, hp.byte_check_docs), luts)
+    unknown = int(np.count_nonzero(tokens == sp.unk_id()))
+    log(kv(byte_check_docs=hp.byte_check_docs, byte_check_bytes=checked, byte_check="ok", val_unk_tokens=unknown))
+    base, space, boundary = (torch.from_numpy(a).to(rt.device) for a in luts)
+    return ValData(tokens, base, space, boundary)
+
+
+# ============================================================================ training
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    train_ms: float = 0.0
+    tokens: int = 0
+    stopped_by_clock: bool = False
+
+
+def progress(state: TrainState, hp: Hyperparameters) -> float:
+    """Schedule position in [0, 1]: wallclock fraction, or step fraction, whichever is further."""
+    by_step = state.step / hp.iterations
+    if hp.max_wallclock_seconds <= 0:
+        return by_step
+    return min(1.0, max(by_step, state.train_ms / (1000.0 * hp.max_wallclock_seconds)))
+
+
+def train_step(ddp_model: nn.Module, model: GPT, loader: DistributedTokenLoader, optimizers, hp, rt) -> float:
+    """One optimizer step over GRAD_ACCUM micro-batches; returns the mean train loss."""
+    total = torch.zeros((), device=rt.device)
+    for micro in range(rt.grad_accum_steps):
+        x, y = loader.next_batch(hp.microbatch_tokens, hp.train_seq_len)
+        sync_grads = micro == rt.grad_accum_steps - 1
+        with maybe_no_sync(ddp_model, sync_grads), autocast(rt):
+            loss = ddp_model(x, y) / rt.grad_accum_steps
+        loss.backward()
+        total += loss.detach()
+    if hp.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return float(all_reduce_sum(total, rt).item()) / rt.world_size
+
+
+def maybe_no_sync(ddp_model: nn.Module, sync_grads: bool):
+    if sync_grads or not isinstance(ddp_model, nn.parallel.DistributedDataParallel):
+        return torch.enable_grad()
+    return ddp_model.no_sync()
+
+
+def prime_compile(ddp_model, model, loader, optimizers, hp, rt, log) -> float:
+    """WARMUP_STEPS untimed steps trigger torch.compile, then weights, optimizer state and data
+    position are restored, so compile time is not training time and the run starts from init."""
+    if hp.warmup_steps <= 0:
+        return 0.0
+    t0 = time.perf_counter()
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    saved_data = loader.stream.state_dict()
+    for _ in range(hp.warmup_steps):
+        train_step(ddp_model, model, loader, optimizers, hp, rt)
+    model.load_state_dict(saved_model)
+    for opt, state in zip(optimizers, saved_opts, strict=True):
+        opt.load_state_dict(state)
+    loader.stream.load_state_dict(saved_data)
+    sync(rt)
+    seconds = time.perf_counter() - t0
+    log(kv(warmup_steps=hp.warmup_steps, compile_warmup_s=round(seconds, 2)))
+    return seconds
+
+
+def log_train_step(state: TrainState, loss: float, mult: float, hp: Hyperparameters, log: Logger) -> None:
+    step_avg = state.train_ms / max(state.step, 1)
+    tok_s = int(state.tokens / max(state.train_ms / 1000, 1e-9))
+    log(kv(step=f"{state.step}/{hp.iterations}", train_loss=loss, lr_scale=mult,
+           train_time_ms=int(state.train_ms), step_avg_ms=round(step_avg, 2), tokens_per_s=tok_s))
+
+
+def run_validation(model: GPT, val: ValData, state: TrainState, hp, rt, log) -> tuple[float, float]:
+    val_loss, val_bpb = evaluate(model, val, hp, rt)
+    log(kv(step=f"{state.step}/{hp.iterations}", val_loss=val_loss, val_bpb=val_bpb,
+           train_time_ms=int(state.train_ms), step_avg_ms=round(state.train_ms / max(state.step, 1), 2)))
+    return val_loss, val_bpb
+
+
+def train(model: GPT, ddp_model, optimizers, loader, val: ValData, ema: EMA, hp, rt, log) -> tuple[TrainState, float]:
+    """The timed loop. Validation pauses the clock; the stop decision is agreed across ranks."""
+    state, raw_bpb = TrainState(), float("nan")
+    budget_ms = 1000.0 * hp.max_wallclock_seconds
+    while True:
+        last = state.step >= hp.iterations or state.stopped_by_clock
+        if last or (hp.val_loss_every > 0 and state.step > 0 and state.step % hp.val_loss_every == 0):
+            _, raw_bpb = run_validation(model, val, state, hp, rt, log)
+        if last:
+            return state, raw_bpb
+        sync(rt)
+        t0 = time.perf_counter()
+        mult = apply_schedule(optimizers, progress(state, hp), hp)
+        loss = train_step(ddp_model, model, loader, optimizers, hp, rt)
+        ema.update(model)
+        sync(rt)
+        state.train_ms += 1000 * (time.perf_counter() - t0)
+        state.step += 1
+        state.tokens += hp.train_batch_tokens
+        if state.step <= 5 or state.step % hp.train_log_every == 0:
+            log_train_step(state, loss, mult, hp, log)
+        if budget_ms > 0 and any_rank(state.train_ms >= budget_ms, rt) and state.step < hp.iterations:
+            state.stopped_by_clock = True
+            log(kv(stopping_early="wallclock_cap", train_time_ms=int(state.train_ms), step=f"{state.step}/{hp.iterations}"))
+
+
+# ============================================================================ main
+
+
+def log_header(hp: Hyperparameters, rt: Runtime, log: Logger, script: Path, compiled: bool) -> None:
+    log(kv(run_id=rt.run_id))
+    log(kv(script_sha256=file_sha256(script), code_bytes=script.stat().st_size, script=script.name))
+    log("versions " + kv(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
+                         sentencepiece=spm.__version__))
+    log(kv(device=rt.device.type, gpus=gpu_names(), world_size=rt.world_size, grad_accum_steps=rt.grad_accum_steps,
+           attention_backend=ATTENTION_BACKEND, compile=int(compiled)))
+    log(kv(preset=hp.preset_name))
+    for line in hp.resolved_lines():
+        log(f"hp:{line}")
+    log(kv(hp_hash=hp.hash()))
+
+
+def gpu_names() -> str:
+    if not torch.cuda.is_available():
+        return "none"
+    names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
+    return f"{torch.cuda.device_count()}x" + "|".join(sorted(names)).replace(" ", "_")
+
+
+def peak_mem_mib(rt: Runtime) -> float:
+    if rt.device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(rt.device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module, bool]:
+    """The fp32 model, and the callable used for training (compiled on GPU, DDP when distributed)."""
+    model = GPT(hp).to(rt.device)
+    train_model: nn.Module = model
+    compiled = hp.compile and rt.device.type == "cuda"
+    if compiled:
+        torch._dynamo.config.optimize_ddp = False  # DDP graph splitting breaks fullgraph (R0409)
+        train_model = torch.compile(model, dynamic=False, fullgraph=True)
+    if rt.distributed:
+        ids = [rt.local_rank] if rt.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=ids, broadcast_buffers=False)
+    return model, train_model, compiled
+
+
+def finish(model: GPT, ema: EMA, val: ValData, state: TrainState, raw_bpb: float, hp, rt, log, extra: dict) -> dict:
+    """Export the EMA model (saved before it is evaluated, so an eval crash keeps it), then score it."""
+    t0 = time.perf_counter()
+    ema.copy_to(model)
+    artifact = Path(hp.artifact_dir) / f"final_model_{rt.run_id}.pt"
+    model_bytes = save_artifact(model, artifact) if rt.is_main else 0
+    export_s = time.perf_counter() - t0
+    log(kv(artifact=artifact, model_bytes=model_bytes, code_bytes=extra["code_bytes"],
+           bytes_total=model_bytes + extra["code_bytes"]))
+    t0 = time.perf_counter()
+    val_loss, val_bpb = evaluate(model, val, hp, rt)
+    eval_s = time.perf_counter() - t0
+    log(kv(final_eval="ema", val_loss=val_loss, val_bpb=val_bpb, eval_time_ms=int(1000 * eval_s)))
+    return dict(
+        run_id=rt.run_id, seed=hp.seed, world_size=rt.world_size, steps=state.step,
+        train_time_s=round(state.train_ms / 1000, 3), step_avg_ms=round(state.train_ms / max(state.step, 1), 2),
+        tokens_per_s=int(state.tokens / max(state.train_ms / 1000, 1e-9)), val_loss=val_loss, val_bpb=val_bpb,
+        raw_val_bpb=raw_bpb, prequant_val_bpb=val_bpb, quant_val_bpb=None, eval_mode="flat",
+        eval_time_s=round(eval_s, 3), export_time_s=round(export_s, 3), scored_before_update=True,
+        model_bytes=model_bytes, bytes_total=model_bytes + extra["code_bytes"], artifact=str(artifact),
+        peak_mem_mib=peak_mem_mib(rt), val_tokens=len(val.tokens) - 1, stopped_by_clock=state.stopped_by_clock,
+        **extra,
+    )
+
+
+def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
+    script = Path(__file__).resolve()
+    torch.manual_seed(hp.seed)
+    np.random.seed(hp.seed)
+    if rt.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model, train_model, compiled = build_model(hp, rt)
+    log_header(hp, rt, log, script, compiled)
+    val = prepare_validation(hp, rt, log)
+    log(kv(val_tokens=len(val.tokens) - 1, model_params=sum(p.numel() for p in model.parameters())))
+    loader = DistributedTokenLoader(find_shards(hp.data_path, "train"), hp.vocab_size, rt)
+    optimizers = build_optimizers(model, hp, rt)
+    prime_compile(train_model, model, loader, optimizers, hp, rt, log)
+    ema = EMA(model, hp.ema_decay)
+    state, raw_bpb = train(model, train_model, optimizers, loader, val, ema, hp, rt, log)
+    log(kv(final_eval="raw", val_bpb=raw_bpb))
+    extra = dict(script_sha256=file_sha256(script), code_bytes=script.stat().st_size, hp_hash=hp.hash(),
+                 preset=hp.preset_name, ignored_env=[], attention_backend=ATTENTION_BACKEND,
+                 device=rt.device.type, gpus=gpu_names())
+    return finish(model, ema, val, state, raw_bpb, hp, rt, log, extra)
+
+
+def main() -> int:
+    try:
+        hp = Hyperparameters()
+        rt = init_runtime(hp)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    log = Logger(Path(hp.log_dir) / f"{rt.run_id}.txt" if rt.is_main else None)
+    try:
+        result = run(hp, rt, log)
+        log(json.dumps(result, sort_keys=True))
+        return 0
+    except DataError as e:
+        log(f"data error: {e}")
+        if not rt.is_main:
+            print(f"data error: {e}", file=sys.stderr)
+        return 3
+    except BaseException:
+        log(traceback.format_exc())
+        raise
+    finally:
+        log.close()
+        if rt.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""`compare`: the record rule. A candidate is a record when its mean final val_loss beats the
+baseline's by more than 0.005 nats at p < 0.01 (one-sided Welch t-test over per-seed losses)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scipy import stats
+
+from .logparse import describe_problems, find_logs, parse_log
+
+
+class InputError(Exception):
+    """A side of the comparison could not be read."""
+
+
+@dataclass
+class Side:
+    label: str
+    runs: list[dict] = field(default_factory=list)  # {seed, val_loss, val_bpb, val_tokens, source}
+    notes: list[str] = field(default_factory=list)
+
+    def values(self, key: str) -> list[float]:
+        return [r[key] for r in self.runs]
+
+
+def _run_from_log(path: Path) -> dict:
+    log = parse_log(path)
+    problems = describe_problems(log)
+    if problems:
+        raise InputError(f"{path}: " + "; ".join(problems))
+    final = log["final"]
+    return {
+        "seed": final.get("seed"),
+        "val_loss": float(final["val_loss"]),
+        "val_bpb": float(final["val_bpb"]),
+        "val_tokens": final.get("val_tokens"),
+        "source": path.name,
+    }
+
+
+def _runs_from_submission(folder: Path) -> list[dict]:
+    """Per-seed losses from submission.json seed_results, for baselines (e.g. official records) whose
+    logs are not in our format. Only val_loss/val_bpb are read."""
+    path = folder / "submission.json"
+    if not path.is_file():
+        return []
+    results = json.loads(path.read_text(encoding="utf-8")).get("seed_results") or {}
+    runs = []
+    for seed, entry in results.items():
+        if not isinstance(entry, dict) or "val_loss" not in entry:
+            raise InputError(f"{path}: seed_results[{seed}] has no val_loss (nats); cannot test in nats")
+        bpb = entry.get("val_bpb")
+        runs.append(
+            {
+                "seed": seed,
+                "val_loss": float(entry["val_loss"]),
+                "val_bpb": math.nan if bpb is None else float(bpb),
+                "val_tokens": None,
+                "source": "submission.json",
+            }
+        )
+    return runs
+
+
+def load_side(label: str, paths) -> Side:
+    side = Side(label=label)
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            logs = find_logs(path)
+            if logs:
+                side.runs.extend(_run_from_log(p) for p in logs)
+                continue
+            runs = _runs_from_submission(path)
+            if not runs:
+                raise InputError(f"{path}: no run logs and no submission.json seed_results")
+            side.notes.append(f"{path}: per-seed values read from submission.json (no logs in our format)")
+            side.runs.extend(runs)
+        elif path.is_file():
+            side.runs.append(_run_from_log(path))
+        else:
+            raise InputError(f"{path}: no such file or folder")
+    return side
+
+
+@dataclass
+class Verdict:
+    record: bool
+    delta_nats: float
+    delta_bpb: float
+    t: float
+    df: float
+    p: float
+    reason: str
+
+
+def welch_df(a: list[float], b: list[float]) -> float:
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if va + vb == 0:
+        return math.nan
+    return (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+
+
+def decide(base: Side, cand: Side, min_delta: float, alpha: float) -> Verdict:
+    b, c = base.values("val_loss"), cand.values("val_loss")
+    delta = statistics.fmean(b) - statistics.fmean(c)
+    delta_bpb = statistics.fmean(base.values("val_bpb")) - statistics.fmean(cand.values("val_bpb"))
+    if len(b) < 2 or len(c) < 2:
+        reason = "each side needs at least 2 seeds for a Welch test"
+        return Verdict(False, delta, delta_bpb, math.nan, math.nan, math.nan, reason)
+    # H0: mean(b) - mean(c) <= min_delta. Shifting the baseline by min_delta turns it into the
+    # ordinary one-sided two-sample test mean(b - min_delta) > mean(c).
+    res = stats.ttest_ind([x - min_delta for x in b], c, equal_var=False, alternative="greater")
+    t, p = float(res.statistic), float(res.pvalue)
+    if math.isnan(p):
+        reason = "test undefined (zero variance on both sides)"
+        return Verdict(False, delta, delta_bpb, t, math.nan, p, reason)
+    record = p < alpha
+    cmp = "<" if record else ">="
+    reason = f"improvement {delta:+.5f} nats vs required > {min_delta} nats: p = {p:.3g} {cmp} {alpha}"
+    return Verdict(record, delta, delta_bpb, t, welch_df(b, c), p, reason)
+
+
+def _side_table(side: Side) -> list[str]:
+    lines = [
+        f"{side.label} ({len(side.runs)} run(s))",
+        f"  {'seed':>8}  {'val_loss':>12}  {'val_bpb':>12}  source",
+    ]
+    for r in side.runs:
+        lines.append(f"  {str(r['seed']):>8}  {r['val_loss']:12.8f}  {r['val_bpb']:12.8f}  {r['source']}")
+    for name, fn in (("mean", statistics.fmean), ("std", statistics.stdev)):
+        if name == "std" and len(side.runs) < 2:
+            continue
+        loss, bpb = fn(side.values("val_loss")), fn(side.values("val_bpb"))
+        lines.append(f"  {name:>8}  {loss:12.8f}  {bpb:12.8f}")
+    lines.extend(f"  note: {n}" for n in side.notes)
+    return lines
+
+
+def tokenisation_warning(base: Side, cand: Side) -> str | None:
+    """val_loss is nats per token: only comparable when both sides scored the same tokens."""
+    tokens = {r["val_tokens"] for r in base.runs + cand.runs if r["val_tokens"] is not None}
+    if len(tokens) > 1:
+        return f"warning: val_tokens differ between runs ({sorted(tokens)}); nats/token are not comparable"
+    return None
+
+
+def format_comparison(base: Side, cand: Side, v: Verdict, min_delta: float, alpha: float) -> str:
+    lines = _side_table(base) + [""] + _side_table(cand) + [""]
+    lines.append(f"delta (baseline - candidate): {v.delta_nats:+.5f} nats, {v.delta_bpb:+.5f} bpb")
+    lines.append(
+        f"one-sided Welch t-test, H1: mean(baseline) - mean(candidate) > {min_delta} nats: "
+        f"t = {v.t:.3f}, df = {v.df:.2f}, p = {v.p:.3g}"
+    )
+    warning = tokenisation_warning(base, cand)
+    if warning:
+        lines.append(warning)
+    verdict = "RECORD" if v.record else "NOT A RECORD"
+    lines.append(f"verdict: {verdict} ({v.reason})")
+    return "\n".join(lines)

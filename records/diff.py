@@ -1,0 +1,96 @@
+"""`diff`: what changed between two runs, as code (unified diff of train_gpt.py) and as the
+configuration that actually ran (the logged `hp:` lines), so a changed default is visible too."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .logparse import describe_problems, find_logs, looks_like_log, parse_log
+
+
+@dataclass
+class Side:
+    label: str
+    script: Path | None = None
+    logs: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def load_side(raw: str) -> Side:
+    """A record folder (script + logs), a bare script (code only) or one run log (config only)."""
+    path = Path(raw)
+    side = Side(label=raw)
+    if path.is_dir():
+        script = path / "train_gpt.py"
+        side.script = script if script.is_file() else None
+        side.logs = [parse_log(p) for p in find_logs(path)]
+    elif path.is_file() and looks_like_log(path):
+        side.logs = [parse_log(path)]
+    elif path.is_file():
+        side.script = path
+    else:
+        raise FileNotFoundError(f"{raw}: no such file or folder")
+    for log in side.logs:
+        for problem in describe_problems(log):
+            side.notes.append(f"{Path(log['path']).name}: {problem}")
+    if side.script is not None and side.logs:
+        sha = hashlib.sha256(side.script.read_bytes()).hexdigest()
+        if any(log["script_sha256"] != sha for log in side.logs):
+            side.notes.append("the logs were not produced by this train_gpt.py (script_sha256 differs)")
+    return side
+
+
+def code_diff(a: Side, b: Side, context: int = 3) -> str:
+    if a.script is None or b.script is None:
+        missing = a.label if a.script is None else b.label
+        return f"(no code diff: no train_gpt.py for {missing})"
+    left = a.script.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    right = b.script.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    lines = difflib.unified_diff(left, right, fromfile=str(a.script), tofile=str(b.script), n=context)
+    text = "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+    return text or "(scripts are identical)"
+
+
+def merged_config(logs: list[dict]) -> dict[str, str]:
+    """NAME -> value over all the side's logs; a setting that varies between seeds shows every value."""
+    values: dict[str, list[str]] = {}
+    for log in logs:
+        for name, value in log["hp"].items():
+            values.setdefault(name, [])
+            if value not in values[name]:
+                values[name].append(value)
+    for log in logs:  # a name missing from some logs is a difference too
+        for name in set(values) - set(log["hp"]):
+            if "<unset>" not in values[name]:
+                values[name].append("<unset>")
+    return {name: vals[0] if len(vals) == 1 else "{" + ", ".join(vals) + "}" for name, vals in values.items()}
+
+
+def config_diff(a: Side, b: Side) -> str:
+    if not a.logs or not b.logs:
+        missing = a.label if not a.logs else b.label
+        return f"(no config diff: no logged config for {missing}; its settings are the script's defaults)"
+    left, right = merged_config(a.logs), merged_config(b.logs)
+    names = sorted(set(left) | set(right))
+    changed = [n for n in names if left.get(n) != right.get(n)]
+    if not changed:
+        return f"(identical resolved settings, {len(names)} hp lines)"
+    width = max(len(n) for n in changed)
+    out = [f"{'NAME':<{width}}  {a.label}  ->  {b.label}"]
+    for name in changed:
+        out.append(f"{name:<{width}}  {left.get(name, '<absent>')}  ->  {right.get(name, '<absent>')}")
+    return "\n".join(out)
+
+
+def format_diff(a: Side, b: Side, show_code: bool = True, show_config: bool = True, context: int = 3) -> str:
+    parts = []
+    for side in (a, b):
+        parts.extend(f"note ({side.label}): {n}" for n in side.notes)
+    if show_code:
+        parts += ["== code diff (train_gpt.py) ==", code_diff(a, b, context).rstrip("\n")]
+    if show_config:
+        parts += ["== config diff (logged hp: settings) ==", config_diff(a, b)]
+    return "\n".join(parts)

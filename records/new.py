@@ -1,0 +1,134 @@
+"""`new`: build a record folder from the logs of a run (one per seed) and the script that made them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+from . import rules, summary
+from .logparse import describe_problems, parse_log
+from .validate import disagreements
+
+
+class RefusedError(Exception):
+    """The inputs cannot make an honest record folder; the message says why."""
+
+
+def slugify(name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9.+-]+", "_", name).strip("_")
+    return slug or "Run"
+
+
+def load_logs(paths) -> list[dict]:
+    """Parse the logs and refuse incomplete or mutually inconsistent ones; sorted by seed."""
+    logs = [parse_log(p) for p in paths]
+    bad = [f"{log['path']}: {p}" for log in logs for p in describe_problems(log)]
+    if bad:
+        raise RefusedError("incomplete logs:\n  " + "\n  ".join(bad))
+    problems = disagreements(logs)
+    if problems:
+        raise RefusedError(
+            "the logs disagree, so they are not seeds of one submission:\n  " + "\n  ".join(problems)
+        )
+    return sorted(logs, key=lambda log: seed_key(log["final"].get("seed")))
+
+
+def seed_key(seed):
+    """Numeric seeds in numeric order (2 before 10), anything else after them."""
+    return (0, seed, "") if isinstance(seed, int) else (1, 0, str(seed))
+
+
+def check_script(script: Path, logs: list[dict]) -> bytes:
+    """The script bytes, after proving they are the ones the logs were produced with."""
+    if not script.is_file():
+        raise RefusedError(f"script {script} not found (give it with --script)")
+    data = script.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    logged = logs[0]["script_sha256"]
+    if sha != logged:
+        raise RefusedError(
+            f"{script} has sha256 {sha[:12]}… but the logs were made by a script with {logged[:12]}…; "
+            "pass the exact script with --script (e.g. from the commit the runs used)"
+        )
+    return data
+
+
+def render_readme(meta: dict, logs: list[dict], rows: list[dict]) -> str:
+    first = logs[0]
+    block = summary.render_results_block(rows, rows[0]["eval_mode"], summary.hardware(first))
+    files = "\n".join(f"- `{log['dest']}`: run log, seed {log['final']['seed']}" for log in logs)
+    preset = first["preset"]
+    run_env = f"RUN_PRESET={preset} " if preset not in (None, "none") else ""
+    world = first["header"].get("world_size") or 1
+    launcher = f"torchrun --standalone --nproc_per_node={world}" if world > 1 else "python"
+    settings = "\n".join(f"{k}={v}" for k, v in sorted(first["hp"].items()) if k not in rules.PER_RUN_HP)
+    return f"""# {meta["name"]}
+
+{meta["blurb"]}
+
+## Results
+
+{block}
+
+Numbers above are generated from the logs by `python -m records new` and checked by
+`python -m records validate`; do not edit them by hand. val_loss is in nats, val_bpb in bits per byte.
+
+## What changed
+
+TODO: describe the changes against the baseline and why they help.
+
+## Run command
+
+```bash
+{run_env}SEED=<seed> {launcher} train_gpt.py
+```
+
+<details><summary>Resolved settings (hp lines of the logs, identical for every seed)</summary>
+
+```
+{settings}
+```
+</details>
+
+## Files
+
+- `train_gpt.py`: the exact script that produced the logs (sha256 `{first["script_sha256"]}`)
+- `submission.json`: metadata and per-seed results
+{files}
+"""
+
+
+def make_record(args) -> Path:
+    """Create the folder; returns its path. Raises RefusedError instead of writing anything dubious."""
+    logs = load_logs(args.logs)
+    data = check_script(Path(args.script), logs)
+    date = args.date or dt.date.today().isoformat()
+    slug = slugify(args.slug or args.name)
+    root = Path(args.root) / f"track_{args.track}"
+    folder = Path(args.out) if args.out else root / f"{date}_{slug}"
+    if folder.exists() and any(folder.iterdir()) and not args.force:
+        raise RefusedError(f"{folder} already exists and is not empty (use --force to overwrite)")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train_gpt.py").write_bytes(data)
+    for log in logs:
+        log["dest"] = f"train_seed{log['final']['seed']}.log"
+        shutil.copyfile(log["path"], folder / log["dest"])
+    for extra in args.extra or []:
+        shutil.copy2(extra, folder / Path(extra).name)
+    rows = [summary.seed_row(log) for log in logs]
+    meta = {
+        "author": args.author,
+        "github_id": args.github_id,
+        "name": args.name,
+        "blurb": args.blurb,
+        "date": date,
+        "track": args.track,
+    }
+    sub = summary.build_submission(meta, logs, rows, len(data))
+    (folder / "submission.json").write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
+    (folder / "README.md").write_text(render_readme(meta, logs, rows), encoding="utf-8")
+    return folder

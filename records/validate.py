@@ -1,0 +1,475 @@
+"""`validate`: every check a reviewer makes on a record folder, recomputed from the files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+from . import rules, summary
+from .logparse import describe_problems, find_logs, hp_hash, parse_log
+
+REQUIRED_FILES = ("README.md", "submission.json", "train_gpt.py")
+# Final-JSON keys the checks below read; a log without them cannot be reviewed.
+REQUIRED_FINAL_KEYS = (
+    "run_id",
+    "seed",
+    "script_sha256",
+    "code_bytes",
+    "steps",
+    "train_time_s",
+    "export_time_s",
+    "eval_time_s",
+    "val_loss",
+    "val_bpb",
+    "eval_mode",
+    "scored_before_update",
+    "model_bytes",
+    "bytes_total",
+    "ignored_env",
+    "hp_hash",
+)
+FOLDER_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})_[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+@dataclass
+class Report:
+    folder: Path
+    track: str
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    logs: list[dict] = field(default_factory=list)
+    script: bytes | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def good_logs(self) -> list[dict]:
+        return [log for log in self.logs if log["complete"]]
+
+
+def _name(log: dict) -> str:
+    return Path(log["path"]).name
+
+
+# ---- files and logs ------------------------------------------------------------------------------
+
+
+def check_files(rep: Report) -> None:
+    for name in REQUIRED_FILES:
+        if not (rep.folder / name).is_file():
+            rep.problems.append(f"missing required file {name}")
+    script = rep.folder / "train_gpt.py"
+    rep.script = script.read_bytes() if script.is_file() else None
+    if not FOLDER_RE.match(rep.folder.name):
+        rep.warnings.append(f"folder name {rep.folder.name!r} is not YYYY-MM-DD_Name")
+    parent = rep.folder.resolve().parent.name
+    if parent.startswith("track_") and parent != f"track_{rep.track}":
+        rep.problems.append(f"folder is under {parent}/ but is validated as track {rep.track}")
+    paths = find_logs(rep.folder)
+    for stray in sorted(set(rep.folder.glob("*.log")) - set(paths)):
+        rep.problems.append(f"{stray.name}: .log file that is not a run log (no run_id first line)")
+    if not paths:
+        rep.problems.append("no run logs (*.log / *.txt starting with run_id:) in the folder")
+    rep.logs = [parse_log(p) for p in paths]
+
+
+def _final_eval_matches(log: dict, value) -> bool:
+    return any(
+        summary.matches(Decimal(repr(fe.get("val_bpb"))), value)
+        for fe in log["final_evals"]
+        if isinstance(fe.get("val_bpb"), float)
+    )
+
+
+def check_log_consistency(rep: Report, log: dict) -> None:
+    """The final JSON must agree with the stable lines above it (same run, same numbers)."""
+    name, final, art = _name(log), log["final"], log["artifact"] or {}
+    absent = [k for k in REQUIRED_FINAL_KEYS if k not in final]
+    if absent:
+        rep.problems.append(f"{name}: final JSON lacks {', '.join(absent)}")
+    pairs = (
+        ("run_id", log["run_id"]),
+        ("script_sha256", log["script_sha256"]),
+        ("code_bytes", log["header"].get("code_bytes")),
+        ("hp_hash", log["hp_hash"]),
+        ("bytes_total", art.get("bytes_total")),
+        ("model_bytes", art.get("model_bytes")),
+    )
+    for key, line_value in pairs:
+        if key in final and final[key] != line_value:
+            rep.problems.append(
+                f"{name}: final JSON {key}={final[key]!r} but the log line says {line_value!r}"
+            )
+    if log["hp_hash"] != hp_hash(log["hp"]):
+        rep.problems.append(
+            f"{name}: hp_hash {log['hp_hash']} does not match the hp lines ({hp_hash(log['hp'])})"
+        )
+    seed = log["hp"].get("SEED")
+    if seed is not None and "seed" in final and str(final["seed"]) != seed:
+        rep.problems.append(f"{name}: final JSON seed={final['seed']} but hp:SEED={seed}")
+    if "val_bpb" in final and not _final_eval_matches(log, final["val_bpb"]):
+        rep.problems.append(f"{name}: final val_bpb {final['val_bpb']} is not any final_eval line's val_bpb")
+    if not log["steps"]:
+        rep.problems.append(f"{name}: no training step lines")
+
+
+def check_logs(rep: Report) -> None:
+    for log in rep.logs:
+        for problem in describe_problems(log):
+            rep.problems.append(f"{_name(log)}: {problem}")
+        if log["complete"]:
+            check_log_consistency(rep, log)
+
+
+def check_logs_agree(rep: Report) -> None:
+    """All seeds of one submission must come from one script and one configuration."""
+    logs = rep.good_logs()
+    rep.problems.extend(disagreements(logs))
+
+
+def disagreements(logs: list[dict]) -> list[str]:
+    """Why these logs cannot be one submission (empty list when they can). Shared with `new`."""
+    out = []
+    if not logs:
+        return out
+    first = logs[0]
+    for log in logs[1:]:
+        if log["script_sha256"] != first["script_sha256"]:
+            out.append(f"{_name(log)}: script_sha256 differs from {_name(first)}")
+        keys = (set(log["hp"]) | set(first["hp"])) - rules.PER_RUN_HP
+        diff = sorted(k for k in keys if log["hp"].get(k) != first["hp"].get(k))
+        if diff:
+            shown = ", ".join(f"{k}={first['hp'].get(k)}->{log['hp'].get(k)}" for k in diff[:6])
+            out.append(f"{_name(log)}: settings differ from {_name(first)}: {shown}")
+    seeds = [log["final"].get("seed") for log in logs]
+    dupes = sorted({str(s) for s in seeds if seeds.count(s) > 1})
+    if dupes:
+        out.append(f"seed(s) {', '.join(dupes)} appear in more than one log")
+    return out
+
+
+# ---- rules ---------------------------------------------------------------------------------------
+
+
+def check_script(rep: Report) -> None:
+    if rep.script is None:
+        return
+    sha = hashlib.sha256(rep.script).hexdigest()
+    for log in rep.good_logs():
+        if log["script_sha256"] != sha:
+            rep.problems.append(
+                f"{_name(log)}: script_sha256 {log['script_sha256'][:12]}… does not match "
+                f"train_gpt.py in the folder ({sha[:12]}…): the logs were not made by this script"
+            )
+        if log["header"].get("code_bytes") != len(rep.script):
+            rep.problems.append(
+                f"{_name(log)}: code_bytes {log['header'].get('code_bytes')} != len(train_gpt.py) "
+                f"{len(rep.script)}"
+            )
+
+
+def check_bytes(rep: Report) -> None:
+    """bytes_total recomputed from the submitted script and the logged model size."""
+    code = len(rep.script) if rep.script is not None else None
+    for log in rep.good_logs():
+        final, name = log["final"], _name(log)
+        model = final.get("model_bytes")
+        if code is None or not isinstance(model, int):
+            continue
+        total = code + model
+        if total > rules.ARTIFACT_CAP_BYTES:
+            rep.problems.append(
+                f"{name}: artifact {total:,} bytes (code {code:,} + model {model:,}) exceeds "
+                f"{rules.ARTIFACT_CAP_BYTES:,}"
+            )
+        if final.get("bytes_total") != total:
+            rep.problems.append(
+                f"{name}: logged bytes_total {final.get('bytes_total')} != recomputed {total}"
+            )
+
+
+def _seconds(final: dict, *keys) -> float | None:
+    vals = [final.get(k) for k in keys]
+    return None if any(not isinstance(v, int | float) for v in vals) else float(sum(vals))
+
+
+def check_time(rep: Report) -> None:
+    if rep.track != rules.RECORD_TRACK:
+        return
+    for log in rep.good_logs():
+        final, name = log["final"], _name(log)
+        train = _seconds(final, "train_time_s", "export_time_s")
+        if train is not None and train > rules.TRAIN_LIMIT_S:
+            rep.problems.append(
+                f"{name}: training + export {train:.1f} s exceeds {rules.TRAIN_LIMIT_S:.0f} s "
+                f"(train_time_s {final['train_time_s']}, export_time_s {final['export_time_s']})"
+            )
+        evals = _seconds(final, "eval_time_s")
+        if evals is not None and evals > rules.EVAL_LIMIT_S:
+            rep.problems.append(f"{name}: eval_time_s {evals:.1f} exceeds {rules.EVAL_LIMIT_S:.0f} s")
+
+
+def check_hardware(rep: Report) -> None:
+    """Record timings only count on 8xH100; a CPU or 1-GPU log cannot back a record claim."""
+    if rep.track != rules.RECORD_TRACK:
+        return
+    for log in rep.good_logs():
+        head = log["header"]
+        gpus, world = str(head.get("gpus", "")), head.get("world_size")
+        if head.get("device") != "cuda" or world != 8 or "H100" not in gpus:
+            rep.problems.append(
+                f"{_name(log)}: record runs must be 8xH100 (log: device:{head.get('device')} "
+                f"gpus:{gpus} world_size:{world}); use --track {rules.NON_RECORD_TRACK} otherwise"
+            )
+
+
+def check_legality(rep: Report) -> None:
+    for log in rep.good_logs():
+        final, name = log["final"], _name(log)
+        mode = final.get("eval_mode")
+        if mode not in rules.LEGAL_EVAL_MODES:
+            rep.problems.append(
+                f"{name}: eval_mode {mode!r} is not a legal one ({', '.join(rules.LEGAL_EVAL_MODES)})"
+            )
+        if final.get("scored_before_update") is not True:
+            rep.problems.append(f"{name}: scored_before_update is {final.get('scored_before_update')!r}")
+        ignored = final.get("ignored_env")
+        if ignored != []:
+            rep.problems.append(f"{name}: ignored_env is {ignored!r} (unknown env vars were set)")
+
+
+def check_seed_count(rep: Report) -> None:
+    n = len(rep.good_logs())
+    if rep.track == rules.RECORD_TRACK and 0 < n < rules.MIN_SEEDS:
+        rep.warnings.append(f"only {n} seed(s); the p < 0.01 record claim normally needs {rules.MIN_SEEDS}")
+
+
+# ---- submission.json and README agree with the logs ------------------------------------------
+
+
+def _compare(rep: Report, where: str, printed, actual) -> None:
+    """Add a problem unless `printed` (as written in the file) equals `actual` to its precision."""
+    if isinstance(printed, bool) or not isinstance(printed, int | Decimal | type(None)):
+        rep.problems.append(f"{where}: {printed!r} is not a number (logs say {actual})")
+        return
+    if isinstance(printed, int) and isinstance(actual, int):
+        ok = printed == actual
+    else:
+        ok = summary.matches(None if printed is None else Decimal(printed), actual)
+    if not ok:
+        rep.problems.append(f"{where} is {printed} but the logs give {actual}")
+
+
+def _load_submission(rep: Report) -> dict | None:
+    path = rep.folder / "submission.json"
+    if not path.is_file():
+        return None
+    try:
+        # Decimal keeps the digits as written, so "to the printed precision" is well defined.
+        sub = json.loads(path.read_text(encoding="utf-8"), parse_float=Decimal)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        rep.problems.append(f"submission.json does not parse: {exc}")
+        return None
+    if not isinstance(sub, dict):
+        rep.problems.append("submission.json is not a JSON object")
+        return None
+    return sub
+
+
+OFFICIAL_FIELDS = (
+    "author",
+    "github_id",
+    "name",
+    "blurb",
+    "date",
+    "val_loss",
+    "val_bpb",
+    "bytes_total",
+    "bytes_code",
+)
+SEED_RESULT_KEYS = {
+    "val_loss": "val_loss",
+    "val_bpb": "val_bpb",
+    "prequant_val_bpb": "prequant_val_bpb",
+    "quant_val_bpb": "quant_val_bpb",
+    "artifact_bytes": "bytes_total",
+    "steps": "steps",
+    "step_avg_ms": "step_avg_ms",
+    "train_time_s": "train_time_s",
+    "export_time_s": "export_time_s",
+    "eval_time_s": "eval_time_s",
+}
+
+
+def check_submission(rep: Report, rows: list[dict], agg: dict) -> None:
+    sub = _load_submission(rep)
+    if sub is None:
+        return
+    for key in OFFICIAL_FIELDS:
+        if key not in sub or sub[key] in ("", None):
+            rep.problems.append(f"submission.json: missing or empty {key!r}")
+    track = sub.get("track")
+    if track is not None and track != rep.track:
+        rep.problems.append(
+            f"submission.json track is {track!r} but validating as {rep.track!r} (see --track)"
+        )
+    if not rows:
+        return
+    for key, actual in (
+        ("val_loss", agg["val_loss"][0]),
+        ("val_bpb", agg["val_bpb"][0]),
+        ("val_loss_std", agg["val_loss"][1]),
+        ("val_bpb_std", agg["val_bpb"][1]),
+        ("bytes_total", agg["bytes_total_max"]),
+        ("bytes_code", None if rep.script is None else len(rep.script)),
+        ("artifact_bytes_max", agg["bytes_total_max"]),
+    ):
+        if key in sub:
+            _compare(rep, f"submission.json {key}", sub[key], actual)
+    _check_seed_results(rep, sub, rows)
+    _check_compliance(rep, sub)
+
+
+def _check_seed_results(rep: Report, sub: dict, rows: list[dict]) -> None:
+    by_seed = {str(r["seed"]): r for r in rows}
+    if "seeds" in sub and sorted(map(str, sub["seeds"])) != sorted(by_seed):
+        rep.problems.append(f"submission.json seeds {sub['seeds']} != seeds in the logs {sorted(by_seed)}")
+    results = sub.get("seed_results")
+    if not isinstance(results, dict):
+        return
+    for seed in sorted(set(results) - set(by_seed)):
+        rep.problems.append(f"submission.json seed_results has seed {seed} with no log in the folder")
+    for seed in sorted(set(by_seed) - set(results)):
+        rep.problems.append(f"submission.json seed_results lacks seed {seed}")
+    for seed, entry in results.items():
+        if seed not in by_seed or not isinstance(entry, dict):
+            continue
+        for key, row_key in SEED_RESULT_KEYS.items():
+            if key in entry:
+                _compare(
+                    rep, f"submission.json seed_results[{seed}].{key}", entry[key], by_seed[seed][row_key]
+                )
+
+
+def _check_compliance(rep: Report, sub: dict) -> None:
+    claimed = sub.get("compliance")
+    if not isinstance(claimed, dict):
+        return
+    actual = summary.compliance(rep.good_logs(), None if rep.script is None else len(rep.script))
+    for key, value in claimed.items():
+        if key in actual and value is True and actual[key] is not True:
+            rep.problems.append(f"submission.json compliance.{key} is true but the logs say otherwise")
+
+
+def check_readme(rep: Report, rows: list[dict], agg: dict) -> None:
+    path = rep.folder / "README.md"
+    if not path.is_file() or not rows:
+        return
+    block = summary.parse_results_block(path.read_text(encoding="utf-8", errors="replace"))
+    if block is None:
+        rep.problems.append("README.md has no generated results block (see `python -m records new`)")
+        return
+    _check_headline(rep, block["headline"], agg)
+    by_seed = {str(r["seed"]): r for r in rows}
+    seen = set()
+    for cells in block["rows"]:
+        label = cells.get("Seed", "").replace("*", "").strip()
+        if label in ("Mean", "Std"):
+            _check_cells(
+                rep,
+                f"README {label} row",
+                cells,
+                {k: v[label == "Std"] for k, v in agg.items() if isinstance(v, tuple)},
+            )
+        elif label in by_seed:
+            seen.add(label)
+            _check_cells(rep, f"README seed {label} row", cells, by_seed[label])
+        else:
+            rep.problems.append(f"README results row {label!r} matches no log")
+    for seed in sorted(set(by_seed) - seen):
+        rep.problems.append(f"README results table lacks seed {seed}")
+
+
+def _check_headline(rep: Report, head: dict | None, agg: dict) -> None:
+    if head is None:
+        rep.problems.append("README results block lacks the '**val_bpb: X** (N-seed mean, std Y)' line")
+        return
+    expected = (
+        ("bpb", agg["val_bpb"][0]),
+        ("std", agg["val_bpb"][1]),
+        ("loss", agg["val_loss"][0]),
+        ("bytes", agg["bytes_total_max"]),
+    )
+    for key, actual in expected:
+        if head.get(key) is None:
+            continue
+        value, ok = summary.printed_number(head[key])
+        if not ok or not summary.matches(value, actual):
+            rep.problems.append(f"README headline {key} is {head[key]} but the logs give {actual}")
+    if int(head["n"]) != agg["n"]:
+        rep.problems.append(f"README headline says {head['n']}-seed mean but there are {agg['n']} logs")
+
+
+def _check_cells(rep: Report, where: str, cells: dict, values: dict) -> None:
+    for header, key, *_ in summary.COLUMNS[1:]:
+        if header not in cells or key not in values or cells[header] == "":
+            continue
+        printed, ok = summary.printed_number(cells[header])
+        if not ok or not summary.matches(printed, values[key]):
+            rep.problems.append(f"{where}: {header} is {cells[header]!r} but the logs give {values[key]}")
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+
+
+def validate_folder(folder, track: str = rules.RECORD_TRACK) -> Report:
+    rep = Report(folder=Path(folder), track=track)
+    if not rep.folder.is_dir():
+        rep.problems.append(f"{folder} is not a directory")
+        return rep
+    check_files(rep)
+    check_logs(rep)
+    check_logs_agree(rep)
+    check_script(rep)
+    check_bytes(rep)
+    check_time(rep)
+    check_hardware(rep)
+    check_legality(rep)
+    check_seed_count(rep)
+    rows = [summary.seed_row(log) for log in rep.good_logs()]
+    agg = summary.aggregate(rows) if rows else {}
+    check_submission(rep, rows, agg)
+    check_readme(rep, rows, agg)
+    return rep
+
+
+def format_report(rep: Report) -> str:
+    lines = []
+    if rep.ok:
+        lines.append(f"OK {rep.folder} [{rep.track}]: {ok_summary(rep)}")
+    else:
+        lines.append(f"FAILED {rep.folder} [{rep.track}]: {len(rep.problems)} problem(s)")
+        lines.extend(f"  - {p}" for p in rep.problems)
+    if rep.warnings:
+        lines.append("warnings:")
+        lines.extend(f"  - {w}" for w in rep.warnings)
+    return "\n".join(lines)
+
+
+def ok_summary(rep: Report) -> str:
+    rows = [summary.seed_row(log) for log in rep.good_logs()]
+    agg = summary.aggregate(rows)
+    mean, std = agg["val_bpb"]
+    train = max(r["train_export_s"] for r in rows)
+    evals = max(r["eval_time_s"] for r in rows)
+    return (
+        f"{agg['n']} seed(s), val_bpb {summary.fmt(mean, '{:.5f}')} ± {summary.fmt(std, '{:.5f}')}, "
+        f"val_loss {summary.fmt(agg['val_loss'][0], '{:.5f}')}, "
+        f"max bytes_total {agg['bytes_total_max']:,} / {rules.ARTIFACT_CAP_BYTES:,}, "
+        f"max train+export {train:.1f} s, max eval {evals:.1f} s, eval_mode {rows[0]['eval_mode']}"
+    )

@@ -380,12 +380,9 @@ def check_readme(rep: Report, rows: list[dict], agg: dict) -> None:
     for cells in block["rows"]:
         label = cells.get("Seed", "").replace("*", "").strip()
         if label in ("Mean", "Std"):
-            _check_cells(
-                rep,
-                f"README {label} row",
-                cells,
-                {k: v[label == "Std"] for k, v in agg.items() if isinstance(v, tuple)},
-            )
+            which = 0 if label == "Mean" else 1  # aggregate() keeps (mean, std) per column
+            values = {k: v[which] for k, v in agg.items() if isinstance(v, tuple)}
+            _check_cells(rep, f"README {label} row", cells, values)
         elif label in by_seed:
             seen.add(label)
             _check_cells(rep, f"README seed {label} row", cells, by_seed[label])

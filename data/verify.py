@@ -1,0 +1,364 @@
+"""Check a shard folder before training on it: official downloads and tokenize_docs output alike.
+
+Checks, each printed as `ok`, `warn` or `FAIL`:
+  shards     every fineweb_{val,train}_*.bin has a valid header (train_gpt.read_shard_header),
+             numbering has no gaps, each split's stream starts with BOS
+  ids        every token id < vocab size (train_gpt.load_shard), no EOS (the format has none)
+  manifest   token/document counts (and with --checksums sha256 + fingerprint) against
+             manifest.json (tokenize_docs) or hub_manifest.json (download)
+  tokenizer  sampled val documents re-encode to the same ids (shards made with this tokenizer)
+  overlap    no train document has exactly the token sequence of a val document
+  bytes      BPB byte table exact on sampled val documents (train_gpt.check_byte_table on the
+             stored ids, decoded by the tokenizer); documents with <unk> are skipped and counted
+Exit status 1 and a list of the problems if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data._common import REPO_ROOT, fail, run_main, sha256_file, shard_files, tg
+
+EOS_ID = 2  # the challenge tokenizers' eos id; shards never contain it (append_eos=False)
+ROUNDTRIP_MIN = 0.9  # re-encoding is exact for ~all unk-free docs with the right tokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.verify",
+        description="Verify a shard folder: headers, token ids, manifest counts, train/val disjointness "
+        "and the BPB byte table. Exit status 1 with a list of problems on failure.",
+    )
+    parser.add_argument("data_dir", type=Path, help="folder with fineweb_{val,train}_*.bin")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="SentencePiece .model (default: the one named by manifest.json or hub_manifest.json)",
+    )
+    parser.add_argument("--vocab-size", type=int, default=None, help="default: the tokenizer's")
+    parser.add_argument(
+        "--sample-docs",
+        type=int,
+        default=200,
+        help="val documents for the byte/tokenizer checks (default 200)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="train shards: headers and the first shard only (no overlap scan)",
+    )
+    parser.add_argument("--checksums", action="store_true", help="also compare sha256 of every shard")
+    return parser
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def ok(self, message: str) -> None:
+        print(f"ok    {message}")
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        print(f"warn  {message}")
+
+    def fail(self, message: str) -> None:
+        self.problems.append(message)
+        print(f"FAIL  {message}")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        fail(f"{path}: not valid JSON ({exc})")
+
+
+def find_tokenizer(args: argparse.Namespace, ours: dict | None, hub: dict | None) -> Path:
+    """--tokenizer, else the manifest's tokenizer (paths as written, or from the repo root)."""
+    if args.tokenizer is not None:
+        return args.tokenizer
+    candidates = []
+    if ours:
+        candidates.append(Path(ours["tokenizer"]["path"]))
+    if hub:
+        name = args.data_dir.name
+        entry = next((d for d in hub.get("datasets", []) if d.get("name") == name), {})
+        tok = next((t for t in hub.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")), {})
+        if tok.get("model_path"):
+            candidates.append(args.data_dir.parent.parent / tok["model_path"])
+    for path in candidates:
+        for option in (path, REPO_ROOT / path):
+            if option.is_file():
+                return option
+    fail(
+        f"{args.data_dir}: no tokenizer found via its manifest "
+        f"(tried {[str(c) for c in candidates]}); pass --tokenizer"
+    )
+
+
+def doc_hash(doc: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(doc, dtype="<u2").tobytes(), digest_size=16).digest()
+
+
+def iter_stream_docs(files: list[Path]) -> Iterator[tuple[np.ndarray, str]]:
+    """Documents (BOS removed) of a split's stream, which may continue across shard boundaries."""
+    bos_id, pending, where = tg().BOS_ID, None, ""
+    for path in files:
+        tokens = tg().load_shard(path)
+        starts = np.flatnonzero(tokens == bos_id)
+        head = int(starts[0]) if starts.size else tokens.size
+        if pending is not None:
+            pending.append(np.asarray(tokens[:head]))
+        for j, start in enumerate(starts):
+            if pending is not None:
+                yield np.concatenate(pending), where
+            end = int(starts[j + 1]) if j + 1 < starts.size else tokens.size
+            pending, where = [np.asarray(tokens[start + 1 : end])], f"{path.name}@{start}"
+    if pending is not None:
+        yield np.concatenate(pending), where
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_shards(report: Report, folder: Path, quick: bool, vocab: int | None) -> dict[str, list[Path]]:
+    """Headers of all shards; ids (< vocab, no EOS) of val and of train unless --quick."""
+    files = {split: shard_files(folder, split) for split in ("val", "train")}
+    for split, paths in files.items():
+        if not paths:
+            report.fail(f"no {split} shards ({folder}/fineweb_{split}_*.bin)")
+        if [p.name for p in paths] != [f"fineweb_{split}_{i:06d}.bin" for i in range(len(paths))]:
+            report.fail(f"{split} shards are not numbered 000000..{len(paths) - 1:06d}: a shard is missing")
+    counts, bad = {}, 0
+    for split, paths in files.items():
+        for i, path in enumerate(paths):
+            try:
+                counts[path] = tg().read_shard_header(path)
+                if vocab is not None and (split == "val" or not quick or i == 0):
+                    check_ids(report, path, vocab, first=i == 0)
+            except tg().DataError as exc:
+                bad += 1
+                report.fail(str(exc))
+    total = {s: sum(counts.get(p, 0) for p in files[s]) for s in files}
+    if not bad:
+        n_val, n_train = len(files["val"]), len(files["train"])
+        report.ok(
+            f"shards: {n_val} val ({total['val']:,} tokens), {n_train} train ({total['train']:,} tokens); "
+            "headers valid"
+        )
+    return files
+
+
+def check_ids(report: Report, path: Path, vocab: int, first: bool) -> None:
+    tokens = tg().load_shard(path, vocab)  # raises DataError on an id >= vocab
+    if first and tokens.size and tokens[0] != tg().BOS_ID:
+        report.fail(f"{path}: the split's stream starts with {int(tokens[0])}, not BOS={tg().BOS_ID}")
+    eos = int((tokens == EOS_ID).sum())
+    if eos:
+        report.warn(f"{path}: {eos} EOS tokens (id {EOS_ID}); challenge shards have none")
+
+
+def check_manifests(
+    report: Report, files: dict[str, list[Path]], ours: dict | None, hub: dict | None, args
+) -> None:
+    if ours:
+        check_own_manifest(report, files, ours, args.checksums)
+    if hub:
+        check_hub_manifest(report, files, hub, args.data_dir.name)
+    if not ours and not hub:
+        report.warn("no manifest.json or hub_manifest.json: token counts not cross-checked")
+
+
+def check_own_manifest(report: Report, files: dict[str, list[Path]], manifest: dict, checksums: bool) -> None:
+    before = len(report.problems)
+    listed = []
+    for split in ("val", "train"):
+        entries = manifest["splits"][split]["files"]
+        listed += entries
+        names = [e["name"] for e in entries]
+        if names != [p.name for p in files[split]]:
+            report.fail(
+                f"manifest.json lists {split} shards {names}, the folder has {[p.name for p in files[split]]}"
+            )
+            continue
+        for entry, path in zip(entries, files[split], strict=True):
+            try:
+                count = tg().read_shard_header(path)
+            except tg().DataError:
+                continue  # already reported
+            if count != entry["tokens"]:
+                report.fail(f"{path}: {count} tokens, manifest.json says {entry['tokens']}")
+            elif checksums and sha256_file(path) != entry["sha256"]:
+                report.fail(f"{path}: sha256 differs from manifest.json (file changed after it was written)")
+    if checksums and len(report.problems) == before:
+        from data.tokenize_docs import fingerprint
+
+        if fingerprint(listed) != manifest["fingerprint"]:
+            report.fail("manifest.json fingerprint does not match its file list")
+    if len(report.problems) == before:
+        report.ok(f"manifest.json: shard names and token counts{' and sha256' if checksums else ''} match")
+
+
+def check_hub_manifest(report: Report, files: dict[str, list[Path]], manifest: dict, name: str) -> None:
+    entry = next((d for d in manifest.get("datasets", []) if d.get("name") == name), None)
+    if entry is None:
+        report.warn(f"hub_manifest.json has no dataset {name}: counts not checked")
+        return
+    stats = entry.get("stats") or {}
+    before = len(report.problems)
+    for split in ("val", "train"):
+        want_files, want_tokens = stats.get(f"files_{split}"), stats.get(f"tokens_{split}")
+        have = files[split]
+        if split == "val" and want_files is not None and len(have) != int(want_files):
+            report.fail(f"{len(have)} val shards, the hub manifest has {want_files}: val must be complete")
+        complete = want_files is not None and len(have) == int(want_files)
+        if complete and want_tokens is not None:
+            try:
+                total = sum(tg().read_shard_header(p) for p in have)
+            except tg().DataError:
+                continue
+            if total != int(want_tokens):
+                report.fail(f"{split}: {total} tokens, the hub manifest says {want_tokens}")
+    if len(report.problems) == before:
+        report.ok(
+            f"hub_manifest.json: val complete, counts match "
+            f"({len(files['train'])}/{stats.get('files_train')} train shards)"
+        )
+
+
+def val_sample(files: list[Path], limit: int) -> list[np.ndarray]:
+    docs = []
+    for doc, _ in iter_stream_docs(files):
+        if limit and len(docs) >= limit:
+            break
+        docs.append(doc)
+    return docs
+
+
+def check_tokenizer_match(report: Report, sp, docs: list[np.ndarray]) -> None:
+    """Decoding and re-encoding reproduces the stored ids only with the tokenizer that made them."""
+    unk = sp.unk_id()
+    clean = [[int(t) for t in d] for d in docs if d.size and unk not in d]
+    if not clean:
+        report.warn("tokenizer match not checked: no sampled val document without <unk>")
+        return
+    same = sum(sp.encode(sp.decode(ids)) == ids for ids in clean)
+    if same / len(clean) < ROUNDTRIP_MIN:
+        report.fail(
+            f"only {same}/{len(clean)} sampled val documents re-encode to their stored ids: the shards were "
+            "probably made with another tokenizer (check --tokenizer / TOKENIZER_PATH)"
+        )
+    else:
+        report.ok(f"tokenizer matches: {same}/{len(clean)} sampled val documents re-encode to the stored ids")
+
+
+def check_bytes(report: Report, sp, luts, docs: list[np.ndarray], val_files: list[Path]) -> None:
+    """BPB byte table against the decoded UTF-8 of each sampled document's stored ids."""
+    unk = sp.unk_id()
+    with_unk = [d for d in docs if unk in d]
+    checked, bad = 0, []
+    for i, doc in enumerate(docs):
+        if unk in doc or not doc.size:
+            continue
+        try:
+            tg().check_byte_table(sp, [doc], luts)
+            checked += 1
+        except tg().DataError as exc:
+            bad.append(f"val document {i}: {exc}")
+    if bad:
+        report.fail(
+            f"BPB byte table wrong on {len(bad)} of {checked + len(bad)} val documents:\n      "
+            + "\n      ".join(bad[:5])
+        )
+    elif checked:
+        report.ok(f"BPB byte table exact on {checked} sampled val documents")
+    if with_unk:
+        total_unk = sum(int((tg().load_shard(p) == unk).sum()) for p in val_files)
+        report.warn(
+            f"{len(with_unk)} of {len(docs)} sampled val documents contain <unk> and were not byte-checked "
+            f"({total_unk} <unk> tokens in val): the byte table counts 0 bytes for <unk>, so val_bpb "
+            "undercounts their bytes; the tokenizer has no byte fallback for some characters"
+        )
+
+
+def check_overlap(report: Report, files: dict[str, list[Path]], sp) -> None:
+    """Exact token-sequence duplicates between val and train documents (empty docs ignored)."""
+    val: dict[bytes, int] = {}
+    for i, (doc, _) in enumerate(iter_stream_docs(files["val"])):
+        if doc.size:
+            val.setdefault(doc_hash(doc), i)
+    hits, n_train = [], 0
+    for doc, where in iter_stream_docs(files["train"]):
+        n_train += 1
+        if doc.size and (i := val.get(doc_hash(doc))) is not None:
+            hits.append(f"train {where} = val document {i}: {sp.decode([int(t) for t in doc[:40]])[:60]!r}")
+    if hits:
+        report.fail(
+            f"{len(hits)} train documents repeat a val document token for token:\n      "
+            + "\n      ".join(hits[:5])
+        )
+    else:
+        report.ok(f"train/val disjoint: {len(val)} val and {n_train} train documents share none")
+
+
+def verify(args: argparse.Namespace) -> Report:
+    report = Report()
+    folder = args.data_dir
+    if not folder.is_dir():
+        fail(f"{folder}: not a folder; give the folder holding fineweb_*_*.bin")
+    ours, hub = load_json(folder / "manifest.json"), load_json(folder / "hub_manifest.json")
+    tokenizer = find_tokenizer(args, ours, hub)
+    vocab = args.vocab_size or (ours or {}).get("tokenizer", {}).get("vocab_size")
+    import sentencepiece as spm
+
+    vocab = vocab or spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
+    print(f"verify {folder} with tokenizer {tokenizer} (vocab {vocab})")
+    try:
+        sp = tg().load_tokenizer(tokenizer, vocab)
+    except tg().DataError as exc:
+        report.fail(str(exc))
+        sp = None
+    files = check_shards(report, folder, args.quick, vocab if sp else None)
+    check_manifests(report, files, ours, hub, args)
+    if sp is None or not files["val"] or report.problems:
+        return report  # the content checks need readable shards and a matching tokenizer
+    docs = val_sample(files["val"], args.sample_docs)
+    check_tokenizer_match(report, sp, docs)
+    check_bytes(report, sp, tg().build_byte_luts(sp, vocab), docs, files["val"])
+    if args.quick:
+        report.warn("--quick: train/val overlap not scanned")
+    else:
+        check_overlap(report, files, sp)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    report = verify(args)
+    if report.problems:
+        print(f"verify: {len(report.problems)} problem(s) in {args.data_dir}:", file=sys.stderr)
+        for problem in report.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    print(f"verify: OK ({len(report.warnings)} warning(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -52,11 +52,11 @@ PRESETS: dict[str, dict[str, str]] = {
         "BIGRAM_BUCKETS": "1024",
         "BIGRAM_DIM": "32",
         "TRAIN_SEQ_LEN": "256",
-        "TRAIN_BATCH_TOKENS": "8192",
-        "MICROBATCH_TOKENS": "8192",
+        "TRAIN_BATCH_TOKENS": "4096",
+        "MICROBATCH_TOKENS": "4096",
         "VAL_BATCH_TOKENS": "32768",
-        "ITERATIONS": "200",
-        "MAX_WALLCLOCK_SECONDS": "120",
+        "ITERATIONS": "150",
+        "MAX_WALLCLOCK_SECONDS": "60",
         "VAL_LOSS_EVERY": "50",
         "TRAIN_LOG_EVERY": "25",
         "WARMUP_STEPS": "0",
@@ -820,9 +820,12 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz(G: Tensor, steps: int) -> Tensor:
-    """Approximately orthogonalise a (batched) matrix in bf16: singular values pushed towards ~1."""
+    """Approximately orthogonalise a (batched) matrix: singular values pushed towards ~1.
+
+    bf16 on GPU (fast, and the iteration tolerates it); fp32 on CPU where bf16 matmuls are slow.
+    """
     a, b, c = NS_COEFFS
-    X = G.bfloat16()
+    X = G.bfloat16() if G.is_cuda else G.float()
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
@@ -1119,7 +1122,7 @@ def train(model: GPT, ddp_model, optimizers, loader, val: ValData, ema: EMA, hp,
     budget_ms = 1000.0 * hp.max_wallclock_seconds
     while True:
         last = state.step >= hp.iterations or state.stopped_by_clock
-        if last or (hp.val_loss_every > 0 and state.step > 0 and state.step % hp.val_loss_every == 0):
+        if last or (hp.val_loss_every > 0 and state.step % hp.val_loss_every == 0):
             _, raw_bpb = run_validation(model, val, state, hp, rt, log)
         if last:
             return state, raw_bpb

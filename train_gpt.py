@@ -21,7 +21,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,15 +67,70 @@ PRESETS: dict[str, dict[str, str]] = {
 
 # Env vars owned by other programs (torchrun, CUDA, NCCL, compilers) are never ours.
 FOREIGN_ENV_PREFIXES = (
-    "TORCH", "PYTORCH", "NCCL", "CUDA", "CUBLAS", "CUDNN", "NVIDIA", "OMP_", "MKL", "TRITON",
-    "MASTER_", "GROUP_", "ROLE_", "LOCAL_", "TORCHELASTIC", "PYTHON", "HF_", "KMP_", "GLOO",
+    "TORCH",
+    "PYTORCH",
+    "NCCL",
+    "CUDA",
+    "CUBLAS",
+    "CUDNN",
+    "NVIDIA",
+    "OMP_",
+    "MKL",
+    "TRITON",
+    "MASTER_",
+    "GROUP_",
+    "ROLE_",
+    "LOCAL_",
+    "TORCHELASTIC",
+    "PYTHON",
+    "HF_",
+    "KMP_",
+    "GLOO",
 )
 # Technique families: any env var containing one of these tokens must be a known knob.
 KNOB_FAMILIES = {
-    "TTT", "XSA", "MUON", "EMA", "GPTQ", "QAT", "LORA", "SMEAR", "BIGRAM", "ROPE", "QK", "LN",
-    "UNET", "SKIP", "LOOP", "LOOPING", "PARALLEL", "QUANT", "SLIDING", "ADAM", "WARMDOWN",
-    "WARMUP", "LR", "VAL", "EVAL", "TRAIN", "MODEL", "VOCAB", "LOGIT", "MLP", "ATTN", "EMBED",
-    "HEADS", "LAYERS", "SEED", "PRESET", "VE", "VR", "MATRIX", "SCALAR", "SOFTCAP", "WALLCLOCK",
+    "TTT",
+    "XSA",
+    "MUON",
+    "EMA",
+    "GPTQ",
+    "QAT",
+    "LORA",
+    "SMEAR",
+    "BIGRAM",
+    "ROPE",
+    "QK",
+    "LN",
+    "UNET",
+    "SKIP",
+    "LOOP",
+    "LOOPING",
+    "PARALLEL",
+    "QUANT",
+    "SLIDING",
+    "ADAM",
+    "WARMDOWN",
+    "WARMUP",
+    "LR",
+    "VAL",
+    "EVAL",
+    "TRAIN",
+    "MODEL",
+    "VOCAB",
+    "LOGIT",
+    "MLP",
+    "ATTN",
+    "EMBED",
+    "HEADS",
+    "LAYERS",
+    "SEED",
+    "PRESET",
+    "VE",
+    "VR",
+    "MATRIX",
+    "SCALAR",
+    "SOFTCAP",
+    "WALLCLOCK",
 }
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
@@ -193,15 +248,26 @@ class Hyperparameters:
         checks = [
             (self.model_dim % self.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
             (self.num_heads % self.num_kv_heads == 0, "NUM_HEADS must be divisible by NUM_KV_HEADS"),
-            (self.rope_dims % 2 == 0 and 0 <= self.rope_dims <= self.head_dim,
-             "ROPE_DIMS must be even and at most MODEL_DIM/NUM_HEADS"),
+            (
+                self.rope_dims % 2 == 0 and 0 <= self.rope_dims <= self.head_dim,
+                "ROPE_DIMS must be even and at most MODEL_DIM/NUM_HEADS",
+            ),
             (0 <= self.xsa_last_n <= self.num_layers, "XSA_LAST_N must be in [0, NUM_LAYERS]"),
             (self.bigram_buckets == 0 or self.bigram_buckets >= 2, "BIGRAM_BUCKETS must be 0 (off) or >= 2"),
             (0 < self.vocab_size <= 65536, "VOCAB_SIZE must be in (0, 65536] (uint16 shards)"),
-            (0 <= self.warmdown_frac <= 1 and 0 <= self.lr_warmup_frac < 1, "schedule fractions must be in [0, 1]"),
+            (
+                0 <= self.warmdown_frac <= 1 and 0 <= self.lr_warmup_frac < 1,
+                "schedule fractions must be in [0, 1]",
+            ),
             (self.iterations > 0, "ITERATIONS must be positive"),
-            (self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN"),
-            (self.microbatch_tokens % self.train_seq_len == 0, "MICROBATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN"),
+            (
+                self.train_batch_tokens % self.train_seq_len == 0,
+                "TRAIN_BATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN",
+            ),
+            (
+                self.microbatch_tokens % self.train_seq_len == 0,
+                "MICROBATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN",
+            ),
             (self.smear_gate_inputs <= self.model_dim, "SMEAR_GATE_INPUTS must be at most MODEL_DIM"),
         ]
         for ok, message in checks:
@@ -384,7 +450,9 @@ def read_shard_header(path: str | Path) -> int:
         raise DataError(f"{path}: shard not found")
     size = path.stat().st_size
     if size < SHARD_HEADER_BYTES:
-        raise DataError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte header (truncated?)")
+        raise DataError(
+            f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte header (truncated?)"
+        )
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_WORDS)
     if header[0] != SHARD_MAGIC:
         raise DataError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a challenge shard")
@@ -555,7 +623,9 @@ def load_validation(hp: Hyperparameters) -> np.ndarray:
     tokens = np.concatenate([load_shard(f, hp.vocab_size) for f in find_shards(hp.data_path, "val")])
     usable = ((len(tokens) - 1) // hp.train_seq_len) * hp.train_seq_len
     if usable <= 0:
-        raise DataError(f"validation set in {hp.data_path} has {len(tokens)} tokens, less than TRAIN_SEQ_LEN+1")
+        raise DataError(
+            f"validation set in {hp.data_path} has {len(tokens)} tokens, less than TRAIN_SEQ_LEN+1"
+        )
     return np.ascontiguousarray(tokens[: usable + 1])
 
 
@@ -627,7 +697,11 @@ class Attention(nn.Module):
         super().__init__()
         d, kv_dim = hp.model_dim, hp.num_kv_heads * hp.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = hp.num_heads, hp.num_kv_heads, hp.head_dim
-        self.c_q, self.c_k, self.c_v = CastedLinear(d, d, False), CastedLinear(d, kv_dim, False), CastedLinear(d, kv_dim, False)
+        self.c_q, self.c_k, self.c_v = (
+            CastedLinear(d, d, False),
+            CastedLinear(d, kv_dim, False),
+            CastedLinear(d, kv_dim, False),
+        )
         self.proj = CastedLinear(d, d, False)
         self.proj.zero_init = True
         self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
@@ -678,7 +752,10 @@ class MLP(nn.Module):
     def __init__(self, hp: Hyperparameters):
         super().__init__()
         hidden = int(hp.mlp_mult * hp.model_dim)
-        self.fc, self.proj = CastedLinear(hp.model_dim, hidden, False), CastedLinear(hidden, hp.model_dim, False)
+        self.fc, self.proj = (
+            CastedLinear(hp.model_dim, hidden, False),
+            CastedLinear(hidden, hp.model_dim, False),
+        )
         self.proj.zero_init = True
         self.slope = hp.leaky_relu_slope
 
@@ -761,7 +838,9 @@ class GPT(nn.Module):
         super().__init__()
         self.softcap, self.tied = hp.logit_softcap, hp.tie_embeddings
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
-        self.bigram = BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim) if hp.bigram_buckets else None
+        self.bigram = (
+            BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim) if hp.bigram_buckets else None
+        )
         self.smear = SmearGate(hp.smear_gate_inputs) if hp.smear_gate else None
         self.blocks = nn.ModuleList(Block(hp, i) for i in range(hp.num_layers))
         # U-Net (modded-nanogpt lineage): encoder outputs feed decoder layers LIFO with learned weights.
@@ -843,7 +922,9 @@ class Muon(torch.optim.Optimizer):
     matrices of equal shape are orthogonalised together as one batch.
     """
 
-    def __init__(self, params, lr: float, momentum: float, ns_steps: int, weight_decay: float, row_normalize: bool):
+    def __init__(
+        self, params, lr: float, momentum: float, ns_steps: int, weight_decay: float, row_normalize: bool
+    ):
         defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.row_normalize = row_normalize
@@ -901,7 +982,9 @@ def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch
     adam = torch.optim.AdamW(
         adam_groups, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, fused=rt.device.type == "cuda"
     )
-    muon = Muon(groups["matrix"], hp.matrix_lr, hp.muon_momentum, hp.muon_ns_steps, hp.muon_wd, hp.muon_row_normalize)
+    muon = Muon(
+        groups["matrix"], hp.matrix_lr, hp.muon_momentum, hp.muon_ns_steps, hp.muon_wd, hp.muon_row_normalize
+    )
     optimizers: list[torch.optim.Optimizer] = [adam, muon]
     for opt in optimizers:
         for group in opt.param_groups:
@@ -943,7 +1026,9 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.updates = decay, 0
-        self.shadow = {n: t.detach().float().clone() for n, t in model.state_dict().items() if t.is_floating_point()}
+        self.shadow = {
+            n: t.detach().float().clone() for n, t in model.state_dict().items() if t.is_floating_point()
+        }
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -1024,7 +1109,11 @@ def token_bytes(prev: Tensor, tgt: Tensor, val: ValData) -> Tensor:
 
 def autocast(rt: Runtime):
     """bf16 autocast on GPU; CPU runs in fp32 (bf16 matmuls are slow there and tests want exactness)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if rt.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if rt.device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
 
 
 def prepare_validation(hp: Hyperparameters, rt: Runtime, log: Logger) -> ValData:
@@ -1033,7 +1122,14 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log: Logger) -> ValData
     tokens = load_validation(hp)
     checked = check_byte_table(sp, split_documents(tokens, hp.byte_check_docs), luts)
     unknown = int(np.count_nonzero(tokens == sp.unk_id()))
-    log(kv(byte_check_docs=hp.byte_check_docs, byte_check_bytes=checked, byte_check="ok", val_unk_tokens=unknown))
+    log(
+        kv(
+            byte_check_docs=hp.byte_check_docs,
+            byte_check_bytes=checked,
+            byte_check="ok",
+            val_unk_tokens=unknown,
+        )
+    )
     base, space, boundary = (torch.from_numpy(a).to(rt.device) for a in luts)
     return ValData(tokens, base, space, boundary)
 
@@ -1105,18 +1201,35 @@ def prime_compile(ddp_model, model, loader, optimizers, hp, rt, log) -> float:
 def log_train_step(state: TrainState, loss: float, mult: float, hp: Hyperparameters, log: Logger) -> None:
     step_avg = state.train_ms / max(state.step, 1)
     tok_s = int(state.tokens / max(state.train_ms / 1000, 1e-9))
-    log(kv(step=f"{state.step}/{hp.iterations}", train_loss=loss, lr_scale=mult,
-           train_time_ms=int(state.train_ms), step_avg_ms=round(step_avg, 2), tokens_per_s=tok_s))
+    log(
+        kv(
+            step=f"{state.step}/{hp.iterations}",
+            train_loss=loss,
+            lr_scale=mult,
+            train_time_ms=int(state.train_ms),
+            step_avg_ms=round(step_avg, 2),
+            tokens_per_s=tok_s,
+        )
+    )
 
 
 def run_validation(model: GPT, val: ValData, state: TrainState, hp, rt, log) -> tuple[float, float]:
     val_loss, val_bpb = evaluate(model, val, hp, rt)
-    log(kv(step=f"{state.step}/{hp.iterations}", val_loss=val_loss, val_bpb=val_bpb,
-           train_time_ms=int(state.train_ms), step_avg_ms=round(state.train_ms / max(state.step, 1), 2)))
+    log(
+        kv(
+            step=f"{state.step}/{hp.iterations}",
+            val_loss=val_loss,
+            val_bpb=val_bpb,
+            train_time_ms=int(state.train_ms),
+            step_avg_ms=round(state.train_ms / max(state.step, 1), 2),
+        )
+    )
     return val_loss, val_bpb
 
 
-def train(model: GPT, ddp_model, optimizers, loader, val: ValData, ema: EMA, hp, rt, log) -> tuple[TrainState, float]:
+def train(
+    model: GPT, ddp_model, optimizers, loader, val: ValData, ema: EMA, hp, rt, log
+) -> tuple[TrainState, float]:
     """The timed loop. Validation pauses the clock; the stop decision is agreed across ranks."""
     state, raw_bpb = TrainState(), float("nan")
     budget_ms = 1000.0 * hp.max_wallclock_seconds
@@ -1139,7 +1252,13 @@ def train(model: GPT, ddp_model, optimizers, loader, val: ValData, ema: EMA, hp,
             log_train_step(state, loss, mult, hp, log)
         if budget_ms > 0 and any_rank(state.train_ms >= budget_ms, rt) and state.step < hp.iterations:
             state.stopped_by_clock = True
-            log(kv(stopping_early="wallclock_cap", train_time_ms=int(state.train_ms), step=f"{state.step}/{hp.iterations}"))
+            log(
+                kv(
+                    stopping_early="wallclock_cap",
+                    train_time_ms=int(state.train_ms),
+                    step=f"{state.step}/{hp.iterations}",
+                )
+            )
 
 
 # ============================================================================ main
@@ -1148,10 +1267,25 @@ def train(model: GPT, ddp_model, optimizers, loader, val: ValData, ema: EMA, hp,
 def log_header(hp: Hyperparameters, rt: Runtime, log: Logger, script: Path, compiled: bool) -> None:
     log(kv(run_id=rt.run_id))
     log(kv(script_sha256=file_sha256(script), code_bytes=script.stat().st_size, script=script.name))
-    log("versions " + kv(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
-                         sentencepiece=spm.__version__))
-    log(kv(device=rt.device.type, gpus=gpu_names(), world_size=rt.world_size, grad_accum_steps=rt.grad_accum_steps,
-           attention_backend=ATTENTION_BACKEND, compile=int(compiled)))
+    log(
+        "versions "
+        + kv(
+            python=platform.python_version(),
+            torch=torch.__version__,
+            numpy=np.__version__,
+            sentencepiece=spm.__version__,
+        )
+    )
+    log(
+        kv(
+            device=rt.device.type,
+            gpus=gpu_names(),
+            world_size=rt.world_size,
+            grad_accum_steps=rt.grad_accum_steps,
+            attention_backend=ATTENTION_BACKEND,
+            compile=int(compiled),
+        )
+    )
     log(kv(preset=hp.preset_name))
     for line in hp.resolved_lines():
         log(f"hp:{line}")
@@ -1183,31 +1317,56 @@ def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module, bool]
         train_model = torch.compile(model, dynamic=False, fullgraph=True)
     if rt.distributed:
         ids = [rt.local_rank] if rt.device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=ids, broadcast_buffers=False)
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=ids, broadcast_buffers=False
+        )
     return model, train_model, compiled
 
 
-def finish(model: GPT, ema: EMA, val: ValData, state: TrainState, raw_bpb: float, hp, rt, log, extra: dict) -> dict:
+def finish(
+    model: GPT, ema: EMA, val: ValData, state: TrainState, raw_bpb: float, hp, rt, log, extra: dict
+) -> dict:
     """Export the EMA model (saved before it is evaluated, so an eval crash keeps it), then score it."""
     t0 = time.perf_counter()
     ema.copy_to(model)
     artifact = Path(hp.artifact_dir) / f"final_model_{rt.run_id}.pt"
     model_bytes = save_artifact(model, artifact) if rt.is_main else 0
     export_s = time.perf_counter() - t0
-    log(kv(artifact=artifact, model_bytes=model_bytes, code_bytes=extra["code_bytes"],
-           bytes_total=model_bytes + extra["code_bytes"]))
+    log(
+        kv(
+            artifact=artifact,
+            model_bytes=model_bytes,
+            code_bytes=extra["code_bytes"],
+            bytes_total=model_bytes + extra["code_bytes"],
+        )
+    )
     t0 = time.perf_counter()
     val_loss, val_bpb = evaluate(model, val, hp, rt)
     eval_s = time.perf_counter() - t0
     log(kv(final_eval="ema", val_loss=val_loss, val_bpb=val_bpb, eval_time_ms=int(1000 * eval_s)))
     return dict(
-        run_id=rt.run_id, seed=hp.seed, world_size=rt.world_size, steps=state.step,
-        train_time_s=round(state.train_ms / 1000, 3), step_avg_ms=round(state.train_ms / max(state.step, 1), 2),
-        tokens_per_s=int(state.tokens / max(state.train_ms / 1000, 1e-9)), val_loss=val_loss, val_bpb=val_bpb,
-        raw_val_bpb=raw_bpb, prequant_val_bpb=val_bpb, quant_val_bpb=None, eval_mode="flat",
-        eval_time_s=round(eval_s, 3), export_time_s=round(export_s, 3), scored_before_update=True,
-        model_bytes=model_bytes, bytes_total=model_bytes + extra["code_bytes"], artifact=str(artifact),
-        peak_mem_mib=peak_mem_mib(rt), val_tokens=len(val.tokens) - 1, stopped_by_clock=state.stopped_by_clock,
+        run_id=rt.run_id,
+        seed=hp.seed,
+        world_size=rt.world_size,
+        steps=state.step,
+        train_time_s=round(state.train_ms / 1000, 3),
+        step_avg_ms=round(state.train_ms / max(state.step, 1), 2),
+        tokens_per_s=int(state.tokens / max(state.train_ms / 1000, 1e-9)),
+        val_loss=val_loss,
+        val_bpb=val_bpb,
+        raw_val_bpb=raw_bpb,
+        prequant_val_bpb=val_bpb,
+        quant_val_bpb=None,
+        eval_mode="flat",
+        eval_time_s=round(eval_s, 3),
+        export_time_s=round(export_s, 3),
+        scored_before_update=True,
+        model_bytes=model_bytes,
+        bytes_total=model_bytes + extra["code_bytes"],
+        artifact=str(artifact),
+        peak_mem_mib=peak_mem_mib(rt),
+        val_tokens=len(val.tokens) - 1,
+        stopped_by_clock=state.stopped_by_clock,
         **extra,
     )
 
@@ -1229,9 +1388,16 @@ def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
     ema = EMA(model, hp.ema_decay)
     state, raw_bpb = train(model, train_model, optimizers, loader, val, ema, hp, rt, log)
     log(kv(final_eval="raw", val_bpb=raw_bpb))
-    extra = dict(script_sha256=file_sha256(script), code_bytes=script.stat().st_size, hp_hash=hp.hash(),
-                 preset=hp.preset_name, ignored_env=[], attention_backend=ATTENTION_BACKEND,
-                 device=rt.device.type, gpus=gpu_names())
+    extra = dict(
+        script_sha256=file_sha256(script),
+        code_bytes=script.stat().st_size,
+        hp_hash=hp.hash(),
+        preset=hp.preset_name,
+        ignored_env=[],
+        attention_backend=ATTENTION_BACKEND,
+        device=rt.device.type,
+        gpus=gpu_names(),
+    )
     return finish(model, ema, val, state, raw_bpb, hp, rt, log, extra)
 
 

@@ -1,0 +1,250 @@
+"""Training-loop behaviour: schedule, EMA, distributed equivalence and the end-to-end smoke run."""
+
+import json
+import lzma
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+import train_gpt as tg
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
+SAMPLE = ROOT / "data" / "sample" / "sample_wiki.jsonl.xz"
+
+# A model small enough that a few optimizer steps take well under a second on 2 CPU cores.
+TINY = {
+    "NUM_LAYERS": "3",
+    "MODEL_DIM": "64",
+    "NUM_HEADS": "4",
+    "NUM_KV_HEADS": "2",
+    "XSA_LAST_N": "3",
+    "BIGRAM_BUCKETS": "256",
+    "BIGRAM_DIM": "16",
+    "TRAIN_SEQ_LEN": "64",
+    "VAL_BATCH_TOKENS": "4096",
+    "WARMUP_STEPS": "0",
+    "TRAIN_LOG_EVERY": "1",
+    "BYTE_CHECK_DOCS": "8",
+}
+
+
+@pytest.fixture(scope="module")
+def sample_shards(tmp_path_factory) -> Path:
+    """Real-text shards from the bundled sample: 20 val documents, 200 train documents."""
+    out = tmp_path_factory.mktemp("shards")
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    with lzma.open(SAMPLE, "rt", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for _, line in zip(range(220), f, strict=False)]
+
+    def stream(texts):
+        return np.concatenate([np.array([tg.BOS_ID, *ids], dtype=np.uint16) for ids in sp.encode(texts)])
+
+    tg.write_shard(out / "fineweb_val_000000.bin", stream(docs[:20]))
+    tg.write_shard(out / "fineweb_train_000000.bin", stream(docs[20:120]))
+    tg.write_shard(out / "fineweb_train_000001.bin", stream(docs[120:]))
+    return out
+
+
+def run_script(env: dict[str, str], tmp_path: Path, nproc: int = 1, timeout: int = 600) -> tuple[dict, str]:
+    """Runs train_gpt.py in a subprocess (torchrun for nproc > 1); returns (final JSON, log text)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    full = {k: v for k, v in os.environ.items() if not tg._looks_like_ours(k, set())}
+    full.update(env, LOG_DIR=str(tmp_path / "logs"), ARTIFACT_DIR=str(tmp_path / "art"), OMP_NUM_THREADS="1")
+    script = str(ROOT / "train_gpt.py")
+    cmd = [sys.executable, script]
+    if nproc > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            script,
+        ]
+    proc = subprocess.run(cmd, env=full, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (tmp_path / "logs" / f"{env['RUN_ID']}.txt").read_text()
+    final = json.loads([line for line in log.splitlines() if line.startswith("{")][-1])
+    return final, log
+
+
+def test_lr_schedule_shape():
+    hp = tg.Hyperparameters({"WARMDOWN_FRAC": "0.5", "LR_WARMUP_FRAC": "0.1", "MIN_LR": "0"})
+    assert tg.lr_multiplier(0.0, hp) == 0.0
+    assert tg.lr_multiplier(0.05, hp) == pytest.approx(0.5)
+    assert tg.lr_multiplier(0.3, hp) == 1.0
+    assert tg.lr_multiplier(0.75, hp) == pytest.approx(0.5)
+    assert tg.lr_multiplier(1.0, hp) == 0.0
+    floor = tg.Hyperparameters({"WARMDOWN_FRAC": "0.5", "MIN_LR": "0.1"})
+    assert tg.lr_multiplier(0.99, floor) == pytest.approx(0.1)
+
+
+def test_progress_follows_the_wallclock_and_finishes_warmdown_at_the_cut():
+    """A run cut by the clock must have finished its warmdown: the fraction is time-based."""
+    hp = tg.Hyperparameters({"MAX_WALLCLOCK_SECONDS": "100", "ITERATIONS": "1000000"})
+    half = tg.TrainState(step=10, train_ms=50_000)
+    assert tg.progress(half, hp) == pytest.approx(0.5)
+    cut = tg.TrainState(step=20, train_ms=100_000)
+    assert tg.progress(cut, hp) == 1.0
+    assert tg.lr_multiplier(tg.progress(cut, hp), hp) == 0.0
+    steps_only = tg.Hyperparameters({"MAX_WALLCLOCK_SECONDS": "0", "ITERATIONS": "40"})
+    assert tg.progress(tg.TrainState(step=10, train_ms=1e9), steps_only) == pytest.approx(0.25)
+
+
+def test_muon_momentum_warmup():
+    hp = tg.Hyperparameters({"MUON_MOMENTUM_WARMUP_FRAC": "0.2"})
+    assert tg.muon_momentum(0.0, hp) == pytest.approx(0.92)
+    assert tg.muon_momentum(0.1, hp) == pytest.approx(0.955)
+    assert tg.muon_momentum(0.5, hp) == pytest.approx(0.99)
+
+
+def test_ema_forgets_the_initial_weights_on_short_runs():
+    model = torch.nn.Linear(4, 4, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = tg.EMA(model, decay=0.997)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for _ in range(100):
+        ema.update(model)
+    # A plain 0.997 EMA would still hold 0.997**100 = 74% of the zero init here.
+    assert ema.shadow["weight"].min().item() > 0.95
+    target = torch.nn.Linear(4, 4, bias=False)
+    ema.copy_to(target)
+    torch.testing.assert_close(target.weight, ema.shadow["weight"])
+
+
+def test_ema_tracks_with_full_decay_late_in_the_run():
+    model = torch.nn.Linear(2, 2, bias=False)
+    ema = tg.EMA(model, decay=0.9)
+    ema.updates = 10_000
+    before = ema.shadow["weight"].clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.shadow["weight"], before + 0.1)
+
+
+def test_loader_spans_are_disjoint_and_resumable(sample_shards):
+    files = tg.find_shards(str(sample_shards), "train")
+    rts = [tg.Runtime(r, 2, r, torch.device("cpu"), 1, "t") for r in range(2)]
+    loaders = [tg.DistributedTokenLoader(files, 1024, rt) for rt in rts]
+    (x0, y0), (x1, y1) = (ld.next_batch(256, 64) for ld in loaders)
+    single = tg.DistributedTokenLoader(files, 1024, tg.Runtime(0, 1, 0, torch.device("cpu"), 2, "t"))
+    a, b = single.next_batch(256, 64), single.next_batch(256, 64)
+    torch.testing.assert_close(x0, a[0])
+    torch.testing.assert_close(x1, b[0])
+    torch.testing.assert_close(y1, b[1])
+    state = single.stream.state_dict()
+    nxt = single.next_batch(256, 64)
+    single.stream.load_state_dict(state)
+    torch.testing.assert_close(single.next_batch(256, 64)[0], nxt[0])
+
+
+def test_two_process_gloo_run_matches_one_process_with_accumulation(sample_shards, tmp_path):
+    common = dict(
+        TINY,
+        DATA_PATH=str(sample_shards),
+        TOKENIZER_PATH=str(TOKENIZER),
+        ITERATIONS="4",
+        MAX_WALLCLOCK_SECONDS="0",
+        TRAIN_BATCH_TOKENS="1024",
+        MICROBATCH_TOKENS="512",
+        VAL_LOSS_EVERY="0",
+    )
+    one, _ = run_script(dict(common, RUN_ID="one"), tmp_path / "one")
+    two, log = run_script(dict(common, RUN_ID="two"), tmp_path / "two", nproc=2)
+    assert "world_size:2 grad_accum_steps:1" in log
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
+    assert two["raw_val_bpb"] == pytest.approx(one["raw_val_bpb"], rel=1e-4)
+
+
+def test_wallclock_cut_stops_the_run_with_warmdown_done(sample_shards, tmp_path):
+    env = dict(
+        TINY,
+        DATA_PATH=str(sample_shards),
+        TOKENIZER_PATH=str(TOKENIZER),
+        RUN_ID="cut",
+        ITERATIONS="100000",
+        MAX_WALLCLOCK_SECONDS="3",
+        TRAIN_BATCH_TOKENS="512",
+        MICROBATCH_TOKENS="512",
+        VAL_LOSS_EVERY="0",
+    )
+    final, log = run_script(env, tmp_path)
+    assert final["stopped_by_clock"] is True
+    assert "stopping_early:wallclock_cap" in log
+    scales = [
+        float(line.split("lr_scale:")[1].split()[0]) for line in log.splitlines() if "lr_scale:" in line
+    ]
+    assert scales[-1] < 0.1  # the last step ran at the end of the warmdown
+
+
+def test_smoke_run_end_to_end(sample_shards, tmp_path):
+    """The smoke preset trains, validates (val_bpb falls), saves the artifact and logs the JSON."""
+    env = {"RUN_PRESET": "smoke", "DATA_PATH": str(sample_shards), "TOKENIZER_PATH": str(TOKENIZER)}
+    env.update(RUN_ID="smoke", ITERATIONS="40", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="20")
+    final, log = run_script(env, tmp_path)
+    vals = [
+        float(line.split("val_bpb:")[1].split()[0])
+        for line in log.splitlines()
+        if line.startswith("step:") and "val_bpb:" in line
+    ]
+    assert len(vals) == 3 and vals[-1] < vals[0] - 0.3
+    assert "preset:smoke" in log and "hp:RUN_PRESET=smoke" in log
+    for key in (
+        "run_id",
+        "seed",
+        "script_sha256",
+        "world_size",
+        "steps",
+        "train_time_s",
+        "step_avg_ms",
+        "tokens_per_s",
+        "val_bpb",
+        "val_loss",
+    ):
+        assert key in final
+    assert final["steps"] == 40 and final["val_bpb"] < vals[0]
+    artifact = Path(final["artifact"])
+    assert artifact.stat().st_size == final["model_bytes"]
+    assert final["bytes_total"] == final["model_bytes"] + final["code_bytes"]
+    assert final["script_sha256"] == tg.file_sha256(ROOT / "train_gpt.py")
+
+
+def test_missing_data_stops_with_the_command_to_build_it(tmp_path):
+    env = dict(TINY, RUN_ID="nodata", DATA_PATH=str(tmp_path / "nowhere"), TOKENIZER_PATH=str(TOKENIZER))
+    full = dict(os.environ, **env, LOG_DIR=str(tmp_path / "logs"))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_gpt.py")],
+        env=full,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 3
+    assert "nowhere/fineweb_val_*.bin" in proc.stdout and "python -m data.tokenize_docs" in proc.stdout
+    assert "data error" in (tmp_path / "logs" / "nodata.txt").read_text()
+
+
+def test_unknown_knob_stops_before_any_work(tmp_path):
+    full = dict(os.environ, PHASED_TTT_ENABLED="1", LOG_DIR=str(tmp_path / "logs"))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_gpt.py")],
+        env=full,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "PHASED_TTT_ENABLED" in proc.stderr
+    assert not (tmp_path / "logs").exists()

@@ -171,73 +171,75 @@ class Hyperparameters:
         if preset_name and preset_name not in PRESETS:
             raise ConfigError(f"RUN_PRESET={preset_name!r} is unknown; known presets: {sorted(PRESETS)}")
         k = _KnobReader(self, environ, PRESETS.get(preset_name, {}))
+        # fmt: off
         # ---- run
-        k("RUN_PRESET", str, "")
-        k("RUN_ID", str, "")
-        k("SEED", int, 1337)
-        k("LOG_DIR", str, "logs")
-        k("ARTIFACT_DIR", str, ".")
+        k("RUN_PRESET", str, "")  # named table of defaults (`smoke`); explicit env vars win
+        k("RUN_ID", str, "")  # log/artifact name; random when empty
+        k("SEED", int, 1337)  # torch/numpy seed
+        k("LOG_DIR", str, "logs")  # where `<RUN_ID>.txt` is written
+        k("ARTIFACT_DIR", str, ".")  # where `final_model_<RUN_ID>.pt` is written
         # ---- data
-        k("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024")
-        k("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model")
-        k("VOCAB_SIZE", int, 1024)
-        k("BYTE_CHECK_DOCS", int, 64)
+        k("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024")  # folder of fineweb_{train,val}_*.bin
+        k("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model")  # SentencePiece model
+        k("VOCAB_SIZE", int, 1024)  # must equal the tokenizer's size; shard ids are checked against it
+        k("BYTE_CHECK_DOCS", int, 64)  # val documents in the BPB byte-table self-check
         # ---- model
-        k("NUM_LAYERS", int, 11)
-        k("MODEL_DIM", int, 512)
-        k("NUM_HEADS", int, 8)
-        k("NUM_KV_HEADS", int, 4)
-        k("MLP_MULT", float, 3.0)
-        k("LEAKY_RELU_SLOPE", float, 0.5)
-        k("TIE_EMBEDDINGS", bool, True)
-        k("TIED_EMBED_INIT_STD", float, 0.005)
-        k("LOGIT_SOFTCAP", float, 30.0)
-        k("ROPE_DIMS", int, 16)
-        k("ROPE_BASE", float, 10000.0)
-        k("QK_GAIN_INIT", float, 5.0)
-        k("LN_SCALE", bool, True)
-        k("XSA_LAST_N", int, 11)
-        k("VALUE_RESIDUAL", bool, True)
-        k("GATED_ATTN", bool, True)
-        k("GATED_ATTN_BIAS_INIT", float, 4.0)
-        k("SMEAR_GATE", bool, True)
-        k("SMEAR_GATE_INPUTS", int, 12)
-        k("BIGRAM_BUCKETS", int, 3072)
-        k("BIGRAM_DIM", int, 112)
-        k("UNET_SKIPS", bool, True)
+        k("NUM_LAYERS", int, 11)  # transformer blocks
+        k("MODEL_DIM", int, 512)  # residual width
+        k("NUM_HEADS", int, 8)  # query heads (head dim = MODEL_DIM / NUM_HEADS)
+        k("NUM_KV_HEADS", int, 4)  # key/value heads (GQA)
+        k("MLP_MULT", float, 3.0)  # MLP hidden = MLP_MULT x MODEL_DIM
+        k("LEAKY_RELU_SLOPE", float, 0.5)  # negative slope of the squared LeakyReLU
+        k("TIE_EMBEDDINGS", bool, True)  # output head shares the token embedding
+        k("TIED_EMBED_INIT_STD", float, 0.005)  # token embedding init std
+        k("LOGIT_SOFTCAP", float, 30.0)  # logits -> c*tanh(logits/c)
+        k("ROPE_DIMS", int, 16)  # rotated dims per head (partial RoPE); 0 = no RoPE
+        k("ROPE_BASE", float, 10000.0)  # RoPE frequency base
+        k("QK_GAIN_INIT", float, 5.0)  # initial per-head query gain after QK RMS-norm
+        k("LN_SCALE", bool, True)  # scale normed block inputs by 1/sqrt(layer+1)
+        k("XSA_LAST_N", int, 11)  # exclusive self-attention on the last N layers (0 = off)
+        k("VALUE_RESIDUAL", bool, True)  # mix layer 0's values into later layers
+        k("GATED_ATTN", bool, True)  # per-head sigmoid gate on the attention output
+        k("GATED_ATTN_BIAS_INIT", float, 4.0)  # gate bias at init (4 -> 98% open)
+        k("SMEAR_GATE", bool, True)  # BOS-masked input-gated mix with the previous token
+        k("SMEAR_GATE_INPUTS", int, 12)  # leading channels feeding the smear gate
+        k("BIGRAM_BUCKETS", int, 3072)  # BigramHash table rows (0 = off)
+        k("BIGRAM_DIM", int, 112)  # BigramHash embedding width before projection
+        k("UNET_SKIPS", bool, True)  # encoder->decoder skip connections with learned weights
         # ---- optimizers
-        k("MATRIX_LR", float, 0.025)
-        k("TIED_EMBED_LR", float, 0.035)
-        k("HEAD_LR", float, 0.008)
-        k("SCALAR_LR", float, 0.025)
-        k("MUON_MOMENTUM", float, 0.99)
-        k("MUON_MOMENTUM_WARMUP_START", float, 0.92)
-        k("MUON_MOMENTUM_WARMUP_FRAC", float, 0.2)
-        k("MUON_NS_STEPS", int, 5)
-        k("MUON_ROW_NORMALIZE", bool, True)
-        k("MUON_WD", float, 0.04)
-        k("EMBED_WD", float, 0.04)
-        k("SCALAR_WD", float, 0.02)
-        k("ADAM_BETA1", float, 0.9)
-        k("ADAM_BETA2", float, 0.95)
-        k("ADAM_EPS", float, 1e-8)
-        k("GRAD_CLIP_NORM", float, 0.3)
-        k("EMA_DECAY", float, 0.997)
+        k("MATRIX_LR", float, 0.025)  # Muon learning rate (block matrices)
+        k("TIED_EMBED_LR", float, 0.035)  # Adam learning rate of the embeddings
+        k("HEAD_LR", float, 0.008)  # Adam learning rate of an untied head
+        k("SCALAR_LR", float, 0.025)  # Adam learning rate of scalar/control parameters
+        k("MUON_MOMENTUM", float, 0.99)  # final Muon (Nesterov) momentum
+        k("MUON_MOMENTUM_WARMUP_START", float, 0.92)  # Muon momentum at the start
+        k("MUON_MOMENTUM_WARMUP_FRAC", float, 0.2)  # fraction of the run over which momentum warms up
+        k("MUON_NS_STEPS", int, 5)  # Newton-Schulz iterations
+        k("MUON_ROW_NORMALIZE", bool, True)  # MuonEq-R: equalise row norms before Newton-Schulz
+        k("MUON_WD", float, 0.04)  # decoupled weight decay of Muon matrices
+        k("EMBED_WD", float, 0.04)  # AdamW weight decay of embeddings
+        k("SCALAR_WD", float, 0.02)  # AdamW weight decay of scalar/control parameters
+        k("ADAM_BETA1", float, 0.9)  # Adam beta1
+        k("ADAM_BETA2", float, 0.95)  # Adam beta2
+        k("ADAM_EPS", float, 1e-8)  # Adam epsilon
+        k("GRAD_CLIP_NORM", float, 0.3)  # global gradient-norm clip (0 = off)
+        k("EMA_DECAY", float, 0.997)  # EMA decay of the exported weights
         # ---- schedule & budget
-        k("ITERATIONS", int, 20000)
-        k("MAX_WALLCLOCK_SECONDS", float, 600.0)
-        k("LR_WARMUP_FRAC", float, 0.0)
-        k("WARMDOWN_FRAC", float, 0.72)
-        k("MIN_LR", float, 0.0)
-        k("WARMUP_STEPS", int, 20)
-        k("TRAIN_SEQ_LEN", int, 2048)
-        k("TRAIN_BATCH_TOKENS", int, 786432)
-        k("MICROBATCH_TOKENS", int, 98304)
-        k("COMPILE", bool, True)
+        k("ITERATIONS", int, 20000)  # step cap (the schedule uses the further of step and time fractions)
+        k("MAX_WALLCLOCK_SECONDS", float, 600.0)  # training-time budget; 0 = fixed ITERATIONS run
+        k("LR_WARMUP_FRAC", float, 0.0)  # fraction of the budget with linear LR warmup
+        k("WARMDOWN_FRAC", float, 0.72)  # final fraction of the budget with linear LR decay
+        k("MIN_LR", float, 0.0)  # LR multiplier floor during warmdown
+        k("WARMUP_STEPS", int, 20)  # untimed compile-priming steps, then weights/optimizer/data are restored
+        k("TRAIN_SEQ_LEN", int, 2048)  # sequence length (train and eval)
+        k("TRAIN_BATCH_TOKENS", int, 786432)  # global batch in tokens, the same for any world size
+        k("MICROBATCH_TOKENS", int, 98304)  # tokens per rank per forward; accumulation makes up the rest
+        k("COMPILE", bool, True)  # torch.compile the model on GPU
         # ---- evaluation & logging
-        k("VAL_BATCH_TOKENS", int, 524288)
-        k("VAL_LOSS_EVERY", int, 1000)
-        k("TRAIN_LOG_EVERY", int, 100)
+        k("VAL_BATCH_TOKENS", int, 524288)  # tokens per validation forward, over all ranks
+        k("VAL_LOSS_EVERY", int, 1000)  # validate every N steps (and at step 0); 0 = only at the end
+        k("TRAIN_LOG_EVERY", int, 100)  # train log line every N steps
+        # fmt: on
         self.knobs = dict(k.names)
         self.preset_name = preset_name or "none"
         refuse_unknown_env(environ, set(self.knobs) | {"RUN_PRESET"})

@@ -124,6 +124,21 @@ def shard_files(folder: Path, split: str) -> list[Path]:
     return sorted(p for p in Path(folder).glob(SHARD_GLOB[split]) if "_bytes_" not in p.name)
 
 
+def expected_tokens(manifest: dict, stats: dict, split: str, index: int) -> int | None:
+    """Token count of shard `index` per a hub manifest: full `shard_size` shards, the last holds the rest."""
+    size, files, tokens = (
+        manifest.get("shard_size"),
+        stats.get(f"files_{split}"),
+        stats.get(f"tokens_{split}"),
+    )
+    if not size or files is None or tokens is None:
+        return None
+    last = int(tokens) - (int(files) - 1) * int(size)
+    if not 0 < last <= int(size):
+        return None  # the manifest does not describe fixed-size shards; rely on the header alone
+    return int(size) if index < int(files) - 1 else last
+
+
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run a tool's main and turn DataError into one readable line and exit status 1."""
     try:

@@ -35,7 +35,7 @@ from pathlib import Path
 from huggingface_hub import hf_hub_download
 from tqdm import tqdm
 
-from data._common import fail, run_main, sha256_file, tg, write_json
+from data._common import expected_tokens, fail, run_main, sha256_file, tg, write_json
 
 HUB_REPOS = {
     "sp1024": "willdepueoai/parameter-golf",
@@ -205,21 +205,6 @@ def local_path(local_dir: Path, rel: str) -> Path:
     if not parts or Path(rel).is_absolute() or ".." in parts:
         fail(f"manifest path {rel!r} points outside --local-dir; refusing to write it")
     return local_dir.joinpath(*parts)
-
-
-def expected_tokens(manifest: dict, stats: dict, split: str, index: int) -> int | None:
-    """Token count of shard `index`: full shards of `shard_size`, the last one holds the rest."""
-    size, files, tokens = (
-        manifest.get("shard_size"),
-        stats.get(f"files_{split}"),
-        stats.get(f"tokens_{split}"),
-    )
-    if not size or files is None or tokens is None:
-        return None
-    last = int(tokens) - (int(files) - 1) * int(size)
-    if not 0 < last <= int(size):
-        return None  # the manifest does not describe fixed-size shards; rely on the header alone
-    return int(size) if index < int(files) - 1 else last
 
 
 def find_entry(manifest: dict, key: str, name: str, source) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data._common import REPO_ROOT, fail, run_main, sha256_file, shard_files, tg
+from data._common import REPO_ROOT, expected_tokens, fail, run_main, sha256_file, shard_files, tg
 
 EOS_ID = 2  # the challenge tokenizers' eos id; shards never contain it (append_eos=False)
 ROUNDTRIP_MIN = 0.9  # re-encoding is exact for ~all unk-free docs with the right tokenizer
@@ -216,29 +216,29 @@ def check_own_manifest(report: Report, files: dict[str, list[Path]], manifest: d
 
 
 def check_hub_manifest(report: Report, files: dict[str, list[Path]], manifest: dict, name: str) -> None:
+    """Val complete; every shard present has the token count the manifest implies (as download checks)."""
     entry = next((d for d in manifest.get("datasets", []) if d.get("name") == name), None)
     if entry is None:
         report.warn(f"hub_manifest.json has no dataset {name}: counts not checked")
         return
     stats = entry.get("stats") or {}
     before = len(report.problems)
-    for split in ("val", "train"):
-        want_files, want_tokens = stats.get(f"files_{split}"), stats.get(f"tokens_{split}")
-        have = files[split]
-        if split == "val" and want_files is not None and len(have) != int(want_files):
-            report.fail(f"{len(have)} val shards, the hub manifest has {want_files}: val must be complete")
-        complete = want_files is not None and len(have) == int(want_files)
-        if complete and want_tokens is not None:
+    want_val, want_train = stats.get("files_val"), stats.get("files_train")
+    if want_val is not None and len(files["val"]) != int(want_val):
+        report.fail(f"{len(files['val'])} val shards, the hub manifest has {want_val}: val must be complete")
+    for split, paths in files.items():
+        for i, path in enumerate(paths):
+            want = expected_tokens(manifest, stats, split, i)
             try:
-                total = sum(tg().read_shard_header(p) for p in have)
+                count = tg().read_shard_header(path)
             except tg().DataError:
-                continue
-            if total != int(want_tokens):
-                report.fail(f"{split}: {total} tokens, the hub manifest says {want_tokens}")
+                continue  # already reported
+            if want is not None and count != want:
+                report.fail(f"{path}: {count} tokens, the hub manifest implies {want}")
     if len(report.problems) == before:
         report.ok(
-            f"hub_manifest.json: val complete, counts match "
-            f"({len(files['train'])}/{stats.get('files_train')} train shards)"
+            f"hub_manifest.json: val complete, token counts match "
+            f"({len(files['train'])}/{want_train} train shards)"
         )
 
 

@@ -412,6 +412,12 @@ def test_download_fresh_then_skip_when_verified(hub, hub_root, tmp_path, capsys)
     assert code == 0 and hub.downloads() == [] and "0 downloaded" in text
     code, text = run_cli(verify, [str(folder)], capsys)  # tokenizer found through hub_manifest.json
     assert code == 0 and "hub_manifest.json: val complete" in text, text
+    # A valid shard of the wrong length: verify flags it against the manifest, download redoes it.
+    train_gpt.write_shard(folder / "fineweb_train_000002.bin", np.array([1, 5, 6, 7]))
+    code, text = run_cli(verify, [str(folder)], capsys)
+    assert code == 1 and "fineweb_train_000002.bin: 4 tokens, the hub manifest implies 900" in text, text
+    code, text = fetch(local, capsys, "--train-shards", "3")
+    assert code == 0 and "1 redone" in text and run_cli(verify, [str(folder)], capsys)[0] == 0
 
 
 def test_download_train_shards_option(hub, hub_root, tmp_path, capsys):

@@ -178,19 +178,18 @@ def check_manifests(
     report: Report, files: dict[str, list[Path]], ours: dict | None, hub: dict | None, args
 ) -> None:
     if ours:
-        check_own_manifest(report, files, ours, args.checksums)
+        check_own_manifest(report, files, ours, args)
     if hub:
         check_hub_manifest(report, files, hub, args.data_dir.name)
     if not ours and not hub:
         report.warn("no manifest.json or hub_manifest.json: token counts not cross-checked")
 
 
-def check_own_manifest(report: Report, files: dict[str, list[Path]], manifest: dict, checksums: bool) -> None:
+def check_own_manifest(report: Report, files: dict[str, list[Path]], manifest: dict, args) -> None:
+    """Shard names, token counts and document counts (BOS per split) as tokenize_docs recorded them."""
     before = len(report.problems)
-    listed = []
     for split in ("val", "train"):
         entries = manifest["splits"][split]["files"]
-        listed += entries
         names = [e["name"] for e in entries]
         if names != [p.name for p in files[split]]:
             report.fail(
@@ -198,21 +197,35 @@ def check_own_manifest(report: Report, files: dict[str, list[Path]], manifest: d
             )
             continue
         for entry, path in zip(entries, files[split], strict=True):
+            check_listed_shard(report, path, entry, args.checksums)
+        if len(report.problems) == before and not (args.quick and split == "train"):
             try:
-                count = tg().read_shard_header(path)
+                docs = sum(int((tg().load_shard(p) == tg().BOS_ID).sum()) for p in files[split])
             except tg().DataError:
-                continue  # already reported
-            if count != entry["tokens"]:
-                report.fail(f"{path}: {count} tokens, manifest.json says {entry['tokens']}")
-            elif checksums and sha256_file(path) != entry["sha256"]:
-                report.fail(f"{path}: sha256 differs from manifest.json (file changed after it was written)")
-    if checksums and len(report.problems) == before:
+                continue  # an unreadable shard, already reported
+            want = manifest["splits"][split]["documents"]
+            if docs != want:
+                report.fail(f"{split}: {docs} documents (BOS tokens), manifest.json says {want}")
+    if args.checksums and len(report.problems) == before:
         from data.tokenize_docs import fingerprint
 
+        listed = manifest["splits"]["val"]["files"] + manifest["splits"]["train"]["files"]
         if fingerprint(listed) != manifest["fingerprint"]:
             report.fail("manifest.json fingerprint does not match its file list")
     if len(report.problems) == before:
-        report.ok(f"manifest.json: shard names and token counts{' and sha256' if checksums else ''} match")
+        extra = " and sha256" if args.checksums else ""
+        report.ok(f"manifest.json: shard names, token and document counts{extra} match")
+
+
+def check_listed_shard(report: Report, path: Path, entry: dict, checksums: bool) -> None:
+    try:
+        count = tg().read_shard_header(path)
+    except tg().DataError:
+        return  # already reported
+    if count != entry["tokens"]:
+        report.fail(f"{path}: {count} tokens, manifest.json says {entry['tokens']}")
+    elif checksums and sha256_file(path) != entry["sha256"]:
+        report.fail(f"{path}: sha256 differs from manifest.json (file changed after it was written)")
 
 
 def check_hub_manifest(report: Report, files: dict[str, list[Path]], manifest: dict, name: str) -> None:

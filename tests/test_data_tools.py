@@ -272,6 +272,14 @@ def test_verify_fails_on_corrupted_shard(shards, capsys):
     assert code == 1 and "problem(s)" in text and "fineweb_train_000001.bin" in text and "truncated" in text
 
 
+def test_verify_fails_on_manifest_mismatch(shards, capsys):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["splits"]["val"]["documents"] += 1
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    code, text = run_cli(verify, [str(shards)], capsys)
+    assert code == 1 and "val: 8 documents (BOS tokens), manifest.json says 9" in text
+
+
 def test_verify_fails_on_bad_ids_and_missing_shard(shards, capsys):
     train_gpt.write_shard(shards / "fineweb_train_000000.bin", np.array([1, 5, 4000]))
     (shards / "fineweb_train_000001.bin").unlink()  # a gap in the numbering

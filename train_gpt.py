@@ -647,22 +647,17 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype), bias)
 
 
-def _has_fa3() -> bool:
-    try:
-        import flash_attn_interface  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+try:  # FlashAttention-3 (Hopper) when installed; imported here so torch.compile sees no import
+    from flash_attn_interface import flash_attn_func
+except ImportError:
+    flash_attn_func = None
 
-
-ATTENTION_BACKEND = "fa3" if _has_fa3() else "sdpa"
+ATTENTION_BACKEND = "fa3" if flash_attn_func is not None and torch.cuda.is_available() else "sdpa"
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """(B,T,H,D) queries, (B,T,Hk,D) keys/values -> (B,T,H,D). FlashAttention-3 when importable."""
+    """(B,T,H,D) queries, (B,T,Hk,D) keys/values -> (B,T,H,D). FA3 when importable, else SDPA."""
     if ATTENTION_BACKEND == "fa3":
-        from flash_attn_interface import flash_attn_func
-
         out = flash_attn_func(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     y = F.scaled_dot_product_attention(

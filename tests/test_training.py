@@ -248,3 +248,14 @@ def test_unknown_knob_stops_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "PHASED_TTT_ENABLED" in proc.stderr
     assert not (tmp_path / "logs").exists()
+
+
+def test_model_traces_as_one_graph_for_torch_compile():
+    """GPU runs compile with fullgraph=True; dynamo's eager backend finds graph breaks on CPU."""
+    env = dict(TINY, NUM_LAYERS="4", VALUE_RESIDUAL="1", GATED_ATTN="1", SMEAR_GATE="1")
+    model = tg.GPT(tg.Hyperparameters(env))
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+    ids = torch.randint(0, 1024, (2, 64))
+    loss = compiled(ids, ids)
+    loss.backward()
+    torch.testing.assert_close(loss, model(ids, ids))

@@ -108,13 +108,13 @@ def test_muon_momentum_warmup():
 def test_ema_forgets_the_initial_weights_on_short_runs():
     model = torch.nn.Linear(4, 4, bias=False)
     torch.nn.init.zeros_(model.weight)
-    ema = tg.EMA(model, decay=0.997)
+    ema = tg.EMA(model, decay=0.997, window_frac=0.05)
     with torch.no_grad():
         model.weight.fill_(1.0)
     for _ in range(100):
-        ema.update(model)
+        ema.update(model, expected_steps=100_000)
     # A plain 0.997 EMA would still hold 0.997**100 = 74% of the zero init here.
-    assert ema.shadow["weight"].min().item() > 0.95
+    torch.testing.assert_close(ema.shadow["weight"], torch.ones(4, 4))
     target = torch.nn.Linear(4, 4, bias=False)
     ema.copy_to(target)
     torch.testing.assert_close(target.weight, ema.shadow["weight"])
@@ -122,13 +122,27 @@ def test_ema_forgets_the_initial_weights_on_short_runs():
 
 def test_ema_tracks_with_full_decay_late_in_the_run():
     model = torch.nn.Linear(2, 2, bias=False)
-    ema = tg.EMA(model, decay=0.9)
+    ema = tg.EMA(model, decay=0.9, window_frac=0.05)
     ema.updates = 10_000
     before = ema.shadow["weight"].clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update(model)
+    ema.update(model, expected_steps=100_000)
     torch.testing.assert_close(ema.shadow["weight"], before + 0.1)
+
+
+def test_ema_horizon_is_a_fraction_of_the_run():
+    ema = tg.EMA(torch.nn.Linear(2, 2), decay=0.997, window_frac=0.05)
+    ema.updates = 500
+    assert ema.decay_at(expected_steps=1000) == pytest.approx(0.98)  # 1-GPU, 4-minute run
+    assert ema.decay_at(expected_steps=7000) == pytest.approx(0.997)  # 8-GPU, 10-minute run: capped
+    assert tg.EMA(torch.nn.Linear(2, 2), 0.997, window_frac=0.0).decay_at(1000) == 0.0  # EMA off
+
+
+def test_expected_steps_extrapolates_the_schedule():
+    hp = tg.Hyperparameters({"MAX_WALLCLOCK_SECONDS": "100", "ITERATIONS": "1000000"})
+    assert tg.expected_steps(tg.TrainState(step=50, train_ms=25_000), hp) == pytest.approx(200)
+    assert tg.expected_steps(tg.TrainState(), hp) == 1_000_000
 
 
 def test_loader_spans_are_disjoint_and_resumable(sample_shards):
@@ -259,3 +273,13 @@ def test_model_traces_as_one_graph_for_torch_compile():
     loss = compiled(ids, ids)
     loss.backward()
     torch.testing.assert_close(loss, model(ids, ids))
+
+
+def test_ema_is_the_running_mean_until_its_window_fills():
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = tg.EMA(model, decay=0.997, window_frac=0.05)
+    for value in (1.0, 2.0, 6.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update(model, expected_steps=10_000)
+    assert ema.shadow["weight"].item() == pytest.approx(3.0)

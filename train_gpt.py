@@ -171,19 +171,36 @@ class Hyperparameters:
         if preset_name and preset_name not in PRESETS:
             raise ConfigError(f"RUN_PRESET={preset_name!r} is unknown; known presets: {sorted(PRESETS)}")
         k = _KnobReader(self, environ, PRESETS.get(preset_name, {}))
+        self._run_knobs(k)
+        self._data_knobs(k)
+        self._model_knobs(k)
+        self._optimizer_knobs(k)
+        self._schedule_knobs(k)
+        self._evaluation_knobs(k)
+        self.knobs = dict(k.names)
+        self.preset_name = preset_name or "none"
+        refuse_unknown_env(environ, set(self.knobs) | {"RUN_PRESET"})
+        self.validate()
+
+    def _run_knobs(self, k: _KnobReader) -> None:
         # fmt: off
-        # ---- run
         k("RUN_PRESET", str, "")  # named table of defaults (`smoke`); explicit env vars win
         k("RUN_ID", str, "")  # log/artifact name; random when empty
         k("SEED", int, 1337)  # torch/numpy seed
         k("LOG_DIR", str, "logs")  # where `<RUN_ID>.txt` is written
         k("ARTIFACT_DIR", str, ".")  # where `final_model_<RUN_ID>.pt` is written
-        # ---- data
+        # fmt: on
+
+    def _data_knobs(self, k: _KnobReader) -> None:
+        # fmt: off
         k("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024")  # folder of fineweb_{train,val}_*.bin
         k("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model")  # SentencePiece model
         k("VOCAB_SIZE", int, 1024)  # must equal the tokenizer's size; shard ids are checked against it
         k("BYTE_CHECK_DOCS", int, 64)  # val documents in the BPB byte-table self-check
-        # ---- model
+        # fmt: on
+
+    def _model_knobs(self, k: _KnobReader) -> None:
+        # fmt: off
         k("NUM_LAYERS", int, 11)  # transformer blocks
         k("MODEL_DIM", int, 512)  # residual width
         k("NUM_HEADS", int, 8)  # query heads (head dim = MODEL_DIM / NUM_HEADS)
@@ -206,7 +223,10 @@ class Hyperparameters:
         k("BIGRAM_BUCKETS", int, 3072)  # BigramHash table rows (0 = off)
         k("BIGRAM_DIM", int, 112)  # BigramHash embedding width before projection
         k("UNET_SKIPS", bool, True)  # encoder->decoder skip connections with learned weights
-        # ---- optimizers
+        # fmt: on
+
+    def _optimizer_knobs(self, k: _KnobReader) -> None:
+        # fmt: off
         k("MATRIX_LR", float, 0.025)  # Muon learning rate (block matrices)
         k("TIED_EMBED_LR", float, 0.035)  # Adam learning rate of the embeddings
         k("HEAD_LR", float, 0.008)  # Adam learning rate of an untied head
@@ -225,7 +245,10 @@ class Hyperparameters:
         k("GRAD_CLIP_NORM", float, 0.3)  # global gradient-norm clip (0 = off)
         k("EMA_DECAY", float, 0.997)  # largest EMA decay of the exported weights
         k("EMA_WINDOW_FRAC", float, 0.05)  # EMA horizon as a fraction of the run's steps (0 = no EMA)
-        # ---- schedule & budget
+        # fmt: on
+
+    def _schedule_knobs(self, k: _KnobReader) -> None:
+        # fmt: off
         k("ITERATIONS", int, 20000)  # step cap (the schedule uses the further of step and time fractions)
         k("MAX_WALLCLOCK_SECONDS", float, 600.0)  # training-time budget; 0 = fixed ITERATIONS run
         k("LR_WARMUP_FRAC", float, 0.0)  # fraction of the budget with linear LR warmup
@@ -236,15 +259,14 @@ class Hyperparameters:
         k("TRAIN_BATCH_TOKENS", int, 786432)  # global batch in tokens, the same for any world size
         k("MICROBATCH_TOKENS", int, 98304)  # tokens per rank per forward; accumulation makes up the rest
         k("COMPILE", bool, True)  # torch.compile the model on GPU
-        # ---- evaluation & logging
+        # fmt: on
+
+    def _evaluation_knobs(self, k: _KnobReader) -> None:
+        # fmt: off
         k("VAL_BATCH_TOKENS", int, 524288)  # tokens per validation forward, over all ranks
         k("VAL_LOSS_EVERY", int, 1000)  # validate every N steps (and at step 0); 0 = only at the end
         k("TRAIN_LOG_EVERY", int, 100)  # train log line every N steps
         # fmt: on
-        self.knobs = dict(k.names)
-        self.preset_name = preset_name or "none"
-        refuse_unknown_env(environ, set(self.knobs) | {"RUN_PRESET"})
-        self.validate()
 
     def validate(self) -> None:
         """Cross-knob consistency, checked before any work."""

@@ -340,7 +340,8 @@ class Logger:
         self.file = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+            # "x": never append to or overwrite another run's log.
+            self.file = open(path, "x", encoding="utf-8")
         self.enabled = path is not None
 
     def __call__(self, line: str) -> None:
@@ -590,9 +591,11 @@ def check_byte_table(sp: spm.SentencePieceProcessor, docs: list, luts: tuple[np.
 
 
 def split_documents(tokens: np.ndarray, limit: int) -> list[np.ndarray]:
-    """The first `limit` BOS-delimited documents of a token stream (BOS removed)."""
-    starts = np.flatnonzero(tokens == BOS_ID)[: limit + 1]
-    return [tokens[a + 1 : b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    """The first `limit` BOS-delimited documents of a token stream (BOS removed); the last
+    document runs to the end of the stream."""
+    starts = np.flatnonzero(tokens == BOS_ID)[:limit]
+    ends = [*starts[1:], len(tokens)]
+    return [tokens[a + 1 : b] for a, b in zip(starts, ends, strict=True)]
 
 
 class TokenStream:
@@ -1241,7 +1244,7 @@ def log_train_step(state: TrainState, loss: float, mult: float, hp: Hyperparamet
             train_loss=loss,
             lr_scale=mult,
             train_time_ms=int(state.train_ms),
-            step_avg_ms=round(step_avg, 2),
+            step_avg_ms=f"{step_avg:.2f}",
             tokens_per_s=tok_s,
         )
     )
@@ -1255,7 +1258,7 @@ def run_validation(model: GPT, val: ValData, state: TrainState, hp, rt, log) -> 
             val_loss=val_loss,
             val_bpb=val_bpb,
             train_time_ms=int(state.train_ms),
-            step_avg_ms=round(state.train_ms / max(state.step, 1), 2),
+            step_avg_ms=f"{state.train_ms / max(state.step, 1):.2f}",
         )
     )
     return val_loss, val_bpb
@@ -1439,10 +1442,13 @@ def main() -> int:
     try:
         hp = Hyperparameters()
         rt = init_runtime(hp)
+        log_path = Path(hp.log_dir) / f"{rt.run_id}.txt"
+        if log_path.exists():  # checked on every rank, so all ranks stop together
+            raise ConfigError(f"{log_path} exists: another run used RUN_ID={rt.run_id}; choose another")
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    log = Logger(Path(hp.log_dir) / f"{rt.run_id}.txt" if rt.is_main else None)
+    log = Logger(log_path if rt.is_main else None)
     try:
         result = run(hp, rt, log)
         log(json.dumps(result, sort_keys=True))

@@ -283,3 +283,15 @@ def test_ema_is_the_running_mean_until_its_window_fills():
             model.weight.fill_(value)
         ema.update(model, expected_steps=10_000)
     assert ema.shadow["weight"].item() == pytest.approx(3.0)
+
+
+def test_a_reused_run_id_never_touches_the_old_log(tmp_path):
+    old = tmp_path / "logs" / "dup.txt"
+    old.parent.mkdir()
+    old.write_text("an earlier run\n")
+    full = dict(os.environ, RUN_ID="dup", LOG_DIR=str(tmp_path / "logs"))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_gpt.py")], env=full, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "RUN_ID=dup" in proc.stderr
+    assert old.read_text() == "an earlier run\n"

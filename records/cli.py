@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import compare, diff, new, plot, rules, validate
+from . import rules
 
 EXIT_OK, EXIT_NO, EXIT_INPUT = 0, 1, 2
 EXIT_HELP = (
@@ -137,9 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- commands ------------------------------------------------------------------------------------
+# Modules are imported per command so `validate` and `--help` do not pay for scipy and matplotlib.
 
 
 def cmd_new(args) -> int:
+    from . import new, validate
+
     try:
         folder = new.make_record(args)
     except (new.RefusedError, OSError) as exc:
@@ -152,6 +155,8 @@ def cmd_new(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from . import validate
+
     status = EXIT_OK
     for folder in args.folders:
         rep = validate.validate_folder(folder, args.track)
@@ -161,6 +166,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from . import compare
+
     try:
         base = compare.load_side("baseline", args.baseline)
         cand = compare.load_side("candidate", args.candidate)
@@ -173,6 +180,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_diff(args) -> int:
+    from . import diff
+
     try:
         a, b = diff.load_side(args.a), diff.load_side(args.b)
     except OSError as exc:
@@ -183,6 +192,8 @@ def cmd_diff(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    from . import plot
+
     try:
         logs = plot.collect_logs(args.paths)
     except OSError as exc:

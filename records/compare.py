@@ -34,6 +34,10 @@ def _run_from_log(path: Path) -> dict:
     if problems:
         raise InputError(f"{path}: " + "; ".join(problems))
     final = log["final"]
+    if not isinstance(final.get("val_loss"), int | float) or not isinstance(
+        final.get("val_bpb"), int | float
+    ):
+        raise InputError(f"{path}: final JSON has no numeric val_loss/val_bpb")
     return {
         "seed": final.get("seed"),
         "val_loss": float(final["val_loss"]),

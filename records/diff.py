@@ -78,8 +78,8 @@ def config_diff(a: Side, b: Side) -> str:
     changed = [n for n in names if left.get(n) != right.get(n)]
     if not changed:
         return f"(identical resolved settings, {len(names)} hp lines)"
-    width = max(len(n) for n in changed)
-    out = [f"{'NAME':<{width}}  {a.label}  ->  {b.label}"]
+    width = max(len(n) for n in changed + ["NAME"])
+    out = [f"A = {a.label}", f"B = {b.label}", f"{'NAME':<{width}}  A  ->  B"]
     for name in changed:
         out.append(f"{name:<{width}}  {left.get(name, '<absent>')}  ->  {right.get(name, '<absent>')}")
     return "\n".join(out)

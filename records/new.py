@@ -117,8 +117,11 @@ def make_record(args) -> Path:
     for log in logs:
         log["dest"] = f"train_seed{log['final']['seed']}.log"
         shutil.copyfile(log["path"], folder / log["dest"])
-    for extra in args.extra or []:
-        shutil.copy2(extra, folder / Path(extra).name)
+    for extra in map(Path, args.extra or []):
+        if extra.is_dir():  # e.g. a tokenizers/ folder the run needs
+            shutil.copytree(extra, folder / extra.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(extra, folder / extra.name)
     rows = [summary.seed_row(log) for log in logs]
     meta = {
         "author": args.author,

@@ -54,7 +54,7 @@ def plot_runs(logs: list[dict], out: Path, title: str | None = None) -> Path:
             axes[row][col].grid(True, alpha=0.3)
     _mark_final(axes[0][0], axes[0][1], logs)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title or "val_bpb and train loss")
+    fig.suptitle(title or "val_bpb (x: final score after export) and train loss")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -116,6 +116,27 @@ def check_log_consistency(rep: Report, log: dict) -> None:
         rep.problems.append(f"{name}: final val_bpb {final['val_bpb']} is not any final_eval line's val_bpb")
     if not log["steps"]:
         rep.problems.append(f"{name}: no training step lines")
+    check_train_clock(rep, log)
+
+
+def check_train_clock(rep: Report, log: dict) -> None:
+    """The final JSON's steps/train_time_s must agree with the step lines, which the run printed as
+    it went; an edited JSON (e.g. a trimmed train_time_s) shows up here."""
+    final, name = log["final"], _name(log)
+    points = log["steps"] + log["vals"]
+    steps = final.get("steps")
+    if not points or not isinstance(steps, int):
+        return
+    last_logged = max(p["step"] for p in points)
+    if steps < last_logged:
+        rep.problems.append(f"{name}: final JSON steps={steps} but step {last_logged} was logged")
+    at_end = [p for p in points if p["step"] == steps and isinstance(p.get("train_time_ms"), int)]
+    seconds = final.get("train_time_s")
+    if at_end and isinstance(seconds, int | float) and abs(seconds * 1000 - at_end[-1]["train_time_ms"]) > 10:
+        rep.problems.append(
+            f"{name}: final JSON train_time_s={seconds} but the step {steps} line says "
+            f"train_time_ms:{at_end[-1]['train_time_ms']}"
+        )
 
 
 def check_logs(rep: Report) -> None:

@@ -1,0 +1,528 @@
+"""Tests for `python -m records`, on real smoke-run logs (tests/fixtures/records/README.md says how
+they were made). Failure cases are made by editing copies of those logs, never by typing numbers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from records import cli
+from records.logparse import hp_hash, parse_log, parse_text
+
+REPO = Path(__file__).resolve().parents[1]
+FIX = Path(__file__).parent / "fixtures" / "records"
+# Stored as .txt so ruff and pytest ignore it; copied to train_gpt.py where a test needs the script.
+SCRIPT = FIX / "train_gpt.py.txt"
+BASE_LOGS = sorted((FIX / "baseline").glob("*.txt"))
+CAND_LOGS = sorted((FIX / "candidate").glob("*.txt"))
+NON_RECORD = ["--track", "non_record_16mb"]
+
+
+def final_json(path: Path) -> dict:
+    """The log's final JSON read directly (independently of records.logparse)."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1])
+
+
+def edit_final_json(path: Path, **changes) -> None:
+    lines = path.read_text().splitlines()
+    idx = max(i for i, ln in enumerate(lines) if ln.startswith("{"))
+    data = json.loads(lines[idx])
+    data.update(changes)
+    lines[idx] = json.dumps(data, sort_keys=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def edit_text(path: Path, pattern: str, repl: str) -> None:
+    text = path.read_text()
+    new, n = re.subn(pattern, repl, text)
+    assert n, f"{pattern!r} not found in {path}"
+    path.write_text(new)
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    code = cli.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+@pytest.fixture
+def script(tmp_path) -> Path:
+    path = tmp_path / "src" / "train_gpt.py"
+    path.parent.mkdir()
+    shutil.copyfile(SCRIPT, path)
+    return path
+
+
+def make_folder(tmp_path: Path, script: Path, logs, name: str, capsys) -> Path:
+    code, out = run_cli(
+        capsys,
+        "new",
+        *logs,
+        "--script",
+        script,
+        "--name",
+        name,
+        "--author",
+        "Test Author",
+        "--github-id",
+        "tester",
+        "--blurb",
+        "smoke run",
+        "--date",
+        "2026-01-02",
+        "--root",
+        tmp_path / "records",
+        *NON_RECORD,
+    )
+    assert code == 0, out
+    folder = tmp_path / "records" / "track_non_record_16mb" / f"2026-01-02_{name}"
+    assert folder.is_dir()
+    return folder
+
+
+@pytest.fixture
+def base_folder(tmp_path, script, capsys) -> Path:
+    return make_folder(tmp_path, script, BASE_LOGS, "Base", capsys)
+
+
+@pytest.fixture
+def cand_folder(tmp_path, script, capsys) -> Path:
+    return make_folder(tmp_path, script, CAND_LOGS, "Cand", capsys)
+
+
+# ---- fixtures are what they claim ----------------------------------------------------------------
+
+
+def test_fixture_logs_are_real_smoke_runs_of_the_fixture_script():
+    assert len(BASE_LOGS) == 3 and len(CAND_LOGS) == 3
+    sha = hashlib.sha256(SCRIPT.read_bytes()).hexdigest()
+    for path in BASE_LOGS + CAND_LOGS:
+        data = final_json(path)
+        assert data["preset"] == "smoke"
+        assert data["script_sha256"] == sha
+        assert data["code_bytes"] == len(SCRIPT.read_bytes())
+    total = sum(p.stat().st_size for p in FIX.rglob("*") if p.is_file())
+    assert total < 200_000
+
+
+# ---- parser ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", BASE_LOGS + CAND_LOGS, ids=lambda p: p.name)
+def test_parse_log_reads_every_part(path):
+    log = parse_log(path)
+    data = final_json(path)
+    assert log["complete"] and not log["truncated"], log["errors"] + log["missing"]
+    assert log["run_id"] == data["run_id"] == path.stem
+    assert log["script_sha256"] == data["script_sha256"]
+    assert log["hp"]["SEED"] == str(data["seed"]) and log["hp"]["RUN_PRESET"] == "smoke"
+    assert log["hp_hash"] == data["hp_hash"] == hp_hash(log["hp"])
+    assert log["steps"] and log["vals"]
+    assert log["steps"][-1]["step"] <= data["steps"] == log["vals"][-1]["step"]
+    assert {"raw", "ema"} <= {fe["stage"] for fe in log["final_evals"]}
+    assert log["artifact"]["bytes_total"] == data["bytes_total"]
+    assert log["final"] == data
+
+
+@pytest.mark.parametrize("cut", ["last_line", "mid_json", "before_artifact"])
+def test_parse_flags_truncated_logs(cut):
+    text = BASE_LOGS[0].read_text()
+    lines = text.splitlines()
+    if cut == "last_line":
+        text = "\n".join(lines[:-1])
+    elif cut == "mid_json":
+        text = text[: text.rindex("{") + 40]
+    else:
+        text = "\n".join(lines[: next(i for i, ln in enumerate(lines) if ln.startswith("artifact:"))])
+    log = parse_text(text)
+    assert log["truncated"] and not log["complete"]
+    assert "final_json" in log["missing"]
+
+
+def test_parse_flags_two_runs_in_one_file():
+    log = parse_text(BASE_LOGS[0].read_text() + BASE_LOGS[1].read_text())
+    assert not log["complete"]
+    assert any("more than one run" in e for e in log["errors"])
+
+
+# ---- new -------------------------------------------------------------------------------------------
+
+
+def test_new_builds_the_folder_from_the_logs(base_folder, script):
+    names = sorted(p.name for p in base_folder.iterdir())
+    seeds = sorted(final_json(p)["seed"] for p in BASE_LOGS)
+    assert names == sorted(
+        ["README.md", "submission.json", "train_gpt.py"] + [f"train_seed{s}.log" for s in seeds]
+    )
+    assert (base_folder / "train_gpt.py").read_bytes() == script.read_bytes()
+    for path in BASE_LOGS:
+        copied = base_folder / f"train_seed{final_json(path)['seed']}.log"
+        assert copied.read_bytes() == path.read_bytes()
+    sub = json.loads((base_folder / "submission.json").read_text())
+    for key in (
+        "author",
+        "github_id",
+        "name",
+        "blurb",
+        "date",
+        "val_loss",
+        "val_bpb",
+        "bytes_total",
+        "bytes_code",
+    ):
+        assert sub[key] not in (None, "")
+    finals = [final_json(p) for p in BASE_LOGS]
+    assert sub["val_bpb"] == round(statistics.fmean(f["val_bpb"] for f in finals), 8)
+    assert sub["val_loss"] == round(statistics.fmean(f["val_loss"] for f in finals), 8)
+    assert sub["val_bpb_std"] == round(statistics.stdev(f["val_bpb"] for f in finals), 8)
+    assert sub["bytes_total"] == max(f["bytes_total"] for f in finals)
+    assert sub["bytes_code"] == len(script.read_bytes())
+    assert sorted(sub["seeds"]) == seeds and sub["track"] == "non_record_16mb"
+    readme = (base_folder / "README.md").read_text()
+    assert f"**val_bpb: {statistics.fmean(f['val_bpb'] for f in finals):.5f}**" in readme
+    assert "| — |" in readme  # quant_val_bpb is null in these runs
+
+
+def test_new_refuses_a_script_that_did_not_make_the_logs(tmp_path, script, capsys):
+    script.write_bytes(script.read_bytes() + b"# edited after the runs\n")
+    code, out = run_cli(
+        capsys,
+        "new",
+        *BASE_LOGS,
+        "--script",
+        script,
+        "--name",
+        "X",
+        "--author",
+        "a",
+        "--github-id",
+        "a",
+        "--blurb",
+        "b",
+        "--root",
+        tmp_path / "records",
+        *NON_RECORD,
+    )
+    assert code == 2 and "sha256" in out
+    assert not (tmp_path / "records").exists()
+
+
+def test_new_refuses_logs_that_disagree(tmp_path, script, capsys):
+    logs = [BASE_LOGS[0], CAND_LOGS[1]]
+    code, out = run_cli(
+        capsys,
+        "new",
+        *logs,
+        "--script",
+        script,
+        "--name",
+        "X",
+        "--author",
+        "a",
+        "--github-id",
+        "a",
+        "--blurb",
+        "b",
+        "--root",
+        tmp_path / "records",
+        *NON_RECORD,
+    )
+    assert code == 2 and "ITERATIONS" in out
+    assert not (tmp_path / "records").exists()
+
+
+def test_new_refuses_a_truncated_log(tmp_path, script, capsys):
+    cut = tmp_path / "cut.txt"
+    cut.write_text("\n".join(BASE_LOGS[0].read_text().splitlines()[:-2]))
+    code, out = run_cli(
+        capsys,
+        "new",
+        cut,
+        *BASE_LOGS[1:],
+        "--script",
+        script,
+        "--name",
+        "X",
+        "--author",
+        "a",
+        "--github-id",
+        "a",
+        "--blurb",
+        "b",
+        "--root",
+        tmp_path / "records",
+    )
+    assert code == 2 and "truncated" in out
+
+
+def test_new_refuses_to_overwrite(tmp_path, base_folder, script, capsys):
+    code, out = run_cli(
+        capsys,
+        "new",
+        *BASE_LOGS,
+        "--script",
+        script,
+        "--name",
+        "Base",
+        "--author",
+        "a",
+        "--github-id",
+        "a",
+        "--blurb",
+        "b",
+        "--date",
+        "2026-01-02",
+        "--root",
+        tmp_path / "records",
+        *NON_RECORD,
+    )
+    assert code == 2 and "already exists" in out
+
+
+def test_new_on_the_record_track_writes_but_reports_cpu_logs(tmp_path, script, capsys):
+    code, out = run_cli(
+        capsys,
+        "new",
+        *BASE_LOGS,
+        "--script",
+        script,
+        "--name",
+        "Rec",
+        "--author",
+        "a",
+        "--github-id",
+        "a",
+        "--blurb",
+        "b",
+        "--root",
+        tmp_path / "records",
+    )
+    assert code == 1 and "8xH100" in out
+    assert list((tmp_path / "records" / "track_10min_16mb").iterdir())
+
+
+# ---- validate --------------------------------------------------------------------------------------
+
+
+def test_validate_ok(base_folder, capsys):
+    code, out = run_cli(capsys, "validate", base_folder, *NON_RECORD)
+    assert code == 0, out
+    assert out.startswith("OK") and "3 seed(s)" in out
+
+
+def validate_problems(capsys, folder, *extra) -> str:
+    code, out = run_cli(capsys, "validate", folder, *(extra or NON_RECORD))
+    assert code == 1, out
+    assert out.startswith("FAILED")
+    return out
+
+
+def test_validate_truncated_log(base_folder, capsys):
+    log = base_folder / "train_seed2.log"
+    log.write_text("\n".join(log.read_text().splitlines()[:-3]) + "\n")
+    out = validate_problems(capsys, base_folder)
+    assert "train_seed2.log: truncated or incomplete: missing" in out
+
+
+def test_validate_hash_mismatch(base_folder, capsys):
+    script = base_folder / "train_gpt.py"
+    script.write_bytes(script.read_bytes().replace(b"import", b"import ", 1))
+    out = validate_problems(capsys, base_folder)
+    assert "does not match train_gpt.py in the folder" in out
+
+
+def test_validate_over_cap_artifact(base_folder, capsys):
+    log = base_folder / "train_seed1.log"
+    code_bytes = len((base_folder / "train_gpt.py").read_bytes())
+    model = 16_000_000 - code_bytes + 1  # one byte over, consistent everywhere in the log
+    edit_text(log, r"model_bytes:\d+", f"model_bytes:{model}")
+    edit_text(log, r"bytes_total:\d+", f"bytes_total:{model + code_bytes}")
+    edit_final_json(log, model_bytes=model, bytes_total=model + code_bytes)
+    out = validate_problems(capsys, base_folder)
+    assert "artifact 16,000,001 bytes" in out and "exceeds 16,000,000" in out
+
+
+def test_validate_logged_bytes_total_must_be_recomputable(base_folder, capsys):
+    log = base_folder / "train_seed1.log"
+    total = final_json(log)["bytes_total"]
+    edit_text(log, rf"bytes_total:{total}", f"bytes_total:{total - 1000}")
+    edit_final_json(log, bytes_total=total - 1000)
+    out = validate_problems(capsys, base_folder)
+    assert "recomputed" in out
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"eval_mode": "prequant_ttt"}, "eval_mode 'prequant_ttt' is not a legal one"),
+        ({"eval_mode": "mystery"}, "eval_mode 'mystery' is not a legal one"),
+        ({"scored_before_update": False}, "scored_before_update is False"),
+        ({"ignored_env": ["TTT_EPOCS"]}, "ignored_env is ['TTT_EPOCS']"),
+    ],
+)
+def test_validate_legality(base_folder, capsys, changes, message):
+    edit_final_json(base_folder / "train_seed3.log", **changes)
+    assert message in validate_problems(capsys, base_folder)
+
+
+def test_validate_time_limits_apply_on_the_record_track_only(base_folder, capsys):
+    log = base_folder / "train_seed1.log"
+    edit_final_json(log, train_time_s=590.0, export_time_s=20.0, eval_time_s=601.0)
+    out = validate_problems(capsys, base_folder, "--track", "10min_16mb")
+    assert "training + export 610.0 s exceeds 600 s" in out
+    assert "eval_time_s 601.0 exceeds 600 s" in out
+    assert "record runs must be 8xH100" in out
+    relaxed = validate_problems(capsys, base_folder)  # still fails: the README/JSON times differ now
+    assert "exceeds 600" not in relaxed and "8xH100" not in relaxed
+
+
+def test_validate_hp_lines_edited_after_the_run(base_folder, capsys):
+    edit_text(base_folder / "train_seed1.log", r"hp:MATRIX_LR=[^\n]+", "hp:MATRIX_LR=0.5")
+    out = validate_problems(capsys, base_folder)
+    assert "hp_hash" in out and "settings differ" in out
+
+
+def test_validate_submission_json_must_match_the_logs(base_folder, capsys):
+    path = base_folder / "submission.json"
+    sub = json.loads(path.read_text())
+    sub["val_bpb"] = round(sub["val_bpb"] - 0.01, 8)
+    sub["seed_results"]["2"]["artifact_bytes"] += 1
+    path.write_text(json.dumps(sub, indent=2))
+    out = validate_problems(capsys, base_folder)
+    assert "submission.json val_bpb" in out
+    assert "seed_results[2].artifact_bytes" in out
+
+
+def test_validate_readme_must_match_the_logs(base_folder, capsys):
+    path = base_folder / "README.md"
+    finals = [final_json(p) for p in BASE_LOGS]
+    mean = f"{statistics.fmean(f['val_bpb'] for f in finals):.5f}"
+    wrong = f"{float(mean) - 0.001:.5f}"
+    path.write_text(path.read_text().replace(f"**val_bpb: {mean}**", f"**val_bpb: {wrong}**"))
+    out = validate_problems(capsys, base_folder)
+    assert f"README headline bpb is {wrong}" in out
+
+
+def test_validate_readme_table_row(base_folder, capsys):
+    path = base_folder / "README.md"
+    steps = final_json(base_folder / "train_seed1.log")["steps"]
+    path.write_text(re.sub(rf"^\| 1 \| {steps} \|", f"| 1 | {steps + 1} |", path.read_text(), flags=re.M))
+    out = validate_problems(capsys, base_folder)
+    assert "README seed 1 row: Steps" in out
+
+
+def test_validate_missing_files(base_folder, capsys):
+    (base_folder / "README.md").unlink()
+    (base_folder / "submission.json").unlink()
+    out = validate_problems(capsys, base_folder)
+    assert "missing required file README.md" in out and "missing required file submission.json" in out
+
+
+# ---- compare ---------------------------------------------------------------------------------------
+
+
+def welch_p(base, cand, delta=0.005) -> float:
+    b = [final_json(p)["val_loss"] - delta for p in base]
+    c = [final_json(p)["val_loss"] for p in cand]
+    return float(stats.ttest_ind(b, c, equal_var=False, alternative="greater").pvalue)
+
+
+def test_compare_significant_record(base_folder, cand_folder, capsys):
+    p = welch_p(BASE_LOGS, CAND_LOGS)
+    assert p < 0.01  # the fixtures are a genuine improvement; otherwise this test is meaningless
+    code, out = run_cli(capsys, "compare", "--baseline", base_folder, "--candidate", cand_folder)
+    assert code == 0, out
+    assert "verdict: RECORD" in out and f"p = {p:.3g}" in out
+
+
+def test_compare_accepts_log_files(capsys):
+    code, out = run_cli(capsys, "compare", "--baseline", *BASE_LOGS, "--candidate", *CAND_LOGS)
+    assert code == 0 and "verdict: RECORD" in out
+
+
+@pytest.mark.parametrize("case", ["same", "reversed", "delta_too_large"])
+def test_compare_not_a_record(capsys, case):
+    base, cand, extra = BASE_LOGS, CAND_LOGS, []
+    if case == "same":
+        cand = BASE_LOGS
+    elif case == "reversed":
+        base, cand = CAND_LOGS, BASE_LOGS
+    else:
+        gain = statistics.fmean(final_json(p)["val_loss"] for p in BASE_LOGS) - statistics.fmean(
+            final_json(p)["val_loss"] for p in CAND_LOGS
+        )
+        extra = ["--min-delta", gain + 0.01]  # honest data, but not this much better
+    code, out = run_cli(capsys, "compare", "--baseline", *base, "--candidate", *cand, *extra)
+    assert code == 1, out
+    assert "verdict: NOT A RECORD" in out
+
+
+def test_compare_baseline_from_submission_json(base_folder, cand_folder, capsys):
+    for log in base_folder.glob("*.log"):
+        log.unlink()  # like an official record whose logs are not in our format
+    code, out = run_cli(capsys, "compare", "--baseline", base_folder, "--candidate", cand_folder)
+    assert code == 0 and "read from submission.json" in out
+
+
+def test_compare_rejects_truncated_input(tmp_path, capsys):
+    cut = tmp_path / "cut.txt"
+    cut.write_text(BASE_LOGS[0].read_text()[:-50])
+    code, out = run_cli(capsys, "compare", "--baseline", cut, *BASE_LOGS[1:], "--candidate", *CAND_LOGS)
+    assert code == 2 and "truncated" in out
+
+
+# ---- diff and plot ---------------------------------------------------------------------------------
+
+
+def test_diff_shows_the_logged_config_difference(base_folder, cand_folder, capsys):
+    code, out = run_cli(capsys, "diff", base_folder, cand_folder)
+    assert code == 0
+    assert "(scripts are identical)" in out
+    base_iters = parse_log(BASE_LOGS[0])["hp"]["ITERATIONS"]
+    cand_iters = parse_log(CAND_LOGS[0])["hp"]["ITERATIONS"]
+    assert re.search(rf"ITERATIONS\s+{base_iters}\s+->\s+{cand_iters}", out)
+    assert "MODEL_DIM" not in out
+
+
+def test_diff_against_a_bare_script(base_folder, tmp_path, capsys):
+    other = tmp_path / "train_gpt.py"
+    other.write_text(SCRIPT.read_text() + "# a new line\n")
+    code, out = run_cli(capsys, "diff", base_folder, other)
+    assert code == 0
+    assert "+# a new line" in out
+    assert "no logged config" in out
+
+
+def test_plot_writes_a_png(tmp_path, base_folder, capsys):
+    out_png = tmp_path / "plots" / "curves.png"
+    code, out = run_cli(capsys, "plot", base_folder, *CAND_LOGS, "--out", out_png)
+    assert code == 0 and "6 run(s)" in out
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- command line ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sub", ["new", "validate", "compare", "diff", "plot"])
+def test_every_subcommand_has_help(capsys, sub):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([sub, "--help"])
+    assert exc.value.code == 0
+    assert f"python -m records {sub}" in capsys.readouterr().out
+
+
+def test_python_dash_m_entry_point():
+    res = subprocess.run(
+        [sys.executable, "-m", "records", "--help"], cwd=REPO, capture_output=True, text=True
+    )
+    assert res.returncode == 0 and "validate" in res.stdout

@@ -5,7 +5,9 @@ TRAIN_LIMIT_S = 600.0  # training plus artifact production, 8xH100
 EVAL_LIMIT_S = 600.0  # evaluation, 8xH100
 RECORD_MIN_DELTA_NATS = 0.005  # a record must beat SOTA by this much ...
 RECORD_ALPHA = 0.01  # ... at p < 0.01
-MIN_SEEDS = 3  # what reviewers expect for the significance claim
+MIN_SEEDS = 3
+# The headline score must be printed precisely enough to check it against the logs (records use 4-8).
+MIN_SCORE_DECIMALS = 4  # what reviewers expect for the significance claim
 
 # Eval modes that score every token once, before any update that has seen it (conditions 1-4).
 # Anything else (e.g. prequant_ttt: adapts on val before scoring) is illegal or unreviewed.

@@ -225,13 +225,17 @@ def printed_number(cell: str) -> tuple[Decimal | None, bool]:
         return None, False
 
 
+def decimals(printed: Decimal) -> int:
+    """Digits after the decimal point as written ("1.0810" -> 4, "3" -> 0)."""
+    exponent = printed.as_tuple().exponent
+    return -exponent if isinstance(exponent, int) and exponent < 0 else 0
+
+
 def matches(printed: Decimal | None, actual) -> bool:
     """True when `printed` is `actual` rounded to the digits printed (None must match None)."""
     if printed is None or actual is None:
         return printed is None and actual is None
-    exponent = printed.as_tuple().exponent
-    decimals = -exponent if isinstance(exponent, int) and exponent < 0 else 0
-    tolerance = 0.5 * 10.0**-decimals
+    tolerance = 0.5 * 10.0 ** -decimals(printed)
     actual = float(actual)
     return abs(float(printed) - actual) <= tolerance + 1e-9 * max(1.0, abs(actual))
 

@@ -339,8 +339,11 @@ def check_submission(rep: Report, rows: list[dict], agg: dict) -> None:
         rep.problems.append(
             f"submission.json track is {track!r} but validating as {rep.track!r} (see --track)"
         )
+    _check_date(rep, sub.get("date"))
     if not rows:
         return
+    for key in ("val_loss", "val_bpb"):
+        _check_score_precision(rep, f"submission.json {key}", sub.get(key))
     for key, actual in (
         ("val_loss", agg["val_loss"][0]),
         ("val_bpb", agg["val_bpb"][0]),
@@ -354,6 +357,17 @@ def check_submission(rep: Report, rows: list[dict], agg: dict) -> None:
             _compare(rep, f"submission.json {key}", sub[key], actual)
     _check_seed_results(rep, sub, rows)
     _check_compliance(rep, sub)
+
+
+def _check_score_precision(rep: Report, where: str, printed) -> None:
+    if isinstance(printed, int | Decimal) and summary.decimals(Decimal(printed)) < rules.MIN_SCORE_DECIMALS:
+        rep.problems.append(f"{where} {printed} has fewer than {rules.MIN_SCORE_DECIMALS} decimals")
+
+
+def _check_date(rep: Report, date) -> None:
+    match = FOLDER_RE.match(rep.folder.name)
+    if match and isinstance(date, str) and not date.startswith(match.group(1)):
+        rep.warnings.append(f"submission.json date {date} differs from the folder's date {match.group(1)}")
 
 
 def _check_seed_results(rep: Report, sub: dict, rows: list[dict]) -> None:
@@ -429,6 +443,8 @@ def _check_headline(rep: Report, head: dict | None, agg: dict) -> None:
         value, ok = summary.printed_number(head[key])
         if not ok or not summary.matches(value, actual):
             rep.problems.append(f"README headline {key} is {head[key]} but the logs give {actual}")
+        elif key == "bpb":
+            _check_score_precision(rep, "README headline val_bpb", value)
     if int(head["n"]) != agg["n"]:
         rep.problems.append(f"README headline says {head['n']}-seed mean but there are {agg['n']} logs")
 

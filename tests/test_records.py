@@ -193,6 +193,35 @@ def test_new_builds_the_folder_from_the_logs(base_folder, script):
     assert "| — |" in readme  # quant_val_bpb is null in these runs
 
 
+def test_new_copies_extra_files_and_folders(tmp_path, script, capsys):
+    extra = tmp_path / "tokenizers"
+    extra.mkdir()
+    (extra / "tok.model").write_bytes(b"model")
+    out_dir = tmp_path / "rec" / "2026-01-03_Extra"
+    code, out = run_cli(
+        capsys,
+        "new",
+        *BASE_LOGS,
+        "--script",
+        script,
+        "--name",
+        "Extra",
+        "--author",
+        "a",
+        "--github-id",
+        "a",
+        "--blurb",
+        "b",
+        "--out",
+        out_dir,
+        "--extra",
+        extra,
+        *NON_RECORD,
+    )
+    assert code == 0, out
+    assert (out_dir / "tokenizers" / "tok.model").read_bytes() == b"model"
+
+
 def test_new_refuses_a_script_that_did_not_make_the_logs(tmp_path, script, capsys):
     script.write_bytes(script.read_bytes() + b"# edited after the runs\n")
     code, out = run_cli(
@@ -401,6 +430,16 @@ def test_validate_submission_json_must_match_the_logs(base_folder, capsys):
     out = validate_problems(capsys, base_folder)
     assert "submission.json val_bpb" in out
     assert "seed_results[2].artifact_bytes" in out
+
+
+def test_validate_submission_score_needs_enough_decimals(base_folder, capsys):
+    path = base_folder / "submission.json"
+    text = path.read_text()
+    sub = json.loads(text)
+    coarse = f"{sub['val_bpb']:.2f}"  # still equal to the mean at 2 decimals, but uncheckable
+    path.write_text(text.replace(f'"val_bpb": {sub["val_bpb"]},', f'"val_bpb": {coarse},', 1))
+    out = validate_problems(capsys, base_folder)
+    assert f"submission.json val_bpb {coarse} has fewer than 4 decimals" in out
 
 
 def test_validate_readme_must_match_the_logs(base_folder, capsys):

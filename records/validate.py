@@ -405,7 +405,10 @@ def check_readme(rep: Report, rows: list[dict], agg: dict) -> None:
     path = rep.folder / "README.md"
     if not path.is_file() or not rows:
         return
-    block = summary.parse_results_block(path.read_text(encoding="utf-8", errors="replace"))
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if "TODO" in text:
+        rep.warnings.append("README.md still has TODO placeholders (the skeleton from `new`)")
+    block = summary.parse_results_block(text)
     if block is None:
         rep.problems.append("README.md has no generated results block (see `python -m records new`)")
         return

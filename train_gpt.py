@@ -154,8 +154,11 @@ class _KnobReader:
     def __init__(self, target: object, environ: Mapping[str, str], preset: Mapping[str, str]):
         self.target, self.environ, self.preset = target, environ, preset
         self.names: dict[str, object] = {}
+        self.overrides: list[str] = []  # knobs set explicitly in the environment
 
     def __call__(self, name: str, kind: type, default: object) -> None:
+        if name in self.environ:
+            self.overrides.append(name)
         raw = self.environ.get(name, self.preset.get(name))
         value = default if raw is None else _parse(name, raw, kind)
         self.names[name] = value
@@ -178,6 +181,7 @@ class Hyperparameters:
         self._schedule_knobs(k)
         self._evaluation_knobs(k)
         self.knobs = dict(k.names)
+        self.overrides = sorted(k.overrides)
         self.preset_name = preset_name or "none"
         refuse_unknown_env(environ, set(self.knobs) | {"RUN_PRESET"})
         self.validate()
@@ -1103,6 +1107,7 @@ class ValData:
     base_bytes: Tensor
     has_space: Tensor
     is_boundary: Tensor
+    total_bytes: int  # UTF-8 bytes of every scored target (all tokens but the first)
 
 
 @torch.no_grad()
@@ -1130,6 +1135,15 @@ def evaluate(model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime) -> tupl
     model.train(was_training)
     nll, count, nbytes = all_reduce_sum(sums, rt).tolist()
     return nll / count, nll / math.log(2) / nbytes
+
+
+def timed_evaluate(model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime) -> tuple[float, float, float]:
+    """(val_loss, val_bpb, seconds) with the GPU synchronised around the clock."""
+    sync(rt)
+    t0 = time.perf_counter()
+    val_loss, val_bpb = evaluate(model, val, hp, rt)
+    sync(rt)
+    return val_loss, val_bpb, time.perf_counter() - t0
 
 
 def token_bytes(prev: Tensor, tgt: Tensor, val: ValData) -> Tensor:
@@ -1162,7 +1176,7 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log: Logger) -> ValData
         )
     )
     base, space, boundary = (torch.from_numpy(a).to(rt.device) for a in luts)
-    return ValData(tokens, base, space, boundary)
+    return ValData(tokens, base, space, boundary, count_target_bytes(tokens, luts))
 
 
 # ============================================================================ training
@@ -1250,32 +1264,29 @@ def log_train_step(state: TrainState, loss: float, mult: float, hp: Hyperparamet
     )
 
 
-def run_validation(model: GPT, val: ValData, state: TrainState, hp, rt, log) -> tuple[float, float]:
-    val_loss, val_bpb = evaluate(model, val, hp, rt)
+def run_validation(model: GPT, val: ValData, state: TrainState, hp, rt, log) -> tuple[float, float, float]:
+    """Scores the live weights; the training clock is not running meanwhile."""
+    val_loss, val_bpb, seconds = timed_evaluate(model, val, hp, rt)
+    step_avg = state.train_ms / max(state.step, 1)
     log(
         kv(
             step=f"{state.step}/{hp.iterations}",
             val_loss=val_loss,
             val_bpb=val_bpb,
             train_time_ms=int(state.train_ms),
-            step_avg_ms=f"{state.train_ms / max(state.step, 1):.2f}",
+            step_avg_ms=f"{step_avg:.2f}",
         )
     )
-    return val_loss, val_bpb
+    return val_loss, val_bpb, seconds
 
 
-def train(
-    model: GPT, ddp_model, optimizers, loader, val: ValData, ema: EMA, hp, rt, log
-) -> tuple[TrainState, float]:
+def train(model: GPT, ddp_model, optimizers, loader, val: ValData, ema: EMA, hp, rt, log) -> TrainState:
     """The timed loop. Validation pauses the clock; the stop decision is agreed across ranks."""
-    state, raw_bpb = TrainState(), float("nan")
+    state = TrainState()
     budget_ms = 1000.0 * hp.max_wallclock_seconds
-    while True:
-        last = state.step >= hp.iterations or state.stopped_by_clock
-        if last or (hp.val_loss_every > 0 and state.step % hp.val_loss_every == 0):
-            _, raw_bpb = run_validation(model, val, state, hp, rt, log)
-        if last:
-            return state, raw_bpb
+    while state.step < hp.iterations and not state.stopped_by_clock:
+        if hp.val_loss_every > 0 and state.step % hp.val_loss_every == 0:
+            run_validation(model, val, state, hp, rt, log)
         sync(rt)
         t0 = time.perf_counter()
         mult = apply_schedule(optimizers, progress(state, hp), hp)
@@ -1296,6 +1307,7 @@ def train(
                     step=f"{state.step}/{hp.iterations}",
                 )
             )
+    return state
 
 
 # ============================================================================ main
@@ -1323,7 +1335,7 @@ def log_header(hp: Hyperparameters, rt: Runtime, log: Logger, script: Path, comp
             compile=int(compiled),
         )
     )
-    log(kv(preset=hp.preset_name))
+    log(kv(preset=hp.preset_name, env_overrides=",".join(hp.overrides) or "none"))
     for line in hp.resolved_lines():
         log(f"hp:{line}")
     log(kv(hp_hash=hp.hash()))
@@ -1360,35 +1372,38 @@ def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module, bool]
     return model, train_model, compiled
 
 
-def finish(
-    model: GPT, ema: EMA, val: ValData, state: TrainState, raw_bpb: float, hp, rt, log, extra: dict
-) -> dict:
-    """Export the EMA model (saved before it is evaluated, so an eval crash keeps it), then score it."""
+def export(model: GPT, ema: EMA, hp: Hyperparameters, rt: Runtime, log: Logger, code_bytes: int) -> dict:
+    """Loads the EMA weights and writes the artifact before anything scores it (an eval crash keeps it)."""
     t0 = time.perf_counter()
     ema.copy_to(model)
     artifact = Path(hp.artifact_dir) / f"final_model_{rt.run_id}.pt"
     model_bytes = save_artifact(model, artifact) if rt.is_main else 0
-    export_s = time.perf_counter() - t0
     log(
         kv(
             artifact=artifact,
             model_bytes=model_bytes,
-            code_bytes=extra["code_bytes"],
-            bytes_total=model_bytes + extra["code_bytes"],
+            code_bytes=code_bytes,
+            bytes_total=model_bytes + code_bytes,
         )
     )
-    t0 = time.perf_counter()
-    val_loss, val_bpb = evaluate(model, val, hp, rt)
-    eval_s = time.perf_counter() - t0
+    return dict(
+        artifact=str(artifact),
+        model_bytes=model_bytes,
+        code_bytes=code_bytes,
+        bytes_total=model_bytes + code_bytes,
+        export_time_s=round(time.perf_counter() - t0, 3),
+    )
+
+
+def final_evals(model: GPT, ema: EMA, val: ValData, state: TrainState, hp, rt, log, code_bytes: int) -> dict:
+    """Raw (live weights) score, export, then the exported model's score: the run's val_bpb."""
+    raw_loss, raw_bpb, raw_s = run_validation(model, val, state, hp, rt, log)
+    log(kv(final_eval="raw", val_loss=raw_loss, val_bpb=raw_bpb, eval_time_ms=int(1000 * raw_s)))
+    exported = export(model, ema, hp, rt, log, code_bytes)
+    val_loss, val_bpb, eval_s = timed_evaluate(model, val, hp, rt)
     log(kv(final_eval="ema", val_loss=val_loss, val_bpb=val_bpb, eval_time_ms=int(1000 * eval_s)))
     return dict(
-        run_id=rt.run_id,
-        seed=hp.seed,
-        world_size=rt.world_size,
-        steps=state.step,
-        train_time_s=round(state.train_ms / 1000, 3),
-        step_avg_ms=round(state.train_ms / max(state.step, 1), 2),
-        tokens_per_s=int(state.tokens / max(state.train_ms / 1000, 1e-9)),
+        exported,
         val_loss=val_loss,
         val_bpb=val_bpb,
         raw_val_bpb=raw_bpb,
@@ -1396,15 +1411,9 @@ def finish(
         quant_val_bpb=None,
         eval_mode="flat",
         eval_time_s=round(eval_s, 3),
-        export_time_s=round(export_s, 3),
         scored_before_update=True,
-        model_bytes=model_bytes,
-        bytes_total=model_bytes + extra["code_bytes"],
-        artifact=str(artifact),
-        peak_mem_mib=peak_mem_mib(rt),
         val_tokens=len(val.tokens) - 1,
-        stopped_by_clock=state.stopped_by_clock,
-        **extra,
+        val_bytes=val.total_bytes,
     )
 
 
@@ -1423,19 +1432,27 @@ def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
     optimizers = build_optimizers(model, hp, rt)
     prime_compile(train_model, model, loader, optimizers, hp, rt, log)
     ema = EMA(model, hp.ema_decay, hp.ema_window_frac)
-    state, raw_bpb = train(model, train_model, optimizers, loader, val, ema, hp, rt, log)
-    log(kv(final_eval="raw", val_bpb=raw_bpb))
-    extra = dict(
+    state = train(model, train_model, optimizers, loader, val, ema, hp, rt, log)
+    code_bytes = script.stat().st_size
+    return dict(
+        run_id=rt.run_id,
+        seed=hp.seed,
         script_sha256=file_sha256(script),
-        code_bytes=script.stat().st_size,
+        world_size=rt.world_size,
+        steps=state.step,
+        train_time_s=round(state.train_ms / 1000, 3),
+        step_avg_ms=round(state.train_ms / max(state.step, 1), 2),
+        tokens_per_s=int(state.tokens / max(state.train_ms / 1000, 1e-9)),
+        stopped_by_clock=state.stopped_by_clock,
+        **final_evals(model, ema, val, state, hp, rt, log, code_bytes),
         hp_hash=hp.hash(),
         preset=hp.preset_name,
         ignored_env=[],
+        peak_mem_mib=peak_mem_mib(rt),
         attention_backend=ATTENTION_BACKEND,
         device=rt.device.type,
         gpus=gpu_names(),
     )
-    return finish(model, ema, val, state, raw_bpb, hp, rt, log, extra)
 
 
 def main() -> int:

@@ -44,6 +44,7 @@ PRESETS: dict[str, dict[str, str]] = {
     # Tiny model on the bundled sample: the whole run takes about a minute on 2 CPU cores.
     "smoke": {
         "DATA_PATH": "./data/datasets/sample_sp1024",
+        "TOKENIZER_PATH": "./data/sample/fineweb_1024_bpe.model",
         "NUM_LAYERS": "4",
         "MODEL_DIM": "128",
         "NUM_HEADS": "4",
@@ -65,73 +66,22 @@ PRESETS: dict[str, dict[str, str]] = {
     },
 }
 
+# fmt: off
 # Env vars owned by other programs (torchrun, CUDA, NCCL, compilers) are never ours.
 FOREIGN_ENV_PREFIXES = (
-    "TORCH",
-    "PYTORCH",
-    "NCCL",
-    "CUDA",
-    "CUBLAS",
-    "CUDNN",
-    "NVIDIA",
-    "OMP_",
-    "MKL",
-    "TRITON",
-    "MASTER_",
-    "GROUP_",
-    "ROLE_",
-    "LOCAL_",
-    "TORCHELASTIC",
-    "PYTHON",
-    "HF_",
-    "KMP_",
-    "GLOO",
+    "TORCH", "PYTORCH", "NCCL", "CUDA", "CUBLAS", "CUDNN", "NVIDIA", "OMP_", "MKL", "TRITON",
+    "MASTER_", "GROUP_", "ROLE_", "LOCAL_", "TORCHELASTIC", "PYTHON", "HF_", "KMP_", "GLOO",
+    "TOKENIZERS_",
 )
-# Technique families: any env var containing one of these tokens must be a known knob.
+# Technique families: an env var with a token starting with one of these must be a known knob.
 KNOB_FAMILIES = {
-    "TTT",
-    "XSA",
-    "MUON",
-    "EMA",
-    "GPTQ",
-    "QAT",
-    "LORA",
-    "SMEAR",
-    "BIGRAM",
-    "ROPE",
-    "QK",
-    "LN",
-    "UNET",
-    "SKIP",
-    "LOOP",
-    "LOOPING",
-    "PARALLEL",
-    "QUANT",
-    "SLIDING",
-    "ADAM",
-    "WARMDOWN",
-    "WARMUP",
-    "LR",
-    "VAL",
-    "EVAL",
-    "TRAIN",
-    "MODEL",
-    "VOCAB",
-    "LOGIT",
-    "MLP",
-    "ATTN",
-    "EMBED",
-    "HEADS",
-    "LAYERS",
-    "SEED",
-    "PRESET",
-    "VE",
-    "VR",
-    "MATRIX",
-    "SCALAR",
-    "SOFTCAP",
-    "WALLCLOCK",
+    "TTT", "XSA", "MUON", "EMA", "GPTQ", "QAT", "LORA", "SMEAR", "BIGRAM", "ROPE", "QK", "LN",
+    "UNET", "SKIP", "LOOP", "PARALLEL", "QUANT", "SLIDING", "ADAM", "WARMDOWN", "WARMUP", "LR",
+    "VAL", "EVAL", "TRAIN", "MODEL", "VOCAB", "LOGIT", "MLP", "ATTN", "EMBED", "HEADS", "LAYERS",
+    "SEED", "PRESET", "VE", "VR", "MATRIX", "SCALAR", "SOFTCAP", "WALLCLOCK", "BETA", "POLAR", "NS",
+    "NORMALIZE", "ROW", "SWA", "PRUNE", "LQER", "HEDGE", "NGRAM", "ITERATIONS", "COMPRESS",
 }
+# fmt: on
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
@@ -218,7 +168,7 @@ class Hyperparameters:
         k("ROPE_BASE", float, 10000.0)  # RoPE frequency base
         k("QK_GAIN_INIT", float, 5.0)  # initial per-head query gain after QK RMS-norm
         k("LN_SCALE", bool, True)  # scale normed block inputs by 1/sqrt(layer+1)
-        k("XSA_LAST_N", int, 11)  # exclusive self-attention on the last N layers (0 = off)
+        k("XSA_LAST_N", int, 11)  # XSA on the last N layers (0 = off, >= NUM_LAYERS = all)
         k("VALUE_RESIDUAL", bool, True)  # mix layer 0's values into later layers
         k("GATED_ATTN", bool, True)  # per-head sigmoid gate on the attention output
         k("GATED_ATTN_BIAS_INIT", float, 4.0)  # gate bias at init (4 -> 98% open)
@@ -274,6 +224,16 @@ class Hyperparameters:
 
     def validate(self) -> None:
         """Cross-knob consistency, checked before any work."""
+        for name in (
+            "NUM_LAYERS",
+            "MODEL_DIM",
+            "NUM_HEADS",
+            "NUM_KV_HEADS",
+            "TRAIN_SEQ_LEN",
+            "MICROBATCH_TOKENS",
+        ):
+            if self.knobs[name] <= 0:
+                raise ConfigError(f"{name}={self.knobs[name]} must be positive")
         checks = [
             (self.model_dim % self.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
             (self.num_heads % self.num_kv_heads == 0, "NUM_HEADS must be divisible by NUM_KV_HEADS"),
@@ -281,7 +241,7 @@ class Hyperparameters:
                 self.rope_dims % 2 == 0 and 0 <= self.rope_dims <= self.head_dim,
                 "ROPE_DIMS must be even and at most MODEL_DIM/NUM_HEADS",
             ),
-            (0 <= self.xsa_last_n <= self.num_layers, "XSA_LAST_N must be in [0, NUM_LAYERS]"),
+            (self.xsa_last_n >= 0, "XSA_LAST_N must be >= 0"),
             (self.bigram_buckets == 0 or self.bigram_buckets >= 2, "BIGRAM_BUCKETS must be 0 (off) or >= 2"),
             (0 < self.vocab_size <= 65536, "VOCAB_SIZE must be in (0, 65536] (uint16 shards)"),
             (
@@ -315,10 +275,15 @@ class Hyperparameters:
 
 
 def _looks_like_ours(name: str, known: set[str]) -> bool:
-    if name.startswith(FOREIGN_ENV_PREFIXES) or name in ("RANK", "WORLD_SIZE"):
+    """A knob family word starts one of the name's tokens (case-insensitive), or the name is
+    close to a knob. Short family words must match a whole token ("VE" is not "VERBOSE")."""
+    upper = name.upper()
+    if upper.startswith(FOREIGN_ENV_PREFIXES) or upper in ("RANK", "WORLD_SIZE"):
         return False
-    tokens = set(name.split("_"))
-    return bool(tokens & KNOB_FAMILIES) or bool(difflib.get_close_matches(name, known, n=1, cutoff=0.85))
+    for token in upper.split("_"):
+        if token in KNOB_FAMILIES or any(len(f) >= 4 and token.startswith(f) for f in KNOB_FAMILIES):
+            return True
+    return bool(difflib.get_close_matches(upper, known, n=1, cutoff=0.85))
 
 
 def refuse_unknown_env(environ: Mapping[str, str], known: set[str]) -> None:
@@ -327,7 +292,7 @@ def refuse_unknown_env(environ: Mapping[str, str], known: set[str]) -> None:
     for name in sorted(environ):
         if name in known or not _looks_like_ours(name, known):
             continue
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]}?" if close else ""
         problems.append(f"unknown setting {name}={environ[name]!r}{hint}")
     if problems:
@@ -595,11 +560,11 @@ def check_byte_table(sp: spm.SentencePieceProcessor, docs: list, luts: tuple[np.
 
 
 def split_documents(tokens: np.ndarray, limit: int) -> list[np.ndarray]:
-    """The first `limit` BOS-delimited documents of a token stream (BOS removed); the last
-    document runs to the end of the stream."""
-    starts = np.flatnonzero(tokens == BOS_ID)[:limit]
-    ends = [*starts[1:], len(tokens)]
-    return [tokens[a + 1 : b] for a, b in zip(starts, ends, strict=True)]
+    """The first `limit` BOS-delimited documents of a token stream (BOS removed); each ends at
+    the next BOS, the stream's last document at the end of the stream."""
+    bos = np.flatnonzero(tokens == BOS_ID)
+    starts, ends = bos[:limit], [*bos[1 : limit + 1], len(tokens)]
+    return [tokens[a + 1 : b] for a, b in zip(starts, ends, strict=False)]
 
 
 class TokenStream:
@@ -742,7 +707,7 @@ class Attention(nn.Module):
         self.gate = None
         if hp.gated_attn:
             self.gate = CastedLinear(d, hp.num_heads, True)
-            nn.init.zeros_(self.gate.weight)
+            self.gate.zero_init = True
             nn.init.constant_(self.gate.bias, hp.gated_attn_bias_init)
 
     def forward(self, x: Tensor, v0: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -820,7 +785,7 @@ class SmearGate(nn.Module):
         super().__init__()
         self.inputs = inputs
         self.gate = CastedLinear(inputs, 1, False)
-        nn.init.zeros_(self.gate.weight)
+        self.gate.zero_init = True
         self.smear_lambda = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor, ids: Tensor) -> Tensor:
@@ -881,7 +846,7 @@ class GPT(nn.Module):
         """Orthogonal matrices (P2: needed for SmearGate), zero output projections and untied head."""
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
         for module in self.modules():
-            if not isinstance(module, CastedLinear) or module.weight.shape[0] < 2:
+            if not isinstance(module, CastedLinear):
                 continue
             if getattr(module, "zero_init", False) or module is self.lm_head:
                 nn.init.zeros_(module.weight)
@@ -983,15 +948,20 @@ class Muon(torch.optim.Optimizer):
             p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)
 
 
+# Small control tensors (gates, scales, mixes): scalar Adam whatever their shape, never Muon,
+# and (with quantisation) stored unquantised. The BigramHash projection joins them (R0323/R0325).
+CONTROL_TENSOR_PATTERNS = ("gate", "scale", "resid_mix", "lambda", "q_gain", "skip_weights", "bigram.proj")
+
+
 def split_params(model: GPT) -> dict[str, list[nn.Parameter]]:
-    """Matrices -> Muon; embeddings -> Adam (embed LR); untied head; everything small -> scalar Adam."""
+    """Matrices -> Muon; embeddings -> Adam (embed LR); untied head; control tensors -> scalar Adam."""
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embed": [], "head": [], "scalar": []}
     for name, p in model.named_parameters():
         if name in ("tok_emb.weight", "bigram.embed.weight"):
             groups["embed"].append(p)
         elif name == "lm_head.weight":
             groups["head"].append(p)
-        elif p.ndim == 2 and min(p.shape) >= 64:
+        elif p.ndim == 2 and min(p.shape) >= 64 and not any(c in name for c in CONTROL_TENSOR_PATTERNS):
             groups["matrix"].append(p)
         else:
             groups["scalar"].append(p)
@@ -1465,6 +1435,8 @@ def main() -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if rt.distributed:
+        dist.barrier()  # every rank has looked before rank 0 creates the log
     log = Logger(log_path if rt.is_main else None)
     try:
         result = run(hp, rt, log)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZER = Path("data/tokenizers/fineweb_1024_bpe.model")
+DEFAULT_TOKENIZER = Path("data/sample/fineweb_1024_bpe.model")
 SHARD_GLOB = {"train": "fineweb_train_*.bin", "val": "fineweb_val_*.bin"}
 
 

@@ -6,7 +6,7 @@ prefix, ids pad=0 bos=1 eos=2 unk=3, hard_vocab_limit off, and SentencePiece's d
 max_sentence_length (4192 bytes: longer documents are left out of training, as officially).
 Documents are fed whole, NUL replaced by a space and stripped; blank ones are skipped.
 
-Note: the bundled data/tokenizers/fineweb_1024_bpe.model has no byte-fallback pieces (its trainer
+Note: the bundled data/sample/fineweb_1024_bpe.model has no byte-fallback pieces (its trainer
 spec says byte_fallback=false), so text it cannot cover becomes <unk>. Tokenizers trained here
 have the 256 <0xNN> pieces and never emit <unk>.
 """

@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:  # bare `pytest` (not `python -m pytest`) leaves t
 
 import train_gpt  # noqa: E402
 
-BUNDLED_TOKENIZER = REPO / "data" / "tokenizers" / "fineweb_1024_bpe.model"
+BUNDLED_TOKENIZER = REPO / "data" / "sample" / "fineweb_1024_bpe.model"
 
 # A model small enough for many forward passes on 2 CPU cores; every switch keeps its default (on).
 TINY_ENV: dict[str, str] = {

@@ -319,21 +319,10 @@ def test_split_documents():
     assert [d.tolist() for d in train_gpt.split_documents(np.array([5, 1, 6]), limit=4)] == [[6]]
 
 
-@pytest.mark.xfail(
-    reason="BUG: split_documents on a stream without any BOS raises ValueError from zip(strict=True) "
-    "(ends has one entry, starts none) instead of returning no documents",
-    strict=True,
-    raises=ValueError,
-)
 def test_split_documents_without_bos_returns_no_documents():
     assert train_gpt.split_documents(np.array([5, 6, 7]), limit=4) == []
 
 
-@pytest.mark.xfail(
-    reason="BUG: split_documents(tokens, limit) with more than `limit` documents lets the last returned "
-    "document run to the end of the stream, swallowing every later document and its BOS",
-    strict=True,
-)
 def test_split_documents_limit_ends_the_last_document_at_the_next_bos():
     tokens = np.array([1, 5, 6, 1, 8, 1, 1, 9, 4])
     assert [d.tolist() for d in train_gpt.split_documents(tokens, limit=2)] == [[5, 6], [8]]

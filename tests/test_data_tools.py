@@ -29,7 +29,7 @@ import train_gpt  # noqa: E402
 from data import download, tokenize_docs, train_tokenizer, verify  # noqa: E402
 from data._common import run_main  # noqa: E402
 
-TOKENIZER = REPO / "data/tokenizers/fineweb_1024_bpe.model"
+TOKENIZER = REPO / "data/sample/fineweb_1024_bpe.model"
 SAMPLE = REPO / "data/sample/sample_wiki.jsonl.xz"
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but "

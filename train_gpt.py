@@ -1219,34 +1219,20 @@ def prime_compile(ddp_model, model, loader, optimizers, hp, rt, log) -> float:
     return seconds
 
 
+def clock_fields(state: TrainState) -> dict[str, object]:
+    return dict(train_time_ms=int(state.train_ms), step_avg_ms=f"{state.train_ms / max(state.step, 1):.2f}")
+
+
 def log_train_step(state: TrainState, loss: float, mult: float, hp: Hyperparameters, log: Logger) -> None:
-    step_avg = state.train_ms / max(state.step, 1)
     tok_s = int(state.tokens / max(state.train_ms / 1000, 1e-9))
-    log(
-        kv(
-            step=f"{state.step}/{hp.iterations}",
-            train_loss=loss,
-            lr_scale=mult,
-            train_time_ms=int(state.train_ms),
-            step_avg_ms=f"{step_avg:.2f}",
-            tokens_per_s=tok_s,
-        )
-    )
+    step = f"{state.step}/{hp.iterations}"
+    log(kv(step=step, train_loss=loss, lr_scale=mult, **clock_fields(state), tokens_per_s=tok_s))
 
 
 def run_validation(model: GPT, val: ValData, state: TrainState, hp, rt, log) -> tuple[float, float, float]:
     """Scores the live weights; the training clock is not running meanwhile."""
     val_loss, val_bpb, seconds = timed_evaluate(model, val, hp, rt)
-    step_avg = state.train_ms / max(state.step, 1)
-    log(
-        kv(
-            step=f"{state.step}/{hp.iterations}",
-            val_loss=val_loss,
-            val_bpb=val_bpb,
-            train_time_ms=int(state.train_ms),
-            step_avg_ms=f"{step_avg:.2f}",
-        )
-    )
+    log(kv(step=f"{state.step}/{hp.iterations}", val_loss=val_loss, val_bpb=val_bpb, **clock_fields(state)))
     return val_loss, val_bpb, seconds
 
 

@@ -17,6 +17,7 @@ from scipy import stats
 
 from records import cli
 from records.logparse import hp_hash, parse_log, parse_text
+from records.validate import OFFICIAL_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).parent / "fixtures" / "records"
@@ -169,17 +170,7 @@ def test_new_builds_the_folder_from_the_logs(base_folder, script):
         copied = base_folder / f"train_seed{final_json(path)['seed']}.log"
         assert copied.read_bytes() == path.read_bytes()
     sub = json.loads((base_folder / "submission.json").read_text())
-    for key in (
-        "author",
-        "github_id",
-        "name",
-        "blurb",
-        "date",
-        "val_loss",
-        "val_bpb",
-        "bytes_total",
-        "bytes_code",
-    ):
+    for key in OFFICIAL_FIELDS:
         assert sub[key] not in (None, "")
     finals = [final_json(p) for p in BASE_LOGS]
     assert sub["val_bpb"] == round(statistics.fmean(f["val_bpb"] for f in finals), 8)

@@ -161,16 +161,18 @@ def test_loader_spans_are_disjoint_and_resumable(sample_shards):
     torch.testing.assert_close(single.next_batch(256, 64)[0], nxt[0])
 
 
+def tiny_env(shards: Path, **overrides: str) -> dict[str, str]:
+    """TINY on the sample shards, validating only at the end."""
+    return dict(TINY, DATA_PATH=str(shards), TOKENIZER_PATH=str(TOKENIZER), VAL_LOSS_EVERY="0", **overrides)
+
+
 def test_two_process_gloo_run_matches_one_process_with_accumulation(sample_shards, tmp_path):
-    common = dict(
-        TINY,
-        DATA_PATH=str(sample_shards),
-        TOKENIZER_PATH=str(TOKENIZER),
+    common = tiny_env(
+        sample_shards,
         ITERATIONS="4",
         MAX_WALLCLOCK_SECONDS="0",
         TRAIN_BATCH_TOKENS="1024",
         MICROBATCH_TOKENS="512",
-        VAL_LOSS_EVERY="0",
     )
     one, _ = run_script(dict(common, RUN_ID="one"), tmp_path / "one")
     two, log = run_script(dict(common, RUN_ID="two"), tmp_path / "two", nproc=2)
@@ -181,16 +183,13 @@ def test_two_process_gloo_run_matches_one_process_with_accumulation(sample_shard
 
 
 def test_wallclock_cut_stops_the_run_with_warmdown_done(sample_shards, tmp_path):
-    env = dict(
-        TINY,
-        DATA_PATH=str(sample_shards),
-        TOKENIZER_PATH=str(TOKENIZER),
+    env = tiny_env(
+        sample_shards,
         RUN_ID="cut",
         ITERATIONS="100000",
         MAX_WALLCLOCK_SECONDS="3",
         TRAIN_BATCH_TOKENS="512",
         MICROBATCH_TOKENS="512",
-        VAL_LOSS_EVERY="0",
     )
     final, log = run_script(env, tmp_path)
     assert final["stopped_by_clock"] is True

@@ -103,11 +103,20 @@ class Verdict:
     reason: str
 
 
-def welch_df(a: list[float], b: list[float]) -> float:
+def welch_test(a: list[float], b: list[float], shift: float) -> tuple[float, float, float]:
+    """(t, df, p) of the one-sided Welch test H1: mean(a) - mean(b) > shift; all nan when both
+    samples have zero variance (the standard error is 0 and the test is undefined).
+
+    Computed from the sample statistics rather than by shifting the data: subtracting `shift`
+    from each value would add rounding noise to a zero-variance sample and turn an undefined
+    test into t ~ 1e14, p ~ 0.
+    """
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     if va + vb == 0:
-        return math.nan
-    return (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+        return math.nan, math.nan, math.nan
+    t = (statistics.fmean(a) - statistics.fmean(b) - shift) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return t, df, float(stats.t.sf(t, df))
 
 
 def decide(base: Side, cand: Side, min_delta: float, alpha: float) -> Verdict:
@@ -117,17 +126,15 @@ def decide(base: Side, cand: Side, min_delta: float, alpha: float) -> Verdict:
     if len(b) < 2 or len(c) < 2:
         reason = "each side needs at least 2 seeds for a Welch test"
         return Verdict(False, delta, delta_bpb, math.nan, math.nan, math.nan, reason)
-    # H0: mean(b) - mean(c) <= min_delta. Shifting the baseline by min_delta turns it into the
-    # ordinary one-sided two-sample test mean(b - min_delta) > mean(c).
-    res = stats.ttest_ind([x - min_delta for x in b], c, equal_var=False, alternative="greater")
-    t, p = float(res.statistic), float(res.pvalue)
+    # H0: mean(b) - mean(c) <= min_delta against H1: mean(b) - mean(c) > min_delta.
+    t, df, p = welch_test(b, c, min_delta)
     if math.isnan(p):
         reason = "test undefined (zero variance on both sides)"
-        return Verdict(False, delta, delta_bpb, t, math.nan, p, reason)
+        return Verdict(False, delta, delta_bpb, t, df, p, reason)
     record = p < alpha
     cmp = "<" if record else ">="
     reason = f"improvement {delta:+.5f} nats vs required > {min_delta} nats: p = {p:.3g} {cmp} {alpha}"
-    return Verdict(record, delta, delta_bpb, t, welch_df(b, c), p, reason)
+    return Verdict(record, delta, delta_bpb, t, df, p, reason)
 
 
 def _side_table(side: Side) -> list[str]:

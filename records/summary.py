@@ -58,9 +58,10 @@ def seed_row(log: dict) -> dict:
 
 
 def mean_std(values) -> tuple[float | None, float | None]:
-    """Mean and sample std (ddof=1, as the official records report); None where undefined."""
-    vals = [v for v in values if v is not None]
-    if not vals or len(vals) != len(list(values)):
+    """Mean and sample std (ddof=1, as the official records report); None where undefined (a value
+    missing, or NaN/inf, on which statistics.stdev raises)."""
+    vals = list(values)
+    if not vals or not all(isinstance(v, int | float) and math.isfinite(v) for v in vals):
         return None, None
     mean = statistics.fmean(vals)
     std = statistics.stdev(vals) if len(vals) > 1 else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -200,7 +201,9 @@ def check_bytes(rep: Report) -> None:
     for log in rep.good_logs():
         final, name = log["final"], _name(log)
         model = final.get("model_bytes")
-        if code is None or not isinstance(model, int):
+        if "model_bytes" in final and not _is_count(model):
+            rep.problems.append(f"{name}: model_bytes {model!r} is not a byte count")
+        if code is None or not _is_count(model):
             continue
         total = code + model
         if total > rules.ARTIFACT_CAP_BYTES:
@@ -214,25 +217,37 @@ def check_bytes(rep: Report) -> None:
             )
 
 
-def _seconds(final: dict, *keys) -> float | None:
-    vals = [final.get(k) for k in keys]
-    return None if any(not isinstance(v, int | float) for v in vals) else float(sum(vals))
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_seconds(value) -> bool:
+    """A finite, non-negative number (JSON also admits NaN and -Infinity, which compare as passing)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf
+
+
+TIME_KEYS = ("train_time_s", "export_time_s", "eval_time_s")
 
 
 def check_time(rep: Report) -> None:
-    if rep.track != rules.RECORD_TRACK:
-        return
+    """Time fields must be real durations on every track; the 600 s limits apply on the record track."""
     for log in rep.good_logs():
         final, name = log["final"], _name(log)
-        train = _seconds(final, "train_time_s", "export_time_s")
-        if train is not None and train > rules.TRAIN_LIMIT_S:
+        bad = [key for key in TIME_KEYS if key in final and not _is_seconds(final[key])]
+        for key in bad:
+            rep.problems.append(f"{name}: {key} {final[key]!r} is not a duration in seconds")
+        if bad or rep.track != rules.RECORD_TRACK or any(key not in final for key in TIME_KEYS):
+            continue
+        train = final["train_time_s"] + final["export_time_s"]
+        if train > rules.TRAIN_LIMIT_S:
             rep.problems.append(
                 f"{name}: training + export {train:.1f} s exceeds {rules.TRAIN_LIMIT_S:.0f} s "
                 f"(train_time_s {final['train_time_s']}, export_time_s {final['export_time_s']})"
             )
-        evals = _seconds(final, "eval_time_s")
-        if evals is not None and evals > rules.EVAL_LIMIT_S:
-            rep.problems.append(f"{name}: eval_time_s {evals:.1f} exceeds {rules.EVAL_LIMIT_S:.0f} s")
+        if final["eval_time_s"] > rules.EVAL_LIMIT_S:
+            rep.problems.append(
+                f"{name}: eval_time_s {final['eval_time_s']:.1f} exceeds {rules.EVAL_LIMIT_S:.0f} s"
+            )
 
 
 def check_hardware(rep: Report) -> None:

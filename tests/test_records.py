@@ -407,6 +407,22 @@ def test_validate_time_limits_apply_on_the_record_track_only(base_folder, capsys
     assert "exceeds 600" not in relaxed and "8xH100" not in relaxed
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"eval_time_s": float("nan")}, "eval_time_s nan is not a duration"),
+        ({"export_time_s": None}, "export_time_s None is not a duration"),
+        ({"export_time_s": -100.0}, "export_time_s -100.0 is not a duration"),
+        ({"model_bytes": 16_500_000.0}, "model_bytes 16500000.0 is not a byte count"),
+    ],
+)
+@pytest.mark.parametrize("track", ["10min_16mb", "non_record_16mb"])
+def test_validate_refuses_times_and_sizes_that_are_not_numbers(base_folder, capsys, changes, message, track):
+    # Each of these used to skip the 600 s or 16 MB check silently (NaN > 600 is False).
+    edit_final_json(base_folder / "train_seed1.log", **changes)
+    assert message in validate_problems(capsys, base_folder, "--track", track)
+
+
 def test_validate_hp_lines_edited_after_the_run(base_folder, capsys):
     edit_text(base_folder / "train_seed1.log", r"hp:MATRIX_LR=[^\n]+", "hp:MATRIX_LR=0.5")
     out = validate_problems(capsys, base_folder)

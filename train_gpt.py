@@ -176,6 +176,11 @@ class Hyperparameters:
         k("SMEAR_GATE_INPUTS", int, 12)  # leading channels feeding the smear gate
         k("BIGRAM_BUCKETS", int, 3072)  # BigramHash table rows (0 = off)
         k("BIGRAM_DIM", int, 112)  # BigramHash embedding width before projection
+        k("PARALLEL_RESIDUAL_LAST_N", int, 0)  # GPT-J parallel attn+MLP on the last N layers (0 = off)
+        k("NUM_LOOPS", int, 0)  # depth recurrence: extra passes over LOOP_START..LOOP_END (0 = off)
+        k("LOOP_START", int, 3)  # first physical block of the repeated segment
+        k("LOOP_END", int, 5)  # last physical block of the repeated segment (inclusive)
+        k("ENABLE_LOOPING_AT", float, 0.35)  # schedule fraction from which the segment repeats
         k("UNET_SKIPS", bool, True)  # encoder->decoder skip connections with learned weights
         # fmt: on
 
@@ -242,6 +247,14 @@ class Hyperparameters:
                 "ROPE_DIMS must be even and at most MODEL_DIM/NUM_HEADS",
             ),
             (self.xsa_last_n >= 0, "XSA_LAST_N must be >= 0"),
+            (self.parallel_residual_last_n >= 0, "PARALLEL_RESIDUAL_LAST_N must be >= 0"),
+            (
+                self.num_loops == 0
+                or 0 < self.num_loops
+                and 0 <= self.loop_start <= self.loop_end < self.num_layers,
+                "NUM_LOOPS must be >= 0 and 0 <= LOOP_START <= LOOP_END < NUM_LAYERS",
+            ),
+            (0 <= self.enable_looping_at <= 1, "ENABLE_LOOPING_AT must be in [0, 1]"),
             (self.bigram_buckets == 0 or self.bigram_buckets >= 2, "BIGRAM_BUCKETS must be 0 (off) or >= 2"),
             (0 < self.vocab_size <= 65536, "VOCAB_SIZE must be in (0, 65536] (uint16 shards)"),
             (
@@ -764,14 +777,16 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
         # LN scale (P1125): damp deeper layers' normed inputs by 1/sqrt(layer+1); zero parameters.
         self.ln_scale = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
+        # GPT-J parallel residual (R0409, last layers): attention and MLP read the same input.
+        self.parallel = layer >= hp.num_layers - hp.parallel_residual_last_n
 
     def forward(self, x: Tensor, x0: Tensor, v0: Tensor | None) -> tuple[Tensor, Tensor]:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         a, v = self.attn(rms_norm(x) * self.ln_scale, v0)
-        x = x + self.attn_scale.to(x.dtype) * a
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
-        return x, v
+        mlp_in = x if self.parallel else x + self.attn_scale.to(x.dtype) * a
+        m = self.mlp(rms_norm(mlp_in) * self.ln_scale)
+        return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * m, v
 
 
 class SmearGate(nn.Module):
@@ -835,9 +850,12 @@ class GPT(nn.Module):
         )
         self.smear = SmearGate(hp.smear_gate_inputs) if hp.smear_gate else None
         self.blocks = nn.ModuleList(Block(hp, i) for i in range(hp.num_layers))
-        # U-Net (modded-nanogpt lineage): encoder outputs feed decoder layers LIFO with learned weights.
-        self.num_encoder = hp.num_layers // 2
-        num_skips = min(self.num_encoder, hp.num_layers - self.num_encoder) if hp.unet_skips else 0
+        self.num_loops, self.loop_span = hp.num_loops, (hp.loop_start, hp.loop_end)
+        self.looping = False  # depth recurrence is switched on by the schedule (ENABLE_LOOPING_AT)
+        # U-Net (modded-nanogpt lineage): encoder outputs feed decoder layers LIFO with learned
+        # weights; with recurrence the executed order defines the halves, so size for the longest.
+        longest = len(self.layer_order(looping=True))
+        num_skips = min(longest // 2, longest - longest // 2) if hp.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(num_skips, hp.model_dim)) if num_skips else None
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, False)
         self._init_weights(hp)
@@ -853,6 +871,15 @@ class GPT(nn.Module):
             elif min(module.weight.shape) >= 64:
                 nn.init.orthogonal_(module.weight)
 
+    def layer_order(self, looping: bool) -> list[int]:
+        """Executed physical blocks. Depth recurrence (R0409/R0427) repeats blocks
+        LOOP_START..LOOP_END NUM_LOOPS more times: 0 1 2 [3 4 5] [3 4 5] [3 4 5] 6 ... 10."""
+        order = list(range(len(self.blocks)))
+        if not looping or self.num_loops == 0:
+            return order
+        start, end = self.loop_span
+        return order[:start] + order[start : end + 1] * (1 + self.num_loops) + order[end + 1 :]
+
     def hidden(self, ids: Tensor) -> Tensor:
         x = self.tok_emb(ids)
         if self.bigram is not None:
@@ -860,13 +887,15 @@ class GPT(nn.Module):
         if self.smear is not None:
             x = self.smear(x, ids)
         x = x0 = rms_norm(x)
+        order = self.layer_order(self.looping)
+        num_encoder = len(order) // 2
         v0, skips = None, []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips and self.skip_weights is not None:
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x, v = block(x, x0, v0)
-            v0 = v if v0 is None else v0
-            if i < self.num_encoder:
+        for i, layer in enumerate(order):
+            if i >= num_encoder and skips and self.skip_weights is not None:
+                x = x + self.skip_weights[i - num_encoder].to(x.dtype) * skips.pop()
+            x, v = self.blocks[layer](x, x0, v0)
+            v0 = v if v0 is None else v0  # value residual: the first executed block's values
+            if i < num_encoder:
                 skips.append(x)
         return rms_norm(x)
 
@@ -1207,8 +1236,11 @@ def prime_compile(ddp_model, model, loader, optimizers, hp, rt, log) -> float:
     saved_model = copy.deepcopy(model.state_dict())
     saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     saved_data = loader.stream.state_dict()
-    for _ in range(hp.warmup_steps):
-        train_step(ddp_model, model, loader, optimizers, hp, rt)
+    for looping in dict.fromkeys([False, hp.num_loops > 0]):  # prime the looped graph too
+        model.looping = looping
+        for _ in range(hp.warmup_steps):
+            train_step(ddp_model, model, loader, optimizers, hp, rt)
+    model.looping = False
     model.load_state_dict(saved_model)
     for opt, state in zip(optimizers, saved_opts, strict=True):
         opt.load_state_dict(state)
@@ -1217,6 +1249,14 @@ def prime_compile(ddp_model, model, loader, optimizers, hp, rt, log) -> float:
     seconds = time.perf_counter() - t0
     log(kv(warmup_steps=hp.warmup_steps, compile_warmup_s=round(seconds, 2)))
     return seconds
+
+
+def set_looping(model: GPT, frac: float, hp: Hyperparameters, log: Logger) -> None:
+    """Depth recurrence starts at ENABLE_LOOPING_AT of the schedule and stays on, evals included."""
+    looping = hp.num_loops > 0 and frac >= hp.enable_looping_at
+    if looping != model.looping:
+        model.looping = looping
+        log(kv(looping="on" if looping else "off", progress=frac))
 
 
 def clock_fields(state: TrainState) -> dict[str, object]:
@@ -1245,7 +1285,9 @@ def train(model: GPT, ddp_model, optimizers, loader, val: ValData, ema: EMA, hp,
             run_validation(model, val, state, hp, rt, log)
         sync(rt)
         t0 = time.perf_counter()
-        mult = apply_schedule(optimizers, progress(state, hp), hp)
+        frac = progress(state, hp)
+        set_looping(model, frac, hp, log)
+        mult = apply_schedule(optimizers, frac, hp)
         loss = train_step(ddp_model, model, loader, optimizers, hp, rt)
         ema.update(model, expected_steps(state, hp))
         sync(rt)

@@ -64,6 +64,8 @@ SWITCHES = {
     "mha_kv_eq_heads": dict(NUM_KV_HEADS=4),
     "mqa_one_kv_head": dict(NUM_KV_HEADS=1),
     "all_off": ALL_OFF,
+    "parallel_last_2": dict(NUM_LAYERS=4, PARALLEL_RESIDUAL_LAST_N=2),
+    "loops": dict(NUM_LAYERS=4, NUM_LOOPS=2, LOOP_START=1, LOOP_END=2),
 }
 
 
@@ -283,9 +285,59 @@ def test_model_is_causal_for_every_switch_combination(smear, bigram, xsa, value_
     assert_causal(model, make_ids())
 
 
-@pytest.mark.parametrize("switch", ["rope_off", "rope_full", "untied", "mqa_one_kv_head", "mha_kv_eq_heads"])
+@pytest.mark.parametrize(
+    "switch", ["rope_off", "rope_full", "untied", "mqa_one_kv_head", "mha_kv_eq_heads", "parallel_last_2"]
+)
 def test_model_is_causal_for_other_switches(switch):
     assert_causal(tiny_model(noise=0.2, **SWITCHES[switch]), make_ids())
+
+
+@pytest.mark.parametrize("parallel", [0, 2])
+def test_looped_model_is_causal(parallel):
+    model = tiny_model(noise=0.2, **SWITCHES["loops"], PARALLEL_RESIDUAL_LAST_N=parallel)
+    model.looping = True
+    assert_causal(model, make_ids())
+
+
+def test_depth_recurrence_repeats_the_segment_with_shared_weights():
+    model = tiny_model(noise=0.2, NUM_LAYERS=5, NUM_LOOPS=2, LOOP_START=1, LOOP_END=2)
+    assert model.layer_order(looping=False) == [0, 1, 2, 3, 4]
+    assert model.layer_order(looping=True) == [0, 1, 2, 1, 2, 1, 2, 3, 4]
+    plain = tiny_model(noise=0.2, NUM_LAYERS=5)
+    assert sum(p.numel() for p in model.parameters()) > sum(p.numel() for p in plain.parameters())
+    assert model.skip_weights.shape[0] == 4  # min(9 // 2, 9 - 9 // 2): sized for the looped order
+    ids = make_ids()
+    with torch.no_grad():
+        off = model(ids)
+        model.looping = True
+        on = model(ids)
+    assert not torch.allclose(off, on)
+    model.looping = False
+    torch.testing.assert_close(model(ids).detach(), off)
+
+
+def test_looping_off_or_no_loops_is_the_plain_model():
+    looped = tiny_model(
+        noise=0.2, seed=3, NUM_LAYERS=4, NUM_LOOPS=1, LOOP_START=0, LOOP_END=1, UNET_SKIPS=False
+    )
+    plain = tiny_model(noise=0.2, seed=3, NUM_LAYERS=4, UNET_SKIPS=False)
+    ids = make_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(looped(ids), plain(ids))
+
+
+def test_parallel_residual_block_reads_one_input():
+    model = tiny_model(noise=0.2, NUM_LAYERS=2, PARALLEL_RESIDUAL_LAST_N=1)
+    assert [b.parallel for b in model.blocks] == [False, True]
+    block = model.blocks[1]
+    x, x0 = torch.randn(B, T, 32), torch.randn(B, T, 32)
+    with torch.no_grad():
+        mix = block.resid_mix
+        h = mix[0] * x + mix[1] * x0
+        a, _ = block.attn(train_gpt.rms_norm(h) * block.ln_scale, None)
+        m = block.mlp(train_gpt.rms_norm(h) * block.ln_scale)
+        expected = h + block.attn_scale * a + block.mlp_scale * m
+        torch.testing.assert_close(block(x, x0, None)[0], expected)
 
 
 def test_causality_check_detects_attention_to_the_future(monkeypatch):

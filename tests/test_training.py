@@ -294,3 +294,25 @@ def test_a_reused_run_id_never_touches_the_old_log(tmp_path):
     )
     assert proc.returncode == 2 and "RUN_ID=dup" in proc.stderr
     assert old.read_text() == "an earlier run\n"
+
+
+def test_depth_recurrence_switches_on_by_schedule_position(sample_shards, tmp_path):
+    env = tiny_env(
+        sample_shards,
+        RUN_ID="loops",
+        NUM_LOOPS="1",
+        LOOP_START="1",
+        LOOP_END="1",
+        ENABLE_LOOPING_AT="0.5",
+        PARALLEL_RESIDUAL_LAST_N="1",
+        ITERATIONS="6",
+        MAX_WALLCLOCK_SECONDS="0",
+        TRAIN_BATCH_TOKENS="512",
+        MICROBATCH_TOKENS="512",
+    )
+    final, log = run_script(env, tmp_path)
+    lines = log.splitlines()
+    switch = next(i for i, line in enumerate(lines) if line.startswith("looping:on"))
+    assert "progress:0.500000" in lines[switch]
+    assert lines[switch - 1].startswith("step:3/6")  # on from the 4th step (frac 3/6) to the end
+    assert final["steps"] == 6

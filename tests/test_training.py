@@ -265,13 +265,17 @@ def test_unknown_knob_stops_before_any_work(tmp_path):
 
 def test_model_traces_as_one_graph_for_torch_compile():
     """GPU runs compile with fullgraph=True; dynamo's eager backend finds graph breaks on CPU."""
-    env = dict(TINY, NUM_LAYERS="4", VALUE_RESIDUAL="1", GATED_ATTN="1", SMEAR_GATE="1")
+    env = dict(
+        TINY, NUM_LAYERS="4", NUM_LOOPS="1", LOOP_START="1", LOOP_END="2", PARALLEL_RESIDUAL_LAST_N="1"
+    )
     model = tg.GPT(tg.Hyperparameters(env))
     compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
     ids = torch.randint(0, 1024, (2, 64))
-    loss = compiled(ids, ids)
-    loss.backward()
-    torch.testing.assert_close(loss, model(ids, ids))
+    for looping in (False, True):  # both graphs the schedule uses
+        model.looping = looping
+        loss = compiled(ids, ids)
+        loss.backward()
+        torch.testing.assert_close(loss, model(ids, ids))
 
 
 def test_ema_is_the_running_mean_until_its_window_fills():

@@ -21,7 +21,7 @@ class InputError(Exception):
 @dataclass
 class Side:
     label: str
-    runs: list[dict] = field(default_factory=list)  # {seed, val_loss, val_bpb, val_tokens, source}
+    runs: list[dict] = field(default_factory=list)  # {run, seed, val_loss, val_bpb, val_tokens, source}
     notes: list[str] = field(default_factory=list)
 
     def values(self, key: str) -> list[float]:
@@ -34,11 +34,12 @@ def _run_from_log(path: Path) -> dict:
     if problems:
         raise InputError(f"{path}: " + "; ".join(problems))
     final = log["final"]
-    if not isinstance(final.get("val_loss"), int | float) or not isinstance(
-        final.get("val_bpb"), int | float
-    ):
-        raise InputError(f"{path}: final JSON has no numeric val_loss/val_bpb")
+    for key in ("val_loss", "val_bpb"):
+        value = final.get(key)
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise InputError(f"{path}: final JSON {key} is {value!r}, not a finite number (diverged run?)")
     return {
+        "run": final.get("run_id") or str(path.resolve()),
         "seed": final.get("seed"),
         "val_loss": float(final["val_loss"]),
         "val_bpb": float(final["val_bpb"]),
@@ -61,6 +62,7 @@ def _runs_from_submission(folder: Path) -> list[dict]:
         bpb = entry.get("val_bpb")
         runs.append(
             {
+                "run": f"{folder.resolve()} seed {seed}",
                 "seed": seed,
                 "val_loss": float(entry["val_loss"]),
                 "val_bpb": math.nan if bpb is None else float(bpb),
@@ -89,6 +91,13 @@ def load_side(label: str, paths) -> Side:
             side.runs.append(_run_from_log(path))
         else:
             raise InputError(f"{path}: no such file or folder")
+    sources: dict[str, str] = {}
+    for run in side.runs:  # a run given twice (a log and its copy in a folder) would count twice
+        if run["run"] in sources:
+            raise InputError(
+                f"{label}: run {run['run']} is given twice ({sources[run['run']]} and {run['source']})"
+            )
+        sources[run["run"]] = run["source"]
     return side
 
 

@@ -530,6 +530,20 @@ def test_compare_welch_matches_scipy_and_refuses_zero_variance():
     assert not flat.record and "zero variance" in flat.reason
 
 
+def test_compare_counts_each_run_once(cand_folder, capsys):
+    # The candidate's seed-1 log twice (once as the copy inside its record folder) is still 3 runs.
+    code, out = run_cli(capsys, "compare", "--baseline", *BASE_LOGS, "--candidate", cand_folder, CAND_LOGS[0])
+    assert code == 2 and "is given twice" in out
+
+
+def test_compare_refuses_a_nan_loss(tmp_path, capsys):
+    diverged = tmp_path / "diverged.txt"
+    shutil.copyfile(CAND_LOGS[0], diverged)
+    edit_final_json(diverged, val_loss=float("nan"))
+    code, out = run_cli(capsys, "compare", "--baseline", *BASE_LOGS, "--candidate", diverged, *CAND_LOGS[1:])
+    assert code == 2 and "val_loss is nan, not a finite number" in out
+
+
 def test_compare_baseline_from_submission_json(base_folder, cand_folder, capsys):
     for log in base_folder.glob("*.log"):
         log.unlink()  # like an official record whose logs are not in our format

@@ -2,6 +2,7 @@
 
 Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py      (GPU, NCCL)
       RUN_PRESET=smoke python train_gpt.py                         (CPU quick start)
+      python train_gpt.py --help                                   (resolved settings; runs nothing)
 Every knob is an environment variable read by `Hyperparameters` below; unknown ones are refused.
 Component notes cite the public records they come from (R0323 = 2026-03-23 record, etc.).
 """
@@ -1453,9 +1454,18 @@ def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
     )
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    if argv and argv[0] not in ("-h", "--help"):
+        print(
+            f"train_gpt.py takes no arguments (got {argv}); settings are env vars, see --help",
+            file=sys.stderr,
+        )
+        return 2
     try:
         hp = Hyperparameters()
+        if argv:  # --help: the resolved settings, nothing runs
+            print(__doc__ + "\n".join(hp.resolved_lines()))
+            return 0
         rt = init_runtime(hp)
         log_path = Path(hp.log_dir) / f"{rt.run_id}.txt"
         if log_path.exists():  # checked on every rank, so all ranks stop together
@@ -1485,4 +1495,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

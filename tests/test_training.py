@@ -320,3 +320,14 @@ def test_depth_recurrence_switches_on_by_schedule_position(sample_shards, tmp_pa
     assert "progress:0.500000" in lines[switch]
     assert lines[switch - 1].startswith("step:3/6")  # on from the 4th step (frac 3/6) to the end
     assert final["steps"] == 6
+
+
+def test_help_prints_the_resolved_settings_and_runs_nothing(tmp_path):
+    env = dict(os.environ, RUN_PRESET="smoke", MODEL_DIM="96", LOG_DIR=str(tmp_path / "logs"))
+    script = str(ROOT / "train_gpt.py")
+    proc = subprocess.run([sys.executable, script, "--help"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert "MODEL_DIM=96" in proc.stdout.splitlines() and "NUM_LAYERS=4" in proc.stdout.splitlines()
+    assert not (tmp_path / "logs").exists()
+    stray = subprocess.run([sys.executable, script, "--iterations=5"], capture_output=True, text=True)
+    assert stray.returncode == 2 and "settings are env vars" in stray.stderr

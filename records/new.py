@@ -102,11 +102,36 @@ TODO: describe the changes against the baseline and why they help.
 """
 
 
+def record_date(text: str | None) -> str:
+    """--date as YYYY-MM-DD (default today); anything else would put slashes or junk in the path."""
+    if text is None:
+        return dt.date.today().isoformat()
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        try:
+            return dt.date.fromisoformat(text).isoformat()
+        except ValueError:  # e.g. 2026-02-30
+            pass
+    raise RefusedError(f"--date {text!r}: expected a date as YYYY-MM-DD")
+
+
+def check_extras(extras: list[Path], taken: set[str]) -> None:
+    """Every --extra exists and does not overwrite a file `new` writes itself."""
+    for extra in extras:
+        if not extra.exists():
+            raise RefusedError(f"--extra {extra}: no such file or folder")
+        if extra.name in taken:
+            raise RefusedError(f"--extra {extra}: would overwrite the record's own {extra.name}")
+
+
 def make_record(args) -> Path:
     """Create the folder; returns its path. Raises RefusedError instead of writing anything dubious."""
     logs = load_logs(args.logs)
     data = check_script(Path(args.script), logs)
-    date = args.date or dt.date.today().isoformat()
+    date = record_date(args.date)
+    for log in logs:
+        log["dest"] = f"train_seed{log['final']['seed']}.log"
+    extras = [Path(e) for e in args.extra or []]
+    check_extras(extras, {"train_gpt.py", "submission.json", "README.md", *(log["dest"] for log in logs)})
     slug = slugify(args.slug or args.name)
     root = Path(args.root) / f"track_{args.track}"
     folder = Path(args.out) if args.out else root / f"{date}_{slug}"
@@ -115,9 +140,8 @@ def make_record(args) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train_gpt.py").write_bytes(data)
     for log in logs:
-        log["dest"] = f"train_seed{log['final']['seed']}.log"
         shutil.copyfile(log["path"], folder / log["dest"])
-    for extra in map(Path, args.extra or []):
+    for extra in extras:
         if extra.is_dir():  # e.g. a tokenizers/ folder the run needs
             shutil.copytree(extra, folder / extra.name, dirs_exist_ok=True)
         else:

@@ -213,6 +213,44 @@ def test_new_copies_extra_files_and_folders(tmp_path, script, capsys):
     assert (out_dir / "tokenizers" / "tok.model").read_bytes() == b"model"
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--extra", "does-not-exist.txt"], "--extra does-not-exist.txt: no such file or folder"),
+        (["--extra", "README.md"], "--extra README.md: would overwrite the record's own README.md"),
+        (["--date", "2026/01/03"], "--date '2026/01/03': expected a date as YYYY-MM-DD"),
+        (["--date", "2026-02-30"], "expected a date as YYYY-MM-DD"),
+    ],
+)
+def test_new_refuses_bad_extras_and_dates_before_writing(
+    tmp_path, script, capsys, monkeypatch, extra, message
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("would replace the generated README\n")
+    root = tmp_path / "records"
+    code, out = run_cli(
+        capsys,
+        "new",
+        *BASE_LOGS,
+        "--script",
+        script,
+        "--name",
+        "X",
+        "--author",
+        "a",
+        "--github-id",
+        "a",
+        "--blurb",
+        "b",
+        "--root",
+        root,
+        *extra,
+        *NON_RECORD,
+    )
+    assert code == 2 and message in out
+    assert not root.exists()  # refused means nothing written
+
+
 def test_new_refuses_a_script_that_did_not_make_the_logs(tmp_path, script, capsys):
     script.write_bytes(script.read_bytes() + b"# edited after the runs\n")
     code, out = run_cli(

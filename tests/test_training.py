@@ -75,6 +75,13 @@ def run_script(env: dict[str, str], tmp_path: Path, nproc: int = 1, timeout: int
     return final, log
 
 
+def run_raw(env: dict[str, str], tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """train_gpt.py with extra env vars and arguments, for runs expected to stop early."""
+    full = dict(os.environ, LOG_DIR=str(tmp_path / "logs"), **env)
+    cmd = [sys.executable, str(ROOT / "train_gpt.py"), *args]
+    return subprocess.run(cmd, env=full, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
 def test_lr_schedule_shape():
     hp = tg.Hyperparameters({"WARMDOWN_FRAC": "0.5", "LR_WARMUP_FRAC": "0.1", "MIN_LR": "0"})
     assert tg.lr_multiplier(0.0, hp) == 0.0
@@ -234,30 +241,14 @@ def test_smoke_run_end_to_end(sample_shards, tmp_path):
 
 def test_missing_data_stops_with_the_command_to_build_it(tmp_path):
     env = dict(TINY, RUN_ID="nodata", DATA_PATH=str(tmp_path / "nowhere"), TOKENIZER_PATH=str(TOKENIZER))
-    full = dict(os.environ, **env, LOG_DIR=str(tmp_path / "logs"))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train_gpt.py")],
-        env=full,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_raw(env, tmp_path)
     assert proc.returncode == 3
     assert "nowhere/fineweb_val_*.bin" in proc.stdout and "python -m data.tokenize_docs" in proc.stdout
     assert "data error" in (tmp_path / "logs" / "nodata.txt").read_text()
 
 
 def test_unknown_knob_stops_before_any_work(tmp_path):
-    full = dict(os.environ, PHASED_TTT_ENABLED="1", LOG_DIR=str(tmp_path / "logs"))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train_gpt.py")],
-        env=full,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_raw({"PHASED_TTT_ENABLED": "1"}, tmp_path)
     assert proc.returncode == 2
     assert "PHASED_TTT_ENABLED" in proc.stderr
     assert not (tmp_path / "logs").exists()
@@ -292,10 +283,7 @@ def test_a_reused_run_id_never_touches_the_old_log(tmp_path):
     old = tmp_path / "logs" / "dup.txt"
     old.parent.mkdir()
     old.write_text("an earlier run\n")
-    full = dict(os.environ, RUN_ID="dup", LOG_DIR=str(tmp_path / "logs"))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train_gpt.py")], env=full, cwd=tmp_path, capture_output=True, text=True
-    )
+    proc = run_raw({"RUN_ID": "dup"}, tmp_path)
     assert proc.returncode == 2 and "RUN_ID=dup" in proc.stderr
     assert old.read_text() == "an earlier run\n"
 
@@ -323,11 +311,9 @@ def test_depth_recurrence_switches_on_by_schedule_position(sample_shards, tmp_pa
 
 
 def test_help_prints_the_resolved_settings_and_runs_nothing(tmp_path):
-    env = dict(os.environ, RUN_PRESET="smoke", MODEL_DIM="96", LOG_DIR=str(tmp_path / "logs"))
-    script = str(ROOT / "train_gpt.py")
-    proc = subprocess.run([sys.executable, script, "--help"], env=env, capture_output=True, text=True)
+    proc = run_raw({"RUN_PRESET": "smoke", "MODEL_DIM": "96"}, tmp_path, "--help")
     assert proc.returncode == 0
     assert "MODEL_DIM=96" in proc.stdout.splitlines() and "NUM_LAYERS=4" in proc.stdout.splitlines()
     assert not (tmp_path / "logs").exists()
-    stray = subprocess.run([sys.executable, script, "--iterations=5"], capture_output=True, text=True)
+    stray = run_raw({}, tmp_path, "--iterations=5")
     assert stray.returncode == 2 and "settings are env vars" in stray.stderr

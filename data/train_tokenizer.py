@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         type=Path,
         default=None,
-        help="output prefix (default data/tokenizers/fineweb_{V}_bpe -> .model and .vocab)",
+        help="output prefix (default data/tokenizers/fineweb_{V}_bpe -> .model and .vocab); "
+        "a trailing .model is dropped",
     )
     parser.add_argument("--max-docs", type=int, default=None, help="train on at most this many documents")
     parser.add_argument(
@@ -124,6 +125,7 @@ def train(args: argparse.Namespace) -> Path:
     if not 260 < args.vocab_size <= 65536:
         fail(f"--vocab-size {args.vocab_size}: must exceed 260 (4 specials + 256 byte pieces) and fit uint16")
     prefix = args.output or Path(f"data/tokenizers/fineweb_{args.vocab_size}_bpe")
+    prefix = prefix.with_name(prefix.name.removesuffix(".model"))
     prefix.parent.mkdir(parents=True, exist_ok=True)
     feed = DocFeed(args)
     with tempfile.TemporaryDirectory(dir=prefix.parent, prefix=".train_tokenizer-") as tmp:
@@ -143,10 +145,11 @@ def train(args: argparse.Namespace) -> Path:
                 fail(f"SentencePiece training failed after {feed.docs} documents: {exc}")
         if feed.error is not None:
             raise feed.error
-        for suffix in (".model", ".vocab"):
-            os.replace(tmp_prefix.with_suffix(suffix), prefix.with_suffix(suffix))
-    report(prefix.with_suffix(".model"), args, feed)
-    return prefix.with_suffix(".model")
+        for suffix in (".model", ".vocab"):  # SentencePiece appends these; with_suffix would cut "v1.5"
+            os.replace(f"{tmp_prefix}{suffix}", f"{prefix}{suffix}")
+    model = Path(f"{prefix}.model")
+    report(model, args, feed)
+    return model
 
 
 def report(model: Path, args: argparse.Namespace, feed: DocFeed) -> None:

@@ -240,6 +240,16 @@ def test_train_tiny_tokenizer_with_byte_fallback(tmp_path, capsys):
     assert train_gpt.check_byte_table(tok, make_docs(5, seed=1) + ["naïve 😀 x"], luts) > 0
 
 
+def test_train_tokenizer_output_prefix_with_dots_or_model_suffix(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "d.jsonl", make_docs(40))
+    out = tmp_path / "tok" / "tiny-v1.5.model"  # used to crash: SentencePiece wrote tiny-v1.5.model.model
+    argv = ["--input", str(src), "--vocab-size", "300", "--output", str(out)]
+    code, text = run_cli(train_tokenizer, argv, capsys)
+    assert code == 0, text
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny-v1.5.model", "tiny-v1.5.vocab"]
+    train_gpt.load_tokenizer(out, 300)
+
+
 def test_train_tokenizer_reports_bad_line(tmp_path, capsys):
     src = tmp_path / "d.jsonl"
     src.write_text('{"text": "hello world"}\n[1, 2]\n')

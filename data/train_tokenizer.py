@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-docs",
         type=int,
         default=0,
-        help="skip the first N documents, e.g. N = --val-docs of tokenize_docs to keep val unseen",
+        help="skip the first N non-blank documents (N = --val-docs of tokenize_docs keeps its val unseen)",
     )
     parser.add_argument("--text-field", default="text", help="JSON field holding the text (default 'text')")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="trainer threads")
@@ -101,9 +101,12 @@ class DocFeed:
             self.error = exc
 
     def _texts(self) -> Iterator[str]:
-        args = self.args
-        for index, (_path, _lineno, text) in enumerate(iter_docs(args.input, args.text_field)):
-            if index < args.skip_docs:
+        args, skipped = self.args, 0
+        for _path, _lineno, text in iter_docs(args.input, args.text_field):
+            if not text.strip():
+                continue  # blank: tokenize_docs leaves it out of val too, so it is not counted
+            if skipped < args.skip_docs:
+                skipped += 1
                 continue
             if args.max_docs is not None and self.docs >= args.max_docs:
                 return

@@ -250,6 +250,15 @@ def test_train_tokenizer_output_prefix_with_dots_or_model_suffix(tmp_path, capsy
     train_gpt.load_tokenizer(out, 300)
 
 
+def test_train_tokenizer_skip_docs_counts_documents_like_the_val_split(tmp_path):
+    docs = ["", "   ", "val one", "\n", "val two", "train one", "train two"]
+    src = write_jsonl(tmp_path / "d.jsonl", docs)
+    args = train_tokenizer.build_parser().parse_args(["--input", str(src), "--skip-docs", "2"])
+    # tokenize_docs --val-docs 2 puts "val one" and "val two" in val (blank documents are skipped),
+    # so --skip-docs 2 must leave out exactly those; counting blanks fed both to the trainer.
+    assert list(train_tokenizer.DocFeed(args)) == ["train one", "train two"]
+
+
 def test_train_tokenizer_reports_bad_line(tmp_path, capsys):
     src = tmp_path / "d.jsonl"
     src.write_text('{"text": "hello world"}\n[1, 2]\n')

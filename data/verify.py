@@ -97,11 +97,11 @@ def find_tokenizer(args: argparse.Namespace, ours: dict | None, hub: dict | None
     if ours:
         candidates.append(Path(ours["tokenizer"]["path"]))
     if hub:
-        name = args.data_dir.name
-        entry = next((d for d in hub.get("datasets", []) if d.get("name") == name), {})
+        folder = args.data_dir.resolve()  # "." or "sub/.." name the dataset only once resolved
+        entry = next((d for d in hub.get("datasets", []) if d.get("name") == folder.name), {})
         tok = next((t for t in hub.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")), {})
         if tok.get("model_path"):
-            candidates.append(args.data_dir.parent.parent / tok["model_path"])
+            candidates.append(folder.parent.parent / tok["model_path"])
     for path in candidates:
         for option in (path, REPO_ROOT / path):
             if option.is_file():
@@ -180,7 +180,7 @@ def check_manifests(
     if ours:
         check_own_manifest(report, files, ours, args)
     if hub:
-        check_hub_manifest(report, files, hub, args.data_dir.name)
+        check_hub_manifest(report, files, hub, args.data_dir.resolve().name)
     if not ours and not hub:
         report.warn("no manifest.json or hub_manifest.json: token counts not cross-checked")
 

@@ -447,6 +447,15 @@ def test_download_fresh_then_skip_when_verified(hub, hub_root, tmp_path, capsys)
     assert code == 0 and "1 redone" in text and run_cli(verify, [str(folder)], capsys)[0] == 0
 
 
+def test_verify_run_inside_the_dataset_folder(hub, tmp_path, capsys, monkeypatch):
+    local = tmp_path / "data"
+    assert fetch(local, capsys, "--train-shards", "1")[0] == 0
+    monkeypatch.chdir(local / "datasets" / VARIANT_DIR)
+    # Path(".").name is "": the dataset used to be missing from hub_manifest.json, so no tokenizer.
+    code, text = run_cli(verify, ["."], capsys)
+    assert code == 0 and "hub_manifest.json: val complete" in text, text
+
+
 def test_download_train_shards_option(hub, hub_root, tmp_path, capsys):
     local = tmp_path / "data"
     assert fetch(local, capsys, "--train-shards", "1")[0] == 0

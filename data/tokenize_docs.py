@@ -312,14 +312,21 @@ def open_tokenizer(path: Path, vocab_size: int | None) -> int:
     return actual
 
 
-def prepare_output(out: Path, force: bool) -> Path:
-    """Refuse to clobber shards this tool did not write; return a fresh temporary folder."""
+def written_by_us(folder: Path) -> bool:
+    """True when folder/manifest.json is one this tool wrote (unreadable counts as not)."""
     import json
 
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
+        return False
+    return isinstance(manifest, dict) and manifest.get("tool") == TOOL
+
+
+def prepare_output(out: Path, force: bool) -> Path:
+    """Refuse to clobber shards this tool did not write; return a fresh temporary folder."""
     existing = shard_files(out, "train") + shard_files(out, "val")
-    manifest = out / "manifest.json"
-    ours = manifest.is_file() and json.loads(manifest.read_text(encoding="utf-8")).get("tool") == TOOL
-    if existing and not ours and not force:
+    if existing and not written_by_us(out) and not force:
         fail(
             f"{out}: already holds shards not written by {TOOL} (downloaded data?); "
             "use another --output or --force"

@@ -202,6 +202,12 @@ def test_refuses_to_overwrite_foreign_shards(tmp_path, capsys):
         tokenize_docs, ["--input", str(src), "--output", str(out), "--val-docs", "2"], capsys
     )
     assert code == 1 and "not written by data.tokenize_docs" in text
+    for broken in ("{not json", "[1, 2]"):  # used to end in a JSONDecodeError/AttributeError traceback
+        (out / "manifest.json").write_text(broken)
+        code, text = run_cli(
+            tokenize_docs, ["--input", str(src), "--output", str(out), "--val-docs", "2"], capsys
+        )
+        assert code == 1 and "not written by data.tokenize_docs" in text
     assert tokenize([src], out, "--val-docs", "2", "--force")["splits"]["val"]["documents"] == 2
 
 

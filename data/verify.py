@@ -177,12 +177,22 @@ def check_ids(report: Report, path: Path, vocab: int, first: bool) -> None:
 def check_manifests(
     report: Report, files: dict[str, list[Path]], ours: dict | None, hub: dict | None, args
 ) -> None:
-    if ours:
+    if ours and not _written_by_tokenize_docs(ours):
+        report.warn("manifest.json is not one data.tokenize_docs wrote: its counts are not cross-checked")
+    elif ours:
         check_own_manifest(report, files, ours, args)
     if hub:
         check_hub_manifest(report, files, hub, args.data_dir.resolve().name)
     if not ours and not hub:
         report.warn("no manifest.json or hub_manifest.json: token counts not cross-checked")
+
+
+def _written_by_tokenize_docs(manifest: dict) -> bool:
+    splits = manifest.get("splits")
+    return isinstance(splits, dict) and all(
+        isinstance(splits.get(split), dict) and {"files", "documents"} <= splits[split].keys()
+        for split in ("val", "train")
+    )
 
 
 def check_own_manifest(report: Report, files: dict[str, list[Path]], manifest: dict, args) -> None:

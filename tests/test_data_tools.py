@@ -305,6 +305,15 @@ def test_verify_fails_on_manifest_mismatch(shards, capsys):
     assert code == 1 and "val: 8 documents (BOS tokens), manifest.json says 9" in text
 
 
+def test_verify_warns_on_a_manifest_it_did_not_write(shards, tmp_path, capsys):
+    tokenizer = tmp_path / "tok.model"
+    tokenizer.write_bytes(TOKENIZER.read_bytes())
+    (shards / "manifest.json").write_text(json.dumps({"made_by": "another tool"}))
+    code, text = run_cli(verify, [str(shards), "--tokenizer", str(tokenizer)], capsys)
+    assert code == 0, text
+    assert "manifest.json is not one data.tokenize_docs wrote" in text
+
+
 def test_verify_fails_on_bad_ids_and_missing_shard(shards, capsys):
     train_gpt.write_shard(shards / "fineweb_train_000000.bin", np.array([1, 5, 4000]))
     (shards / "fineweb_train_000001.bin").unlink()  # a gap in the numbering

@@ -237,6 +237,14 @@ def test_smoke_run_end_to_end(sample_shards, tmp_path):
     assert artifact.stat().st_size == final["model_bytes"]
     assert final["bytes_total"] == final["model_bytes"] + final["code_bytes"]
     assert final["script_sha256"] == tg.file_sha256(ROOT / "train_gpt.py")
+    # The records tool reads today's log format: make a (non-record) submission and validate it.
+    folder = tmp_path / "record"
+    cmd = [sys.executable, "-m", "records", "new", str(tmp_path / "logs" / "smoke.txt"), "--name", "Smoke"]
+    cmd += ["--author", "ci", "--github-id", "ci", "--blurb", "smoke", "--out", str(folder)]
+    cmd += ["--track", "non_record_16mb", "--script", str(ROOT / "train_gpt.py")]
+    made = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert (folder / "train_gpt.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
 
 
 def test_missing_data_stops_with_the_command_to_build_it(tmp_path):

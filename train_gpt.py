@@ -667,7 +667,9 @@ ATTENTION_BACKEND = "fa3" if flash_attn_func is not None and torch.cuda.is_avail
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """(B,T,H,D) queries, (B,T,Hk,D) keys/values -> (B,T,H,D). FA3 when importable, else SDPA."""
     if ATTENTION_BACKEND == "fa3":
-        out = flash_attn_func(q, k, v, causal=True)
+        # CUDA autocast runs rms_norm in fp32, so the normed q/k arrive fp32 while v is bf16.
+        # SDPA is autocast-aware and casts all three; FA3 is not and needs one 16-bit dtype.
+        out = flash_attn_func(q.to(v.dtype), k.to(v.dtype), v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     y = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True

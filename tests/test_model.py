@@ -362,6 +362,30 @@ def test_causality_check_detects_a_smear_from_the_next_token(monkeypatch):
         assert_causal(tiny_model(noise=0.2, XSA_LAST_N=0), make_ids())
 
 
+def test_fa3_gets_one_16_bit_dtype_when_autocast_leaves_q_and_k_in_fp32(monkeypatch):
+    """CUDA autocast runs rms_norm in fp32 (ATen's AT_FORALL_FP32 lists it), so the normed q/k are
+    fp32 while c_v's v is bf16. SDPA is autocast-aware; FA3 is not and refuses mixed dtypes."""
+
+    def strict_fa3(q, k, v, causal):
+        assert q.dtype == k.dtype == v.dtype == torch.bfloat16, (q.dtype, k.dtype, v.dtype)
+        q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        return y.transpose(1, 2).bfloat16(), None  # older FA3 builds also return the LSE
+
+    monkeypatch.setattr(train_gpt, "flash_attn_func", strict_fa3)
+    monkeypatch.setattr(train_gpt, "ATTENTION_BACKEND", "fa3")
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(B, T, 4, 8, generator=gen), torch.randn(B, T, 2, 8, generator=gen)
+    v = torch.randn(B, T, 2, 8, generator=gen).bfloat16()
+    y = train_gpt.causal_attention(q, k, v)
+    assert y.dtype == torch.bfloat16 and y.shape == (B, T, 4, 8)
+    q16, k16 = (t.bfloat16().float().transpose(1, 2) for t in (q, k))
+    expected = F.scaled_dot_product_attention(
+        q16, k16, v.float().transpose(1, 2), is_causal=True, enable_gqa=True
+    )
+    torch.testing.assert_close(y.float(), expected.transpose(1, 2), atol=1e-2, rtol=1e-2)
+
+
 # ----------------------------------------------------------------------------- BOS masks
 
 

@@ -413,12 +413,12 @@ def all_reduce_sum(values: Tensor, rt: Runtime) -> Tensor:
     return values
 
 
-def any_rank(flag: bool, rt: Runtime) -> bool:
-    """True if the flag is set on any rank: stop decisions are agreed, never rank-local."""
-    t = torch.tensor([1.0 if flag else 0.0], device=rt.device)
+def max_over_ranks(value: float, rt: Runtime) -> float:
+    """The largest value over ranks: one agreed number for decisions every rank must take alike."""
+    t = torch.tensor([value], dtype=torch.float64, device=rt.device)
     if rt.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return float(t.item())
 
 
 def sync(rt: Runtime) -> None:
@@ -1280,7 +1280,8 @@ def run_validation(model: GPT, val: ValData, state: TrainState, hp, rt, log) -> 
 
 
 def train(model: GPT, ddp_model, optimizers, loader, val: ValData, ema: EMA, hp, rt, log) -> TrainState:
-    """The timed loop. Validation pauses the clock; the stop decision is agreed across ranks."""
+    """The timed loop. Validation pauses the clock; the clock (so every schedule decision and the
+    stop) is agreed across ranks."""
     state = TrainState()
     budget_ms = 1000.0 * hp.max_wallclock_seconds
     while state.step < hp.iterations and not state.stopped_by_clock:
@@ -1294,12 +1295,14 @@ def train(model: GPT, ddp_model, optimizers, loader, val: ValData, ema: EMA, hp,
         loss = train_step(ddp_model, model, loader, optimizers, hp, rt)
         ema.update(model, expected_steps(state, hp))
         sync(rt)
-        state.train_ms += 1000 * (time.perf_counter() - t0)
+        # One clock for all ranks: the LR/momentum schedule, the looping switch, the EMA horizon and
+        # the stop rule all read it; rank-local clocks would let the ranks' weights drift apart.
+        state.train_ms = max_over_ranks(state.train_ms + 1000 * (time.perf_counter() - t0), rt)
         state.step += 1
         state.tokens += hp.train_batch_tokens
         if state.step <= 5 or state.step % hp.train_log_every == 0:
             log_train_step(state, loss, mult, hp, log)
-        if budget_ms > 0 and any_rank(state.train_ms >= budget_ms, rt) and state.step < hp.iterations:
+        if budget_ms > 0 and state.train_ms >= budget_ms and state.step < hp.iterations:
             state.stopped_by_clock = True
             log(
                 kv(

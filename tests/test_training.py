@@ -189,6 +189,55 @@ def test_two_process_gloo_run_matches_one_process_with_accumulation(sample_shard
     assert two["raw_val_bpb"] == pytest.approx(one["raw_val_bpb"], rel=1e-4)
 
 
+SKEWED_CLOCK_RUN = """
+import json, sys, time
+import torch
+sys.path.insert(0, sys.argv[1])
+import train_gpt as tg
+
+hp = tg.Hyperparameters(json.loads(sys.argv[2]))
+rt = tg.init_runtime(hp)
+if rt.rank == 1:  # this rank's clock runs 3x fast, as if its steps took longer
+    real = time.perf_counter
+    start = real()
+    time.perf_counter = lambda: start + 3 * (real() - start)
+torch.manual_seed(hp.seed)
+model, train_model, _ = tg.build_model(hp, rt)
+loader = tg.DistributedTokenLoader(tg.find_shards(hp.data_path, "train"), hp.vocab_size, rt)
+optimizers = tg.build_optimizers(model, hp, rt)
+ema = tg.EMA(model, hp.ema_decay, hp.ema_window_frac)
+state = tg.train(model, train_model, optimizers, loader, None, ema, hp, rt, tg.Logger(None))
+torch.save({"steps": state.step, "weights": model.state_dict()}, f"{sys.argv[3]}/rank{rt.rank}.pt")
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_ranks_keep_identical_weights_when_their_clocks_disagree(sample_shards, tmp_path):
+    """The schedule is wallclock-based; every rank must read the same clock, or each applies its
+    own LR (and looping switch) to the same averaged gradient and the replicas drift apart."""
+    env = tiny_env(
+        sample_shards,
+        ITERATIONS="100000",
+        MAX_WALLCLOCK_SECONDS="1.5",
+        TRAIN_BATCH_TOKENS="1024",
+        MICROBATCH_TOKENS="512",
+        NUM_LOOPS="1",
+        LOOP_START="1",
+        LOOP_END="1",
+    )
+    script = tmp_path / "skewed.py"
+    script.write_text(SKEWED_CLOCK_RUN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(script), str(ROOT), json.dumps(env), str(tmp_path)]
+    full = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank0["steps"] == rank1["steps"] > 2
+    for name, value in rank0["weights"].items():
+        torch.testing.assert_close(rank1["weights"][name], value, rtol=0, atol=0, msg=name)
+
+
 def test_wallclock_cut_stops_the_run_with_warmdown_done(sample_shards, tmp_path):
     env = tiny_env(
         sample_shards,

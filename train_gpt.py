@@ -211,6 +211,7 @@ class Hyperparameters:
         # fmt: off
         k("ITERATIONS", int, 20000)  # step cap (the schedule uses the further of step and time fractions)
         k("MAX_WALLCLOCK_SECONDS", float, 600.0)  # training-time budget; 0 = fixed ITERATIONS run
+        k("EXPORT_RESERVE_SECONDS", float, 1.0)  # part of that budget kept for producing the artifact
         k("LR_WARMUP_FRAC", float, 0.0)  # fraction of the budget with linear LR warmup
         k("WARMDOWN_FRAC", float, 0.72)  # final fraction of the budget with linear LR decay
         k("MIN_LR", float, 0.0)  # LR multiplier floor during warmdown
@@ -263,6 +264,11 @@ class Hyperparameters:
                 "schedule fractions must be in [0, 1]",
             ),
             (self.iterations > 0, "ITERATIONS must be positive"),
+            (
+                self.max_wallclock_seconds <= 0
+                or 0 <= self.export_reserve_seconds < self.max_wallclock_seconds,
+                "EXPORT_RESERVE_SECONDS must be in [0, MAX_WALLCLOCK_SECONDS)",
+            ),
             (
                 self.train_batch_tokens % self.train_seq_len == 0,
                 "TRAIN_BATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN",
@@ -1192,12 +1198,18 @@ class TrainState:
     stopped_by_clock: bool = False
 
 
+def train_budget_ms(hp: Hyperparameters) -> float:
+    """Training time: MAX_WALLCLOCK_SECONDS less what producing the artifact needs (0 = no clock)."""
+    if hp.max_wallclock_seconds <= 0:
+        return 0.0
+    return 1000.0 * (hp.max_wallclock_seconds - hp.export_reserve_seconds)
+
+
 def progress(state: TrainState, hp: Hyperparameters) -> float:
     """Schedule position in [0, 1]: wallclock fraction, or step fraction, whichever is further."""
     by_step = state.step / hp.iterations
-    if hp.max_wallclock_seconds <= 0:
-        return by_step
-    return min(1.0, max(by_step, state.train_ms / (1000.0 * hp.max_wallclock_seconds)))
+    budget_ms = train_budget_ms(hp)
+    return min(1.0, max(by_step, state.train_ms / budget_ms)) if budget_ms else by_step
 
 
 def expected_steps(state: TrainState, hp: Hyperparameters) -> float:
@@ -1280,15 +1292,16 @@ def run_validation(model: GPT, val: ValData, state: TrainState, hp, rt, log) -> 
 
 
 def train(model: GPT, ddp_model, optimizers, loader, val: ValData, ema: EMA, hp, rt, log) -> TrainState:
-    """The timed loop. Validation pauses the clock; the clock (so every schedule decision and the
-    stop) is agreed across ranks."""
-    state = TrainState()
-    budget_ms = 1000.0 * hp.max_wallclock_seconds
+    """The timed loop. The clock runs from the first step to the last and pauses only for
+    validation; it is agreed across ranks, and the run stops before a step would overrun it."""
+    state, budget_ms = TrainState(), train_budget_ms(hp)
+    sync(rt)
+    t0, banked_ms = time.perf_counter(), 0.0
     while state.step < hp.iterations and not state.stopped_by_clock:
         if hp.val_loss_every > 0 and state.step % hp.val_loss_every == 0:
             run_validation(model, val, state, hp, rt, log)
-        sync(rt)
-        t0 = time.perf_counter()
+            sync(rt)
+            t0, banked_ms = time.perf_counter(), state.train_ms
         frac = progress(state, hp)
         set_looping(model, frac, hp, log)
         mult = apply_schedule(optimizers, frac, hp)
@@ -1297,12 +1310,17 @@ def train(model: GPT, ddp_model, optimizers, loader, val: ValData, ema: EMA, hp,
         sync(rt)
         # One clock for all ranks: the LR/momentum schedule, the looping switch, the EMA horizon and
         # the stop rule all read it; rank-local clocks would let the ranks' weights drift apart.
-        state.train_ms = max_over_ranks(state.train_ms + 1000 * (time.perf_counter() - t0), rt)
+        before_ms = state.train_ms
+        state.train_ms = max_over_ranks(banked_ms + 1000 * (time.perf_counter() - t0), rt)
         state.step += 1
         state.tokens += hp.train_batch_tokens
         if state.step <= 5 or state.step % hp.train_log_every == 0:
             log_train_step(state, loss, mult, hp, log)
-        if budget_ms > 0 and state.train_ms >= budget_ms and state.step < hp.iterations:
+        if (
+            budget_ms
+            and state.train_ms + (state.train_ms - before_ms) > budget_ms
+            and state.step < hp.iterations
+        ):
             state.stopped_by_clock = True
             log(
                 kv(

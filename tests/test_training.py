@@ -95,7 +95,10 @@ def test_lr_schedule_shape():
 
 def test_progress_follows_the_wallclock_and_finishes_warmdown_at_the_cut():
     """A run cut by the clock must have finished its warmdown: the fraction is time-based."""
-    hp = tg.Hyperparameters({"MAX_WALLCLOCK_SECONDS": "100", "ITERATIONS": "1000000"})
+    hp = tg.Hyperparameters(
+        {"MAX_WALLCLOCK_SECONDS": "101", "EXPORT_RESERVE_SECONDS": "1", "ITERATIONS": "1000000"}
+    )
+    assert tg.train_budget_ms(hp) == 100_000  # the export reserve is not training time
     half = tg.TrainState(step=10, train_ms=50_000)
     assert tg.progress(half, hp) == pytest.approx(0.5)
     cut = tg.TrainState(step=20, train_ms=100_000)
@@ -147,7 +150,9 @@ def test_ema_horizon_is_a_fraction_of_the_run():
 
 
 def test_expected_steps_extrapolates_the_schedule():
-    hp = tg.Hyperparameters({"MAX_WALLCLOCK_SECONDS": "100", "ITERATIONS": "1000000"})
+    hp = tg.Hyperparameters(
+        {"MAX_WALLCLOCK_SECONDS": "100", "EXPORT_RESERVE_SECONDS": "0", "ITERATIONS": "1000000"}
+    )
     assert tg.expected_steps(tg.TrainState(step=50, train_ms=25_000), hp) == pytest.approx(200)
     assert tg.expected_steps(tg.TrainState(), hp) == 1_000_000
 
@@ -219,6 +224,7 @@ def test_ranks_keep_identical_weights_when_their_clocks_disagree(sample_shards, 
         sample_shards,
         ITERATIONS="100000",
         MAX_WALLCLOCK_SECONDS="1.5",
+        EXPORT_RESERVE_SECONDS="0",
         TRAIN_BATCH_TOKENS="1024",
         MICROBATCH_TOKENS="512",
         NUM_LOOPS="1",
@@ -243,12 +249,14 @@ def test_wallclock_cut_stops_the_run_with_warmdown_done(sample_shards, tmp_path)
         sample_shards,
         RUN_ID="cut",
         ITERATIONS="100000",
-        MAX_WALLCLOCK_SECONDS="3",
+        MAX_WALLCLOCK_SECONDS="5",
+        EXPORT_RESERVE_SECONDS="1",
         TRAIN_BATCH_TOKENS="512",
         MICROBATCH_TOKENS="512",
     )
     final, log = run_script(env, tmp_path)
     assert final["stopped_by_clock"] is True
+    assert final["train_time_s"] <= 4.0  # stopped before a step would overrun the training budget
     assert "stopping_early:wallclock_cap" in log
     scales = [
         float(line.split("lr_scale:")[1].split()[0]) for line in log.splitlines() if "lr_scale:" in line

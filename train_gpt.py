@@ -9,9 +9,9 @@ Component notes cite the public records they come from (R0323 = 2026-03-23 recor
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
-import glob
 import hashlib
 import io
 import json
@@ -494,9 +494,13 @@ def load_shard(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
     return tokens
 
 
+def list_shards(data_path: str | Path, split: str) -> list[Path]:
+    """Token shards of one split in name order; CaseOps `_bytes_` sidecars are not tokens."""
+    return sorted(p for p in Path(data_path).glob(f"fineweb_{split}_*.bin") if "_bytes_" not in p.name)
+
+
 def find_shards(data_path: str, split: str) -> list[Path]:
-    files = sorted(Path(p) for p in glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
-    files = [f for f in files if "_bytes_" not in f.name]  # CaseOps byte sidecars are not tokens
+    files = list_shards(data_path, split)
     if not files:
         raise DataError(
             f"no {split} shards matching {data_path}/fineweb_{split}_*.bin. Fetch the official data with "
@@ -1197,6 +1201,14 @@ class TrainState:
     tokens: int = 0
     stopped_by_clock: bool = False
 
+    @property
+    def step_avg_ms(self) -> float:
+        return self.train_ms / max(self.step, 1)
+
+    @property
+    def tokens_per_s(self) -> int:
+        return int(self.tokens / max(self.train_ms / 1000, 1e-9))
+
 
 def train_budget_ms(hp: Hyperparameters) -> float:
     """Training time: MAX_WALLCLOCK_SECONDS less what producing the artifact needs (0 = no clock)."""
@@ -1238,7 +1250,7 @@ def train_step(ddp_model: nn.Module, model: GPT, loader: DistributedTokenLoader,
 
 def maybe_no_sync(ddp_model: nn.Module, sync_grads: bool):
     if sync_grads or not isinstance(ddp_model, nn.parallel.DistributedDataParallel):
-        return torch.enable_grad()
+        return contextlib.nullcontext()
     return ddp_model.no_sync()
 
 
@@ -1275,13 +1287,12 @@ def set_looping(model: GPT, frac: float, hp: Hyperparameters, log: Logger) -> No
 
 
 def clock_fields(state: TrainState) -> dict[str, object]:
-    return dict(train_time_ms=int(state.train_ms), step_avg_ms=f"{state.train_ms / max(state.step, 1):.2f}")
+    return dict(train_time_ms=int(state.train_ms), step_avg_ms=f"{state.step_avg_ms:.2f}")
 
 
 def log_train_step(state: TrainState, loss: float, mult: float, hp: Hyperparameters, log: Logger) -> None:
-    tok_s = int(state.tokens / max(state.train_ms / 1000, 1e-9))
     step = f"{state.step}/{hp.iterations}"
-    log(kv(step=step, train_loss=loss, lr_scale=mult, **clock_fields(state), tokens_per_s=tok_s))
+    log(kv(step=step, train_loss=loss, lr_scale=mult, **clock_fields(state), tokens_per_s=state.tokens_per_s))
 
 
 def run_validation(model: GPT, val: ValData, state: TrainState, hp, rt, log) -> tuple[float, float, float]:
@@ -1463,8 +1474,8 @@ def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
         world_size=rt.world_size,
         steps=state.step,
         train_time_s=round(state.train_ms / 1000, 3),
-        step_avg_ms=round(state.train_ms / max(state.step, 1), 2),
-        tokens_per_s=int(state.tokens / max(state.train_ms / 1000, 1e-9)),
+        step_avg_ms=round(state.step_avg_ms, 2),
+        tokens_per_s=state.tokens_per_s,
         stopped_by_clock=state.stopped_by_clock,
         **final_evals(model, ema, val, state, hp, rt, log, code_bytes),
         hp_hash=hp.hash(),

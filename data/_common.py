@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import gzip
 import hashlib
@@ -17,7 +18,6 @@ from typing import NoReturn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = Path("data/sample/fineweb_1024_bpe.model")
-SHARD_GLOB = {"train": "fineweb_train_*.bin", "val": "fineweb_val_*.bin"}
 
 
 @functools.cache
@@ -99,6 +99,19 @@ def text_key(text: str) -> bytes:
     return hashlib.blake2b(norm.encode("utf-8"), digest_size=16).digest()
 
 
+def add_document_arguments(parser: argparse.ArgumentParser) -> None:
+    """--input and --text-field, read the same way (iter_docs) by every tool that takes documents."""
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="JSON-lines files with a 'text' field; .gz/.xz/.zst are decompressed; read in the order given",
+    )
+    parser.add_argument("--text-field", default="text", help="JSON field holding the text (default 'text')")
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -120,8 +133,8 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 def shard_files(folder: Path, split: str) -> list[Path]:
-    """Shards of one split in name order; CaseOps `_bytes_` sidecars are not token shards."""
-    return sorted(p for p in Path(folder).glob(SHARD_GLOB[split]) if "_bytes_" not in p.name)
+    """Shards of one split in name order, by train_gpt.py's own rule."""
+    return tg().list_shards(folder, split)
 
 
 def expected_tokens(manifest: dict, stats: dict, split: str, index: int) -> int | None:

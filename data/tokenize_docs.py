@@ -35,6 +35,7 @@ import numpy as np
 
 from data._common import (
     DEFAULT_TOKENIZER,
+    add_document_arguments,
     fail,
     iter_lines,
     parse_doc,
@@ -58,14 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tokenize JSON-lines documents into challenge-format shards (BOS before each "
         "document, no EOS, val = first --val-docs documents) and write manifest.json next to them.",
     )
-    parser.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        type=Path,
-        metavar="FILE",
-        help="JSON-lines files with a 'text' field; .gz/.xz/.zst are decompressed; read in the order given",
-    )
+    add_document_arguments(parser)
     parser.add_argument("--output", required=True, type=Path, help="folder for the shards and manifest.json")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="SentencePiece .model file")
     parser.add_argument(
@@ -94,7 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-docs", type=int, default=256, help="documents per work item (default 256)")
     parser.add_argument("--max-docs", type=int, default=None, help="stop after this many input documents")
-    parser.add_argument("--text-field", default="text", help="JSON field holding the text (default 'text')")
     parser.add_argument(
         "--drop-overlap",
         action="store_true",

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from data._common import fail, iter_docs, run_main
+from data._common import add_document_arguments, fail, iter_docs, run_main
 
 # Official trainer settings; everything not listed keeps SentencePiece's default, as officially.
 TRAINER_SETTINGS = {
@@ -46,14 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a SentencePiece BPE tokenizer (byte fallback, official challenge settings) "
         "on JSON-lines documents; writes PREFIX.model and PREFIX.vocab.",
     )
-    parser.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        type=Path,
-        metavar="FILE",
-        help="JSON-lines files with a 'text' field (.gz/.xz/.zst ok)",
-    )
+    add_document_arguments(parser)
     parser.add_argument(
         "--vocab-size", type=int, default=1024, help="pieces, e.g. 1024, 4096, 8192 (default 1024)"
     )
@@ -71,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="skip the first N non-blank documents (N = --val-docs of tokenize_docs keeps its val unseen)",
     )
-    parser.add_argument("--text-field", default="text", help="JSON field holding the text (default 'text')")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="trainer threads")
     parser.add_argument(
         "--max-sentence-length",

@@ -140,7 +140,7 @@ class Hyperparameters:
         before = set(k.names)
         self._model_knobs(k)
         # What a fresh process needs to rebuild the model from an artifact (EVAL_ONLY).
-        self.model_knob_names = sorted(set(k.names) - before) + ["VOCAB_SIZE"]
+        self.model_knob_names = sorted(set(k.names) - before | {"VOCAB_SIZE"})
         self._optimizer_knobs(k)
         self._schedule_knobs(k)
         self._evaluation_knobs(k)
@@ -1222,7 +1222,7 @@ class QuantTensor:
 def fake_quantize(w: Tensor, bits: int) -> Tensor:
     """Late-QAT straight-through estimator: the forward sees per-row round-to-nearest intN weights,
     the backward the identity (R0321-era late QAT; components.md 4.7)."""
-    s = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / qmax(bits)
+    s = fp16_scales(w.detach().abs().amax(dim=1), bits)[:, None]
     q = torch.clamp(torch.round(w / s), -qmax(bits), qmax(bits)) * s
     return w + (q - w).detach()
 
@@ -1724,7 +1724,7 @@ def fit_artifact(qz: Quantizer, bytes_code: int, log: Logger, cap: int) -> tuple
     if artifact_size(body) > limit:
         raise ArtifactError(
             f"the model cannot fit: code {bytes_code} + model {artifact_size(body)} bytes is "
-            f"{artifact_size(body) - limit} bytes over ARTIFACT_CAP_BYTES={hp.artifact_cap_bytes} even with "
+            f"{artifact_size(body) - limit} bytes over ARTIFACT_CAP_BYTES={cap} even with "
             "every block at int5 and every +-1 weight zeroed; shrink the model (NUM_LAYERS, MODEL_DIM, "
             "MLP_MULT, BIGRAM_BUCKETS), lower QUANT_BITS / QUANT_EMBED_BITS, or set CODE_BYTES_MODE=packed"
         )

@@ -290,9 +290,27 @@ def test_smoke_run_end_to_end(sample_shards, tmp_path):
     ):
         assert key in final
     assert final["steps"] == 40 and final["val_bpb"] < vals[0]
-    artifact = Path(final["artifact"])
-    assert artifact.stat().st_size == final["model_bytes"]
-    assert final["bytes_total"] == final["model_bytes"] + final["code_bytes"]
+    artifact = Path(final["artifact_path"])
+    assert f"artifact_path:{artifact}" in log.splitlines()
+    assert artifact.stat().st_size == final["bytes_model"]
+    assert final["bytes_total"] == final["bytes_model"] + final["bytes_code"] <= 16_000_000
+    assert final["headroom"] == 16_000_000 - final["bytes_total"]
+    assert final["val_bpb"] == final["post_quant_val_bpb"]
+    assert final["quant_gap"] == pytest.approx(final["post_quant_val_bpb"] - final["pre_quant_val_bpb"])
+    assert 0 <= final["gptq_time_s"] <= final["export_time_s"]
+    assert final["artifact_production_wallclock_s"] == pytest.approx(
+        final["train_time_s"] + final["export_time_s"]
+    )
+    # A fresh process rebuilds the model from the artifact alone and gets the same number.
+    again, eval_log = run_script(
+        dict(
+            env, RUN_ID="smoke_eval", EVAL_ONLY="1", ARTIFACT_PATH=str(artifact), DATA_PATH=str(sample_shards)
+        ),
+        tmp_path,
+    )
+    assert again["eval_only"] is True and "step:" not in eval_log
+    assert abs(again["val_bpb"] - final["post_quant_val_bpb"]) < 1e-6
+    assert again["bytes_model"] == final["bytes_model"]
     assert final["script_sha256"] == tg.file_sha256(ROOT / "train_gpt.py")
     # The records tool reads today's log format: make a (non-record) submission and validate it.
     folder = tmp_path / "record"

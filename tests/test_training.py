@@ -32,6 +32,7 @@ TINY = {
     "WARMUP_STEPS": "0",
     "TRAIN_LOG_EVERY": "1",
     "BYTE_CHECK_DOCS": "8",
+    "GPTQ_CALIB_TOKENS": "2048",
 }
 
 
@@ -379,6 +380,7 @@ def test_depth_recurrence_switches_on_by_schedule_position(sample_shards, tmp_pa
         LOOP_START="1",
         LOOP_END="1",
         ENABLE_LOOPING_AT="0.5",
+        QAT_START_LR_SCALE="0.5",
         PARALLEL_RESIDUAL_LAST_N="1",
         ITERATIONS="6",
         MAX_WALLCLOCK_SECONDS="0",
@@ -390,6 +392,9 @@ def test_depth_recurrence_switches_on_by_schedule_position(sample_shards, tmp_pa
     switch = next(i for i, line in enumerate(lines) if line.startswith("looping:on"))
     assert "progress:0.500000" in lines[switch]
     assert lines[switch - 1].startswith("step:3/6")  # on from the 4th step (frac 3/6) to the end
+    # Late QAT by schedule position: lr_scale = (1 - 4/6) / 0.72 = 0.46 < 0.5 first at step 4.
+    qat = next(i for i, line in enumerate(lines) if line.startswith("qat:on"))
+    assert lines[qat - 1].startswith("step:4/6") and "lr_scale:0.46" in lines[qat]
     assert final["steps"] == 6
 
 

@@ -1605,11 +1605,12 @@ class Quantizer:
         for name, t in self.state.items():
             if name in self.plan:
                 key = (name, self.plan[name])
-                if key not in self.cache:
-                    self.cache[key] = quantize_tensor(name, t, key[1], self.hessians, self.hp)
+                if key not in self.cache:  # computed where the weights live, kept on the CPU
+                    qt = quantize_tensor(name, t, key[1], self.hessians, self.hp)
+                    self.cache[key] = QuantTensor(qt.q.cpu(), qt.scale.cpu(), qt.bits)
                 out[name] = self.cache[key]
             else:
-                out[name] = t.to(torch.float16)
+                out[name] = t.to(device="cpu", dtype=torch.float16)
         return out
 
     def payload(self, qstate: Mapping[str, QuantTensor | Tensor]) -> bytes:

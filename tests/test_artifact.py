@@ -282,3 +282,31 @@ def test_measured_reserve_shortens_the_training_budget():
     assert tg.progress(tg.TrainState(step=1, train_ms=43_750, reserve_s=12.5), hp) == pytest.approx(0.5)
     fixed = make_hp(MAX_WALLCLOCK_SECONDS=100, EXPORT_RESERVE_SECONDS=7)
     assert tg.measure_export_reserve(None, None, fixed, None, None, 0) == 7
+
+
+def test_hessians_cover_every_quantised_linear_and_the_tied_embedding(cpu_runtime, shard_dir):
+    hp = make_hp(VOCAB_SIZE=1024, MODEL_DIM=128, DATA_PATH=str(shard_dir), QUANT_EMBED_GPTQ=True)
+    model = tg.GPT(hp)
+    loader = tg.DistributedTokenLoader(tg.find_shards(hp.data_path, "train"), hp.vocab_size, cpu_runtime)
+    hessians = tg.collect_hessians(model, loader, hp, cpu_runtime, batches=2)
+    plan = tg.quant_plan(model, hp)
+    assert set(hessians) == set(plan) - {"bigram.embed.weight"}  # a lookup table has no input
+    assert hessians["tok_emb.weight"].shape == (128, 128)
+    assert hessians["blocks.0.mlp.proj.weight"].shape == (256, 256)
+    assert all(float(H.diagonal().min()) > 0 for n, H in hessians.items() if "mlp.proj" not in n)
+    emb = tg.Quantizer(model, hessians, hp).qstate()["tok_emb.weight"]
+    W, H = model.tok_emb.weight.detach(), hessians["tok_emb.weight"]
+    rtn = tg.rtn_quantize(W, 8)
+    assert tg.output_error(W - emb.dequantize(), H).sum() < tg.output_error(W - rtn.dequantize(), H).sum()
+
+
+def test_int5_ladder_takes_the_least_sensitive_block_first():
+    hp = make_hp(NUM_LAYERS=3, MODEL_DIM=128)
+    torch.manual_seed(0)
+    model = randomize_(tg.GPT(hp), std=0.05)
+    plan = tg.quant_plan(model, hp)
+    scale = {0: 1.0, 1: 100.0, 2: 0.01}  # block 1's inputs are loud, block 2's nearly silent
+    hessians = {
+        n: torch.eye(model.get_parameter(n).size(1)) * scale[tg.block_index(n)] for n in plan if "blocks" in n
+    }
+    assert tg.Quantizer(model, hessians, hp).int5_order() == [2, 0, 1]

@@ -381,6 +381,7 @@ def test_depth_recurrence_switches_on_by_schedule_position(sample_shards, tmp_pa
         LOOP_END="1",
         ENABLE_LOOPING_AT="0.5",
         QAT_START_LR_SCALE="0.5",
+        QUANT_REPORT_RTN="1",
         PARALLEL_RESIDUAL_LAST_N="1",
         ITERATIONS="6",
         MAX_WALLCLOCK_SECONDS="0",
@@ -395,6 +396,9 @@ def test_depth_recurrence_switches_on_by_schedule_position(sample_shards, tmp_pa
     # Late QAT by schedule position: lr_scale = (1 - 4/6) / 0.72 = 0.46 < 0.5 first at step 4.
     qat = next(i for i, line in enumerate(lines) if line.startswith("qat:on"))
     assert lines[qat - 1].startswith("step:4/6") and "lr_scale:0.46" in lines[qat]
+    rtn = next(line for line in lines if line.startswith("final_eval:rtn"))
+    rtn_bpb = float(rtn.split("val_bpb:")[1].split()[0])
+    assert final["rtn_quant_gap"] == pytest.approx(rtn_bpb - final["pre_quant_val_bpb"], abs=1e-4)
     assert final["steps"] == 6
 
 

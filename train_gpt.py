@@ -1221,7 +1221,7 @@ class QuantTensor:
 
 def fake_quantize(w: Tensor, bits: int) -> Tensor:
     """Late-QAT straight-through estimator: the forward sees per-row round-to-nearest intN weights,
-    the backward the identity (R0321-era late QAT; components.md 4.7)."""
+    the backward the identity (components.md 4.7)."""
     s = fp16_scales(w.detach().abs().amax(dim=1), bits)[:, None]
     q = torch.clamp(torch.round(w / s), -qmax(bits), qmax(bits)) * s
     return w + (q - w).detach()

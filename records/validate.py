@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
-from . import rules, summary
+from . import rules, summary, thirdparty
 from .logparse import describe_problems, find_logs, hp_hash, parse_log
 
 REQUIRED_FILES = ("README.md", "submission.json", "train_gpt.py")
@@ -44,6 +44,10 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     logs: list[dict] = field(default_factory=list)
     script: bytes | None = None
+    ours: bool = True  # made by `records new`; False: checked from what its logs state (thirdparty.py)
+    facts: list[str] = field(default_factory=list)  # what a third-party folder's logs state
+    flags: list[str] = field(default_factory=list)  # short names of the rules a third-party folder breaks
+    runs: list = field(default_factory=list)  # dialects.Run of a third-party folder
 
     @property
     def ok(self) -> bool:
@@ -493,6 +497,10 @@ def validate_folder(folder, track: str = rules.RECORD_TRACK) -> Report:
     if not rep.folder.is_dir():
         rep.problems.append(f"{folder} is not a directory")
         return rep
+    rep.ours = thirdparty.is_ours(rep.folder, bool(find_logs(rep.folder)))
+    if not rep.ours:
+        thirdparty.validate(rep)
+        return rep
     check_files(rep)
     check_logs(rep)
     check_logs_agree(rep)
@@ -511,7 +519,17 @@ def validate_folder(folder, track: str = rules.RECORD_TRACK) -> Report:
 
 def format_report(rep: Report) -> str:
     lines = []
-    if rep.ok:
+    if not rep.ours:
+        verdict = "OK" if rep.ok else f"FAILED ({len(rep.problems)} problem(s))"
+        lines.append(
+            f"{verdict} {rep.folder} [{rep.track}], not made by `records new`: "
+            "checked from what its logs state"
+        )
+        lines.extend(f"  {f}" for f in rep.facts)
+        if rep.problems:
+            lines.append("problems:")
+            lines.extend(f"  - {p}" for p in rep.problems)
+    elif rep.ok:
         lines.append(f"OK {rep.folder} [{rep.track}]: {ok_summary(rep)}")
     else:
         lines.append(f"FAILED {rep.folder} [{rep.track}]: {len(rep.problems)} problem(s)")

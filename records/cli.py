@@ -237,4 +237,8 @@ def cmd_plot(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `python -m records diff ... | head`
+        sys.stderr.close()
+        return EXIT_OK

@@ -98,6 +98,9 @@ def side_config(side: Side) -> tuple[dict[str, str], str]:
 
 
 def config_diff(a: Side, b: Side) -> str:
+    if bool(a.logs) != bool(b.logs):  # resolved settings against bare defaults would mislead
+        missing = a.label if not a.logs else b.label
+        return f"(no config diff: no logged config for {missing}; its settings are the script's defaults)"
     (left, how_a), (right, how_b) = side_config(a), side_config(b)
     if not left or not right:
         missing = a.label if not left else b.label

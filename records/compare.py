@@ -91,7 +91,7 @@ def _run_from_official(run: dialects.Run) -> dict:
         "seed": run.seed,
         "val_loss": claim.val_loss,
         "val_bpb": claim.val_bpb,
-        "val_tokens": None,
+        "val_tokens": run.val_tokens,
         "source": dialects.score_source(run),
     }
 
@@ -107,6 +107,9 @@ def _load_folder(side: Side, path: Path) -> None:
         dialect_names = sorted({r.dialect for r in runs})
         side.notes.append(f"{path.name}: logs read as {'; '.join(dialect_names)}")
         side.notes.extend(f"{path.name}: {n}" for n in notes)
+        sub, _ = dialects.load_submission(path)
+        if sub is not None:
+            side.notes.extend(f"{path.name}: {d}" for d in dialects.disagreements(runs, sub))
         return
     subs = _runs_from_submission(path)
     if not subs:

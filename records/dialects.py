@@ -17,8 +17,10 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
+from . import summary
 from .logparse import parse_log
 
 # Stage classes of a final evaluation: the score a submission stands on is the last evaluation of
@@ -60,6 +62,7 @@ class Run:
     seed: int | None = None
     world_size: int | None = None
     model_params: int | None = None
+    val_tokens: int | None = None  # tokens scored: nats/token compare only on the same tokenization
     steps: int | None = None
     train_time_s: float | None = None
     train_time_source: str | None = None
@@ -128,6 +131,10 @@ def _set_world(run, m, no, line):
 
 def _set_params(run, m, no, line):
     run.model_params = int(m["v"])
+
+
+def _set_val_tokens(run, m, no, line):
+    run.val_tokens = int(m["v"])
 
 
 def _step(run, m, no, line):
@@ -254,6 +261,7 @@ LINE_PATTERNS = (
     _p("seed", r"^ {0,2}seed: ?(?P<v>\d+)\s*$", _set_seed),
     _p("world_size", r"^ {0,2}world_size: ?(?P<v>\d+)", _set_world),
     _p("model_params", r"^model_params: ?(?P<v>\d+)", _set_params),
+    _p("val_tokens", r"^(?:val_tokens: ?|val_loader:shards .* tokens:)(?P<v>\d+)\s*$", _set_val_tokens),
     _p("hyperparameter", r"^  (?P<k>[a-z_][a-z0-9_]*): (?P<v>.*)$", _hparam, "Hyperparameters block"),
 )
 
@@ -309,6 +317,7 @@ def read_ours(path: Path) -> Run:
     run = Run(path=path, dialect="ours (run_id first line, key:value lines, final JSON)")
     run.seed = final.get("seed")
     run.world_size = log["header"].get("world_size")
+    run.val_tokens = final.get("val_tokens")
     run.steps = final.get("steps")
     run.train_time_s = final.get("train_time_s")
     run.train_time_source = "final JSON train_time_s"
@@ -467,6 +476,44 @@ def folder_runs(folder) -> tuple[list[Run], list[str]]:
         chosen[key] = keep
         notes.append(f"seed {key}: {other.name} also states this seed; {keep.name} is used")
     return list(chosen.values()), notes
+
+
+def disagreements(runs: list[Run], sub: dict) -> list[str]:
+    """Where submission.json's scores differ from the logs' final evaluations, to the digits printed
+    (per seed under whatever key, then the headline mean)."""
+    out = []
+    per_seed = submission_seeds(sub)
+    for run in runs:
+        claim, entry = run.claim(), per_seed.get(str(run.seed))
+        if claim is None or entry is None:
+            continue
+        for key in ("val_bpb", "val_loss"):
+            printed, actual = _printed(entry.get(key)), getattr(claim, key)
+            if printed is not None and not summary.matches(printed, actual):
+                source = score_source(run)
+                out.append(f"submission.json seed {run.seed} {key} is {printed} but {source} says {actual}")
+    claims = [(r, r.claim()) for r in runs if r.claim() is not None]
+    for key in ("val_bpb", "val_loss"):
+        printed = _printed(submission_score(sub, key))
+        if printed is None or not claims:
+            continue
+        mean, _ = summary.mean_std(getattr(c, key) for _, c in claims)
+        if summary.matches(printed, mean):
+            continue
+        same = [r.name for r, c in claims if summary.matches(printed, getattr(c, key))]
+        which = f" (it is {same[0]}'s score alone)" if same and len(claims) > 1 else ""
+        out.append(
+            f"submission.json {key} is {printed} but the mean of the logs' final scores "
+            f"({len(claims)} seed(s)) is {mean:.8f}{which}"
+        )
+    return out
+
+
+def _printed(value) -> Decimal | None:
+    """A JSON number as printed (digits kept), None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return Decimal(repr(value))
 
 
 def score_source(run: Run) -> str:

@@ -126,7 +126,10 @@ def test_validate_third_party_ok_and_not_stated(track, capsys):
     assert "artifact production: not stated" in out
     assert "code + model 16,037,000 bytes exceeds 16,000,000" in out
     assert "1 seed(s); a record claim needs 3" in out
-    assert "submission.json val_bpb is 1.2244 but the mean of the logs' final scores is 1.22757690" in out
+    assert (
+        "submission.json val_bpb is 1.2244 but the mean of the logs' final scores (1 seed(s)) is 1.22757690"
+        in out
+    )
 
 
 def test_unreadable_files_get_one_line(track, capsys):

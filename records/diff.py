@@ -36,13 +36,24 @@ def _read_script(side: Side) -> None:
         )
 
 
+def folder_script(folder: Path, notes: list[str]) -> Path | None:
+    """train_gpt.py, else the one train_gpt*.py some records ship instead (e.g. train_gpt_v5.py)."""
+    script = folder / "train_gpt.py"
+    if script.is_file():
+        return script
+    others = sorted(folder.glob("train_gpt*.py"))
+    if len(others) == 1:
+        notes.append(f"no train_gpt.py; using {others[0].name}")
+        return others[0]
+    return None
+
+
 def load_side(raw: str) -> Side:
     """A record folder (script + logs), a bare script (code only) or one run log (config only)."""
     path = Path(raw)
     side = Side(label=raw)
     if path.is_dir():
-        script = path / "train_gpt.py"
-        side.script = script if script.is_file() else None
+        side.script = folder_script(path, side.notes)
         side.logs = [parse_log(p) for p in find_logs(path)]
     elif path.is_file() and looks_like_log(path):
         side.logs = [parse_log(path)]

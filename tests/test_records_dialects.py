@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -168,3 +169,26 @@ def test_rank_markdown_and_csv(track, capsys):
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [r["date"] for r in rows] == ["2026-01-02", "2026-01-01", "2026-01-03"]
     assert rows[0]["bytes"] == "15931000" and rows[2]["flags"] == "bytes>16MB seeds<3 score!=submission"
+
+
+def test_missing_metadata_is_an_error_for_our_folders_only(track, capsys, tmp_path):
+    third = track / "2026-01-02_V2Dialect"
+    code, out = run_cli(capsys, "validate", third)
+    assert code == 0 and "lacks optional metadata: blurb" in out  # a warning
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    for log in sorted(OURS.glob("*.txt")):
+        shutil.copy(log, ours / log.name)
+    sub = {"name": "x", "script_sha256": "0" * 64, "hp_hash": "00000000"}  # fields only `new` writes
+    (ours / "submission.json").write_text(json.dumps(sub))
+    code, out = run_cli(capsys, "validate", ours, "--track", "non_record_16mb")
+    assert code == 1 and "submission.json: missing or empty 'blurb'" in out
+
+
+def test_per_seed_disagreement_names_the_line(track, capsys):
+    folder = track / "2026-01-01_V1Dialect"
+    sub = json.loads((folder / "submission.json").read_text())
+    sub["seed_results"]["2"]["val_bpb"] = 1.1290
+    (folder / "submission.json").write_text(json.dumps(sub))
+    code, out = run_cli(capsys, "validate", folder)
+    assert "submission.json seed 2 val_bpb is 1.129 but train_seed2.log:25 legal_ttt_exact says 1.1196" in out

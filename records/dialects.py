@@ -329,12 +329,14 @@ def read_ours(path: Path) -> Run:
     run.bytes_total = final.get("bytes_total")
     run.config = dict(log["hp"])
     for fe in log["final_evals"]:
+        if not (isinstance(fe.get("val_loss"), float) and isinstance(fe.get("val_bpb"), float)):
+            continue
         stage = next((cls for rx, cls in _STAGE_RES if rx.match(str(fe["stage"]))), ROUNDTRIP)
         run.evals.append(
             Eval(f"final_eval:{fe['stage']}", stage, fe.get("val_loss"), fe.get("val_bpb"), None, 0, "")
         )
     if isinstance(final.get("val_bpb"), float) and isinstance(final.get("val_loss"), float):
-        line = _line_of(path, final["val_bpb"])
+        line = _json_line_no(path)
         run.score_override = Eval(
             "final JSON val_bpb/val_loss", TTT, final["val_loss"], final["val_bpb"], None, line, ""
         )
@@ -344,7 +346,7 @@ def read_ours(path: Path) -> Run:
     return run
 
 
-def _line_of(path: Path, bpb: float) -> int:
+def _json_line_no(path: Path) -> int:
     """Line number of the final JSON (the last line starting with "{")."""
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     return max((i for i, ln in enumerate(lines, start=1) if ln.startswith("{")), default=0)

@@ -137,6 +137,9 @@ def validate(rep) -> None:
     runs, notes = dialects.folder_runs(folder)
     rep.runs = runs
     rep.warnings.extend(notes)
+    read = {run.path for run in runs} | set(folder.glob("logs/*"))
+    for stray in sorted(set(folder.glob("*.log")) - read):
+        rep.warnings.append(f"{stray.name}: not a run log in any known dialect (no step or final eval lines)")
     if not runs:
         rep.problems.append("no run logs in any known dialect (*.log / *.txt with step or final eval lines)")
     for run in runs:

@@ -499,7 +499,10 @@ def validate_folder(folder, track: str = rules.RECORD_TRACK) -> Report:
         return rep
     rep.ours = thirdparty.is_ours(rep.folder, bool(find_logs(rep.folder)))
     if not rep.ours:
-        thirdparty.validate(rep)
+        try:
+            thirdparty.validate(rep)
+        except OSError as exc:  # e.g. a file that cannot be opened: one line, not a traceback
+            rep.problems.append(f"unreadable: {exc}")
         return rep
     check_files(rep)
     check_logs(rep)

@@ -139,6 +139,7 @@ def test_unreadable_files_get_one_line(track, capsys):
     (folder / "notes.log").write_bytes(b"\x00\xff\xfe binary")
     code, out = run_cli(capsys, "validate", folder)
     assert "submission.json does not parse" in out
+    assert "notes.log: not a run log in any known dialect" in out
     code, out = run_cli(capsys, "rank", track)
     assert code == 0
 
@@ -192,3 +193,31 @@ def test_per_seed_disagreement_names_the_line(track, capsys):
     (folder / "submission.json").write_text(json.dumps(sub))
     code, out = run_cli(capsys, "validate", folder)
     assert "submission.json seed 2 val_bpb is 1.129 but train_seed2.log:25 legal_ttt_exact says 1.1196" in out
+
+
+@pytest.mark.parametrize(
+    ("label", "stage"),
+    [
+        ("final_int8_zlib_roundtrip_exact", dialects.ROUNDTRIP),
+        ("final_ternary_roundtrip", dialects.ROUNDTRIP),
+        ("quantized", dialects.ROUNDTRIP),
+        ("diagnostic quantized", dialects.ROUNDTRIP),
+        ("final_eval:post_quant", dialects.ROUNDTRIP),
+        ("final_int6_sliding_window_exact", dialects.SLIDING),
+        ("final_sliding_window_eval_exact", dialects.SLIDING),
+        ("quantized_sliding_window", dialects.SLIDING),
+        ("pre_ttt_sliding", dialects.SLIDING),
+        ("legal_ttt_exact", dialects.TTT),
+        ("final_ttt_lora", dialects.TTT),
+        ("quantized_ttt_phased", dialects.TTT),
+        ("pre-quantization post-ema", dialects.PRE_QUANT),
+        ("diagnostic pre-quantization post-ema", dialects.PRE_QUANT),
+        ("DIAGNOSTIC post_ema", dialects.PRE_QUANT),
+    ],
+)
+def test_stage_table(label, stage, tmp_path):
+    log = tmp_path / "train_seed1.log"
+    name = label.removeprefix("final_eval:")
+    log.write_text(f"seed:1\n{name} val_loss:2.0 val_bpb:1.2 eval_time:1000ms\n")
+    run = dialects.read_run(log)
+    assert [e.stage for e in run.evals] == [stage]

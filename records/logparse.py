@@ -186,8 +186,13 @@ def _add_final_eval(log, pairs):
 
 
 def _set_artifact(log, pairs):
-    log["artifact"] = _typed(pairs)  # artifact_path:<file> and the byte counts on the same line
+    """artifact_path:<file>, with the byte counts on the same line or on a line of their own."""
+    log["artifact"] = {**(log["artifact"] or {}), **_typed(pairs)}
     log["artifact"]["artifact_path"] = pairs["artifact_path"]  # a path, never a number
+
+
+def _merge_bytes(log, pairs):
+    log["artifact"] = {**(log["artifact"] or {}), **_typed(pairs)}
 
 
 _HANDLERS = {
@@ -200,6 +205,9 @@ _HANDLERS = {
     "stopping_early": _set_stopping,
     "final_eval": _add_final_eval,
     "artifact_path": _set_artifact,
+    "bytes_code": _merge_bytes,
+    "bytes_model": _merge_bytes,
+    "bytes_total": _merge_bytes,
 }
 
 

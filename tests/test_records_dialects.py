@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
 from records import cli, dialects, scripts
+from records.logparse import parse_log
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL = FIXTURES / "records_official" / "track_10min_16mb"
@@ -221,3 +223,15 @@ def test_stage_table(label, stage, tmp_path):
     log.write_text(f"seed:1\n{name} val_loss:2.0 val_bpb:1.2 eval_time:1000ms\n")
     run = dialects.read_run(log)
     assert [e.stage for e in run.evals] == [stage]
+
+
+def test_our_byte_counts_on_their_own_line(tmp_path):
+    """train_gpt.py may print `artifact_path:<file>` alone and the byte counts on the next line."""
+    src = (OURS / "smoke_base_s1.txt").read_text()
+    alt = re.sub(r"^artifact_path:(\S+) (.*)$", r"artifact_path:\1\n\2 headroom:12868881", src, flags=re.M)
+    assert alt != src
+    path = tmp_path / "smoke.txt"
+    path.write_text(alt)
+    log = parse_log(path)
+    assert log["complete"] and log["artifact"]["bytes_total"] == 3131119
+    assert log["artifact"]["artifact_path"].endswith("final_model_smoke_base_s1.pt")

@@ -131,7 +131,7 @@ def format_csv(rows: list[Row]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(COLUMNS)
     for i, row in enumerate(rows, start=1):
-        cells = _cells(i, row)
-        cells[6] = cells[6].replace(",", "")
+        cells = ["" if c == summary.MISSING else c for c in _cells(i, row)]
+        cells[6] = cells[6].replace(",", "")  # a plain number for spreadsheets
         writer.writerow(cells)
     return out.getvalue().rstrip("\n")

@@ -172,6 +172,7 @@ def test_rank_markdown_and_csv(track, capsys):
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [r["date"] for r in rows] == ["2026-01-02", "2026-01-01", "2026-01-03"]
     assert rows[0]["bytes"] == "15931000" and rows[2]["flags"] == "bytes>16MB seeds<3 score!=submission"
+    assert rows[2]["std"] == ""  # one seed: no std, an empty cell rather than a dash
 
 
 def test_missing_metadata_is_an_error_for_our_folders_only(track, capsys, tmp_path):

@@ -26,7 +26,6 @@ from .logparse import parse_log
 # Stage classes of a final evaluation: the score a submission stands on is the last evaluation of
 # the highest class the log reports (TTT after sliding after round trip).
 PRE_QUANT, ROUNDTRIP, SLIDING, TTT = 0, 1, 2, 3
-STAGE_NAMES = {PRE_QUANT: "pre-quant", ROUNDTRIP: "round trip", SLIDING: "sliding", TTT: "TTT"}
 # (label regex, class), first match wins; the label is the text before " val_loss:".
 STAGE_TABLE = (
     (r"(?i)^(?!.*pre[_ -]?ttt).*ttt", TTT),
@@ -411,7 +410,8 @@ def load_submission(folder) -> tuple[dict | None, str | None]:
     return data, None
 
 
-def _number(value) -> float | None:
+def number(value) -> float | None:
+    """A JSON number as float (bools excluded), None for anything else."""
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
@@ -436,7 +436,7 @@ def submission_seeds(sub: dict) -> dict[str, dict]:
 def submission_score(sub: dict, key: str) -> float | None:
     """The headline mean: `val_bpb` / `val_loss`, or the `mean_*` spellings some records use."""
     for name in (key, f"mean_{key}", "mean_bpb" if key == "val_bpb" else "mean_val_loss_nats"):
-        value = _number(sub.get(name))
+        value = number(sub.get(name))
         if value is not None:
             return value
     return None
@@ -446,7 +446,7 @@ def submission_score(sub: dict, key: str) -> float | None:
 
 
 def _agrees(entry: dict, claim: Eval) -> bool:
-    bpb = _number(entry.get("val_bpb"))
+    bpb = number(entry.get("val_bpb"))
     return bpb is not None and abs(bpb - claim.val_bpb) <= 5e-5
 
 
@@ -519,8 +519,8 @@ def _printed(value) -> Decimal | None:
 
 
 def score_source(run: Run) -> str:
+    """`file:line label` of the claimed score, for the reader to check by eye."""
     claim = run.claim()
     if claim is None:
         return f"{run.name}: no final evaluation"
-    where = f"line {claim.line_no}" if claim.line_no else "final JSON"
-    return f"{run.name}:{claim.line_no} {claim.label}" if claim.line_no else f"{run.name} {where}"
+    return f"{run.name}:{claim.line_no} {claim.label}" if claim.line_no else f"{run.name} {claim.label}"

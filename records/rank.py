@@ -69,13 +69,13 @@ def _fallback(row: Row, sub: dict | None) -> None:
     if row.bpbs or not sub:
         return
     per_seed = dialects.submission_seeds(sub)
-    bpbs = [dialects._number(e.get("val_bpb")) for e in per_seed.values()]
+    bpbs = [dialects.number(e.get("val_bpb")) for e in per_seed.values()]
     row.bpbs = [b for b in bpbs if b is not None]
     if not row.bpbs and dialects.submission_score(sub, "val_bpb") is not None:
         row.bpbs = [dialects.submission_score(sub, "val_bpb")]
     row.source = "submission.json" if row.bpbs else "none"
     if row.bytes_max is None:
-        row.bytes_max = dialects._number(sub.get("bytes_total"))
+        row.bytes_max = dialects.number(sub.get("bytes_total"))
 
 
 def rank_row(folder: Path, track: str) -> Row:

@@ -100,13 +100,14 @@ def check_log_consistency(rep: Report, log: dict) -> None:
     pairs = (
         ("run_id", log["run_id"]),
         ("script_sha256", log["script_sha256"]),
-        ("bytes_code", log["header"].get("bytes_code")),
+        ("code_bytes_raw", log["header"].get("code_bytes")),
+        ("bytes_code", art.get("bytes_code")),
         ("hp_hash", log["hp_hash"]),
         ("bytes_total", art.get("bytes_total")),
         ("bytes_model", art.get("bytes_model")),
     )
     for key, line_value in pairs:
-        if key in ("bytes_total", "bytes_model") and line_value is None:
+        if key in ("bytes_total", "bytes_model", "bytes_code") and line_value is None:
             continue  # a log may state the byte counts in the final JSON only
         if key in final and final[key] != line_value:
             rep.problems.append(
@@ -194,9 +195,9 @@ def check_script(rep: Report) -> None:
                 f"{_name(log)}: script_sha256 {log['script_sha256'][:12]}… does not match "
                 f"train_gpt.py in the folder ({sha[:12]}…): the logs were not made by this script"
             )
-        if log["header"].get("bytes_code") != len(rep.script):
+        if log["header"].get("code_bytes") != len(rep.script):
             rep.problems.append(
-                f"{_name(log)}: bytes_code {log['header'].get('bytes_code')} != len(train_gpt.py) "
+                f"{_name(log)}: code_bytes {log['header'].get('code_bytes')} != len(train_gpt.py) "
                 f"{len(rep.script)}"
             )
 

@@ -251,7 +251,7 @@ def parse_text(text: str, path: str = "<text>") -> dict:
 def parse_log(path) -> dict:
     """Parse one run log file into a dict.
 
-    Keys: path, run_id, script_sha256, header (code_bytes: the script file's size, script, device, gpus, world_size, ...),
+    Keys: path, run_id, script_sha256, header (code_bytes = script size, script, device, gpus, ...),
     versions, preset, hp {NAME: raw string}, hp_hash, steps (train lines), vals (validation lines),
     final_evals, stopping_early, artifact, final (the final JSON object or None), other (unrecognised
     lines), errors, missing (required stable lines absent), truncated, complete.

@@ -124,14 +124,32 @@ def _parser_plot(sub) -> None:
     p.set_defaults(func=cmd_plot)
 
 
+def _parser_rank(sub) -> None:
+    p = sub.add_parser(
+        "rank",
+        help="one table for a track folder (folder of record folders), sorted by score",
+        description="Validate every record folder under TRACK_FOLDER (ours or anyone's, any log dialect) "
+        "and print one table sorted by mean val_bpb: date, name, val_bpb mean and std over seeds, seeds, "
+        "max bytes, max training (artifact production where stated) and eval seconds, the source of the "
+        "scores (logs, or submission.json when the logs give none) and the flags validate raised. "
+        "Nothing is written into the folders.",
+    )
+    p.add_argument("track_folder", help="e.g. records/track_10min_16mb")
+    p.add_argument("--format", choices=("md", "csv"), default="md", help="Markdown (default) or CSV")
+    _add_track(p)
+    p.set_defaults(func=cmd_rank)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m records",
         description="Record submission tools; run from the repo root. Each subcommand has --help.",
         epilog=EXIT_HELP,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{new,validate,compare,diff,plot}")
-    for add in (_parser_new, _parser_validate, _parser_compare, _parser_diff, _parser_plot):
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{new,validate,compare,diff,rank,plot}"
+    )
+    for add in (_parser_new, _parser_validate, _parser_compare, _parser_diff, _parser_rank, _parser_plot):
         add(sub)
     return parser
 
@@ -191,6 +209,19 @@ def cmd_diff(args) -> int:
     return EXIT_OK
 
 
+def cmd_rank(args) -> int:
+    from . import rank
+
+    if not Path(args.track_folder).is_dir():
+        print(f"error: {args.track_folder}: not a folder", file=sys.stderr)
+        return EXIT_INPUT
+    rows, skipped = rank.rank_folder(args.track_folder, args.track)
+    print(rank.format_csv(rows) if args.format == "csv" else rank.format_markdown(rows))
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_plot(args) -> int:
     from . import plot
 
@@ -206,4 +237,8 @@ def cmd_plot(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `python -m records diff ... | head`
+        sys.stderr.close()
+        return EXIT_OK

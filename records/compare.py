@@ -3,7 +3,6 @@ baseline's by more than 0.005 nats at p < 0.01 (one-sided Welch t-test over per-
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -11,7 +10,8 @@ from pathlib import Path
 
 from scipy import stats
 
-from .logparse import describe_problems, find_logs, parse_log
+from . import dialects
+from .logparse import describe_problems, find_logs, looks_like_log, parse_log
 
 
 class InputError(Exception):
@@ -51,14 +51,17 @@ def _run_from_log(path: Path) -> dict:
 def _runs_from_submission(folder: Path) -> list[dict]:
     """Per-seed losses from submission.json seed_results, for baselines (e.g. official records) whose
     logs are not in our format. Only val_loss/val_bpb are read."""
-    path = folder / "submission.json"
-    if not path.is_file():
+    sub, _ = dialects.load_submission(folder)
+    if sub is None:
         return []
-    results = json.loads(path.read_text(encoding="utf-8")).get("seed_results") or {}
+    path = folder / "submission.json"
+    results = dialects.submission_seeds(sub)
     runs = []
     for seed, entry in results.items():
         if not isinstance(entry, dict) or "val_loss" not in entry:
-            raise InputError(f"{path}: seed_results[{seed}] has no val_loss (nats); cannot test in nats")
+            raise InputError(
+                f"{path}: the per-seed results give no val_loss for seed {seed}; cannot test in nats"
+            )
         bpb = entry.get("val_bpb")
         runs.append(
             {
@@ -73,22 +76,63 @@ def _runs_from_submission(folder: Path) -> list[dict]:
     return runs
 
 
+def _run_from_official(run: dialects.Run) -> dict:
+    """A log of another dialect: its claimed score (the last evaluation of the highest stage)."""
+    claim = run.claim()
+    if claim is None:
+        raise InputError(
+            f"{run.path}: read as {run.dialect} but it has no final evaluation line "
+            "(val_loss/val_bpb after quantization), so it gives no per-seed score"
+        )
+    if not (math.isfinite(claim.val_loss) and math.isfinite(claim.val_bpb)):
+        raise InputError(f"{run.path}: final evaluation is not a finite number ({claim.text})")
+    return {
+        "run": str(run.path.resolve()),
+        "seed": run.seed,
+        "val_loss": claim.val_loss,
+        "val_bpb": claim.val_bpb,
+        "val_tokens": run.val_tokens,
+        "source": dialects.score_source(run),
+    }
+
+
+def _load_folder(side: Side, path: Path) -> None:
+    logs = find_logs(path)
+    if logs:
+        side.runs.extend(_run_from_log(p) for p in logs)
+        return
+    runs, notes = dialects.folder_runs(path)
+    if runs:
+        side.runs.extend(_run_from_official(r) for r in runs)
+        dialect_names = sorted({r.dialect for r in runs})
+        side.notes.append(f"{path.name}: logs read as {'; '.join(dialect_names)}")
+        side.notes.extend(f"{path.name}: {n}" for n in notes)
+        sub, _ = dialects.load_submission(path)
+        if sub is not None:
+            side.notes.extend(f"{path.name}: {d}" for d in dialects.disagreements(runs, sub))
+        return
+    subs = _runs_from_submission(path)
+    if not subs:
+        raise InputError(
+            f"{path}: no run logs and no per-seed val_loss in submission.json; this side has no "
+            "per-seed numbers to test"
+        )
+    side.notes.append(f"{path}: per-seed values read from submission.json (no run logs found)")
+    side.runs.extend(subs)
+
+
 def load_side(label: str, paths) -> Side:
     side = Side(label=label)
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            logs = find_logs(path)
-            if logs:
-                side.runs.extend(_run_from_log(p) for p in logs)
-                continue
-            runs = _runs_from_submission(path)
-            if not runs:
-                raise InputError(f"{path}: no run logs and no submission.json seed_results")
-            side.notes.append(f"{path}: per-seed values read from submission.json (no logs in our format)")
-            side.runs.extend(runs)
-        elif path.is_file():
+            _load_folder(side, path)
+        elif path.is_file() and looks_like_log(path):
             side.runs.append(_run_from_log(path))
+        elif path.is_file():
+            run = dialects.read_run(path)
+            side.runs.append(_run_from_official(run))
+            side.notes.append(f"{path.name}: read as {run.dialect}")
         else:
             raise InputError(f"{path}: no such file or folder")
     sources: dict[str, str] = {}

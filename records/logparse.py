@@ -21,12 +21,12 @@ REQUIRED_LINES = (
     "hp",
     "hp_hash",
     "final_eval",
-    "artifact",
+    "artifact_path",
     "final_json",
 )
 # Header lines that must appear exactly once; a second copy means two runs share one file
 # (for instance a re-run that appended to logs/<RUN_ID>.txt).
-SINGLE_LINES = ("run_id", "script_sha256", "versions", "device", "preset", "hp_hash", "artifact")
+SINGLE_LINES = ("run_id", "script_sha256", "versions", "device", "preset", "hp_hash", "artifact_path")
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*:")
 _INT_RE = re.compile(r"^[+-]?\d+$")
@@ -186,8 +186,13 @@ def _add_final_eval(log, pairs):
 
 
 def _set_artifact(log, pairs):
-    log["artifact"] = _typed(pairs)
-    log["artifact"]["artifact"] = pairs["artifact"]  # a path, never a number
+    """artifact_path:<file>, with the byte counts on the same line or on a line of their own."""
+    log["artifact"] = {**(log["artifact"] or {}), **_typed(pairs)}
+    log["artifact"]["artifact_path"] = pairs["artifact_path"]  # a path, never a number
+
+
+def _merge_bytes(log, pairs):
+    log["artifact"] = {**(log["artifact"] or {}), **_typed(pairs)}
 
 
 _HANDLERS = {
@@ -199,7 +204,10 @@ _HANDLERS = {
     "hp_hash": _set_hp_hash,
     "stopping_early": _set_stopping,
     "final_eval": _add_final_eval,
-    "artifact": _set_artifact,
+    "artifact_path": _set_artifact,
+    "bytes_code": _merge_bytes,
+    "bytes_model": _merge_bytes,
+    "bytes_total": _merge_bytes,
 }
 
 
@@ -243,7 +251,7 @@ def parse_text(text: str, path: str = "<text>") -> dict:
 def parse_log(path) -> dict:
     """Parse one run log file into a dict.
 
-    Keys: path, run_id, script_sha256, header (code_bytes, script, device, gpus, world_size, ...),
+    Keys: path, run_id, script_sha256, header (code_bytes = script size, script, device, gpus, ...),
     versions, preset, hp {NAME: raw string}, hp_hash, steps (train lines), vals (validation lines),
     final_evals, stopping_early, artifact, final (the final JSON object or None), other (unrecognised
     lines), errors, missing (required stable lines absent), truncated, complete.

@@ -21,7 +21,9 @@ def collect_logs(paths) -> list[dict]:
         if path.is_dir():
             found = find_logs(path)
             if not found:
-                raise FileNotFoundError(f"{path}: no run logs in this folder")
+                raise FileNotFoundError(
+                    f"{path}: no run logs in our format in this folder (plot reads train_gpt.py logs only)"
+                )
             logs.extend(parse_log(p) for p in found)
         elif path.is_file():
             logs.append(parse_log(path))

@@ -112,7 +112,7 @@ def test_fixture_logs_are_real_smoke_runs_of_the_fixture_script():
         data = final_json(path)
         assert data["preset"] == "smoke"
         assert data["script_sha256"] == sha
-        assert data["code_bytes"] == len(SCRIPT.read_bytes())
+        assert data["bytes_code"] == len(SCRIPT.read_bytes())
     total = sum(p.stat().st_size for p in FIX.rglob("*") if p.is_file())
     assert total < 200_000
 
@@ -145,7 +145,7 @@ def test_parse_flags_truncated_logs(cut):
     elif cut == "mid_json":
         text = text[: text.rindex("{") + 40]
     else:
-        text = "\n".join(lines[: next(i for i, ln in enumerate(lines) if ln.startswith("artifact:"))])
+        text = "\n".join(lines[: next(i for i, ln in enumerate(lines) if ln.startswith("artifact_path:"))])
     log = parse_text(text)
     assert log["truncated"] and not log["complete"]
     assert "final_json" in log["missing"]
@@ -182,7 +182,7 @@ def test_new_builds_the_folder_from_the_logs(base_folder, script):
     assert sorted(sub["seeds"]) == seeds and sub["track"] == "non_record_16mb"
     readme = (base_folder / "README.md").read_text()
     assert f"**val_bpb: {statistics.fmean(f['val_bpb'] for f in finals):.5f}**" in readme
-    assert "| — |" in readme  # quant_val_bpb is null in these runs
+    assert "| — |" in readme  # post_quant_val_bpb is null in these runs
 
 
 def test_new_copies_extra_files_and_folders(tmp_path, script, capsys):
@@ -377,9 +377,9 @@ def test_validate_over_cap_artifact(base_folder, capsys):
     log = base_folder / "train_seed1.log"
     code_bytes = len((base_folder / "train_gpt.py").read_bytes())
     model = 16_000_000 - code_bytes + 1  # one byte over, consistent everywhere in the log
-    edit_text(log, r"model_bytes:\d+", f"model_bytes:{model}")
+    edit_text(log, r"bytes_model:\d+", f"bytes_model:{model}")
     edit_text(log, r"bytes_total:\d+", f"bytes_total:{model + code_bytes}")
-    edit_final_json(log, model_bytes=model, bytes_total=model + code_bytes)
+    edit_final_json(log, bytes_model=model, bytes_total=model + code_bytes)
     out = validate_problems(capsys, base_folder)
     assert "artifact 16,000,001 bytes" in out and "exceeds 16,000,000" in out
 
@@ -424,7 +424,7 @@ def test_validate_time_limits_apply_on_the_record_track_only(base_folder, capsys
         ({"eval_time_s": float("nan")}, "eval_time_s nan is not a duration"),
         ({"export_time_s": None}, "export_time_s None is not a duration"),
         ({"export_time_s": -100.0}, "export_time_s -100.0 is not a duration"),
-        ({"model_bytes": 16_500_000.0}, "model_bytes 16500000.0 is not a byte count"),
+        ({"bytes_model": 16_500_000.0}, "bytes_model 16500000.0 is not a byte count"),
     ],
 )
 @pytest.mark.parametrize("track", ["10min_16mb", "non_record_16mb"])

@@ -19,4 +19,4 @@ TRACKS = (RECORD_TRACK, NON_RECORD_TRACK)
 
 # hp settings that legitimately differ between the seeds of one submission (the seed itself and
 # where outputs go); every other setting, DATA_PATH included, must be identical.
-PER_RUN_HP = frozenset({"SEED", "RUN_ID", "LOG_DIR", "ARTIFACT_DIR"})
+PER_RUN_HP = frozenset({"SEED", "RUN_ID", "LOG_DIR", "ARTIFACT_DIR", "ARTIFACT_PATH"})

@@ -1636,6 +1636,11 @@ def artifact_size(body: bytes) -> int:
     return len(ARTIFACT_MAGIC) + ARTIFACT_HEADER.size + len(body)
 
 
+def fit_sizes(before: int, body: bytes) -> dict[str, int]:
+    """The fit-step log fields: the artifact's size now and what the step saved."""
+    return dict(bytes_model=artifact_size(body), saved=before - artifact_size(body))
+
+
 def prune_order(qstate: Mapping[str, QuantTensor | Tensor], hessians: Mapping[str, Tensor]):
     """Block-matrix entries at +-1, cheapest first: zeroing one costs about s_r^2 * H_jj of output
     error (selective +-1 pruning, R0325 / PR #609, Hessian-weighted here)."""
@@ -1683,14 +1688,7 @@ def prune_to_fit(qz: Quantizer, qstate: dict, method: str, body: bytes, limit: i
         before = artifact_size(body)
         pruned = zero_cheapest(qstate, order, count)
         body = compress(qz.payload(pruned), method)
-        log(
-            kv(
-                fit_step="prune",
-                zeroed=count,
-                bytes_model=artifact_size(body),
-                saved=before - artifact_size(body),
-            )
-        )
+        log(kv(fit_step="prune", zeroed=count, **fit_sizes(before, body)))
     return (pruned if count else qstate), body, count
 
 
@@ -1713,14 +1711,7 @@ def fit_artifact(qz: Quantizer, bytes_code: int, log: Logger, cap: int) -> tuple
         qstate = qz.qstate()
         body = compress(qz.payload(qstate), method)
         int5_added.append(layer)
-        log(
-            kv(
-                fit_step="int5",
-                layer=layer,
-                bytes_model=artifact_size(body),
-                saved=before - artifact_size(body),
-            )
-        )
+        log(kv(fit_step="int5", layer=layer, **fit_sizes(before, body)))
     qstate, body, zeroed = prune_to_fit(qz, qstate, method, body, limit, log)
     if artifact_size(body) > limit:
         raise ArtifactError(

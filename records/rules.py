@@ -20,3 +20,16 @@ TRACKS = (RECORD_TRACK, NON_RECORD_TRACK)
 # hp settings that legitimately differ between the seeds of one submission (the seed itself and
 # where outputs go); every other setting, DATA_PATH included, must be identical.
 PER_RUN_HP = frozenset({"SEED", "RUN_ID", "LOG_DIR", "ARTIFACT_DIR", "ARTIFACT_PATH"})
+
+# submission.json fields every official record carries (the challenge README's template).
+OFFICIAL_FIELDS = (
+    "author",
+    "github_id",
+    "name",
+    "blurb",
+    "date",
+    "val_loss",
+    "val_bpb",
+    "bytes_total",
+    "bytes_code",
+)

@@ -15,17 +15,6 @@ NOT_STATED = "not stated"
 # The official scripts check the clock after each step, so the last step ends a few ms past the cap;
 # an overshoot below this is reported as a warning, not as a broken rule.
 STEP_OVERSHOOT_S = 1.0
-OFFICIAL_FIELDS = (
-    "author",
-    "github_id",
-    "name",
-    "blurb",
-    "date",
-    "val_loss",
-    "val_bpb",
-    "bytes_total",
-    "bytes_code",
-)
 
 
 def is_ours(folder: Path, has_our_logs: bool) -> bool:
@@ -155,7 +144,7 @@ def validate(rep) -> None:
     if sub is None:
         rep.warnings.append(f"submission.json: {why}")
         return
-    missing = [k for k in OFFICIAL_FIELDS if sub.get(k) in (None, "")]
+    missing = [k for k in rules.OFFICIAL_FIELDS if sub.get(k) in (None, "")]
     if "val_loss" in missing and dialects.submission_score(sub, "val_loss") is not None:
         missing.remove("val_loss")
     if missing:

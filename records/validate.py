@@ -333,17 +333,6 @@ def _load_submission(rep: Report) -> dict | None:
     return sub
 
 
-OFFICIAL_FIELDS = (
-    "author",
-    "github_id",
-    "name",
-    "blurb",
-    "date",
-    "val_loss",
-    "val_bpb",
-    "bytes_total",
-    "bytes_code",
-)
 SEED_RESULT_KEYS = {
     "val_loss": "val_loss",
     "val_bpb": "val_bpb",
@@ -362,7 +351,7 @@ def check_submission(rep: Report, rows: list[dict], agg: dict) -> None:
     sub = _load_submission(rep)
     if sub is None:
         return
-    for key in OFFICIAL_FIELDS:
+    for key in rules.OFFICIAL_FIELDS:
         if key not in sub or sub[key] in ("", None):
             rep.problems.append(f"submission.json: missing or empty {key!r}")
     track = sub.get("track")

@@ -17,7 +17,7 @@ from scipy import stats
 
 from records import cli
 from records.logparse import hp_hash, parse_log, parse_text
-from records.validate import OFFICIAL_FIELDS
+from records.rules import OFFICIAL_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).parent / "fixtures" / "records"

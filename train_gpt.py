@@ -68,11 +68,21 @@ PRESETS: dict[str, dict[str, str]] = {
 }
 
 # fmt: off
-# Env vars owned by other programs (torchrun, CUDA, NCCL, compilers) are never ours.
+# Env vars owned by other programs (torchrun, CUDA, NCCL, compilers, build tools, package managers,
+# cloud/cluster platforms) are never ours, even when a word in them looks like a knob family
+# (FLASH_ATTENTION_SKIP_CUDA_BUILD, CMAKE_BUILD_PARALLEL_LEVEL, SM_TRAINING_ENV, ...).
 FOREIGN_ENV_PREFIXES = (
     "TORCH", "PYTORCH", "NCCL", "CUDA", "CUBLAS", "CUDNN", "NVIDIA", "OMP_", "MKL", "TRITON",
     "MASTER_", "GROUP_", "ROLE_", "LOCAL_", "TORCHELASTIC", "PYTHON", "HF_", "KMP_", "GLOO",
     "TOKENIZERS_",
+    # build tools and package managers (flash-attn/apex/TransformerEngine setup.py, uv, pip, conda)
+    "CMAKE_", "MAX_JOBS", "NVCC_", "CCACHE_", "NINJA_", "MAKEFLAGS", "FLASH_ATTENTION_", "FLASH_ATTN_",
+    "NVTE_", "MODELOPT_", "APEX_", "XFORMERS_", "UV_", "PIP_", "CONDA_", "VIRTUAL_ENV", "POETRY_",
+    "SETUPTOOLS_", "TRANSFORMERS_", "ACCELERATE_", "DEEPSPEED_", "WANDB_", "MLFLOW_",
+    # platforms: SageMaker, AzureML, GCP, Kubernetes, Slurm, RunPod, Modal, Colab, Kaggle, CI, shells
+    "SM_", "SAGEMAKER_", "TRAINING_JOB_", "AWS_", "AZUREML_", "AZURE_", "GOOGLE_", "CLOUD_ML_",
+    "KUBERNETES_", "SLURM_", "PBS_", "RUNPOD_", "MODAL_", "COLAB_", "KAGGLE_", "JUPYTER", "GITHUB_",
+    "SKYPILOT_", "RAY_", "XLA_", "TPU_", "NV_", "LC_", "XDG_", "SSH_",
 )
 # Technique families: an env var with a token starting with one of these must be a known knob.
 KNOB_FAMILIES = {
@@ -134,7 +144,7 @@ class Hyperparameters:
         self.knobs = dict(k.names)
         self.overrides = sorted(k.overrides)
         self.preset_name = preset_name or "none"
-        refuse_unknown_env(environ, set(self.knobs) | {"RUN_PRESET"})
+        self.ignored_env = refuse_unknown_env(environ, set(self.knobs), self.ignore_env)
         self.validate()
 
     def _run_knobs(self, k: _KnobReader) -> None:
@@ -144,6 +154,7 @@ class Hyperparameters:
         k("SEED", int, 1337)  # torch/numpy seed
         k("LOG_DIR", str, "logs")  # where `<RUN_ID>.txt` is written
         k("ARTIFACT_DIR", str, ".")  # where `final_model_<RUN_ID>.pt` is written
+        k("IGNORE_ENV", str, "")  # env names (comma-separated, `PREFIX*` allowed) not to refuse as unknown knobs
         # fmt: on
 
     def _data_knobs(self, k: _KnobReader) -> None:
@@ -294,29 +305,72 @@ class Hyperparameters:
         return hashlib.sha256("\n".join(self.resolved_lines()).encode()).hexdigest()[:8]
 
 
-def _looks_like_ours(name: str, known: set[str]) -> bool:
+def _owned_elsewhere(name: str) -> bool:
+    """An env var of another program: torchrun's ranks, or a FOREIGN_ENV_PREFIXES owner."""
+    upper = name.upper()
+    return upper.startswith(FOREIGN_ENV_PREFIXES) or upper in ("RANK", "WORLD_SIZE")
+
+
+def _knob_shaped(name: str, known: set[str]) -> bool:
     """A knob family word starts one of the name's tokens (case-insensitive), or the name is
     close to a knob. Short family words must match a whole token ("VE" is not "VERBOSE")."""
     upper = name.upper()
-    if upper.startswith(FOREIGN_ENV_PREFIXES) or upper in ("RANK", "WORLD_SIZE"):
-        return False
     for token in upper.split("_"):
         if token in KNOB_FAMILIES or any(len(f) >= 4 and token.startswith(f) for f in KNOB_FAMILIES):
             return True
     return bool(difflib.get_close_matches(upper, known, n=1, cutoff=0.85))
 
 
-def refuse_unknown_env(environ: Mapping[str, str], known: set[str]) -> None:
-    """Stop on env vars that look like knobs but are not: a typo must never give a silent run."""
-    problems = []
+def _looks_like_ours(name: str, known: set[str]) -> bool:
+    return not _owned_elsewhere(name) and _knob_shaped(name, known)
+
+
+def did_you_mean(name: str, known: set[str]) -> str | None:
+    """The knob a mistyped name most likely meant: a close spelling of the whole name, or of a knob
+    in the same family (first word). Nothing when no knob is close: a wrong hint is worse than none
+    (plain string similarity sent EVAL_STRIDE to VOCAB_SIZE)."""
+    upper = name.upper()
+    close = difflib.get_close_matches(upper, known, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    family = [k for k in known if k.split("_")[0] == upper.split("_")[0]]
+    close = difflib.get_close_matches(upper, family, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _ignore_patterns(raw: str) -> list[str]:
+    """IGNORE_ENV: comma-separated names; a trailing `*` matches every name with that prefix."""
+    return [p.strip() for p in raw.split(",") if p.strip()]
+
+
+def _ignored_by(name: str, patterns: list[str]) -> bool:
+    return any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in patterns)
+
+
+def refuse_unknown_env(environ: Mapping[str, str], known: set[str], ignore: str = "") -> list[str]:
+    """Stop on env vars that look like knobs but are not: a typo must never give a silent run.
+
+    IGNORE_ENV is the user's escape for a name we would refuse (a platform we do not know): the
+    names it matched are returned for the final JSON's `ignored_env`, so a reader of the result
+    sees what the run was told not to read (records/validate.py rejects a record with any).
+    """
+    patterns, problems = _ignore_patterns(ignore), []
+    listed_knobs = sorted(k for k in known if _ignored_by(k, patterns))
+    if listed_knobs:
+        raise ConfigError(f"IGNORE_ENV lists knobs of this script {listed_knobs}; unset them instead")
+    ignored = sorted(n for n in environ if n not in known and _ignored_by(n, patterns))
     for name in sorted(environ):
-        if name in known or not _looks_like_ours(name, known):
+        if name in known or name in ignored or not _looks_like_ours(name, known):
             continue
-        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]}?" if close else ""
+        close = did_you_mean(name, known)
+        hint = f"; did you mean {close}?" if close else ""
         problems.append(f"unknown setting {name}={environ[name]!r}{hint}")
     if problems:
-        raise ConfigError("; ".join(problems) + " (unset it: train_gpt.py refuses unknown knobs)")
+        raise ConfigError(
+            "; ".join(problems) + " (unset it, or list it in IGNORE_ENV=NAME,PREFIX*: train_gpt.py "
+            "refuses unknown knobs)"
+        )
+    return ignored
 
 
 # ============================================================================ logging
@@ -1480,7 +1534,7 @@ def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
         **final_evals(model, ema, val, state, hp, rt, log, code_bytes),
         hp_hash=hp.hash(),
         preset=hp.preset_name,
-        ignored_env=[],
+        ignored_env=hp.ignored_env,
         peak_mem_mib=peak_mem_mib(rt),
         attention_backend=ATTENTION_BACKEND,
         device=rt.device.type,

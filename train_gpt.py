@@ -154,7 +154,7 @@ class Hyperparameters:
         k("SEED", int, 1337)  # torch/numpy seed
         k("LOG_DIR", str, "logs")  # where `<RUN_ID>.txt` is written
         k("ARTIFACT_DIR", str, ".")  # where `final_model_<RUN_ID>.pt` is written
-        k("IGNORE_ENV", str, "")  # env names (comma-separated, `PREFIX*` allowed) not to refuse as unknown knobs
+        k("IGNORE_ENV", str, "")  # env names (comma list, `PREFIX*` ok) not to refuse as unknown knobs
         # fmt: on
 
     def _data_knobs(self, k: _KnobReader) -> None:

@@ -399,7 +399,7 @@ def test_xsa_last_n_beyond_the_depth_means_every_layer():
     assert [block.attn.xsa for block in model.blocks] == [False, False, True]
 
 
-# ----------------------------------------------------------------------------- platform variables & IGNORE_ENV
+# ------------------------------------------------------------------ platform variables & IGNORE_ENV
 
 # Set by cloud images and build tools (issue 10): each once stopped every rank with a config error.
 PLATFORM_ENV = [

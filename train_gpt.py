@@ -645,20 +645,42 @@ def split_documents(tokens: np.ndarray, limit: int) -> list[np.ndarray]:
     return [tokens[a + 1 : b] for a, b in zip(starts, ends, strict=False)]
 
 
-class TokenStream:
-    """Shards read in order, wrapping around. Its position is a small resumable state."""
+def check_token_ids(files: list[Path], vocab_size: int, rt: Runtime) -> None:
+    """Every shard's ids are < VOCAB_SIZE, checked once before the clock starts (issue 10: the
+    loader used to scan each new shard's ~100M tokens inside the timed loop). Rank r scans every
+    W-th shard and the worst (largest id, file) is agreed by all ranks, so all stop together with
+    the same error naming the file."""
+    worst = (-1, -1)  # (largest id, file index) of this rank's share
+    for i in range(rt.rank, len(files), rt.world_size):
+        tokens = load_shard(files[i])
+        if len(tokens):
+            worst = max(worst, (int(tokens.max()), i))
+    packed = torch.tensor([worst[0] * len(files) + worst[1]], dtype=torch.int64, device=rt.device)
+    if rt.distributed:
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    top, index = divmod(int(packed.item()), len(files))
+    if top >= vocab_size:
+        raise DataError(
+            f"{files[index]}: token id {top} >= VOCAB_SIZE={vocab_size}; the shards were made "
+            "with another tokenizer (set VOCAB_SIZE/DATA_PATH to matching ones)"
+        )
 
-    def __init__(self, files: list[Path], vocab_size: int):
-        self.files, self.vocab_size = files, vocab_size
+
+class TokenStream:
+    """Shards read in order, wrapping around. Its position is a small resumable state.
+    Ids are not re-checked here: check_token_ids did that once before training."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
         self.file_idx, self.pos = 0, 0
-        self.tokens = load_shard(files[0], vocab_size)
+        self.tokens = load_shard(files[0])
 
     def state_dict(self) -> dict[str, int]:
         return {"file_idx": self.file_idx, "pos": self.pos}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         if state["file_idx"] != self.file_idx:
-            self.tokens = load_shard(self.files[state["file_idx"]], self.vocab_size)
+            self.tokens = load_shard(self.files[state["file_idx"]])
         self.file_idx, self.pos = state["file_idx"], state["pos"]
 
     def take(self, n: int) -> np.ndarray:
@@ -666,7 +688,7 @@ class TokenStream:
         while n > 0:
             if self.pos >= len(self.tokens):
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = load_shard(self.files[self.file_idx], self.vocab_size), 0
+                self.tokens, self.pos = load_shard(self.files[self.file_idx]), 0
             piece = self.tokens[self.pos : self.pos + n]
             parts.append(piece)
             self.pos += len(piece)
@@ -681,8 +703,8 @@ class DistributedTokenLoader:
     as one process doing W*A micro-steps, so the global batch is independent of the world size.
     """
 
-    def __init__(self, files: list[Path], vocab_size: int, rt: Runtime):
-        self.stream, self.rt = TokenStream(files, vocab_size), rt
+    def __init__(self, files: list[Path], rt: Runtime):
+        self.stream, self.rt = TokenStream(files), rt
 
     def next_batch(self, micro_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         span = micro_tokens + 1
@@ -1006,42 +1028,89 @@ def newton_schulz(G: Tensor, steps: int) -> Tensor:
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz for 2-D matrices, Nesterov, decoupled WD.
 
-    Gradients are already averaged across ranks (DDP), so every rank computes the same update;
-    matrices of equal shape are orthogonalised together as one batch.
+    Parallel Muon (R0323): matrices of equal shape form a bank; in a bank of n matrices rank r
+    orthogonalises its share, matrices [r*s, (r+1)*s) with s = ceil(n/W), as one batched
+    Newton-Schulz, and the updates are all-gathered (asynchronously: a bank's gather overlaps the
+    next bank's Newton-Schulz). At world size 1 the share is the whole bank and nothing is sent.
+
+    Design: DDP still all-reduces every gradient, and Muon splits only the Newton-Schulz compute
+    (the O(d^3) part). The record instead reduce-scatters the matrix gradients itself and takes the
+    matrices out of DDP, saving one gradient-sized transfer per step; we keep DDP because the
+    global-norm clip (GRAD_CLIP_NORM) needs every full averaged gradient before any update, and one
+    owner of gradient averaging keeps DDP's no_sync/accumulation semantics intact. Momentum
+    buffers exist only for a rank's own share (foreach ops, allocated once).
     """
 
     def __init__(
-        self, params, lr: float, momentum: float, ns_steps: int, weight_decay: float, row_normalize: bool
+        self,
+        params,
+        lr: float,
+        momentum: float,
+        ns_steps: int,
+        weight_decay: float,
+        row_normalize: bool,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        self.row_normalize = row_normalize
+        self.row_normalize, self.rank, self.world_size = row_normalize, rank, world_size
 
     @torch.no_grad()
     def step(self) -> None:
+        pending = []
         for group in self.param_groups:
             by_shape: dict[tuple[int, ...], list[Tensor]] = {}
             for p in group["params"]:
                 if p.grad is not None:
                     by_shape.setdefault(tuple(p.shape), []).append(p)
-            for params in by_shape.values():
-                self._update(group, params)
+            pending += [(group, bank, *self._orthogonalise_share(group, bank)) for bank in by_shape.values()]
+        for group, bank, handle, updates in pending:
+            if handle is not None:
+                handle.wait()
+            self._apply(group, bank, updates)
 
-    def _update(self, group: dict, params: list[Tensor]) -> None:
-        mu = group["momentum"]
-        updates = []
+    def share(self, n: int) -> tuple[int, int, int]:
+        """(start, stop, size) of this rank's matrices in a bank of n; size is the padded share."""
+        size = -(-n // self.world_size)
+        start = min(self.rank * size, n)
+        return start, min(start + size, n), size
+
+    def _momentum_buffers(self, params: list[Tensor]) -> list[Tensor]:
         for p in params:
-            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-            buf.mul_(mu).add_(p.grad)
-            updates.append(p.grad.add(buf, alpha=mu))  # Nesterov
-        U = torch.stack(updates)
-        if self.row_normalize:  # MuonEq-R (R0409): equalise row norms before orthogonalising
-            U = U / (U.norm(dim=-1, keepdim=True) + 1e-7)
-        U = newton_schulz(U, group["ns_steps"])
-        scale = max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5
-        for p, u in zip(params, U, strict=True):
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return [self.state[p]["momentum_buffer"] for p in params]
+
+    def _orthogonalise_share(self, group: dict, bank: list[Tensor]):
+        """Momentum + Newton-Schulz of this rank's share; returns (gather handle or None, updates)."""
+        start, stop, size = self.share(len(bank))
+        mine, U = bank[start:stop], None
+        if mine:
+            grads, bufs, mu = [p.grad for p in mine], self._momentum_buffers(mine), group["momentum"]
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)
+            U = torch.stack(torch._foreach_add(grads, bufs, alpha=mu))  # Nesterov
+            if self.row_normalize:  # MuonEq-R (R0409): equalise row norms before orthogonalising
+                U = U / (U.norm(dim=-1, keepdim=True) + 1e-7)
+            U = newton_schulz(U, group["ns_steps"])
+        if self.world_size == 1:
+            return None, U
+        # bf16 on GPU (what Newton-Schulz produced; half the bytes to send), fp32 on CPU.
+        dtype = torch.bfloat16 if bank[0].is_cuda else torch.float32
+        padded = torch.zeros(size, *bank[0].shape, dtype=dtype, device=bank[0].device)
+        if U is not None:
+            padded[: stop - start] = U
+        gathered = torch.empty(size * self.world_size, *bank[0].shape, dtype=dtype, device=bank[0].device)
+        return dist.all_gather_into_tensor(gathered, padded, async_op=True), gathered
+
+    def _apply(self, group: dict, bank: list[Tensor], updates: Tensor) -> None:
+        """Decoupled weight decay, then the orthogonalised step, on every matrix of the bank."""
+        scale = max(1.0, bank[0].size(0) / bank[0].size(1)) ** 0.5
+        torch._foreach_mul_(bank, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_add_(
+            bank, list(updates[: len(bank)].to(bank[0].dtype).unbind(0)), alpha=-group["lr"] * scale
+        )
 
 
 # Small control tensors (gates, scales, mixes): scalar Adam whatever their shape, never Muon,
@@ -1076,7 +1145,14 @@ def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch
         adam_groups, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, fused=rt.device.type == "cuda"
     )
     muon = Muon(
-        groups["matrix"], hp.matrix_lr, hp.muon_momentum, hp.muon_ns_steps, hp.muon_wd, hp.muon_row_normalize
+        groups["matrix"],
+        hp.matrix_lr,
+        hp.muon_momentum,
+        hp.muon_ns_steps,
+        hp.muon_wd,
+        hp.muon_row_normalize,
+        rank=rt.rank,
+        world_size=rt.world_size,
     )
     optimizers: list[torch.optim.Optimizer] = [adam, muon]
     for opt in optimizers:
@@ -1515,7 +1591,9 @@ def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
     log_header(hp, rt, log, script, compiled)
     val = prepare_validation(hp, rt, log)
     log(kv(val_tokens=len(val.tokens) - 1, model_params=sum(p.numel() for p in model.parameters())))
-    loader = DistributedTokenLoader(find_shards(hp.data_path, "train"), hp.vocab_size, rt)
+    train_files = find_shards(hp.data_path, "train")
+    check_token_ids(train_files, hp.vocab_size, rt)
+    loader = DistributedTokenLoader(train_files, rt)
     optimizers = build_optimizers(model, hp, rt)
     prime_compile(train_model, model, loader, optimizers, hp, rt, log)
     ema = EMA(model, hp.ema_decay, hp.ema_window_frac)

@@ -116,6 +116,34 @@ def test_token_id_at_vocab_size_names_the_file(shard):
     assert "VOCAB_SIZE=49" in message
 
 
+CPU_RANK0 = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), 1, "t")
+
+
+def test_train_shards_are_checked_against_the_vocabulary_once_at_startup(tmp_path):
+    files = [tmp_path / f"fineweb_train_00000{i}.bin" for i in range(3)]
+    for i, path in enumerate(files):
+        train_gpt.write_shard(path, np.arange(10) + 10 * i)  # ids 0..29; the third shard holds 20..29
+    train_gpt.check_token_ids(files, 30, CPU_RANK0)
+    with pytest.raises(DataError) as err:
+        train_gpt.check_token_ids(files, 25, CPU_RANK0)
+    assert str(files[2]) in str(err.value) and "token id 29 >= VOCAB_SIZE=25" in str(err.value)
+
+
+def test_the_loader_never_scans_a_shard_for_its_largest_id(tmp_path, monkeypatch):
+    """Shard switches happen inside the timed loop; a ~100M-token max() there costs steps."""
+    files = [tmp_path / f"fineweb_train_00000{i}.bin" for i in range(2)]
+    for i, path in enumerate(files):
+        train_gpt.write_shard(path, np.arange(10) + 10 * i)
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("the loader scanned a shard for its largest id")
+
+    monkeypatch.setattr(np.memmap, "max", no_scan)
+    stream = train_gpt.TokenStream(files)
+    np.testing.assert_array_equal(stream.take(15), np.arange(15))  # crosses into the second shard
+    assert stream.state_dict() == {"file_idx": 1, "pos": 5}
+
+
 def test_find_shards_sorted_by_split_without_byte_sidecars(tmp_path):
     for name in ("fineweb_train_000001.bin", "fineweb_train_000000.bin", "fineweb_val_000000.bin"):
         train_gpt.write_shard(tmp_path / name, np.arange(4))

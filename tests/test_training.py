@@ -160,9 +160,9 @@ def test_expected_steps_extrapolates_the_schedule():
 def test_loader_spans_are_disjoint_and_resumable(sample_shards):
     files = tg.find_shards(str(sample_shards), "train")
     rts = [tg.Runtime(r, 2, r, torch.device("cpu"), 1, "t") for r in range(2)]
-    loaders = [tg.DistributedTokenLoader(files, 1024, rt) for rt in rts]
+    loaders = [tg.DistributedTokenLoader(files, rt) for rt in rts]
     (x0, y0), (x1, y1) = (ld.next_batch(256, 64) for ld in loaders)
-    single = tg.DistributedTokenLoader(files, 1024, tg.Runtime(0, 1, 0, torch.device("cpu"), 2, "t"))
+    single = tg.DistributedTokenLoader(files, tg.Runtime(0, 1, 0, torch.device("cpu"), 2, "t"))
     a, b = single.next_batch(256, 64), single.next_batch(256, 64)
     torch.testing.assert_close(x0, a[0])
     torch.testing.assert_close(x1, b[0])
@@ -208,7 +208,7 @@ if rt.rank == 1:  # this rank's clock runs 3x fast, as if its steps took longer
     time.perf_counter = lambda: start + 3 * (real() - start)
 torch.manual_seed(hp.seed)
 model, train_model, _ = tg.build_model(hp, rt)
-loader = tg.DistributedTokenLoader(tg.find_shards(hp.data_path, "train"), hp.vocab_size, rt)
+loader = tg.DistributedTokenLoader(tg.find_shards(hp.data_path, "train"), rt)
 optimizers = tg.build_optimizers(model, hp, rt)
 ema = tg.EMA(model, hp.ema_decay, hp.ema_window_frac)
 state = tg.train(model, train_model, optimizers, loader, None, ema, hp, rt, tg.Logger(None))

@@ -231,6 +231,7 @@ class Hyperparameters:
         k("TRAIN_BATCH_TOKENS", int, 786432)  # global batch in tokens, the same for any world size
         k("MICROBATCH_TOKENS", int, 98304)  # tokens per rank per forward; accumulation makes up the rest
         k("COMPILE", bool, True)  # torch.compile the model on GPU
+        k("CLOCK_SYNC_EVERY", int, 10)  # agree the clock across ranks every N steps (every step near the end)
         # fmt: on
 
     def _evaluation_knobs(self, k: _KnobReader) -> None:
@@ -275,6 +276,7 @@ class Hyperparameters:
                 "schedule fractions must be in [0, 1]",
             ),
             (self.iterations > 0, "ITERATIONS must be positive"),
+            (self.clock_sync_every > 0, "CLOCK_SYNC_EVERY must be positive"),
             (
                 self.max_wallclock_seconds <= 0
                 or 0 <= self.export_reserve_seconds < self.max_wallclock_seconds,
@@ -1360,8 +1362,11 @@ def expected_steps(state: TrainState, hp: Hyperparameters) -> float:
     return state.step / frac if frac > 0 else float(hp.iterations)
 
 
-def train_step(ddp_model: nn.Module, model: GPT, loader: DistributedTokenLoader, optimizers, hp, rt) -> float:
-    """One optimizer step over GRAD_ACCUM micro-batches; returns the mean train loss."""
+def train_step(
+    ddp_model: nn.Module, model: GPT, loader: DistributedTokenLoader, optimizers, hp, rt
+) -> Tensor:
+    """One optimizer step over GRAD_ACCUM micro-batches; returns this rank's mean train loss as a
+    device tensor: reading it is a host sync, so only logging steps do (mean_loss)."""
     total = torch.zeros((), device=rt.device)
     for micro in range(rt.grad_accum_steps):
         x, y = loader.next_batch(hp.microbatch_tokens, hp.train_seq_len)
@@ -1375,7 +1380,12 @@ def train_step(ddp_model: nn.Module, model: GPT, loader: DistributedTokenLoader,
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
-    return float(all_reduce_sum(total, rt).item()) / rt.world_size
+    return total
+
+
+def mean_loss(loss: Tensor, rt: Runtime) -> float:
+    """The train loss averaged over ranks: a collective and a host sync, for logging steps only."""
+    return float(all_reduce_sum(loss.clone(), rt).item()) / rt.world_size
 
 
 def maybe_no_sync(ddp_model: nn.Module, sync_grads: bool):
@@ -1432,36 +1442,79 @@ def run_validation(model: GPT, val: ValData, state: TrainState, hp, rt, log) -> 
     return val_loss, val_bpb, seconds
 
 
+class TrainClock:
+    """The training clock, one for all ranks, without a blocking sync on every step (issue 10).
+
+    The LR/momentum schedule, the looping switch, the EMA horizon and the stop rule all read it, so
+    every rank must read the same value (rank-local clocks let the replicas drift apart). Agreeing
+    costs a device sync and a blocking all-reduce, so it happens every CLOCK_SYNC_EVERY steps, on
+    logging and validation steps, and on every step of the final stretch; in between every rank
+    extrapolates the same agreed numbers (last agreed time + steps since x agreed mean step time),
+    so the ranks still agree bit for bit. The stop rule runs only on agreed steps. The final stretch
+    starts while 3 x CLOCK_SYNC_EVERY steps at the measured pace still fit in the budget, so even a
+    3x step-time jump between agreements cannot skip past it; inside it the rule is the exact one:
+    stop when one more step at the last step's duration would overrun the budget.
+    """
+
+    def __init__(self, hp: Hyperparameters, rt: Runtime):
+        self.hp, self.rt, self.budget_ms = hp, rt, train_budget_ms(hp)
+        self.t0, self.banked_ms = 0.0, 0.0
+        self.agreed_ms, self.agreed_step, self.step_ms = 0.0, 0, 0.0
+
+    def start(self, state: TrainState) -> None:
+        """(Re)starts the local clock from the agreed time, after validation or at the start."""
+        sync(self.rt)
+        self.t0, self.banked_ms = time.perf_counter(), state.train_ms
+
+    def agree(self, state: TrainState) -> None:
+        sync(self.rt)
+        now = max_over_ranks(self.banked_ms + 1000 * (time.perf_counter() - self.t0), self.rt)
+        if state.step > self.agreed_step:
+            self.step_ms = (now - self.agreed_ms) / (state.step - self.agreed_step)
+        self.agreed_ms, self.agreed_step, state.train_ms = now, state.step, now
+
+    def in_final_stretch(self) -> bool:
+        reach = self.agreed_ms + 3 * self.hp.clock_sync_every * self.step_ms
+        return bool(self.budget_ms) and reach >= self.budget_ms
+
+    def tick(self, state: TrainState, force: bool) -> bool:
+        """After a step: agrees the clock (returns True) or extrapolates state.train_ms."""
+        since = state.step - self.agreed_step
+        if force or self.step_ms == 0 or since >= self.hp.clock_sync_every or self.in_final_stretch():
+            self.agree(state)
+            return True
+        state.train_ms = self.agreed_ms + since * self.step_ms
+        return False
+
+    def out_of_time(self, state: TrainState) -> bool:
+        """On an agreed step: one more step at the last measured pace would overrun the budget."""
+        return bool(self.budget_ms) and state.train_ms + self.step_ms > self.budget_ms
+
+
 def train(model: GPT, ddp_model, optimizers, loader, val: ValData, ema: EMA, hp, rt, log) -> TrainState:
     """The timed loop. The clock runs from the first step to the last and pauses only for
-    validation; it is agreed across ranks, and the run stops before a step would overrun it."""
-    state, budget_ms = TrainState(), train_budget_ms(hp)
-    sync(rt)
-    t0, banked_ms = time.perf_counter(), 0.0
+    validation; it is agreed across ranks (TrainClock), and the run stops before a step would
+    overrun it. Losses stay on the device except on logging steps."""
+    state = TrainState()
+    clock = TrainClock(hp, rt)
+    clock.start(state)
     while state.step < hp.iterations and not state.stopped_by_clock:
         if hp.val_loss_every > 0 and state.step % hp.val_loss_every == 0:
+            clock.tick(state, force=True)
             run_validation(model, val, state, hp, rt, log)
-            sync(rt)
-            t0, banked_ms = time.perf_counter(), state.train_ms
+            clock.start(state)
         frac = progress(state, hp)
         set_looping(model, frac, hp, log)
         mult = apply_schedule(optimizers, frac, hp)
         loss = train_step(ddp_model, model, loader, optimizers, hp, rt)
         ema.update(model, expected_steps(state, hp))
-        sync(rt)
-        # One clock for all ranks: the LR/momentum schedule, the looping switch, the EMA horizon and
-        # the stop rule all read it; rank-local clocks would let the ranks' weights drift apart.
-        before_ms = state.train_ms
-        state.train_ms = max_over_ranks(banked_ms + 1000 * (time.perf_counter() - t0), rt)
         state.step += 1
         state.tokens += hp.train_batch_tokens
-        if state.step <= 5 or state.step % hp.train_log_every == 0:
-            log_train_step(state, loss, mult, hp, log)
-        if (
-            budget_ms
-            and state.train_ms + (state.train_ms - before_ms) > budget_ms
-            and state.step < hp.iterations
-        ):
+        logging = state.step <= 5 or state.step % hp.train_log_every == 0
+        agreed = clock.tick(state, force=logging)
+        if logging:
+            log_train_step(state, mean_loss(loss, rt), mult, hp, log)
+        if agreed and state.step < hp.iterations and clock.out_of_time(state):
             state.stopped_by_clock = True
             log(
                 kv(
@@ -1470,6 +1523,8 @@ def train(model: GPT, ddp_model, optimizers, loader, val: ValData, ema: EMA, hp,
                     step=f"{state.step}/{hp.iterations}",
                 )
             )
+    if clock.agreed_step != state.step:
+        clock.agree(state)  # the reported training time is measured, never extrapolated
     return state
 
 

@@ -216,6 +216,74 @@ def reference_bytes(sp, token_ids) -> int:
     return total
 
 
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if byte < 0x80:
+            return value, i
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _fields(buf: bytes):
+    """(field number, wire type, raw bytes of the whole field) of a protobuf message."""
+    i = 0
+    while i < len(buf):
+        start = i
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            i += size
+        elif wire == 5:
+            i += 4
+        yield key >> 3, wire, buf[start:i]
+
+
+def mark_unused(model: bytes, ids: set[int]) -> bytes:
+    """A SentencePiece model with pieces `ids` retyped UNUSED (ModelProto.pieces = field 1,
+    SentencePiece.type = field 3, UNUSED = 5), edited without the protobuf package."""
+    out, index = bytearray(), 0
+    for number, wire, raw in _fields(model):
+        if number == 1 and wire == 2:
+            if index in ids:
+                _, body_at = _varint(raw, 0)
+                size, body_at = _varint(raw, body_at)
+                body = b"".join(r for n, _, r in _fields(raw[body_at:]) if n != 3) + b"\x18\x05"
+                raw = b"\x0a" + _encode_varint(len(body)) + body
+            index += 1
+        out += raw
+    return bytes(out)
+
+
+def test_unused_pieces_count_zero_bytes_and_act_as_boundaries(bundled_sp, tmp_path):
+    the, end = bundled_sp.piece_to_id("\u2581the"), bundled_sp.piece_to_id("\u2581end")
+    path = tmp_path / "unused.model"
+    path.write_bytes(mark_unused(BUNDLED_TOKENIZER.read_bytes(), {the}))
+    sp = train_gpt.load_tokenizer(path, 1024)
+    assert sp.is_unused(the) and not sp.is_unused(end)
+    base, space, boundary = train_gpt.build_byte_luts(sp, 1024)
+    assert (base[the], space[the], boundary[the]) == (0, False, True)
+    assert (base[end], space[end], boundary[end]) == (3, True, False)
+    tokens = np.array([BOS_ID, end, the, end, end])
+    # end(3, after BOS: no space) + the(0) + end(3, after an unused piece: no space) + end(3 + 1)
+    assert train_gpt.count_target_bytes(tokens, (base, space, boundary)) == 10 == reference_bytes(sp, tokens)
+
+
 def test_byte_luts_of_bundled_tokenizer(bundled_sp):
     base, space, boundary = train_gpt.build_byte_luts(bundled_sp, 1024)
     assert base.shape == space.shape == boundary.shape == (1024,)

@@ -93,6 +93,31 @@ def test_lr_schedule_shape():
     assert tg.lr_multiplier(0.99, floor) == pytest.approx(0.1)
 
 
+def test_warmdown_starts_at_one_minus_its_fraction():
+    """WARMDOWN_FRAC=0.3: warmdown covers [0.7, 1]; a start at 0.3 (frac for 1-frac) would show."""
+    hp = tg.Hyperparameters({"WARMDOWN_FRAC": "0.3", "MIN_LR": "0"})
+    assert tg.lr_multiplier(0.5, hp) == 1.0
+    assert tg.lr_multiplier(0.69, hp) == 1.0
+    assert tg.lr_multiplier(0.85, hp) == pytest.approx(0.5)
+    assert tg.lr_multiplier(0.94, hp) == pytest.approx(0.2)
+
+
+def test_loader_resumes_across_a_shard_boundary(tmp_path):
+    """Saved in the first shard, restored after the stream moved to the second (prime_compile's
+    case): the restored stream must reload the first shard and give the same tokens again."""
+    files = [tmp_path / f"fineweb_train_00000{i}.bin" for i in range(2)]
+    for i, path in enumerate(files):
+        tg.write_shard(path, np.arange(100) + 100 * i)
+    stream = tg.TokenStream(files)
+    stream.take(90)
+    saved = stream.state_dict()
+    first = stream.take(30)  # 90..119: crosses into the second shard
+    assert stream.state_dict()["file_idx"] == 1
+    stream.load_state_dict(saved)
+    np.testing.assert_array_equal(stream.take(30), first)
+    np.testing.assert_array_equal(first, np.arange(90, 120))
+
+
 def test_progress_follows_the_wallclock_and_finishes_warmdown_at_the_cut():
     """A run cut by the clock must have finished its warmdown: the fraction is time-based."""
     hp = tg.Hyperparameters(
@@ -214,6 +239,7 @@ ema = tg.EMA(model, hp.ema_decay, hp.ema_window_frac)
 state = tg.train(model, train_model, optimizers, loader, None, ema, hp, rt, tg.Logger(None))
 torch.save({"steps": state.step, "weights": model.state_dict()}, f"{sys.argv[3]}/rank{rt.rank}.pt")
 torch.distributed.destroy_process_group()
+tg.exit_without_finalization(0)  # as train_gpt.main ends a distributed rank
 """
 
 

@@ -456,7 +456,13 @@ def init_runtime(hp: Hyperparameters) -> Runtime:
     else:
         device = torch.device("cpu")
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        # device_id binds NCCL to this rank's GPU up front (eager communicator init, no guessing).
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world_size,
+            device_id=device if device.type == "cuda" else None,
+        )
     run_id = hp.run_id or broadcast_object(uuid.uuid4().hex[:12], world_size)
     return Runtime(rank, world_size, local_rank, device, per_step // hp.microbatch_tokens, run_id)
 
@@ -1584,8 +1590,11 @@ def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module, bool]
         train_model = torch.compile(model, dynamic=False, fullgraph=True)
     if rt.distributed:
         ids = [rt.local_rank] if rt.device.type == "cuda" else None
+        # gradient_as_bucket_view: grads live in DDP's buckets, no copy in or out per step.
+        # static_graph stays off: depth recurrence changes how often blocks run mid-run, and it is
+        # not yet measured safe on a GPU.
         train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=ids, broadcast_buffers=False
+            train_model, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True
         )
     return model, train_model, compiled
 

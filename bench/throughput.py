@@ -114,8 +114,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     args = parser.parse_args(argv)
     hp = tg.Hyperparameters()
-    if hp.train_batch_tokens != hp.microbatch_tokens:
-        print(f"note: {hp.train_batch_tokens // hp.microbatch_tokens} micro-batches per step", flush=True)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     rt = tg.Runtime(0, 1, 0, device, hp.train_batch_tokens // hp.microbatch_tokens, "bench")
     if device.type == "cuda":
@@ -141,7 +139,14 @@ def main(argv: list[str]) -> int:
     flops = flops_per_token(model, hp)
     mfu = f"{100 * flops * tokens_per_s / peak:.1f}%" if peak else "n/a"
     print(tg.kv(device=name.replace(" ", "_"), compile=int(compiled), attention_backend=tg.ATTENTION_BACKEND))
-    print(tg.kv(preset=hp.preset_name, batch_tokens=hp.train_batch_tokens, seq_len=hp.train_seq_len))
+    print(
+        tg.kv(
+            preset=hp.preset_name,
+            batch_tokens=hp.train_batch_tokens,
+            seq_len=hp.train_seq_len,
+            grad_accum_steps=rt.grad_accum_steps,
+        )
+    )
     print(tg.kv(warmup_steps=args.warmup, timed_steps=args.steps, ms_per_step=round(ms, 2)))
     print(tg.kv(tokens_per_s=int(tokens_per_s), model_gflops_per_token=round(flops / 1e9, 4), mfu=mfu))
     print(tg.kv(peak_mem_mib=tg.peak_mem_mib(rt), **parts))

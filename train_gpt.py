@@ -955,6 +955,7 @@ class GPT(nn.Module):
         num_skips = min(longest // 2, longest - longest // 2) if hp.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(num_skips, hp.model_dim)) if num_skips else None
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, False)
+        self.eval_forward = self.forward  # what evaluation calls; build_model compiles it on GPU
         self._init_weights(hp)
 
     def _init_weights(self, hp: Hyperparameters) -> None:
@@ -1278,7 +1279,7 @@ def evaluate(model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime) -> tupl
         chunk = torch.from_numpy(val.tokens[s * T : e * T + 1].astype(np.int64)).to(rt.device)
         x, y = chunk[:-1].view(-1, T), chunk[1:].view(-1, T)
         with autocast(rt):
-            nll = model(x, y, reduction="none")
+            nll = model.eval_forward(x, y, reduction="none")
         sums[0] += nll.double().sum()
         sums[1] += y.numel()
         sums[2] += token_bytes(x, y, val).sum()
@@ -1588,6 +1589,9 @@ def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module, bool]
     if compiled:
         torch._dynamo.config.optimize_ddp = False  # DDP graph splitting breaks fullgraph (R0409)
         train_model = torch.compile(model, dynamic=False, fullgraph=True)
+        # Evaluation gets its own graphs (no grad, per-token loss), compiled once with one shape.
+        rows = max(1, hp.val_batch_tokens // (hp.train_seq_len * rt.world_size))
+        model.eval_forward = fixed_rows(torch.compile(model.forward, dynamic=False), rows)
     if rt.distributed:
         ids = [rt.local_rank] if rt.device.type == "cuda" else None
         # gradient_as_bucket_view: grads live in DDP's buckets, no copy in or out per step.
@@ -1597,6 +1601,21 @@ def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module, bool]
             train_model, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True
         )
     return model, train_model, compiled
+
+
+def fixed_rows(forward, rows: int):
+    """forward(x, y, reduction="none") with every batch padded to `rows` sequences (token 0) and
+    the padding's losses sliced off: a compiled eval sees one shape, the last batch included."""
+
+    def call(x: Tensor, y: Tensor, reduction: str = "none") -> Tensor:
+        if reduction != "none":
+            raise ValueError(f"fixed_rows needs reduction='none' (got {reduction!r}): padding changes a mean")
+        real = x.size(0)
+        if real < rows:
+            x, y = F.pad(x, (0, 0, 0, rows - real)), F.pad(y, (0, 0, 0, rows - real))
+        return forward(x, y, reduction="none")[:real]
+
+    return call
 
 
 def export(model: GPT, ema: EMA, hp: Hyperparameters, rt: Runtime, log: Logger, code_bytes: int) -> dict:

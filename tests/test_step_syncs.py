@@ -94,3 +94,66 @@ def test_extrapolated_clock_is_the_same_on_every_rank():
         assert clock.tick(state, force=False) is False
         clocks.append(state.train_ms)
     assert clocks == [650.0, 650.0]
+
+
+def run_with_fake_clock(
+    tmp_path, monkeypatch, step_ms: list[float], **knobs
+) -> tuple[tg.TrainState, list[str]]:
+    """train() where the clock advances exactly step_ms[i] during step i (deterministic timing)."""
+    now = [0.0]
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: now[0])
+    step = tg.train_step
+
+    def timed_step(*args):
+        now[0] += step_ms[min(timed_step.calls, len(step_ms) - 1)] / 1000
+        timed_step.calls += 1
+        return step(*args)
+
+    timed_step.calls = 0
+    monkeypatch.setattr(tg, "train_step", timed_step)
+    lines: list[str] = []
+    logger = tg.Logger(None)
+    logger.enabled, logger.__class__ = (
+        True,
+        type("Capture", (tg.Logger,), {"__call__": lambda s, x: lines.append(x)}),
+    )
+    hp = make_hp(MODEL_DIM=64, VAL_LOSS_EVERY=0, WARMUP_STEPS=0, EXPORT_RESERVE_SECONDS=0, **knobs)
+    tg.write_shard(tmp_path / "fineweb_train_000000.bin", np.random.default_rng(0).integers(0, 64, 5000))
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), hp.train_batch_tokens // hp.microbatch_tokens, "t")
+    model = tg.GPT(hp)
+    loader = tg.DistributedTokenLoader([tmp_path / "fineweb_train_000000.bin"], rt)
+    ema = tg.EMA(model, hp.ema_decay, hp.ema_window_frac)
+    state = tg.train(model, model, tg.build_optimizers(model, hp, rt), loader, None, ema, hp, rt, logger)
+    return state, lines
+
+
+def test_the_clock_stops_before_a_step_would_overrun_with_warmdown_done(tmp_path, monkeypatch):
+    """125 ms steps (exact in binary), 4 s budget: 32 steps fit exactly; the last one starts at
+    96.9% of the budget."""
+    state, lines = run_with_fake_clock(
+        tmp_path,
+        monkeypatch,
+        [125.0],
+        ITERATIONS=100000,
+        MAX_WALLCLOCK_SECONDS=4,
+        CLOCK_SYNC_EVERY=8,
+        TRAIN_LOG_EVERY=4,
+    )
+    assert state.stopped_by_clock and state.step == 32
+    assert state.train_ms == 4000.0
+    last = [line for line in lines if line.startswith("step:32/")]
+    assert last and "lr_scale:0.043403" in last[0]  # (1 - 0.96875) / 0.72: the warmdown is done
+    assert any(line.startswith("stopping_early:wallclock_cap") for line in lines)
+
+
+def test_a_slower_pace_between_agreements_still_never_overruns(tmp_path, monkeypatch):
+    """Steps slow 2.5x right after the agreement at step 25 (as when depth recurrence switches
+    on). Extrapolating at the old pace for a whole window would end step 35 at 3125 ms, past the
+    3100 ms budget; the final stretch (3 windows of margin) starts at step 25 instead, so every
+    later step is agreed and the exact stop rule holds."""
+    pace = [62.5] * 25 + [156.25]
+    state, _ = run_with_fake_clock(
+        tmp_path, monkeypatch, pace, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=3.1, CLOCK_SYNC_EVERY=10
+    )
+    assert state.stopped_by_clock and state.train_ms <= 3100.0
+    assert state.train_ms == 2968.75 and state.step == 34  # no step that fitted was left out

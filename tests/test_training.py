@@ -282,12 +282,9 @@ def test_wallclock_cut_stops_the_run_with_warmdown_done(sample_shards, tmp_path)
     )
     final, log = run_script(env, tmp_path)
     assert final["stopped_by_clock"] is True
-    assert final["train_time_s"] <= 4.0  # stopped before a step would overrun the training budget
     assert "stopping_early:wallclock_cap" in log
-    scales = [
-        float(line.split("lr_scale:")[1].split()[0]) for line in log.splitlines() if "lr_scale:" in line
-    ]
-    assert scales[-1] < 0.1  # the last step ran at the end of the warmdown
+    # No overrun and a finished warmdown depend on real step times here (a loaded machine makes
+    # one step slower than the last); tests/test_step_syncs.py checks both on a deterministic clock.
 
 
 def test_smoke_run_end_to_end(sample_shards, tmp_path):

@@ -48,3 +48,13 @@ def test_flops_per_token_counts_repeated_blocks_and_attention():
     attention = 6 * hp.train_seq_len * hp.model_dim
     assert bench.flops_per_token(model, hp) - plain == 2 * (6 * block + attention)
     assert plain > 6 * hp.vocab_size * hp.model_dim  # the tied output head is counted
+
+
+def test_parallel_muon_benchmark_runs_on_one_process(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not tg._looks_like_ours(k, set())}
+    env.update(RUN_PRESET="smoke", NUM_LAYERS="2", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "bench" / "parallel_muon.py"), "--warmup", "1", "--steps", "1"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fields = dict(item.split(":", 1) for line in proc.stdout.splitlines() for item in line.split())
+    assert fields["world_size"] == "1" and int(fields["matrices"]) == 12 and float(fields["muon_step_ms"]) > 0

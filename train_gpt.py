@@ -73,11 +73,21 @@ PRESETS: dict[str, dict[str, str]] = {
 }
 
 # fmt: off
-# Env vars owned by other programs (torchrun, CUDA, NCCL, compilers) are never ours.
+# Env vars owned by other programs (torchrun, CUDA, NCCL, compilers, build tools, package managers,
+# cloud/cluster platforms) are never ours, even when a word in them looks like a knob family
+# (FLASH_ATTENTION_SKIP_CUDA_BUILD, CMAKE_BUILD_PARALLEL_LEVEL, SM_TRAINING_ENV, ...).
 FOREIGN_ENV_PREFIXES = (
     "TORCH", "PYTORCH", "NCCL", "CUDA", "CUBLAS", "CUDNN", "NVIDIA", "OMP_", "MKL", "TRITON",
     "MASTER_", "GROUP_", "ROLE_", "LOCAL_", "TORCHELASTIC", "PYTHON", "HF_", "KMP_", "GLOO",
     "TOKENIZERS_",
+    # build tools and package managers (flash-attn/apex/TransformerEngine setup.py, uv, pip, conda)
+    "CMAKE_", "MAX_JOBS", "NVCC_", "CCACHE_", "NINJA_", "MAKEFLAGS", "FLASH_ATTENTION_", "FLASH_ATTN_",
+    "NVTE_", "MODELOPT_", "APEX_", "XFORMERS_", "UV_", "PIP_", "CONDA_", "VIRTUAL_ENV", "POETRY_",
+    "SETUPTOOLS_", "TRANSFORMERS_", "ACCELERATE_", "DEEPSPEED_", "WANDB_", "MLFLOW_",
+    # platforms: SageMaker, AzureML, GCP, Kubernetes, Slurm, RunPod, Modal, Colab, Kaggle, CI, shells
+    "SM_", "SAGEMAKER_", "TRAINING_JOB_", "AWS_", "AZUREML_", "AZURE_", "GOOGLE_", "CLOUD_ML_",
+    "KUBERNETES_", "SLURM_", "PBS_", "RUNPOD_", "MODAL_", "COLAB_", "KAGGLE_", "JUPYTER", "GITHUB_",
+    "SKYPILOT_", "RAY_", "XLA_", "TPU_", "NV_", "LC_", "XDG_", "SSH_",
 )
 # Technique families: an env var with a token starting with one of these must be a known knob.
 KNOB_FAMILIES = {
@@ -149,7 +159,7 @@ class Hyperparameters:
         self.overrides = sorted(k.overrides)
         self.environ = dict(environ)
         self.preset_name = preset_name or "none"
-        refuse_unknown_env(environ, set(self.knobs) | {"RUN_PRESET"})
+        self.ignored_env = refuse_unknown_env(environ, set(self.knobs), self.ignore_env)
         self.validate()
 
     def _run_knobs(self, k: _KnobReader) -> None:
@@ -161,6 +171,7 @@ class Hyperparameters:
         k("ARTIFACT_DIR", str, ".")  # where `final_model_<RUN_ID>.ptz` goes when ARTIFACT_PATH is empty
         k("ARTIFACT_PATH", str, "")  # artifact: written by training (never overwritten), read by EVAL_ONLY
         k("EVAL_ONLY", bool, False)  # score ARTIFACT_PATH in a fresh process: no training, no train shards
+        k("IGNORE_ENV", str, "")  # env names (comma list, `PREFIX*` ok) not to refuse as unknown knobs
         # fmt: on
 
     def _data_knobs(self, k: _KnobReader) -> None:
@@ -237,6 +248,7 @@ class Hyperparameters:
         k("TRAIN_BATCH_TOKENS", int, 786432)  # global batch in tokens, the same for any world size
         k("MICROBATCH_TOKENS", int, 98304)  # tokens per rank per forward; accumulation makes up the rest
         k("COMPILE", bool, True)  # torch.compile the model on GPU
+        k("CLOCK_SYNC_EVERY", int, 10)  # agree the clock across ranks every N steps (every step near the end)
         # fmt: on
 
     def _evaluation_knobs(self, k: _KnobReader) -> None:
@@ -301,6 +313,7 @@ class Hyperparameters:
                 "schedule fractions must be in [0, 1]",
             ),
             (self.iterations > 0, "ITERATIONS must be positive"),
+            (self.clock_sync_every > 0, "CLOCK_SYNC_EVERY must be positive"),
             (
                 self.max_wallclock_seconds <= 0
                 or self.export_reserve_seconds == -1
@@ -385,29 +398,72 @@ class Hyperparameters:
         return hashlib.sha256("\n".join(self.resolved_lines()).encode()).hexdigest()[:8]
 
 
-def _looks_like_ours(name: str, known: set[str]) -> bool:
+def _owned_elsewhere(name: str) -> bool:
+    """An env var of another program: torchrun's ranks, or a FOREIGN_ENV_PREFIXES owner."""
+    upper = name.upper()
+    return upper.startswith(FOREIGN_ENV_PREFIXES) or upper in ("RANK", "WORLD_SIZE")
+
+
+def _knob_shaped(name: str, known: set[str]) -> bool:
     """A knob family word starts one of the name's tokens (case-insensitive), or the name is
     close to a knob. Short family words must match a whole token ("VE" is not "VERBOSE")."""
     upper = name.upper()
-    if upper.startswith(FOREIGN_ENV_PREFIXES) or upper in ("RANK", "WORLD_SIZE"):
-        return False
     for token in upper.split("_"):
         if token in KNOB_FAMILIES or any(len(f) >= 4 and token.startswith(f) for f in KNOB_FAMILIES):
             return True
     return bool(difflib.get_close_matches(upper, known, n=1, cutoff=0.85))
 
 
-def refuse_unknown_env(environ: Mapping[str, str], known: set[str]) -> None:
-    """Stop on env vars that look like knobs but are not: a typo must never give a silent run."""
-    problems = []
+def _looks_like_ours(name: str, known: set[str]) -> bool:
+    return not _owned_elsewhere(name) and _knob_shaped(name, known)
+
+
+def did_you_mean(name: str, known: set[str]) -> str | None:
+    """The knob a mistyped name most likely meant: a close spelling of the whole name, or of a knob
+    in the same family (first word). Nothing when no knob is close: a wrong hint is worse than none
+    (plain string similarity sent EVAL_STRIDE to VOCAB_SIZE)."""
+    upper = name.upper()
+    close = difflib.get_close_matches(upper, known, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    family = [k for k in known if k.split("_")[0] == upper.split("_")[0]]
+    close = difflib.get_close_matches(upper, family, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _ignore_patterns(raw: str) -> list[str]:
+    """IGNORE_ENV: comma-separated names; a trailing `*` matches every name with that prefix."""
+    return [p.strip() for p in raw.split(",") if p.strip()]
+
+
+def _ignored_by(name: str, patterns: list[str]) -> bool:
+    return any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in patterns)
+
+
+def refuse_unknown_env(environ: Mapping[str, str], known: set[str], ignore: str = "") -> list[str]:
+    """Stop on env vars that look like knobs but are not: a typo must never give a silent run.
+
+    IGNORE_ENV is the user's escape for a name we would refuse (a platform we do not know): the
+    names it matched are returned for the final JSON's `ignored_env`, so a reader of the result
+    sees what the run was told not to read (records/validate.py rejects a record with any).
+    """
+    patterns, problems = _ignore_patterns(ignore), []
+    listed_knobs = sorted(k for k in known if _ignored_by(k, patterns))
+    if listed_knobs:
+        raise ConfigError(f"IGNORE_ENV lists knobs of this script {listed_knobs}; unset them instead")
+    ignored = sorted(n for n in environ if n not in known and _ignored_by(n, patterns))
     for name in sorted(environ):
-        if name in known or not _looks_like_ours(name, known):
+        if name in known or name in ignored or not _looks_like_ours(name, known):
             continue
-        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]}?" if close else ""
+        close = did_you_mean(name, known)
+        hint = f"; did you mean {close}?" if close else ""
         problems.append(f"unknown setting {name}={environ[name]!r}{hint}")
     if problems:
-        raise ConfigError("; ".join(problems) + " (unset it: train_gpt.py refuses unknown knobs)")
+        raise ConfigError(
+            "; ".join(problems) + " (unset it, or list it in IGNORE_ENV=NAME,PREFIX*: train_gpt.py "
+            "refuses unknown knobs)"
+        )
+    return ignored
 
 
 # ============================================================================ logging
@@ -491,7 +547,13 @@ def init_runtime(hp: Hyperparameters) -> Runtime:
     else:
         device = torch.device("cpu")
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        # device_id binds NCCL to this rank's GPU up front (eager communicator init, no guessing).
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world_size,
+            device_id=device if device.type == "cuda" else None,
+        )
     run_id = hp.run_id or broadcast_object(uuid.uuid4().hex[:12], world_size)
     return Runtime(rank, world_size, local_rank, device, per_step // hp.microbatch_tokens, run_id)
 
@@ -682,20 +744,42 @@ def split_documents(tokens: np.ndarray, limit: int) -> list[np.ndarray]:
     return [tokens[a + 1 : b] for a, b in zip(starts, ends, strict=False)]
 
 
-class TokenStream:
-    """Shards read in order, wrapping around. Its position is a small resumable state."""
+def check_token_ids(files: list[Path], vocab_size: int, rt: Runtime) -> None:
+    """Every shard's ids are < VOCAB_SIZE, checked once before the clock starts (issue 10: the
+    loader used to scan each new shard's ~100M tokens inside the timed loop). Rank r scans every
+    W-th shard and the worst (largest id, file) is agreed by all ranks, so all stop together with
+    the same error naming the file."""
+    worst = (-1, -1)  # (largest id, file index) of this rank's share
+    for i in range(rt.rank, len(files), rt.world_size):
+        tokens = load_shard(files[i])
+        if len(tokens):
+            worst = max(worst, (int(tokens.max()), i))
+    packed = torch.tensor([worst[0] * len(files) + worst[1]], dtype=torch.int64, device=rt.device)
+    if rt.distributed:
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    top, index = divmod(int(packed.item()), len(files))
+    if top >= vocab_size:
+        raise DataError(
+            f"{files[index]}: token id {top} >= VOCAB_SIZE={vocab_size}; the shards were made "
+            "with another tokenizer (set VOCAB_SIZE/DATA_PATH to matching ones)"
+        )
 
-    def __init__(self, files: list[Path], vocab_size: int):
-        self.files, self.vocab_size = files, vocab_size
+
+class TokenStream:
+    """Shards read in order, wrapping around. Its position is a small resumable state.
+    Ids are not re-checked here: check_token_ids did that once before training."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
         self.file_idx, self.pos = 0, 0
-        self.tokens = load_shard(files[0], vocab_size)
+        self.tokens = load_shard(files[0])
 
     def state_dict(self) -> dict[str, int]:
         return {"file_idx": self.file_idx, "pos": self.pos}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         if state["file_idx"] != self.file_idx:
-            self.tokens = load_shard(self.files[state["file_idx"]], self.vocab_size)
+            self.tokens = load_shard(self.files[state["file_idx"]])
         self.file_idx, self.pos = state["file_idx"], state["pos"]
 
     def take(self, n: int) -> np.ndarray:
@@ -703,7 +787,7 @@ class TokenStream:
         while n > 0:
             if self.pos >= len(self.tokens):
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = load_shard(self.files[self.file_idx], self.vocab_size), 0
+                self.tokens, self.pos = load_shard(self.files[self.file_idx]), 0
             piece = self.tokens[self.pos : self.pos + n]
             parts.append(piece)
             self.pos += len(piece)
@@ -718,8 +802,8 @@ class DistributedTokenLoader:
     as one process doing W*A micro-steps, so the global batch is independent of the world size.
     """
 
-    def __init__(self, files: list[Path], vocab_size: int, rt: Runtime):
-        self.stream, self.rt = TokenStream(files, vocab_size), rt
+    def __init__(self, files: list[Path], rt: Runtime):
+        self.stream, self.rt = TokenStream(files), rt
 
     def next_batch(self, micro_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         span = micro_tokens + 1
@@ -966,6 +1050,7 @@ class GPT(nn.Module):
         num_skips = min(longest // 2, longest - longest // 2) if hp.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(num_skips, hp.model_dim)) if num_skips else None
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, False)
+        self.eval_forward = self.forward  # what evaluation calls; build_model compiles it on GPU
         self._init_weights(hp)
 
     def _init_weights(self, hp: Hyperparameters) -> None:
@@ -1047,42 +1132,89 @@ def newton_schulz(G: Tensor, steps: int) -> Tensor:
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz for 2-D matrices, Nesterov, decoupled WD.
 
-    Gradients are already averaged across ranks (DDP), so every rank computes the same update;
-    matrices of equal shape are orthogonalised together as one batch.
+    Parallel Muon (R0323): matrices of equal shape form a bank; in a bank of n matrices rank r
+    orthogonalises its share, matrices [r*s, (r+1)*s) with s = ceil(n/W), as one batched
+    Newton-Schulz, and the updates are all-gathered (asynchronously: a bank's gather overlaps the
+    next bank's Newton-Schulz). At world size 1 the share is the whole bank and nothing is sent.
+
+    Design: DDP still all-reduces every gradient, and Muon splits only the Newton-Schulz compute
+    (the O(d^3) part). The record instead reduce-scatters the matrix gradients itself and takes the
+    matrices out of DDP, saving one gradient-sized transfer per step; we keep DDP because the
+    global-norm clip (GRAD_CLIP_NORM) needs every full averaged gradient before any update, and one
+    owner of gradient averaging keeps DDP's no_sync/accumulation semantics intact. Momentum
+    buffers exist only for a rank's own share (foreach ops, allocated once).
     """
 
     def __init__(
-        self, params, lr: float, momentum: float, ns_steps: int, weight_decay: float, row_normalize: bool
+        self,
+        params,
+        lr: float,
+        momentum: float,
+        ns_steps: int,
+        weight_decay: float,
+        row_normalize: bool,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        self.row_normalize = row_normalize
+        self.row_normalize, self.rank, self.world_size = row_normalize, rank, world_size
 
     @torch.no_grad()
     def step(self) -> None:
+        pending = []
         for group in self.param_groups:
             by_shape: dict[tuple[int, ...], list[Tensor]] = {}
             for p in group["params"]:
                 if p.grad is not None:
                     by_shape.setdefault(tuple(p.shape), []).append(p)
-            for params in by_shape.values():
-                self._update(group, params)
+            pending += [(group, bank, *self._orthogonalise_share(group, bank)) for bank in by_shape.values()]
+        for group, bank, handle, updates in pending:
+            if handle is not None:
+                handle.wait()
+            self._apply(group, bank, updates)
 
-    def _update(self, group: dict, params: list[Tensor]) -> None:
-        mu = group["momentum"]
-        updates = []
+    def share(self, n: int) -> tuple[int, int, int]:
+        """(start, stop, size) of this rank's matrices in a bank of n; size is the padded share."""
+        size = -(-n // self.world_size)
+        start = min(self.rank * size, n)
+        return start, min(start + size, n), size
+
+    def _momentum_buffers(self, params: list[Tensor]) -> list[Tensor]:
         for p in params:
-            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-            buf.mul_(mu).add_(p.grad)
-            updates.append(p.grad.add(buf, alpha=mu))  # Nesterov
-        U = torch.stack(updates)
-        if self.row_normalize:  # MuonEq-R (R0409): equalise row norms before orthogonalising
-            U = U / (U.norm(dim=-1, keepdim=True) + 1e-7)
-        U = newton_schulz(U, group["ns_steps"])
-        scale = max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5
-        for p, u in zip(params, U, strict=True):
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(u.to(p.dtype), alpha=-group["lr"] * scale)
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return [self.state[p]["momentum_buffer"] for p in params]
+
+    def _orthogonalise_share(self, group: dict, bank: list[Tensor]):
+        """Momentum + Newton-Schulz of this rank's share; returns (gather handle or None, updates)."""
+        start, stop, size = self.share(len(bank))
+        mine, U = bank[start:stop], None
+        if mine:
+            grads, bufs, mu = [p.grad for p in mine], self._momentum_buffers(mine), group["momentum"]
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)
+            U = torch.stack(torch._foreach_add(grads, bufs, alpha=mu))  # Nesterov
+            if self.row_normalize:  # MuonEq-R (R0409): equalise row norms before orthogonalising
+                U = U / (U.norm(dim=-1, keepdim=True) + 1e-7)
+            U = newton_schulz(U, group["ns_steps"])
+        if self.world_size == 1:
+            return None, U
+        # bf16 on GPU (what Newton-Schulz produced; half the bytes to send), fp32 on CPU.
+        dtype = torch.bfloat16 if bank[0].is_cuda else torch.float32
+        padded = torch.zeros(size, *bank[0].shape, dtype=dtype, device=bank[0].device)
+        if U is not None:
+            padded[: stop - start] = U
+        gathered = torch.empty(size * self.world_size, *bank[0].shape, dtype=dtype, device=bank[0].device)
+        return dist.all_gather_into_tensor(gathered, padded, async_op=True), gathered
+
+    def _apply(self, group: dict, bank: list[Tensor], updates: Tensor) -> None:
+        """Decoupled weight decay, then the orthogonalised step, on every matrix of the bank."""
+        scale = max(1.0, bank[0].size(0) / bank[0].size(1)) ** 0.5
+        torch._foreach_mul_(bank, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_add_(
+            bank, list(updates[: len(bank)].to(bank[0].dtype).unbind(0)), alpha=-group["lr"] * scale
+        )
 
 
 # Small control tensors (gates, scales, mixes): scalar Adam whatever their shape, never Muon,
@@ -1117,7 +1249,14 @@ def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch
         adam_groups, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, fused=rt.device.type == "cuda"
     )
     muon = Muon(
-        groups["matrix"], hp.matrix_lr, hp.muon_momentum, hp.muon_ns_steps, hp.muon_wd, hp.muon_row_normalize
+        groups["matrix"],
+        hp.matrix_lr,
+        hp.muon_momentum,
+        hp.muon_ns_steps,
+        hp.muon_wd,
+        hp.muon_row_normalize,
+        rank=rt.rank,
+        world_size=rt.world_size,
     )
     optimizers: list[torch.optim.Optimizer] = [adam, muon]
     for opt in optimizers:
@@ -1765,7 +1904,7 @@ def evaluate(model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime) -> tupl
         chunk = torch.from_numpy(val.tokens[s * T : e * T + 1].astype(np.int64)).to(rt.device)
         x, y = chunk[:-1].view(-1, T), chunk[1:].view(-1, T)
         with autocast(rt):
-            nll = model(x, y, reduction="none")
+            nll = model.eval_forward(x, y, reduction="none")
         sums[0] += nll.double().sum()
         sums[1] += y.numel()
         sums[2] += token_bytes(x, y, val).sum()
@@ -1858,8 +1997,11 @@ def expected_steps(state: TrainState, hp: Hyperparameters) -> float:
     return state.step / frac if frac > 0 else float(hp.iterations)
 
 
-def train_step(ddp_model: nn.Module, model: GPT, loader: DistributedTokenLoader, optimizers, hp, rt) -> float:
-    """One optimizer step over GRAD_ACCUM micro-batches; returns the mean train loss."""
+def train_step(
+    ddp_model: nn.Module, model: GPT, loader: DistributedTokenLoader, optimizers, hp, rt
+) -> Tensor:
+    """One optimizer step over GRAD_ACCUM micro-batches; returns this rank's mean train loss as a
+    device tensor: reading it is a host sync, so only logging steps do (mean_loss)."""
     total = torch.zeros((), device=rt.device)
     for micro in range(rt.grad_accum_steps):
         x, y = loader.next_batch(hp.microbatch_tokens, hp.train_seq_len)
@@ -1873,7 +2015,12 @@ def train_step(ddp_model: nn.Module, model: GPT, loader: DistributedTokenLoader,
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
-    return float(all_reduce_sum(total, rt).item()) / rt.world_size
+    return total
+
+
+def mean_loss(loss: Tensor, rt: Runtime) -> float:
+    """The train loss averaged over ranks: a collective and a host sync, for logging steps only."""
+    return float(all_reduce_sum(loss.clone(), rt).item()) / rt.world_size
 
 
 def maybe_no_sync(ddp_model: nn.Module, sync_grads: bool):
@@ -1942,40 +2089,82 @@ def run_validation(model: GPT, val: ValData, state: TrainState, hp, rt, log) -> 
     return val_loss, val_bpb, seconds
 
 
+class TrainClock:
+    """The training clock, one for all ranks, without a blocking sync on every step (issue 10).
+
+    The LR/momentum schedule, the looping switch, the EMA horizon and the stop rule all read it, so
+    every rank must read the same value (rank-local clocks let the replicas drift apart). Agreeing
+    costs a device sync and a blocking all-reduce, so it happens every CLOCK_SYNC_EVERY steps, on
+    logging and validation steps, and on every step of the final stretch; in between every rank
+    extrapolates the same agreed numbers (last agreed time + steps since x agreed mean step time),
+    so the ranks still agree bit for bit. The stop rule runs only on agreed steps. The final stretch
+    starts while 3 x CLOCK_SYNC_EVERY steps at the measured pace still fit in the budget, so even a
+    3x step-time jump between agreements cannot skip past it; inside it the rule is the exact one:
+    stop when one more step at the last step's duration would overrun the budget.
+    """
+
+    def __init__(self, hp: Hyperparameters, rt: Runtime, reserve_s: float | None = None):
+        self.hp, self.rt, self.budget_ms = hp, rt, train_budget_ms(hp, reserve_s)
+        self.t0, self.banked_ms = 0.0, 0.0
+        self.agreed_ms, self.agreed_step, self.step_ms = 0.0, 0, 0.0
+
+    def start(self, state: TrainState) -> None:
+        """(Re)starts the local clock from the agreed time, after validation or at the start."""
+        sync(self.rt)
+        self.t0, self.banked_ms = time.perf_counter(), state.train_ms
+
+    def agree(self, state: TrainState) -> None:
+        sync(self.rt)
+        now = max_over_ranks(self.banked_ms + 1000 * (time.perf_counter() - self.t0), self.rt)
+        if state.step > self.agreed_step:
+            self.step_ms = (now - self.agreed_ms) / (state.step - self.agreed_step)
+        self.agreed_ms, self.agreed_step, state.train_ms = now, state.step, now
+
+    def in_final_stretch(self) -> bool:
+        reach = self.agreed_ms + 3 * self.hp.clock_sync_every * self.step_ms
+        return bool(self.budget_ms) and reach >= self.budget_ms
+
+    def tick(self, state: TrainState, force: bool) -> bool:
+        """After a step: agrees the clock (returns True) or extrapolates state.train_ms."""
+        since = state.step - self.agreed_step
+        if force or self.step_ms == 0 or since >= self.hp.clock_sync_every or self.in_final_stretch():
+            self.agree(state)
+            return True
+        state.train_ms = self.agreed_ms + since * self.step_ms
+        return False
+
+    def out_of_time(self, state: TrainState) -> bool:
+        """On an agreed step: one more step at the last measured pace would overrun the budget."""
+        return bool(self.budget_ms) and state.train_ms + self.step_ms > self.budget_ms
+
+
 def train(
     model: GPT, ddp_model, optimizers, loader, val, ema: EMA, hp, rt, log, reserve_s=None
 ) -> TrainState:
     """The timed loop. The clock runs from the first step to the last and pauses only for
-    validation; it is agreed across ranks, and the run stops before a step would overrun it."""
+    validation; it is agreed across ranks (TrainClock), and the run stops before a step would
+    overrun it. Losses stay on the device except on logging steps."""
     state = TrainState(reserve_s=reserve_s)
-    budget_ms = train_budget_ms(hp, reserve_s)
-    sync(rt)
-    t0, banked_ms = time.perf_counter(), 0.0
+    clock = TrainClock(hp, rt, reserve_s)
+    clock.start(state)
     while state.step < hp.iterations and not state.stopped_by_clock:
         if hp.val_loss_every > 0 and state.step % hp.val_loss_every == 0:
+            clock.tick(state, force=True)
             run_validation(model, val, state, hp, rt, log)
-            sync(rt)
-            t0, banked_ms = time.perf_counter(), state.train_ms
+            clock.start(state)
         frac = progress(state, hp)
         set_looping(model, frac, hp, log)
         mult = apply_schedule(optimizers, frac, hp)
         start_qat(model, mult, hp, log)
         loss = train_step(ddp_model, model, loader, optimizers, hp, rt)
         ema.update(model, expected_steps(state, hp))
-        sync(rt)
-        # One clock for all ranks: the LR/momentum schedule, the looping switch, the EMA horizon and
-        # the stop rule all read it; rank-local clocks would let the ranks' weights drift apart.
-        before_ms = state.train_ms
-        state.train_ms = max_over_ranks(banked_ms + 1000 * (time.perf_counter() - t0), rt)
         state.step += 1
         state.tokens += hp.train_batch_tokens
-        if state.step <= 5 or state.step % hp.train_log_every == 0:
-            log_train_step(state, loss, mult, hp, log)
-        if (
-            budget_ms
-            and state.train_ms + (state.train_ms - before_ms) > budget_ms
-            and state.step < hp.iterations
-        ):
+        logging = state.step <= 5 or state.step % hp.train_log_every == 0
+        agreed = clock.tick(state, force=logging)
+        if logging:
+            log_train_step(state, mean_loss(loss, rt), mult, hp, log)
+        if agreed and state.step < hp.iterations and clock.out_of_time(state):
             state.stopped_by_clock = True
             log(
                 kv(
@@ -1984,6 +2173,8 @@ def train(
                     step=f"{state.step}/{hp.iterations}",
                 )
             )
+    if clock.agreed_step != state.step:
+        clock.agree(state)  # the reported training time is measured, never extrapolated
     return state
 
 
@@ -2033,6 +2224,12 @@ def peak_mem_mib(rt: Runtime) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def compile_eval(model: GPT, hp: Hyperparameters, rt: Runtime) -> None:
+    """Evaluation gets its own graphs (no grad, per-token loss), compiled once with one shape."""
+    rows = max(1, hp.val_batch_tokens // (hp.train_seq_len * rt.world_size))
+    model.eval_forward = fixed_rows(torch.compile(model.forward, dynamic=False), rows)
+
+
 def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module, bool]:
     """The fp32 model, and the callable used for training (compiled on GPU, DDP when distributed)."""
     model = GPT(hp).to(rt.device)
@@ -2041,12 +2238,31 @@ def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module, bool]
     if compiled:
         torch._dynamo.config.optimize_ddp = False  # DDP graph splitting breaks fullgraph (R0409)
         train_model = torch.compile(model, dynamic=False, fullgraph=True)
+        compile_eval(model, hp, rt)
     if rt.distributed:
         ids = [rt.local_rank] if rt.device.type == "cuda" else None
+        # gradient_as_bucket_view: grads live in DDP's buckets, no copy in or out per step.
+        # static_graph stays off: depth recurrence changes how often blocks run mid-run, and it is
+        # not yet measured safe on a GPU.
         train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=ids, broadcast_buffers=False
+            train_model, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True
         )
     return model, train_model, compiled
+
+
+def fixed_rows(forward, rows: int):
+    """forward(x, y, reduction="none") with every batch padded to `rows` sequences (token 0) and
+    the padding's losses sliced off: a compiled eval sees one shape, the last batch included."""
+
+    def call(x: Tensor, y: Tensor, reduction: str = "none") -> Tensor:
+        if reduction != "none":
+            raise ValueError(f"fixed_rows needs reduction='none' (got {reduction!r}): padding changes a mean")
+        real = x.size(0)
+        if real < rows:
+            x, y = F.pad(x, (0, 0, 0, rows - real)), F.pad(y, (0, 0, 0, rows - real))
+        return forward(x, y, reduction="none")[:real]
+
+    return call
 
 
 def calibration_batches(hp: Hyperparameters, rt: Runtime) -> int:
@@ -2217,7 +2433,10 @@ def eval_only(hp: Hyperparameters, rt: Runtime, log: Logger, script: Path) -> di
     model = GPT(hp).to(rt.device)
     load_artifact_weights(model, qstate, str(path))
     model.looping = bool(meta["looping"])
-    log_header(hp, rt, log, script, compiled=False)
+    compiled = hp.compile and rt.device.type == "cuda"
+    if compiled:  # the same compiled eval as the training run's, so both give the same number
+        compile_eval(model, hp, rt)
+    log_header(hp, rt, log, script, compiled)
     log(kv(artifact_path=path))
     val = prepare_validation(hp, rt, log)
     scored = score_artifact(model, val, hp, rt, log)
@@ -2254,7 +2473,9 @@ def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
     log_header(hp, rt, log, script, compiled)
     val = prepare_validation(hp, rt, log)
     log(kv(val_tokens=len(val.tokens) - 1, model_params=sum(p.numel() for p in model.parameters())))
-    loader = DistributedTokenLoader(find_shards(hp.data_path, "train"), hp.vocab_size, rt)
+    train_files = find_shards(hp.data_path, "train")
+    check_token_ids(train_files, hp.vocab_size, rt)
+    loader = DistributedTokenLoader(train_files, rt)
     optimizers = build_optimizers(model, hp, rt)
     prime_compile(train_model, model, loader, optimizers, hp, rt, log)
     code = code_bytes(script, hp.code_bytes_mode)
@@ -2275,7 +2496,7 @@ def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
         **final_evals(model, ema, val, state, loader, hp, rt, log, code),
         hp_hash=hp.hash(),
         preset=hp.preset_name,
-        ignored_env=[],
+        ignored_env=hp.ignored_env,
         peak_mem_mib=peak_mem_mib(rt),
         attention_backend=ATTENTION_BACKEND,
         device=rt.device.type,
@@ -2338,13 +2559,12 @@ def main(argv: list[str]) -> int:
     try:
         result = run(hp, rt, log)
         log(json.dumps(result, sort_keys=True))
-        return 0
+        code = 0
     except (ConfigError, DataError, ArtifactError) as e:
         label, code = ERROR_EXIT[type(e)]
         log(f"{label}: {e}")
         if not rt.is_main:
             print(f"{label}: {e}", file=sys.stderr)
-        return code
     except BaseException:
         log(traceback.format_exc())
         raise
@@ -2352,6 +2572,26 @@ def main(argv: list[str]) -> int:
         log.close()
         if rt.distributed and dist.is_initialized():
             dist.destroy_process_group()
+    if rt.distributed:
+        exit_without_finalization(code)
+    return code
+
+
+def exit_without_finalization(code: int) -> None:
+    """Ends a finished distributed rank with os._exit, skipping interpreter finalization.
+
+    Why (issue 10: ~1 in 3 two-rank gloo runs aborted after the final JSON with "terminate
+    called without an active exception"; a core dump shows the cause): DDP keeps references to
+    the process group that destroy_process_group does not drop, so gloo's worker threads outlive
+    it. A worker frees its last finished collective a moment after the caller has moved on; when
+    that frees a tensor Python once owned, the worker must take the GIL, and a finalizing
+    interpreter answers by killing the thread (pthread_exit) inside a noexcept destructor, so
+    std::terminate aborts the rank. Everything is written and the group destroyed by now, and
+    os._exit ends the process without that race. Failing ranks still raise normally.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

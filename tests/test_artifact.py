@@ -248,7 +248,7 @@ def test_calibration_uses_training_tokens_only(tmp_path, monkeypatch, bundled_sp
     monkeypatch.setattr(
         tg.GPT, "hidden", lambda self, ids: seen.append(ids.clone()) or real_hidden(self, ids)
     )
-    loader = tg.DistributedTokenLoader(tg.find_shards(hp.data_path, "train"), hp.vocab_size, cpu_runtime)
+    loader = tg.DistributedTokenLoader(tg.find_shards(hp.data_path, "train"), cpu_runtime)
     blob, info = tg.produce_artifact(tg.GPT(hp), loader, hp, cpu_runtime, [].append, 100)
     assert len(seen) == 8 and info["gptq_time_s"] >= info["calibration_s"] >= 0
     assert not any("val" in name for name in opened)
@@ -287,7 +287,7 @@ def test_measured_reserve_shortens_the_training_budget():
 def test_hessians_cover_every_quantised_linear_and_the_tied_embedding(cpu_runtime, shard_dir):
     hp = make_hp(VOCAB_SIZE=1024, MODEL_DIM=128, DATA_PATH=str(shard_dir), QUANT_EMBED_GPTQ=True)
     model = tg.GPT(hp)
-    loader = tg.DistributedTokenLoader(tg.find_shards(hp.data_path, "train"), hp.vocab_size, cpu_runtime)
+    loader = tg.DistributedTokenLoader(tg.find_shards(hp.data_path, "train"), cpu_runtime)
     hessians = tg.collect_hessians(model, loader, hp, cpu_runtime, batches=2)
     plan = tg.quant_plan(model, hp)
     assert set(hessians) == set(plan) - {"bigram.embed.weight"}  # a lookup table has no input

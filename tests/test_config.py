@@ -397,3 +397,56 @@ def test_xsa_last_n_beyond_the_depth_means_every_layer():
     assert all(block.attn.xsa for block in model.blocks)
     model = train_gpt.GPT(Hyperparameters({"NUM_LAYERS": "3", "MODEL_DIM": "128", "XSA_LAST_N": "1"}))
     assert [block.attn.xsa for block in model.blocks] == [False, False, True]
+
+
+# ------------------------------------------------------------------ platform variables & IGNORE_ENV
+
+# Set by cloud images and build tools (issue 10): each once stopped every rank with a config error.
+PLATFORM_ENV = [
+    "FLASH_ATTENTION_SKIP_CUDA_BUILD",
+    "CMAKE_BUILD_PARALLEL_LEVEL",
+    "NVTE_FLASH_ATTN",
+    "TRAINING_JOB_NAME",
+    "SM_TRAINING_ENV",
+    "MODELOPT_VERSION",
+    "UV_SKIP_WHEEL_FILENAME_CHECK",
+]
+
+
+@pytest.mark.parametrize("name", PLATFORM_ENV)
+def test_build_tool_and_platform_variables_pass(name):
+    hp = Hyperparameters({name: "1", "MODEL_DIM": "256"})
+    assert hp.model_dim == 256 and hp.ignored_env == []
+
+
+def test_no_knob_is_mistaken_for_another_programs_variable():
+    assert [n for n in Hyperparameters({}).knobs if train_gpt._owned_elsewhere(n)] == []
+
+
+# Names chosen to stay unknown as knobs are added (a TTT_EPOCHS knob may land; TTT_EPOCHZ will not).
+@pytest.mark.parametrize("name", ["TTT_EPOCHZ", "MUON_MOMENTUMM", "XSA_LAST", "EVAL_STRIDEE", "QAT_STRAT"])
+def test_typos_and_foreign_record_knobs_are_still_refused(name):
+    with pytest.raises(ConfigError, match=f"unknown setting {name}="):
+        Hyperparameters({name: "1", **{p: "1" for p in PLATFORM_ENV}})
+
+
+def test_ignore_env_lets_listed_names_through_and_reports_them():
+    env = {"TTT_EPOCHZ": "3", "MYCLOUD_LOOP_ID": "7", "MYCLOUD_EMA": "1", "XSA_LAST": "2"}
+    hp = Hyperparameters(dict(env, IGNORE_ENV="TTT_EPOCHZ, MYCLOUD_*,XSA_LAST"))
+    assert hp.ignored_env == ["MYCLOUD_EMA", "MYCLOUD_LOOP_ID", "TTT_EPOCHZ", "XSA_LAST"]
+    with pytest.raises(ConfigError, match="unknown setting XSA_LAST="):
+        Hyperparameters(dict(env, IGNORE_ENV="TTT_EPOCHZ,MYCLOUD_*"))
+
+
+def test_ignore_env_may_not_hide_a_real_knob():
+    with pytest.raises(ConfigError, match=r"IGNORE_ENV lists knobs of this script \['NUM_LAYERS'\]"):
+        Hyperparameters({"NUM_LAYERS": "3", "IGNORE_ENV": "NUM_LAYERS"})
+
+
+def test_did_you_mean_names_only_a_close_knob():
+    known = {"VOCAB_SIZE", "VAL_BATCH_TOKENS", "VAL_LOSS_EVERY", "MUON_MOMENTUM", "XSA_LAST_N", "TTT_EPOCHS"}
+    assert train_gpt.did_you_mean("EVAL_STRIDE", known) is None  # plain similarity said VOCAB_SIZE
+    assert train_gpt.did_you_mean("MUON_MOMENTUMM", known) == "MUON_MOMENTUM"
+    assert train_gpt.did_you_mean("XSA_LAST", known) == "XSA_LAST_N"
+    assert train_gpt.did_you_mean("TTT_EPOCH", known) == "TTT_EPOCHS"
+    assert train_gpt.did_you_mean("ttt_epochs", known) == "TTT_EPOCHS"

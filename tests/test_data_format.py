@@ -116,6 +116,34 @@ def test_token_id_at_vocab_size_names_the_file(shard):
     assert "VOCAB_SIZE=49" in message
 
 
+CPU_RANK0 = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), 1, "t")
+
+
+def test_train_shards_are_checked_against_the_vocabulary_once_at_startup(tmp_path):
+    files = [tmp_path / f"fineweb_train_00000{i}.bin" for i in range(3)]
+    for i, path in enumerate(files):
+        train_gpt.write_shard(path, np.arange(10) + 10 * i)  # ids 0..29; the third shard holds 20..29
+    train_gpt.check_token_ids(files, 30, CPU_RANK0)
+    with pytest.raises(DataError) as err:
+        train_gpt.check_token_ids(files, 25, CPU_RANK0)
+    assert str(files[2]) in str(err.value) and "token id 29 >= VOCAB_SIZE=25" in str(err.value)
+
+
+def test_the_loader_never_scans_a_shard_for_its_largest_id(tmp_path, monkeypatch):
+    """Shard switches happen inside the timed loop; a ~100M-token max() there costs steps."""
+    files = [tmp_path / f"fineweb_train_00000{i}.bin" for i in range(2)]
+    for i, path in enumerate(files):
+        train_gpt.write_shard(path, np.arange(10) + 10 * i)
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("the loader scanned a shard for its largest id")
+
+    monkeypatch.setattr(np.memmap, "max", no_scan)
+    stream = train_gpt.TokenStream(files)
+    np.testing.assert_array_equal(stream.take(15), np.arange(15))  # crosses into the second shard
+    assert stream.state_dict() == {"file_idx": 1, "pos": 5}
+
+
 def test_find_shards_sorted_by_split_without_byte_sidecars(tmp_path):
     for name in ("fineweb_train_000001.bin", "fineweb_train_000000.bin", "fineweb_val_000000.bin"):
         train_gpt.write_shard(tmp_path / name, np.arange(4))
@@ -186,6 +214,74 @@ def reference_bytes(sp, token_ids) -> int:
             total += not (sp.is_control(prev) or sp.is_unknown(prev) or sp.is_unused(prev))
         total += len(piece.encode("utf-8"))
     return total
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if byte < 0x80:
+            return value, i
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _fields(buf: bytes):
+    """(field number, wire type, raw bytes of the whole field) of a protobuf message."""
+    i = 0
+    while i < len(buf):
+        start = i
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            i += size
+        elif wire == 5:
+            i += 4
+        yield key >> 3, wire, buf[start:i]
+
+
+def mark_unused(model: bytes, ids: set[int]) -> bytes:
+    """A SentencePiece model with pieces `ids` retyped UNUSED (ModelProto.pieces = field 1,
+    SentencePiece.type = field 3, UNUSED = 5), edited without the protobuf package."""
+    out, index = bytearray(), 0
+    for number, wire, raw in _fields(model):
+        if number == 1 and wire == 2:
+            if index in ids:
+                _, body_at = _varint(raw, 0)
+                size, body_at = _varint(raw, body_at)
+                body = b"".join(r for n, _, r in _fields(raw[body_at:]) if n != 3) + b"\x18\x05"
+                raw = b"\x0a" + _encode_varint(len(body)) + body
+            index += 1
+        out += raw
+    return bytes(out)
+
+
+def test_unused_pieces_count_zero_bytes_and_act_as_boundaries(bundled_sp, tmp_path):
+    the, end = bundled_sp.piece_to_id("\u2581the"), bundled_sp.piece_to_id("\u2581end")
+    path = tmp_path / "unused.model"
+    path.write_bytes(mark_unused(BUNDLED_TOKENIZER.read_bytes(), {the}))
+    sp = train_gpt.load_tokenizer(path, 1024)
+    assert sp.is_unused(the) and not sp.is_unused(end)
+    base, space, boundary = train_gpt.build_byte_luts(sp, 1024)
+    assert (base[the], space[the], boundary[the]) == (0, False, True)
+    assert (base[end], space[end], boundary[end]) == (3, True, False)
+    tokens = np.array([BOS_ID, end, the, end, end])
+    # end(3, after BOS: no space) + the(0) + end(3, after an unused piece: no space) + end(3 + 1)
+    assert train_gpt.count_target_bytes(tokens, (base, space, boundary)) == 10 == reference_bytes(sp, tokens)
 
 
 def test_byte_luts_of_bundled_tokenizer(bundled_sp):

@@ -116,6 +116,18 @@ def test_logit_softcap_bounds_large_logits():
     assert logits.abs().max() <= 5.0 and logits.abs().max() > 4.9
 
 
+def test_logit_softcap_divides_by_the_cap_inside_tanh():
+    """Moderate logits, where cap*tanh(x/cap) and cap*tanh(x) differ by far more than rounding."""
+    model = tiny_model(noise=0.0, TIE_EMBEDDINGS=False, LOGIT_SOFTCAP=5.0)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+        raw = F.linear(model.hidden(make_ids()), model.lm_head.weight)
+        logits = model(make_ids())
+    assert 1.0 < raw.abs().max() < 20.0  # not saturated: the range where the two formulas part ways
+    torch.testing.assert_close(logits, 5.0 * torch.tanh(raw / 5.0))
+    assert (logits - 5.0 * torch.tanh(raw)).abs().max() > 0.5
+
+
 # ----------------------------------------------------------------------------- initial state
 
 

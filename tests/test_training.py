@@ -94,6 +94,31 @@ def test_lr_schedule_shape():
     assert tg.lr_multiplier(0.99, floor) == pytest.approx(0.1)
 
 
+def test_warmdown_starts_at_one_minus_its_fraction():
+    """WARMDOWN_FRAC=0.3: warmdown covers [0.7, 1]; a start at 0.3 (frac for 1-frac) would show."""
+    hp = tg.Hyperparameters({"WARMDOWN_FRAC": "0.3", "MIN_LR": "0"})
+    assert tg.lr_multiplier(0.5, hp) == 1.0
+    assert tg.lr_multiplier(0.69, hp) == 1.0
+    assert tg.lr_multiplier(0.85, hp) == pytest.approx(0.5)
+    assert tg.lr_multiplier(0.94, hp) == pytest.approx(0.2)
+
+
+def test_loader_resumes_across_a_shard_boundary(tmp_path):
+    """Saved in the first shard, restored after the stream moved to the second (prime_compile's
+    case): the restored stream must reload the first shard and give the same tokens again."""
+    files = [tmp_path / f"fineweb_train_00000{i}.bin" for i in range(2)]
+    for i, path in enumerate(files):
+        tg.write_shard(path, np.arange(100) + 100 * i)
+    stream = tg.TokenStream(files)
+    stream.take(90)
+    saved = stream.state_dict()
+    first = stream.take(30)  # 90..119: crosses into the second shard
+    assert stream.state_dict()["file_idx"] == 1
+    stream.load_state_dict(saved)
+    np.testing.assert_array_equal(stream.take(30), first)
+    np.testing.assert_array_equal(first, np.arange(90, 120))
+
+
 def test_progress_follows_the_wallclock_and_finishes_warmdown_at_the_cut():
     """A run cut by the clock must have finished its warmdown: the fraction is time-based."""
     hp = tg.Hyperparameters(
@@ -161,9 +186,9 @@ def test_expected_steps_extrapolates_the_schedule():
 def test_loader_spans_are_disjoint_and_resumable(sample_shards):
     files = tg.find_shards(str(sample_shards), "train")
     rts = [tg.Runtime(r, 2, r, torch.device("cpu"), 1, "t") for r in range(2)]
-    loaders = [tg.DistributedTokenLoader(files, 1024, rt) for rt in rts]
+    loaders = [tg.DistributedTokenLoader(files, rt) for rt in rts]
     (x0, y0), (x1, y1) = (ld.next_batch(256, 64) for ld in loaders)
-    single = tg.DistributedTokenLoader(files, 1024, tg.Runtime(0, 1, 0, torch.device("cpu"), 2, "t"))
+    single = tg.DistributedTokenLoader(files, tg.Runtime(0, 1, 0, torch.device("cpu"), 2, "t"))
     a, b = single.next_batch(256, 64), single.next_batch(256, 64)
     torch.testing.assert_close(x0, a[0])
     torch.testing.assert_close(x1, b[0])
@@ -209,12 +234,13 @@ if rt.rank == 1:  # this rank's clock runs 3x fast, as if its steps took longer
     time.perf_counter = lambda: start + 3 * (real() - start)
 torch.manual_seed(hp.seed)
 model, train_model, _ = tg.build_model(hp, rt)
-loader = tg.DistributedTokenLoader(tg.find_shards(hp.data_path, "train"), hp.vocab_size, rt)
+loader = tg.DistributedTokenLoader(tg.find_shards(hp.data_path, "train"), rt)
 optimizers = tg.build_optimizers(model, hp, rt)
 ema = tg.EMA(model, hp.ema_decay, hp.ema_window_frac)
 state = tg.train(model, train_model, optimizers, loader, None, ema, hp, rt, tg.Logger(None))
 torch.save({"steps": state.step, "weights": model.state_dict()}, f"{sys.argv[3]}/rank{rt.rank}.pt")
 torch.distributed.destroy_process_group()
+tg.exit_without_finalization(0)  # as train_gpt.main ends a distributed rank
 """
 
 
@@ -224,7 +250,7 @@ def test_ranks_keep_identical_weights_when_their_clocks_disagree(sample_shards, 
     env = tiny_env(
         sample_shards,
         ITERATIONS="100000",
-        MAX_WALLCLOCK_SECONDS="1.5",
+        MAX_WALLCLOCK_SECONDS="3",  # room for > 2 steps at rank 1's 3x clock on a loaded 2-core machine
         EXPORT_RESERVE_SECONDS="0",
         TRAIN_BATCH_TOKENS="1024",
         MICROBATCH_TOKENS="512",
@@ -257,12 +283,9 @@ def test_wallclock_cut_stops_the_run_with_warmdown_done(sample_shards, tmp_path)
     )
     final, log = run_script(env, tmp_path)
     assert final["stopped_by_clock"] is True
-    assert final["train_time_s"] <= 4.0  # stopped before a step would overrun the training budget
     assert "stopping_early:wallclock_cap" in log
-    scales = [
-        float(line.split("lr_scale:")[1].split()[0]) for line in log.splitlines() if "lr_scale:" in line
-    ]
-    assert scales[-1] < 0.1  # the last step ran at the end of the warmdown
+    # No overrun and a finished warmdown depend on real step times here (a loaded machine makes
+    # one step slower than the last); tests/test_step_syncs.py checks both on a deterministic clock.
 
 
 def test_smoke_run_end_to_end(sample_shards, tmp_path):

@@ -849,7 +849,30 @@ try:  # FlashAttention-3 (Hopper) when installed; imported here so torch.compile
 except ImportError:
     flash_attn_func = None
 
-ATTENTION_BACKEND = "fa3" if flash_attn_func is not None and torch.cuda.is_available() else "sdpa"
+ATTENTION_BACKEND = "sdpa"  # set once per process by select_attention_backend()
+
+
+def fa3_problem(device: torch.device) -> str | None:
+    """Why FA3 cannot be used here, or None after one compiled (fullgraph) forward + backward works.
+    Older FA3 builds call their CUDA extension directly instead of registering torch ops, which breaks
+    fullgraph compilation on the first warmup step (issue 10), so importing it is not enough."""
+    if flash_attn_func is None:
+        return "flash_attn_interface is not importable (install FlashAttention-3 for Hopper)"
+    try:
+        q = torch.randn(1, 128, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+        out = torch.compile(lambda t: flash_attn_func(t, t, t, causal=True), fullgraph=True)(q)
+        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+    except Exception as e:
+        return f"FlashAttention-3 failed a compiled forward+backward ({type(e).__name__}: {e})"
+    return None
+
+
+def select_attention_backend(rt: Runtime) -> str | None:
+    """FA3 on CUDA when its probe passes, else SDPA; returns the reason FA3 is not used on CUDA."""
+    global ATTENTION_BACKEND
+    problem = fa3_problem(rt.device) if rt.device.type == "cuda" else None
+    ATTENTION_BACKEND = "fa3" if rt.device.type == "cuda" and problem is None else "sdpa"
+    return problem
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -2181,7 +2204,9 @@ def train(
 # ============================================================================ main
 
 
-def log_header(hp: Hyperparameters, rt: Runtime, log: Logger, script: Path, compiled: bool) -> None:
+def log_header(
+    hp, rt: Runtime, log: Logger, script: Path, compiled: bool, attention_problem: str | None
+) -> None:
     log(kv(run_id=rt.run_id))
     log(kv(script_sha256=file_sha256(script), code_bytes=script.stat().st_size, script=script.name))
     log(
@@ -2203,6 +2228,8 @@ def log_header(hp: Hyperparameters, rt: Runtime, log: Logger, script: Path, comp
             compile=int(compiled),
         )
     )
+    if attention_problem:  # loud: the fastest kernel is worth several percent of every step
+        log(f"WARNING attention_backend:sdpa, not FlashAttention-3: {attention_problem}")
     log(kv(preset=hp.preset_name, env_overrides=",".join(hp.overrides) or "none"))
     for line in hp.resolved_lines():
         log(f"hp:{line}")
@@ -2436,7 +2463,7 @@ def eval_only(hp: Hyperparameters, rt: Runtime, log: Logger, script: Path) -> di
     compiled = hp.compile and rt.device.type == "cuda"
     if compiled:  # the same compiled eval as the training run's, so both give the same number
         compile_eval(model, hp, rt)
-    log_header(hp, rt, log, script, compiled)
+    log_header(hp, rt, log, script, compiled, select_attention_backend(rt))
     log(kv(artifact_path=path))
     val = prepare_validation(hp, rt, log)
     scored = score_artifact(model, val, hp, rt, log)
@@ -2469,8 +2496,9 @@ def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
     if rt.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    attention_problem = select_attention_backend(rt)
     model, train_model, compiled = build_model(hp, rt)
-    log_header(hp, rt, log, script, compiled)
+    log_header(hp, rt, log, script, compiled, attention_problem)
     val = prepare_validation(hp, rt, log)
     log(kv(val_tokens=len(val.tokens) - 1, model_params=sum(p.numel() for p in model.parameters())))
     train_files = find_shards(hp.data_path, "train")

@@ -121,6 +121,9 @@ def main(argv: list[str]) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(hp.seed)
+    attention_problem = tg.select_attention_backend(rt)
+    if attention_problem:
+        print(f"WARNING attention_backend:sdpa, not FlashAttention-3: {attention_problem}")
     model, train_model, compiled = tg.build_model(hp, rt)
     optimizers = tg.build_optimizers(model, hp, rt)
     ema = tg.EMA(model, hp.ema_decay, hp.ema_window_frac)

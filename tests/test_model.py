@@ -722,3 +722,29 @@ def test_build_optimizers_gives_muon_only_matrices(cpu_runtime):
     assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
     assert [g["lr"] for g in adam.param_groups] == [hp.tied_embed_lr, hp.scalar_lr, hp.head_lr]
     assert muon.param_groups[0]["weight_decay"] == hp.muon_wd
+
+
+def test_fa3_is_chosen_only_after_its_probe_passes(monkeypatch):
+    """Issue 10: an FA3 build that breaks fullgraph compilation must give SDPA and a reason, not a crash."""
+    cuda = train_gpt.Runtime(0, 1, 0, torch.device("cuda", 0), 1, "t")
+    monkeypatch.setattr(train_gpt, "flash_attn_func", None)
+    assert "not importable" in train_gpt.select_attention_backend(cuda)
+    assert train_gpt.ATTENTION_BACKEND == "sdpa"
+
+    def extension_only_fa3(q, k, v, causal):
+        raise RuntimeError("flash_attn_3_cuda.fwd is not a torch op")
+
+    monkeypatch.setattr(train_gpt, "flash_attn_func", extension_only_fa3)
+    problem = train_gpt.fa3_problem(torch.device("cpu"))
+    assert "failed a compiled forward+backward" in problem and "not a torch op" in problem
+    cpu = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), 1, "t")
+    assert train_gpt.select_attention_backend(cpu) is None and train_gpt.ATTENTION_BACKEND == "sdpa"
+
+    def working_fa3(q, k, v, causal):  # registered-op builds trace like any torch function
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+        )
+        return y.transpose(1, 2)
+
+    monkeypatch.setattr(train_gpt, "flash_attn_func", working_fa3)
+    assert train_gpt.fa3_problem(torch.device("cpu")) is None

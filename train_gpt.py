@@ -860,7 +860,11 @@ def fa3_problem(device: torch.device) -> str | None:
         return "flash_attn_interface is not importable (install FlashAttention-3 for Hopper)"
     try:
         q = torch.randn(1, 128, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
-        out = torch.compile(lambda t: flash_attn_func(t, t, t, causal=True), fullgraph=True)(q)
+        # aot_eager: dynamo and autograd tracing, where extension-only builds fail, without codegen.
+        probe = torch.compile(
+            lambda t: flash_attn_func(t, t, t, causal=True), fullgraph=True, backend="aot_eager"
+        )
+        out = probe(q)
         (out[0] if isinstance(out, tuple) else out).float().sum().backward()
     except Exception as e:
         return f"FlashAttention-3 failed a compiled forward+backward ({type(e).__name__}: {e})"

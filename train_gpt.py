@@ -1324,10 +1324,10 @@ def score_windows(
     """Scores windows span[0]..span[1]-1 of `plan` into `scores`. No host sync: the batch layout
     comes from the host-side plan, masking and scattering happen on the device."""
     starts, n_scored, T = plan
+    on_device = [torch.from_numpy(a[span[0] : span[1]]).to(tokens.device) for a in (starts, n_scored)]
     for s, e in batch_windows(*span, n_scored, batch):
         width = int(n_scored[s:e].max())
-        st = torch.from_numpy(starts[s:e]).to(tokens.device)
-        n = torch.from_numpy(n_scored[s:e]).to(tokens.device)
+        st, n = (a[s - span[0] : e - span[0]] for a in on_device)
         pad = batch - (e - s)
         rows = torch.cat([st, st[-1:].expand(pad)]) if pad > 0 else st
         idx = rows[:, None] + torch.arange(T + 1, device=tokens.device)[None]
@@ -1567,6 +1567,8 @@ def run_pass(model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime, clock: Ev
     batch = eval_batch_seqs(hp, rt, plan[2])
     work = copy.deepcopy(model) if p.ttt else model
     work.eval()
+    for param in work.parameters() if p.ttt else []:
+        param.grad = None  # the copy starts without the training run's last gradients
     fwd = scoring_forward(work, hp, rt, batch, plan[2], log)
     t0 = time.perf_counter()
     chunks = chunk_bounds(plan, hp.ttt_chunk_tokens) if p.ttt or p.ngram else [(0, len(plan[0]), 0, stream.n)]

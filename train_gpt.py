@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, str]] = {
     # Tiny model on the bundled sample: the whole run takes about a minute on 2 CPU cores.
     "smoke": {
         "DATA_PATH": "./data/datasets/sample_sp1024",
-        "TOKENIZER_PATH": "./data/sample/fineweb_1024_bpe.model",
+        "TOKENIZER_PATH": "./data/sample/sample_1024_bpe.model",
         "NUM_LAYERS": "4",
         "MODEL_DIM": "128",
         "NUM_HEADS": "4",

@@ -15,7 +15,7 @@ import torch
 import train_gpt as tg
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT / "data" / "sample" / "fineweb_1024_bpe.model"
+TOKENIZER = ROOT / "data" / "sample" / "sample_1024_bpe.model"
 SAMPLE = ROOT / "data" / "sample" / "sample_wiki.jsonl.xz"
 
 # A model small enough that a few optimizer steps take well under a second on 2 CPU cores.

@@ -239,7 +239,7 @@ class Hyperparameters:
         k("EVAL_STRIDE", int, 64)  # sliding step: every token scored once with >= window-stride context
         k("EVAL_BATCH_SEQS", int, 0)  # windows per forward per rank; 0 = VAL_BATCH_TOKENS / (window x ranks)
         k("EVAL_BUDGET_S", float, 600.0)  # eval clock; a pass projected to overrun it is skipped
-        k("TTT_MODE", str, "chunked")  # score-first test-time training of a copy: none or chunked
+        k("TTT_MODE", str, "chunked")  # score-first test-time training of a copy: none, chunked or lora
         k("TTT_CHUNK_TOKENS", int, 32768)  # TTT/mixer chunk: scored, then adapted on (the last one never)
         k("TTT_LR", float, 0.005)  # TTT peak learning rate, cosine-decayed over chunks
         k("TTT_EPOCHS", int, 3)  # passes over each scored chunk
@@ -248,6 +248,10 @@ class Hyperparameters:
         k("TTT_FREEZE_BLOCKS", int, 0)  # first N blocks stay frozen during TTT
         k("TTT_GRAD_CLIP", float, 1.0)  # TTT gradient-norm clip (0 = off)
         k("TTT_BATCH_SEQS", int, 32)  # sequences per TTT step, over all ranks
+        k("TTT_LORA_RANK", int, 8)  # TTT_MODE=lora: adapter rank on Q, V and the output head
+        k("TTT_LORA_LR", float, 0.01)  # TTT_MODE=lora: Adam learning rate of the per-document adapters
+        k("TTT_LORA_CHUNK", int, 256)  # TTT_MODE=lora: tokens scored, then trained on, per step in a document
+        k("TTT_LORA_DOCS", int, 64)  # TTT_MODE=lora: documents adapted together (one adapter each)
         k("NGRAM_MIX", bool, False)  # mix unigram/bigram/hashed-trigram counts of scored tokens (Hedge)
         k("NGRAM_BUCKETS", int, 65536)  # rows of the hashed trigram table (x VOCAB_SIZE floats)
         k("HEDGE_LR", float, 0.1)  # Hedge learning rate of the mixer weights
@@ -304,7 +308,15 @@ class Hyperparameters:
             ),
             (self.smear_gate_inputs <= self.model_dim, "SMEAR_GATE_INPUTS must be at most MODEL_DIM"),
             (self.eval_mode in ("flat", "sliding"), "EVAL_MODE must be flat or sliding"),
-            (self.ttt_mode in ("none", "chunked"), "TTT_MODE must be none or chunked"),
+            (self.ttt_mode in ("none", "chunked", "lora"), "TTT_MODE must be none, chunked or lora"),
+            (
+                self.ttt_mode != "lora" or not self.ngram_mix,
+                "NGRAM_MIX stacks on TTT_MODE=chunked or none, not yet on lora (documents run out of order)",
+            ),
+            (
+                min(self.ttt_lora_rank, self.ttt_lora_chunk, self.ttt_lora_docs) > 0,
+                "TTT_LORA_RANK, TTT_LORA_CHUNK and TTT_LORA_DOCS must be positive",
+            ),
             (self.ttt_optimizer in ("sgd", "adamw"), "TTT_OPTIMIZER must be sgd or adamw"),
             (
                 self.eval_stride > 0 and self.eval_seq_len >= 0,
@@ -700,9 +712,12 @@ class CastedLinear(nn.Linear):
     """fp32 master weight cast to the activation dtype at use; the single slot where later
     waves hook quantisation (fake-quant / dequantised weights) and LoRA adapters."""
 
+    lora = None  # an eval-time adapter (BatchedLoRA) on a copy of the model; None = plain layer
+
     def forward(self, x: Tensor) -> Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        out = F.linear(x, self.weight.to(x.dtype), bias)
+        return out if self.lora is None else out + self.lora(x)
 
 
 try:  # FlashAttention-3 (Hopper) when installed; imported here so torch.compile sees no import
@@ -893,6 +908,8 @@ class BigramHash(nn.Module):
 class GPT(nn.Module):
     """Embedding (+BigramHash, SmearGate) -> U-Net of blocks -> tied head with logit softcap."""
 
+    head_lora = None  # eval-time adapter of the output head (see CastedLinear.lora)
+
     def __init__(self, hp: Hyperparameters):
         super().__init__()
         self.softcap, self.tied = hp.logit_softcap, hp.tie_embeddings
@@ -954,6 +971,8 @@ class GPT(nn.Module):
     def logits(self, ids: Tensor) -> Tensor:
         h = self.hidden(ids)
         raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.tied else self.lm_head(h)
+        if self.head_lora is not None:  # per-document LoRA TTT adapter of the output head
+            raw = raw + self.head_lora(h)
         return self.softcap * torch.tanh(raw.float() / self.softcap)
 
     def forward(self, ids: Tensor, targets: Tensor | None = None, reduction: str = "mean") -> Tensor:
@@ -1316,6 +1335,7 @@ class Pass:
     stride: int
     ttt: bool = False
     ngram: bool = False
+    lora: bool = False
 
 
 def score_windows(
@@ -1596,32 +1616,174 @@ def run_pass(model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime, clock: Ev
             ttt.train_chunk(stream.tokens, c, lo, hi, ledger)
     if not ledger.held:
         raise LegalityError(f"pass {p.name} scored [0, {ledger.scored_upto}) of [0, {stream.n})")
-    sums = torch.stack([scores.nll.double().sum(), scores.hits.double().sum()])
-    sums = all_reduce_sum(torch.cat([sums, (stream.target_bytes * scores.hits).double().sum()[None]]), rt)
-    nll, count, nbytes = sums.tolist()
+    extra = dict(ttt_chunks=len(chunks), norm_checks=mixer.norm_checks if mixer is not None else 0)
+    if ttt is not None:
+        extra["ttt_chunks_trained"] = ttt.trained
+    return pass_result(scores, stream, rt, t0, ledger.held, score_s, len(plan[0]) * plan[2], **extra)
+
+
+def pass_result(
+    scores: Scores, stream: EvalStream, rt: Runtime, t0: float, held: bool, score_s, window_tokens, **extra
+):
+    """Sums over ranks: NLL, scored tokens, their bytes, and ranks whose legality check did not hold."""
+    local = [
+        scores.nll.double().sum(),
+        scores.hits.double().sum(),
+        (stream.target_bytes * scores.hits).double().sum(),
+    ]
+    local.append(torch.tensor(0.0 if held else 1.0, dtype=torch.float64, device=rt.device))
+    nll, count, nbytes, failed = all_reduce_sum(torch.stack(local), rt).tolist()
     sync(rt)
-    seconds = time.perf_counter() - t0
-    return dict(
+    out = dict(
         val_loss=nll / count,
         val_bpb=nll / math.log(2) / nbytes,
         tokens=int(count),
         bytes=int(round(nbytes)),
-        seconds=seconds,
-        window_tokens_per_s=len(plan[0]) * plan[2] / max(score_s, 1e-9),
-        ttt_chunks_trained=ttt.trained if ttt is not None else 0,
-        ttt_chunks=len(chunks),
-        norm_checks=mixer.norm_checks if mixer is not None else 0,
-        scored_before_update=ledger.held,
+        seconds=time.perf_counter() - t0,
+        window_tokens_per_s=window_tokens / max(score_s, 1e-9),
+        scored_before_update=failed == 0,
         nll=scores.nll,
+        ttt_chunks_trained=0,
+    )
+    out.update(extra)
+    return out
+
+
+class BatchedLoRA:
+    """y += (alpha/r) B(Ax) with one (A, B) per row of the batch, i.e. per document (first LoRA TTT
+    record, 2026-03-17; P2/P687): A uniform(+-1/sqrt(in)), B zero, so a fresh adapter is a no-op.
+    A plain object, not a module: it hangs on a CastedLinear's `lora` slot of an eval-time copy."""
+
+    def __init__(self, batch: int, d_in: int, d_out: int, rank: int, device: torch.device):
+        bound = 1 / math.sqrt(d_in)
+        self.A = torch.empty(batch, rank, d_in, device=device).uniform_(-bound, bound).requires_grad_()
+        self.B = torch.zeros(batch, d_out, rank, device=device, requires_grad=True)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return (x @ self.A.transpose(1, 2).to(x.dtype)) @ self.B.transpose(1, 2).to(x.dtype)
+
+
+def attach_lora(model: GPT, batch: int, rank: int, device: torch.device) -> list[Tensor]:
+    """Fresh adapters on every block's Q and V and on the output head; returns their tensors."""
+    adapters = []
+    for block in model.blocks:
+        for layer in (block.attn.c_q, block.attn.c_v):
+            layer.lora = BatchedLoRA(batch, layer.in_features, layer.out_features, rank, device)
+            adapters.append(layer.lora)
+    model.head_lora = BatchedLoRA(
+        batch, model.tok_emb.embedding_dim, model.tok_emb.num_embeddings, rank, device
+    )
+    adapters.append(model.head_lora)
+    return [t for a in adapters for t in (a.A, a.B)]
+
+
+def document_spans(tokens: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """Positions [lo, hi) of each document: it starts at its BOS (or at 0) and its last position
+    predicts the next document's BOS."""
+    starts = np.flatnonzero(tokens[:n] == BOS_ID)
+    starts = starts if len(starts) and starts[0] == 0 else np.concatenate([[0], starts])
+    ends = np.append(starts[1:], n)
+    return [(int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
+
+
+def deal_documents(spans: list[tuple[int, int]], rt: Runtime) -> list[tuple[int, int]]:
+    """This rank's documents: longest first, each to the rank with the least work so far (LPT), so
+    ranks finish together; returned longest first so a batch holds documents of similar length."""
+    load = [0] * rt.world_size
+    mine = []
+    for lo, hi in sorted(spans, key=lambda s: (s[0] - s[1], s[0])):
+        r = load.index(min(load))
+        load[r] += hi - lo
+        if r == rt.rank:
+            mine.append((lo, hi))
+    return mine
+
+
+def lora_batch(
+    model: GPT, tokens: Tensor, docs: list[tuple[int, int]], hp, rt: Runtime, scores: Scores
+) -> bool:
+    """Per-document LoRA TTT of one batch: chunk k of every document is scored with up to
+    EVAL_SEQ_LEN tokens of its own document as context, then one Adam step on that chunk's loss
+    (the same forward; its scores are recorded before the step). A document's last chunk is never
+    trained on. One ledger per document: its adapter is its own state."""
+    T = hp.eval_seq_len or hp.train_seq_len
+    D, C = hp.ttt_lora_docs, min(hp.ttt_lora_chunk, T)  # a chunk must fit in its scoring window
+    opt = torch.optim.Adam(
+        attach_lora(model, D, hp.ttt_lora_rank, rt.device), lr=hp.ttt_lora_lr, betas=(0.9, 0.95)
+    )
+    ledgers = [ScoreLedger(hi - lo) for lo, hi in docs]
+    for k in range(math.ceil(max(hi - lo for lo, hi in docs) / C)):
+        rows = [
+            (j, lo, lo + k * C, min(lo + (k + 1) * C, hi))
+            for j, (lo, hi) in enumerate(docs)
+            if lo + k * C < hi
+        ]
+        width = max(ce - max(lo, ce - T) for _, lo, _, ce in rows)
+        idx, bounds = torch.zeros(D, width + 1, dtype=torch.int64), torch.zeros(D, 2, dtype=torch.int64)
+        for j, lo, cs, ce in rows:  # the window [ws, ce] left-aligned, padded after it (causal)
+            ws = max(lo, ce - T)
+            idx[j] = torch.arange(ws, ws + width + 1).clamp_max(ce)
+            bounds[j] = torch.tensor([cs - ws, ce - ws])
+        idx, bounds = idx.to(rt.device), bounds.to(rt.device)
+        local = torch.arange(width, device=rt.device)[None]
+        mask = (local >= bounds[:, :1]) & (local < bounds[:, 1:])
+        window = tokens[idx]
+        with autocast(rt):
+            nll = model(window[:, :-1], window[:, 1:], reduction="none").float()
+        pos = idx[:, :-1].clamp_max(len(scores.nll) - 1).flatten()
+        scores.nll.index_add_(0, pos, (nll.detach() * mask).flatten())
+        scores.hits.index_add_(0, pos, mask.flatten().to(torch.int32))
+        for j, lo, cs, ce in rows:
+            ledgers[j].scored(cs - lo, ce - lo)
+        train = [j for j, lo, cs, ce in rows if ce < docs[j][1]]
+        if train:
+            for j, lo, cs, ce in rows:
+                if j in train:
+                    ledgers[j].adapted(cs - lo, ce - lo)
+            keep = torch.zeros(D, 1, device=rt.device)
+            keep[train] = 1.0
+            per_doc = (nll * mask * keep).sum(1) / mask.sum(1).clamp_min(1)
+            opt.zero_grad(set_to_none=True)
+            per_doc.sum().backward()
+            opt.step()
+    return all(ledger.held for ledger in ledgers)
+
+
+def lora_forward_tokens(spans: list[tuple[int, int]], chunk: int, seq_len: int) -> int:
+    """Tokens the LoRA pass forwards (each chunk with up to seq_len of its document as context)."""
+    chunk = min(chunk, seq_len)
+    return sum(
+        min(min((k + 1) * chunk, hi - lo), seq_len)
+        for lo, hi in spans
+        for k in range(math.ceil((hi - lo) / chunk))
+    )
+
+
+def run_lora_pass(model: GPT, stream: EvalStream, hp, rt: Runtime) -> dict:
+    """Per-document LoRA TTT over this rank's documents (dealt by length), on a frozen copy."""
+    t0 = time.perf_counter()
+    work = copy.deepcopy(model)
+    work.eval()
+    work.requires_grad_(False)
+    spans = deal_documents(document_spans(stream.tokens.cpu().numpy(), stream.n), rt)
+    scores, held = Scores(stream.n, rt.device), True
+    for b in range(0, len(spans), hp.ttt_lora_docs):
+        held = lora_batch(work, stream.tokens, spans[b : b + hp.ttt_lora_docs], hp, rt, scores) and held
+    check_span_once(scores, 0, stream.n, rt)
+    forwarded = lora_forward_tokens(spans, hp.ttt_lora_chunk, hp.eval_seq_len or hp.train_seq_len)
+    return pass_result(
+        scores, stream, rt, t0, held, time.perf_counter() - t0, forwarded, documents=len(spans)
     )
 
 
 EVAL_MODE_NAMES = {"flat": "flat", "sliding": "sliding", "ttt": "ttt_score_first", "ngram": "ngram_mix"}
-EVAL_MODE_NAMES["ttt_ngram"] = "ttt_score_first+ngram_mix"
+EVAL_MODE_NAMES.update(ttt_ngram="ttt_score_first+ngram_mix", lora="lora_ttt_score_first")
 
 
 def adaptive_passes(hp: Hyperparameters, seq_len: int, stride: int) -> list[Pass]:
     """The configured TTT/mixer pass, then its cheaper fallbacks (drop TTT, then the mixer)."""
+    if hp.ttt_mode == "lora":
+        return [Pass("lora", seq_len, stride, lora=True)]
     ttt, ngram = hp.ttt_mode == "chunked", hp.ngram_mix
     options = [(ttt, ngram), (False, ngram)]
     out = []
@@ -1632,9 +1794,14 @@ def adaptive_passes(hp: Hyperparameters, seq_len: int, stride: int) -> list[Pass
     return out
 
 
-def projected_s(p: Pass, n: int, rate: float, hp: Hyperparameters) -> float:
+def projected_s(p: Pass, stream: EvalStream, rate: float, hp: Hyperparameters) -> float:
     """Seconds a pass should take at the measured forward rate (window tokens/s): its windows, a
-    mixer at an assumed 2x scoring cost, TTT training at 3x forward cost per trained token."""
+    mixer at an assumed 2x scoring cost, TTT training at 3x forward cost per trained token; LoRA TTT
+    forwards and backwards every document chunk with its context (3x)."""
+    n = stream.n
+    if p.lora:
+        spans = document_spans(stream.tokens.cpu().numpy(), n)
+        return 3.0 * lora_forward_tokens(spans, hp.ttt_lora_chunk, hp.eval_seq_len or hp.train_seq_len) / rate
     starts, _, T = window_plan(n, p.seq_len, p.stride)
     score = len(starts) * T / rate * (2.0 if p.ngram else 1.0)
     return score + (3.0 * hp.ttt_epochs * n / rate if p.ttt else 0.0)
@@ -1660,20 +1827,22 @@ def score_model(
         geometries.append(Pass("sliding", hp.eval_seq_len or hp.train_seq_len, hp.eval_stride))
     done: list[tuple[Pass, dict]] = []
     for p in geometries:
-        if done and not fits_or_log(p, stream.n, done[-1][1], clock, hp, log):
+        if done and not fits_or_log(p, stream, done[-1][1], clock, hp, log):
             continue
         done.append((p, run_logged(model, stream, p, hp, rt, clock, log)))
         base = p
     for p in adaptive_passes(hp, base.seq_len, base.stride):
-        if fits_or_log(p, stream.n, done[-1][1], clock, hp, log):
+        if fits_or_log(p, stream, done[-1][1], clock, hp, log):
             done.append((p, run_logged(model, stream, p, hp, rt, clock, log)))
             break
     model.train(was_training)
     return eval_summary(done, clock, log)
 
 
-def fits_or_log(p: Pass, n: int, last: dict, clock: EvalClock, hp: Hyperparameters, log: Logger) -> bool:
-    projected = projected_s(p, n, last["window_tokens_per_s"], hp)
+def fits_or_log(
+    p: Pass, stream: EvalStream, last: dict, clock: EvalClock, hp: Hyperparameters, log: Logger
+) -> bool:
+    projected = projected_s(p, stream, last["window_tokens_per_s"], hp)
     if clock.fits(projected):
         return True
     log(
@@ -1690,7 +1859,7 @@ def fits_or_log(p: Pass, n: int, last: dict, clock: EvalClock, hp: Hyperparamete
 def run_logged(
     model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime, clock: EvalClock, log: Logger
 ) -> dict:
-    r = run_pass(model, stream, p, hp, rt, clock, log)
+    r = run_lora_pass(model, stream, hp, rt) if p.lora else run_pass(model, stream, p, hp, rt, clock, log)
     clock.phases[p.name] = round(r["seconds"], 3)
     log(
         kv(
@@ -1713,7 +1882,7 @@ def eval_summary(done: list[tuple[Pass, dict]], clock: EvalClock, log: Logger) -
         val_loss=final["val_loss"],
         val_bpb=final["val_bpb"],
         eval_mode=EVAL_MODE_NAMES[final_pass.name],
-        ttt_mode="chunked" if final_pass.ttt else "none",
+        ttt_mode="lora" if final_pass.lora else "chunked" if final_pass.ttt else "none",
         ngram_mix=final_pass.ngram,
         scored_before_update=all(r["scored_before_update"] for _, r in done),
         eval_time_s=eval_time_s,

@@ -20,6 +20,7 @@ MODES = {
     "ttt": dict(ttt=True, ngram=False),
     "ngram": dict(ttt=False, ngram=True),
     "ttt_ngram": dict(ttt=True, ngram=True),
+    "lora": dict(ttt=False, ngram=False, lora=True),
 }
 EVAL_KNOBS = dict(
     TRAIN_SEQ_LEN=16,
@@ -30,6 +31,9 @@ EVAL_KNOBS = dict(
     TTT_LR=0.05,
     NGRAM_BUCKETS=32,
     EVAL_BATCH_SEQS=3,
+    TTT_LORA_CHUNK=40,
+    TTT_LORA_DOCS=3,
+    TTT_LORA_LR=0.05,
 )
 
 
@@ -61,6 +65,8 @@ def run_mode(mode: str, tokens: np.ndarray, **knobs) -> dict:
     t = torch.from_numpy(tokens.astype(np.int64))
     stream = tg.EvalStream(t, tg.token_bytes(t[:-1], t[1:], stream_val).float())
     clock = tg.EvalClock(600.0, rt)
+    if spec.get("lora"):
+        return tg.run_lora_pass(model, stream, hp, rt)
     return tg.run_pass(model, stream, tg.Pass(mode, seq, stride, **spec), hp, rt, clock, lambda _: None)
 
 
@@ -110,6 +116,8 @@ def test_every_mode_scores_each_token_and_byte_exactly_once(mode, torch_single_t
     assert result["scored_before_update"] is True
     if MODES[mode]["ttt"]:
         assert 0 < result["ttt_chunks_trained"] == result["ttt_chunks"] - 1  # the last one never
+    if mode == "lora":
+        assert result["documents"] == int((tokens[:-1] == tg.BOS_ID).sum())
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -255,11 +263,15 @@ def test_budget_falls_back_to_cheaper_modes_and_logs_why(cpu_runtime, torch_sing
     assert all("reason:over_budget" in f for f in fallbacks)
 
 
-@pytest.mark.parametrize("nproc", [1, 2, 3])
-def test_every_mode_scores_each_val_token_once_on_1_to_3_ranks(nproc, sample_shards, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("nproc,ttt_mode", [(1, "chunked"), (2, "chunked"), (3, "chunked"), (3, "lora")])
+def test_every_mode_scores_each_val_token_once_on_1_to_3_ranks(nproc, ttt_mode, sample_shards, tmp_path):  # noqa: F811
+    lora = ttt_mode == "lora"
     env = tiny_env(
         sample_shards,
-        RUN_ID=f"eval{nproc}",
+        RUN_ID=f"eval{nproc}{ttt_mode}",
+        TTT_MODE=ttt_mode,
+        TTT_LORA_CHUNK="512",
+        TTT_LORA_DOCS="4",
         ITERATIONS="2",
         MAX_WALLCLOCK_SECONDS="0",
         TRAIN_BATCH_TOKENS="1536",
@@ -268,13 +280,37 @@ def test_every_mode_scores_each_val_token_once_on_1_to_3_ranks(nproc, sample_sha
         TTT_CHUNK_TOKENS="6144",
         TTT_EPOCHS="1",
         TTT_FREEZE_BLOCKS="2",
-        NGRAM_MIX="1",
+        NGRAM_MIX="0" if lora else "1",
         NGRAM_BUCKETS="256",
     )
     final, log = run_script(env, tmp_path, nproc=nproc)
     assert final["world_size"] == nproc
-    assert final["eval_mode"] == "ttt_score_first+ngram_mix" and final["scored_before_update"] is True
+    last = "lora" if lora else "ttt_ngram"
+    assert final["eval_mode"] == ("lora_ttt_score_first" if lora else "ttt_score_first+ngram_mix")
+    assert final["scored_before_update"] is True
     assert final["scored_tokens"] == final["val_tokens"] and final["scored_bytes"] == final["val_bytes"]
-    for stage in ("flat", "sliding", "ttt_ngram"):
+    for stage in ("flat", "sliding", last):
         assert f"final_eval:{stage} " in log
-    assert final["ttt_chunks_trained"] == 2  # 16,256 val tokens: 3 chunks, the last never trained on
+    if not lora:
+        assert final["ttt_chunks_trained"] == 2  # 16,256 val tokens: 3 chunks, the last never trained on
+
+
+def test_lora_adapters_change_scores_only_after_a_documents_first_chunk(torch_single_thread):
+    """A fresh adapter is a no-op (B = 0): the first chunk of every document (TTT_LORA_CHUNK=40 is
+    clamped to the 16-token window) scores as the plain doc-isolated model; later chunks see the
+    trained adapter."""
+    tokens = random_tokens()
+    trained = run_mode("lora", tokens)["nll"]
+    untrained = run_mode("lora", tokens, TTT_LORA_LR=0.0)["nll"]
+    spans = tg.document_spans(tokens, len(tokens) - 1)
+    firsts = torch.tensor([i for lo, hi in spans for i in range(lo, min(lo + 16, hi))])
+    torch.testing.assert_close(trained[firsts], untrained[firsts], rtol=0, atol=1e-6)
+    assert not torch.allclose(trained, untrained)
+
+
+def test_documents_are_dealt_to_ranks_by_length():
+    spans = [(0, 50), (50, 60), (60, 100), (100, 130), (130, 131)]
+    shares = [tg.deal_documents(spans, tg.Runtime(r, 2, r, torch.device("cpu"), 1, "t")) for r in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == spans
+    loads = [sum(hi - lo for lo, hi in share) for share in shares]
+    assert abs(loads[0] - loads[1]) <= 10

@@ -1415,7 +1415,7 @@ class NgramMixer:
         V = self.vocab
         uni = ((self.uni + a) / (self.uni.sum() + a * V)).log().expand_as(logits)
         rows = self.bi[prev]
-        bi = ((rows + a) / (rows.sum(-1, keepdim=True) + a * V)).log()
+        bi = ((rows + b) / (rows.sum(-1, keepdim=True) + b * V)).log()
         rows = self.tri[self.bucket(prev2, prev)]
         tri = ((rows + c) / (rows.sum(-1, keepdim=True) + c * V)).log()
         experts = torch.stack([F.log_softmax(logits.float(), -1), uni, bi, tri], dim=-2)

@@ -66,8 +66,9 @@ PRESETS: dict[str, dict[str, str]] = {
         "MATRIX_LR": "0.03",
         # Every evaluation mode, briefly: flat, sliding, then chunked TTT with the n-gram mixer.
         "EVAL_STRIDE": "128",
-        "TTT_CHUNK_TOKENS": "16384",
+        "TTT_CHUNK_TOKENS": "32768",
         "TTT_EPOCHS": "1",
+        "TTT_FREEZE_BLOCKS": "2",
         "TTT_LR": "0.01",
         "NGRAM_MIX": "1",
         "NGRAM_BUCKETS": "4096",
@@ -255,6 +256,7 @@ class Hyperparameters:
         k("NGRAM_MIX", bool, False)  # mix unigram/bigram/hashed-trigram counts of scored tokens (Hedge)
         k("NGRAM_BUCKETS", int, 65536)  # rows of the hashed trigram table (x VOCAB_SIZE floats)
         k("HEDGE_LR", float, 0.1)  # Hedge learning rate of the mixer weights
+        k("NGRAM_WARMUP_TOKENS", int, 10000)  # the network alone until the count tables hold this many tokens
         k("NGRAM_CHECK_NORM", bool, False)  # debug: check the mixture sums to 1 at every scored position
         # fmt: on
 
@@ -1397,8 +1399,11 @@ class NgramMixer:
 
     SMOOTH = (0.1, 0.1, 0.01)
 
-    def __init__(self, vocab: int, buckets: int, lr: float, check_norm: bool, device: torch.device):
+    def __init__(
+        self, vocab: int, buckets: int, lr: float, check_norm: bool, device: torch.device, warmup: int = 0
+    ):
         self.vocab, self.buckets, self.lr, self.check_norm = vocab, buckets, lr, check_norm
+        self.warmup_tokens, self.seen = warmup, 0
         f32 = dict(dtype=torch.float32, device=device)
         self.uni, self.bi, self.tri = torch.zeros(vocab, **f32), torch.zeros(vocab, vocab, **f32), None
         self.tri = torch.zeros(buckets, vocab, **f32)
@@ -1420,6 +1425,8 @@ class NgramMixer:
         tri = ((rows + c) / (rows.sum(-1, keepdim=True) + c * V)).log()
         experts = torch.stack([F.log_softmax(logits.float(), -1), uni, bi, tri], dim=-2)
         w = F.log_softmax(self.log_w, 0)[:, None]
+        if self.seen < self.warmup_tokens:  # P687: the network alone while the tables are nearly empty
+            w = torch.tensor([0.0, -math.inf, -math.inf, -math.inf], device=w.device)[:, None]
         return torch.logsumexp(experts + w, dim=-2), experts
 
     def score(self, logits: Tensor, prev2: Tensor, prev: Tensor, tgt: Tensor, mask: Tensor) -> Tensor:
@@ -1441,6 +1448,7 @@ class NgramMixer:
     def adapt(self, tokens: Tensor, lo: int, hi: int, rt: Runtime, ledger: ScoreLedger) -> None:
         """Hedge step on the chunk's scored positions (all ranks), then the chunk's counts."""
         ledger.adapted(lo, hi)
+        self.seen += hi - lo
         loss = all_reduce_sum(self.loss.clone(), rt)
         self.log_w -= self.lr * (loss[:4] / loss[4].clamp_min(1)).float()
         self.loss.zero_()
@@ -1594,7 +1602,14 @@ def run_pass(model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime, clock: Ev
     chunks = chunk_bounds(plan, hp.ttt_chunk_tokens) if p.ttt or p.ngram else [(0, len(plan[0]), 0, stream.n)]
     ttt = ChunkTTT(work, hp, rt, len(chunks), plan[2]) if p.ttt else None
     mixer = (
-        NgramMixer(hp.vocab_size, hp.ngram_buckets, hp.hedge_lr, hp.ngram_check_norm, rt.device)
+        NgramMixer(
+            hp.vocab_size,
+            hp.ngram_buckets,
+            hp.hedge_lr,
+            hp.ngram_check_norm,
+            rt.device,
+            hp.ngram_warmup_tokens,
+        )
         if p.ngram
         else None
     )

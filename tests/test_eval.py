@@ -30,6 +30,7 @@ EVAL_KNOBS = dict(
     TTT_BATCH_SEQS=2,
     TTT_LR=0.05,
     NGRAM_BUCKETS=32,
+    NGRAM_WARMUP_TOKENS=0,  # the mixture from the first chunk on (the default waits for 10,000 tokens)
     EVAL_BATCH_SEQS=3,
     TTT_LORA_CHUNK=40,
     TTT_LORA_DOCS=3,
@@ -314,3 +315,12 @@ def test_documents_are_dealt_to_ranks_by_length():
     assert sorted(shares[0] + shares[1]) == spans
     loads = [sum(hi - lo for lo, hi in share) for share in shares]
     assert abs(loads[0] - loads[1]) <= 10
+
+
+def test_mixer_leaves_the_network_alone_until_its_tables_warm_up(torch_single_thread):
+    tokens = random_tokens()
+    alone = run_mode("sliding", tokens)["nll"]
+    warming = run_mode("ngram", tokens, NGRAM_WARMUP_TOKENS=80)["nll"]
+    first_chunk = 40  # TTT_CHUNK_TOKENS: the tables hold 40 tokens after it, 80 after the second
+    torch.testing.assert_close(warming[: 2 * first_chunk], alone[: 2 * first_chunk], rtol=0, atol=1e-5)
+    assert not torch.allclose(warming[2 * first_chunk :], alone[2 * first_chunk :])

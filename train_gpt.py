@@ -49,7 +49,7 @@ PRESETS: dict[str, dict[str, str]] = {
     # Tiny model on the bundled sample: the whole run takes about a minute on 2 CPU cores.
     "smoke": {
         "DATA_PATH": "./data/datasets/sample_sp1024",
-        "TOKENIZER_PATH": "./data/sample/fineweb_1024_bpe.model",
+        "TOKENIZER_PATH": "./data/sample/sample_1024_bpe.model",
         "NUM_LAYERS": "4",
         "MODEL_DIM": "128",
         "NUM_HEADS": "4",
@@ -69,6 +69,14 @@ PRESETS: dict[str, dict[str, str]] = {
         "MUON_MOMENTUM_WARMUP_FRAC": "0.1",
         "MATRIX_LR": "0.03",
         "GPTQ_CALIB_TOKENS": "16384",
+        # Every evaluation mode, briefly: flat, sliding, then chunked TTT with the n-gram mixer.
+        "EVAL_STRIDE": "128",
+        "TTT_CHUNK_TOKENS": "32768",
+        "TTT_EPOCHS": "1",
+        "TTT_FREEZE_BLOCKS": "2",
+        "TTT_LR": "0.01",
+        "NGRAM_MIX": "1",
+        "NGRAM_BUCKETS": "4096",
     },
 }
 
@@ -256,6 +264,29 @@ class Hyperparameters:
         k("VAL_BATCH_TOKENS", int, 524288)  # tokens per validation forward, over all ranks
         k("VAL_LOSS_EVERY", int, 1000)  # validate every N steps (and at step 0); 0 = only at the end
         k("TRAIN_LOG_EVERY", int, 100)  # train log line every N steps
+        k("EVAL_MODE", str, "sliding")  # final scoring windows: flat (TRAIN_SEQ_LEN, no overlap) or sliding
+        k("EVAL_SEQ_LEN", int, 0)  # sliding window length; 0 = TRAIN_SEQ_LEN
+        k("EVAL_STRIDE", int, 64)  # sliding step: every token scored once with >= window-stride context
+        k("EVAL_BATCH_SEQS", int, 0)  # windows per forward per rank; 0 = VAL_BATCH_TOKENS / (window x ranks)
+        k("EVAL_BUDGET_S", float, 600.0)  # eval clock; a pass projected to overrun it is skipped
+        k("TTT_MODE", str, "chunked")  # score-first test-time training of a copy: none, chunked or lora
+        k("TTT_CHUNK_TOKENS", int, 32768)  # TTT/mixer chunk: scored, then adapted on (the last one never)
+        k("TTT_LR", float, 0.005)  # TTT peak learning rate, cosine-decayed over chunks
+        k("TTT_EPOCHS", int, 3)  # passes over each scored chunk
+        k("TTT_MOMENTUM", float, 0.9)  # SGD momentum (AdamW beta1) of TTT
+        k("TTT_OPTIMIZER", str, "sgd")  # TTT optimizer: sgd or adamw
+        k("TTT_FREEZE_BLOCKS", int, 0)  # first N blocks stay frozen during TTT
+        k("TTT_GRAD_CLIP", float, 1.0)  # TTT gradient-norm clip (0 = off)
+        k("TTT_BATCH_SEQS", int, 32)  # sequences per TTT step, over all ranks
+        k("TTT_LORA_RANK", int, 8)  # TTT_MODE=lora: adapter rank on Q, V and the output head
+        k("TTT_LORA_LR", float, 0.01)  # TTT_MODE=lora: Adam learning rate of the per-document adapters
+        k("TTT_LORA_CHUNK", int, 256)  # TTT_MODE=lora: tokens scored, then trained on, per step in a document
+        k("TTT_LORA_DOCS", int, 64)  # TTT_MODE=lora: documents adapted together (one adapter each)
+        k("NGRAM_MIX", bool, False)  # mix unigram/bigram/hashed-trigram counts of scored tokens (Hedge)
+        k("NGRAM_BUCKETS", int, 65536)  # rows of the hashed trigram table (x VOCAB_SIZE floats)
+        k("HEDGE_LR", float, 0.1)  # Hedge learning rate of the mixer weights
+        k("NGRAM_WARMUP_TOKENS", int, 10000)  # the network alone until the count tables hold this many tokens
+        k("NGRAM_CHECK_NORM", bool, False)  # debug: check the mixture sums to 1 at every scored position
         # fmt: on
 
     def _quantization_knobs(self, k: _KnobReader) -> None:
@@ -346,6 +377,28 @@ class Hyperparameters:
             ),
             (0 <= self.qat_start_lr_scale <= 1, "QAT_START_LR_SCALE must be in [0, 1]"),
             (not self.eval_only or self.artifact_path, "EVAL_ONLY=1 needs ARTIFACT_PATH=<artifact file>"),
+            (self.eval_mode in ("flat", "sliding"), "EVAL_MODE must be flat or sliding"),
+            (self.ttt_mode in ("none", "chunked", "lora"), "TTT_MODE must be none, chunked or lora"),
+            (
+                self.ttt_mode != "lora" or not self.ngram_mix,
+                "NGRAM_MIX stacks on TTT_MODE=chunked or none, not yet on lora (documents run out of order)",
+            ),
+            (
+                min(self.ttt_lora_rank, self.ttt_lora_chunk, self.ttt_lora_docs) > 0,
+                "TTT_LORA_RANK, TTT_LORA_CHUNK and TTT_LORA_DOCS must be positive",
+            ),
+            (self.ttt_optimizer in ("sgd", "adamw"), "TTT_OPTIMIZER must be sgd or adamw"),
+            (
+                self.eval_stride > 0 and self.eval_seq_len >= 0,
+                "EVAL_STRIDE must be > 0 and EVAL_SEQ_LEN >= 0",
+            ),
+            (self.eval_batch_seqs >= 0, "EVAL_BATCH_SEQS must be >= 0 (0 = from VAL_BATCH_TOKENS)"),
+            (
+                self.ttt_chunk_tokens > 0 and self.ttt_epochs >= 0,
+                "TTT_CHUNK_TOKENS must be > 0, TTT_EPOCHS >= 0",
+            ),
+            (0 <= self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS must be in [0, NUM_LAYERS]"),
+            (self.ngram_buckets > 0, "NGRAM_BUCKETS must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -838,10 +891,13 @@ class CastedLinear(nn.Linear):
 
     qat_bits = 0  # set per instance by set_qat(); a compiled model guards on it and recompiles
 
+    lora = None  # an eval-time adapter (BatchedLoRA) on a copy of the model; None = plain layer
+
     def forward(self, x: Tensor) -> Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         w = fake_quantize(self.weight, self.qat_bits) if self.qat_bits else self.weight
-        return F.linear(x, w.to(x.dtype), bias)
+        out = F.linear(x, w.to(x.dtype), bias)
+        return out if self.lora is None else out + self.lora(x)
 
 
 try:  # FlashAttention-3 (Hopper) when installed; imported here so torch.compile sees no import
@@ -1059,6 +1115,8 @@ class BigramHash(nn.Module):
 class GPT(nn.Module):
     """Embedding (+BigramHash, SmearGate) -> U-Net of blocks -> tied head with logit softcap."""
 
+    head_lora = None  # eval-time adapter of the output head (see CastedLinear.lora)
+
     def __init__(self, hp: Hyperparameters):
         super().__init__()
         self.softcap, self.tied = hp.logit_softcap, hp.tie_embeddings
@@ -1122,6 +1180,8 @@ class GPT(nn.Module):
     def logits(self, ids: Tensor) -> Tensor:
         h = self.hidden(ids)
         raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.tied else self.lm_head(h)
+        if self.head_lora is not None:  # per-document LoRA TTT adapter of the output head
+            raw = raw + self.head_lora(h)
         return self.softcap * torch.tanh(raw.float() / self.softcap)
 
     def forward(self, ids: Tensor, targets: Tensor | None = None, reduction: str = "mean") -> Tensor:
@@ -1982,6 +2042,664 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log: Logger) -> ValData
     return ValData(tokens, base, space, boundary, count_target_bytes(tokens, luts))
 
 
+class LegalityError(RuntimeError):
+    """An evaluation step broke score-before-update or exactly-once scoring; the score is void."""
+
+
+class ScoreLedger:
+    """Evidence for "score first, then adapt" (issue #1017 condition 3), kept by the code that slices
+    the tokens. Positions are input indices i of the val stream (position i predicts token i+1).
+
+    Spans are scored in order and each is recorded only after every rank's scores of it were
+    counted exactly once; an adaptation (TTT step, count tables, mixer weights) may read only
+    positions already scored, and no span may be scored by a state adapted on one of its targets.
+    """
+
+    def __init__(self, n_positions: int):
+        self.n, self.scored_upto, self.adapted_upto = n_positions, 0, 0
+
+    def scored(self, lo: int, hi: int) -> None:
+        if lo != self.scored_upto or hi <= lo:
+            raise LegalityError(f"scored span [{lo}, {hi}) does not continue [0, {self.scored_upto})")
+        if self.adapted_upto > lo:
+            raise LegalityError(
+                f"span [{lo}, {hi}) scored by a state already adapted on tokens up to {self.adapted_upto}"
+            )
+        self.scored_upto = hi
+
+    def adapted(self, lo: int, hi: int) -> None:
+        if hi > self.scored_upto:
+            raise LegalityError(
+                f"adapting on [{lo}, {hi}) before it was scored (scored: [0, {self.scored_upto}))"
+            )
+        self.adapted_upto = max(self.adapted_upto, hi)
+
+    @property
+    def held(self) -> bool:
+        """True once every position was scored with the order checked throughout."""
+        return self.scored_upto == self.n
+
+
+def window_plan(n_positions: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Sliding windows (R0323/R0409 idea, rewritten so no position is dropped or repeated).
+
+    Window k ends at ends[k] and scores its last n_scored[k] positions: the first window scores
+    all of its seq_len, later ones the `stride` positions after the previous end (>= seq_len-stride
+    of context), the last one the remainder, with a full window of context. stride = seq_len gives
+    flat non-overlapping windows. Returns (starts, n_scored, window length).
+    """
+    seq_len = min(seq_len, n_positions)
+    stride = min(stride, seq_len)
+    ends = np.append(np.arange(seq_len, n_positions, stride, dtype=np.int64), n_positions)
+    n_scored = np.diff(np.concatenate([[0], ends]))
+    return ends - seq_len, n_scored, seq_len
+
+
+def rank_span(n: int, rt: Runtime) -> tuple[int, int]:
+    """Contiguous share of n items for this rank (earlier ranks never get fewer)."""
+    return n * rt.rank // rt.world_size, n * (rt.rank + 1) // rt.world_size
+
+
+def batch_windows(lo: int, hi: int, n_scored: np.ndarray, batch: int) -> list[tuple[int, int]]:
+    """Batches of at most `batch` windows; the stream's first window, which scores all its
+    positions, gets its own batch so the scored slice of every other batch stays `stride` wide."""
+    out, s = [], lo
+    while s < hi:
+        e = s + 1 if s == 0 and hi > 1 and n_scored[0] > n_scored[1] else min(s + batch, hi)
+        out.append((s, e))
+        s = e
+    return out
+
+
+class Scores:
+    """Per-position NLL (nats) and hit counts of one pass, on the device; summed at the end."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.nll = torch.zeros(n, dtype=torch.float32, device=device)
+        self.hits = torch.zeros(n, dtype=torch.int32, device=device)
+
+
+@dataclass
+class Pass:
+    """One scoring pass: window geometry and what adapts between its chunks."""
+
+    name: str
+    seq_len: int
+    stride: int
+    ttt: bool = False
+    ngram: bool = False
+    lora: bool = False
+
+
+def score_windows(
+    fwd, tokens: Tensor, plan, span: tuple[int, int], batch: int, scores: Scores, mixer
+) -> None:
+    """Scores windows span[0]..span[1]-1 of `plan` into `scores`. No host sync: the batch layout
+    comes from the host-side plan, masking and scattering happen on the device."""
+    starts, n_scored, T = plan
+    on_device = [torch.from_numpy(a[span[0] : span[1]]).to(tokens.device) for a in (starts, n_scored)]
+    for s, e in batch_windows(*span, n_scored, batch):
+        width = int(n_scored[s:e].max())
+        st, n = (a[s - span[0] : e - span[0]] for a in on_device)
+        pad = batch - (e - s)
+        rows = torch.cat([st, st[-1:].expand(pad)]) if pad > 0 else st
+        idx = rows[:, None] + torch.arange(T + 1, device=tokens.device)[None]
+        window = tokens[idx]
+        logits = fwd(window[:, :-1])[: e - s, T - width :]
+        x, y = window[: e - s, T - width : T], window[: e - s, T - width + 1 :]
+        mask = torch.arange(width, device=tokens.device)[None] >= (width - n)[:, None]
+        if mixer is None:
+            nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        else:
+            prev2 = tokens[(idx[: e - s, T - width : T] - 1).clamp_min(0)]
+            nll = mixer.score(logits, prev2, x, y, mask)
+        pos = (st[:, None] + torch.arange(T - width, T, device=tokens.device)[None]).flatten()
+        scores.nll.index_add_(0, pos, (nll.float() * mask).flatten())
+        scores.hits.index_add_(0, pos, mask.flatten().to(torch.int32))
+
+
+def check_span_once(scores: Scores, lo: int, hi: int, rt: Runtime) -> None:
+    """Every position of [lo, hi) was scored exactly once over all ranks (one sync per chunk)."""
+    hits = all_reduce_sum(scores.hits[lo:hi].clone(), rt)
+    bad = int((hits != 1).sum().item())
+    if bad:
+        raise LegalityError(f"{bad} positions of [{lo}, {hi}) scored other than exactly once")
+
+
+def chunk_bounds(plan, chunk_tokens: int) -> list[tuple[int, int, int, int]]:
+    """Chunks of the stream (R0409: 32,768 tokens): each window joins the chunk holding its first
+    scored position, so chunk c scores exactly positions [lo, hi). Returns (w_lo, w_hi, lo, hi)."""
+    starts, n_scored, T = plan
+    first = starts + T - n_scored
+    ids = first // max(chunk_tokens, 1)
+    cuts = np.flatnonzero(np.diff(ids)) + 1
+    edges = [0, *cuts.tolist(), len(first)]
+    ends = first + n_scored
+    return [(a, b, int(first[a]), int(ends[b - 1])) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+class NgramMixer:
+    """Online mixture of the network with count models of already-scored tokens (P687's Hedge
+    mixer, with its non-distribution "entropy expert" dropped so the mixture stays proper).
+
+    Experts: network softmax, unigram (+0.1 smoothing), bigram (+0.1), hashed trigram (+0.01;
+    P687's bucket hash). Each is a full distribution over the vocabulary; the mixture
+    log p = logsumexp_k(log w_k + log p_k) with softmax weights is normalised before the target is
+    read. Counts and weights change only in `adapt`, after a chunk was scored on every rank.
+    """
+
+    SMOOTH = (0.1, 0.1, 0.01)
+
+    def __init__(
+        self, vocab: int, buckets: int, lr: float, check_norm: bool, device: torch.device, warmup: int = 0
+    ):
+        self.vocab, self.buckets, self.lr, self.check_norm = vocab, buckets, lr, check_norm
+        self.warmup_tokens, self.seen = warmup, 0
+        f32 = dict(dtype=torch.float32, device=device)
+        self.uni, self.bi, self.tri = torch.zeros(vocab, **f32), torch.zeros(vocab, vocab, **f32), None
+        self.tri = torch.zeros(buckets, vocab, **f32)
+        self.log_w = torch.tensor([2.0, 0.0, 0.0, 0.0], **f32)  # network favoured at the start
+        self.loss = torch.zeros(5, dtype=torch.float64, device=device)  # 4 expert NLL sums + count
+        self.norm_checks = 0
+
+    def bucket(self, prev2: Tensor, prev: Tensor) -> Tensor:
+        return torch.bitwise_xor(36313 * prev2, 27191 * prev) % self.buckets
+
+    def log_mixture(self, logits: Tensor, prev2: Tensor, prev: Tensor) -> tuple[Tensor, Tensor]:
+        """(mixed log-probs (..., V), expert log-probs (..., 4, V)) from counts of scored tokens."""
+        a, b, c = self.SMOOTH
+        V = self.vocab
+        uni = ((self.uni + a) / (self.uni.sum() + a * V)).log().expand_as(logits)
+        rows = self.bi[prev]
+        bi = ((rows + b) / (rows.sum(-1, keepdim=True) + b * V)).log()
+        rows = self.tri[self.bucket(prev2, prev)]
+        tri = ((rows + c) / (rows.sum(-1, keepdim=True) + c * V)).log()
+        experts = torch.stack([F.log_softmax(logits.float(), -1), uni, bi, tri], dim=-2)
+        w = F.log_softmax(self.log_w, 0)[:, None]
+        if self.seen < self.warmup_tokens:  # P687: the network alone while the tables are nearly empty
+            w = torch.tensor([0.0, -math.inf, -math.inf, -math.inf], device=w.device)[:, None]
+        return torch.logsumexp(experts + w, dim=-2), experts
+
+    def score(self, logits: Tensor, prev2: Tensor, prev: Tensor, tgt: Tensor, mask: Tensor) -> Tensor:
+        mixed, experts = self.log_mixture(logits, prev2, prev)
+        if self.check_norm:  # NGRAM_CHECK_NORM: debug check of condition 2, one host sync per batch
+            total = mixed.exp().sum(-1)[mask]
+            if total.numel() and float((total - 1).abs().max()) > 1e-4:
+                raise LegalityError(
+                    f"mixture sums to {float(total.min()):.6f}..{float(total.max()):.6f}, not 1"
+                )
+            self.norm_checks += int(total.numel())
+        nll = -mixed.gather(-1, tgt[..., None]).squeeze(-1)
+        expert_nll = -experts.gather(-1, tgt[..., None, None].expand(*tgt.shape, 4, 1)).squeeze(-1)
+        m = mask.to(expert_nll.dtype)
+        self.loss[:4] += (expert_nll * m[..., None]).sum((0, 1)).double()
+        self.loss[4] += m.sum().double()
+        return nll
+
+    def adapt(self, tokens: Tensor, lo: int, hi: int, rt: Runtime, ledger: ScoreLedger) -> None:
+        """Hedge step on the chunk's scored positions (all ranks), then the chunk's counts."""
+        ledger.adapted(lo, hi)
+        self.seen += hi - lo
+        loss = all_reduce_sum(self.loss.clone(), rt)
+        self.log_w -= self.lr * (loss[:4] / loss[4].clamp_min(1)).float()
+        self.loss.zero_()
+        prev, tgt = tokens[lo:hi], tokens[lo + 1 : hi + 1]
+        prev2 = tokens[torch.arange(lo - 1, hi - 1, device=tokens.device).clamp_min(0)]
+        ones = torch.ones_like(tgt, dtype=torch.float32)
+        self.uni.index_put_((tgt,), ones, accumulate=True)
+        self.bi.index_put_((prev, tgt), ones, accumulate=True)
+        self.tri.index_put_((self.bucket(prev2, prev), tgt), ones, accumulate=True)
+
+
+class ChunkTTT:
+    """Score-first chunked TTT (PR #461 -> R0323/R0409): after chunk c was scored, train on it
+    (epochs over sequences cut from it, gradients averaged over ranks, clipped), with the LR on a
+    cosine over chunks. The last chunk is scored and never trained on."""
+
+    def __init__(self, model: GPT, hp: Hyperparameters, rt: Runtime, n_chunks: int, seq_len: int):
+        self.model, self.hp, self.rt, self.n_chunks, self.seq_len = model, hp, rt, n_chunks, seq_len
+        for i, block in enumerate(model.blocks):
+            block.requires_grad_(i >= hp.ttt_freeze_blocks)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if hp.ttt_optimizer == "sgd":
+            self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+        else:
+            self.opt = torch.optim.AdamW(
+                self.params, lr=hp.ttt_lr, betas=(hp.ttt_momentum, 0.999), weight_decay=0
+            )
+        self.active, self.trained, self.train_s = True, 0, 0.0
+
+    def has_time(self, clock: EvalClock, windows_left: int, per_window_s: float, c: int, log: Logger) -> bool:
+        """Stop adapting, never scoring, when the clock runs short (components.md 6.9): the rest of
+        the windows at the measured scoring rate plus one more chunk of training must still fit."""
+        if self.active and not clock.fits(windows_left * per_window_s + self.train_s / max(self.trained, 1)):
+            self.active = False
+            log(
+                kv(
+                    ttt_stopped="eval_clock",
+                    chunk=c,
+                    chunks=self.n_chunks,
+                    elapsed_s=round(clock.elapsed(), 1),
+                )
+            )
+        return self.active
+
+    def train_chunk(self, tokens: Tensor, c: int, lo: int, hi: int, ledger: ScoreLedger) -> None:
+        ledger.adapted(lo, hi)
+        lr = self.hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(self.n_chunks - 1, 1)))
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        starts = list(range(lo, hi, self.seq_len))
+        per_batch = max(1, self.hp.ttt_batch_seqs)
+        t0 = time.perf_counter()
+        self.model.train()
+        for _ in range(self.hp.ttt_epochs):
+            for b in range(0, len(starts), per_batch):
+                self.step(tokens, starts[b : b + per_batch], hi)
+        self.model.eval()
+        sync(self.rt)
+        self.trained, self.train_s = self.trained + 1, self.train_s + time.perf_counter() - t0
+
+    def step(self, tokens: Tensor, starts: list[int], hi: int) -> None:
+        """One update on sequences [s, min(s+T, hi)] of the batch; this rank takes a contiguous share
+        and the summed loss over the global batch's tokens makes the all-reduced gradient its mean."""
+        T, rt = self.seq_len, self.rt
+        total = sum(min(s + T, hi) - s for s in starts)
+        a, b = rank_span(len(starts), rt)
+        full = [s for s in starts[a:b] if s + T <= hi]
+        rest = [s for s in starts[a:b] if s + T > hi]
+        self.opt.zero_grad(set_to_none=False)
+        groups = [
+            torch.tensor(full, device=tokens.device)[:, None] + torch.arange(T + 1, device=tokens.device)
+        ]
+        groups = (groups if full else []) + [
+            torch.arange(s, hi + 1, device=tokens.device)[None] for s in rest
+        ]
+        for idx in groups:
+            window = tokens[idx]
+            with autocast(rt):
+                loss = self.model(window[:, :-1], window[:, 1:], reduction="none").sum() / total
+            loss.backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = all_reduce_sum(torch.cat([g.flatten() for g in grads]), rt)
+        for p, g in zip(self.params, flat.split([p.numel() for p in self.params]), strict=True):
+            p.grad = g.view_as(p).to(p.dtype)
+        if self.hp.ttt_grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
+        self.opt.step()
+
+
+class EvalClock:
+    """One eval clock from its start (the caller's, e.g. artifact load) to the final score; every
+    decision reads the largest elapsed time over ranks, so all ranks take the same branch."""
+
+    def __init__(self, budget_s: float, rt: Runtime, start: float | None = None):
+        self.budget_s, self.rt = budget_s, rt
+        self.t0 = time.perf_counter() if start is None else start
+        self.phases: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        sync(self.rt)
+        return max_over_ranks(time.perf_counter() - self.t0, self.rt)
+
+    def fits(self, projected_s: float) -> bool:
+        return self.elapsed() + projected_s <= self.budget_s
+
+
+@dataclass
+class EvalStream:
+    """The val stream on the device: tokens and the UTF-8 bytes of each target position."""
+
+    tokens: Tensor
+    target_bytes: Tensor  # float32, position i = bytes of token i+1 given token i
+
+    @property
+    def n(self) -> int:
+        return len(self.target_bytes)
+
+
+def eval_batch_seqs(hp: Hyperparameters, rt: Runtime, seq_len: int) -> int:
+    """Windows per forward per rank: EVAL_BATCH_SEQS, else VAL_BATCH_TOKENS spread over the ranks."""
+    return hp.eval_batch_seqs or max(1, hp.val_batch_tokens // (seq_len * rt.world_size))
+
+
+def scoring_forward(model: GPT, hp: Hyperparameters, rt: Runtime, batch: int, seq_len: int, log: Logger):
+    """The logits function reused by every window batch: compiled once for the one padded batch
+    shape on GPU (no recompiles), then warmed up on random tokens, never on validation tokens."""
+    if not (hp.compile and rt.device.type == "cuda"):
+        return model.logits
+    fwd = torch.compile(model.logits, dynamic=False, fullgraph=True)
+    t0 = time.perf_counter()
+    gen = torch.Generator(device=rt.device).manual_seed(0)
+    fake = torch.randint(0, hp.vocab_size, (batch, seq_len), device=rt.device, generator=gen)
+    with torch.inference_mode(), autocast(rt):
+        fwd(fake)
+    sync(rt)
+    log(kv(eval_compile_warmup_s=round(time.perf_counter() - t0, 2), batch=batch, seq_len=seq_len))
+    return fwd
+
+
+def run_pass(model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime, clock: EvalClock, log: Logger) -> dict:
+    """Scores every position once with `p`'s windows; with TTT/mixer the stream goes chunk by chunk,
+    each chunk scored (inference mode) before anything adapts on it. TTT works on a copy."""
+    plan = window_plan(stream.n, p.seq_len, p.stride)
+    batch = eval_batch_seqs(hp, rt, plan[2])
+    work = copy.deepcopy(model) if p.ttt else model
+    work.eval()
+    for param in work.parameters() if p.ttt else []:
+        param.grad = None  # the copy starts without the training run's last gradients
+    fwd = scoring_forward(work, hp, rt, batch, plan[2], log)
+    t0 = time.perf_counter()
+    chunks = chunk_bounds(plan, hp.ttt_chunk_tokens) if p.ttt or p.ngram else [(0, len(plan[0]), 0, stream.n)]
+    ttt = ChunkTTT(work, hp, rt, len(chunks), plan[2]) if p.ttt else None
+    mixer = (
+        NgramMixer(
+            hp.vocab_size,
+            hp.ngram_buckets,
+            hp.hedge_lr,
+            hp.ngram_check_norm,
+            rt.device,
+            hp.ngram_warmup_tokens,
+        )
+        if p.ngram
+        else None
+    )
+    scores, ledger, score_s = Scores(stream.n, rt.device), ScoreLedger(stream.n), 0.0
+    for c, (wa, wb, lo, hi) in enumerate(chunks):
+        a, b = rank_span(wb - wa, rt)
+        t_chunk = time.perf_counter()
+        with torch.inference_mode():
+            with autocast(rt):
+                score_windows(fwd, stream.tokens, plan, (wa + a, wa + b), batch, scores, mixer)
+            check_span_once(scores, lo, hi, rt)
+        ledger.scored(lo, hi)
+        score_s += time.perf_counter() - t_chunk
+        if c == len(chunks) - 1:
+            break
+        if mixer is not None:
+            mixer.adapt(stream.tokens, lo, hi, rt, ledger)
+        if ttt is not None and ttt.has_time(clock, len(plan[0]) - wb, score_s / wb, c, log):
+            ttt.train_chunk(stream.tokens, c, lo, hi, ledger)
+    if not ledger.held:
+        raise LegalityError(f"pass {p.name} scored [0, {ledger.scored_upto}) of [0, {stream.n})")
+    extra = dict(ttt_chunks=len(chunks), norm_checks=mixer.norm_checks if mixer is not None else 0)
+    if ttt is not None:
+        extra["ttt_chunks_trained"] = ttt.trained
+    return pass_result(scores, stream, rt, t0, ledger.held, score_s, len(plan[0]) * plan[2], **extra)
+
+
+def pass_result(
+    scores: Scores, stream: EvalStream, rt: Runtime, t0: float, held: bool, score_s, window_tokens, **extra
+):
+    """Sums over ranks: NLL, scored tokens, their bytes, and ranks whose legality check did not hold."""
+    local = [
+        scores.nll.double().sum(),
+        scores.hits.double().sum(),
+        (stream.target_bytes * scores.hits).double().sum(),
+    ]
+    local.append(torch.tensor(0.0 if held else 1.0, dtype=torch.float64, device=rt.device))
+    nll, count, nbytes, failed = all_reduce_sum(torch.stack(local), rt).tolist()
+    sync(rt)
+    out = dict(
+        val_loss=nll / count,
+        val_bpb=nll / math.log(2) / nbytes,
+        tokens=int(count),
+        bytes=int(round(nbytes)),
+        seconds=time.perf_counter() - t0,
+        window_tokens_per_s=window_tokens / max(score_s, 1e-9),
+        scored_before_update=failed == 0,
+        nll=scores.nll,
+        ttt_chunks_trained=0,
+    )
+    out.update(extra)
+    return out
+
+
+class BatchedLoRA:
+    """y += (alpha/r) B(Ax) with one (A, B) per row of the batch, i.e. per document (first LoRA TTT
+    record, 2026-03-17; P2/P687): A uniform(+-1/sqrt(in)), B zero, so a fresh adapter is a no-op.
+    A plain object, not a module: it hangs on a CastedLinear's `lora` slot of an eval-time copy."""
+
+    def __init__(self, batch: int, d_in: int, d_out: int, rank: int, device: torch.device):
+        bound = 1 / math.sqrt(d_in)
+        self.A = torch.empty(batch, rank, d_in, device=device).uniform_(-bound, bound).requires_grad_()
+        self.B = torch.zeros(batch, d_out, rank, device=device, requires_grad=True)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return (x @ self.A.transpose(1, 2).to(x.dtype)) @ self.B.transpose(1, 2).to(x.dtype)
+
+
+def attach_lora(model: GPT, batch: int, rank: int, device: torch.device) -> list[Tensor]:
+    """Fresh adapters on every block's Q and V and on the output head; returns their tensors."""
+    adapters = []
+    for block in model.blocks:
+        for layer in (block.attn.c_q, block.attn.c_v):
+            layer.lora = BatchedLoRA(batch, layer.in_features, layer.out_features, rank, device)
+            adapters.append(layer.lora)
+    model.head_lora = BatchedLoRA(
+        batch, model.tok_emb.embedding_dim, model.tok_emb.num_embeddings, rank, device
+    )
+    adapters.append(model.head_lora)
+    return [t for a in adapters for t in (a.A, a.B)]
+
+
+def document_spans(tokens: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """Positions [lo, hi) of each document: it starts at its BOS (or at 0) and its last position
+    predicts the next document's BOS."""
+    starts = np.flatnonzero(tokens[:n] == BOS_ID)
+    starts = starts if len(starts) and starts[0] == 0 else np.concatenate([[0], starts])
+    ends = np.append(starts[1:], n)
+    return [(int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
+
+
+def deal_documents(spans: list[tuple[int, int]], rt: Runtime) -> list[tuple[int, int]]:
+    """This rank's documents: longest first, each to the rank with the least work so far (LPT), so
+    ranks finish together; returned longest first so a batch holds documents of similar length."""
+    load = [0] * rt.world_size
+    mine = []
+    for lo, hi in sorted(spans, key=lambda s: (s[0] - s[1], s[0])):
+        r = load.index(min(load))
+        load[r] += hi - lo
+        if r == rt.rank:
+            mine.append((lo, hi))
+    return mine
+
+
+def lora_batch(
+    model: GPT, tokens: Tensor, docs: list[tuple[int, int]], hp, rt: Runtime, scores: Scores
+) -> bool:
+    """Per-document LoRA TTT of one batch: chunk k of every document is scored with up to
+    EVAL_SEQ_LEN tokens of its own document as context, then one Adam step on that chunk's loss
+    (the same forward; its scores are recorded before the step). A document's last chunk is never
+    trained on. One ledger per document: its adapter is its own state."""
+    T = hp.eval_seq_len or hp.train_seq_len
+    D, C = hp.ttt_lora_docs, min(hp.ttt_lora_chunk, T)  # a chunk must fit in its scoring window
+    opt = torch.optim.Adam(
+        attach_lora(model, D, hp.ttt_lora_rank, rt.device), lr=hp.ttt_lora_lr, betas=(0.9, 0.95)
+    )
+    ledgers = [ScoreLedger(hi - lo) for lo, hi in docs]
+    for k in range(math.ceil(max(hi - lo for lo, hi in docs) / C)):
+        rows = [
+            (j, lo, lo + k * C, min(lo + (k + 1) * C, hi))
+            for j, (lo, hi) in enumerate(docs)
+            if lo + k * C < hi
+        ]
+        width = max(ce - max(lo, ce - T) for _, lo, _, ce in rows)
+        idx, bounds = torch.zeros(D, width + 1, dtype=torch.int64), torch.zeros(D, 2, dtype=torch.int64)
+        for j, lo, cs, ce in rows:  # the window [ws, ce] left-aligned, padded after it (causal)
+            ws = max(lo, ce - T)
+            idx[j] = torch.arange(ws, ws + width + 1).clamp_max(ce)
+            bounds[j] = torch.tensor([cs - ws, ce - ws])
+        idx, bounds = idx.to(rt.device), bounds.to(rt.device)
+        local = torch.arange(width, device=rt.device)[None]
+        mask = (local >= bounds[:, :1]) & (local < bounds[:, 1:])
+        window = tokens[idx]
+        with autocast(rt):
+            nll = model(window[:, :-1], window[:, 1:], reduction="none").float()
+        pos = idx[:, :-1].clamp_max(len(scores.nll) - 1).flatten()
+        scores.nll.index_add_(0, pos, (nll.detach() * mask).flatten())
+        scores.hits.index_add_(0, pos, mask.flatten().to(torch.int32))
+        for j, lo, cs, ce in rows:
+            ledgers[j].scored(cs - lo, ce - lo)
+        train = [j for j, lo, cs, ce in rows if ce < docs[j][1]]
+        if train:
+            for j, lo, cs, ce in rows:
+                if j in train:
+                    ledgers[j].adapted(cs - lo, ce - lo)
+            keep = torch.zeros(D, 1, device=rt.device)
+            keep[train] = 1.0
+            per_doc = (nll * mask * keep).sum(1) / mask.sum(1).clamp_min(1)
+            opt.zero_grad(set_to_none=True)
+            per_doc.sum().backward()
+            opt.step()
+    return all(ledger.held for ledger in ledgers)
+
+
+def lora_forward_tokens(spans: list[tuple[int, int]], chunk: int, seq_len: int) -> int:
+    """Tokens the LoRA pass forwards (each chunk with up to seq_len of its document as context)."""
+    chunk = min(chunk, seq_len)
+    return sum(
+        min(min((k + 1) * chunk, hi - lo), seq_len)
+        for lo, hi in spans
+        for k in range(math.ceil((hi - lo) / chunk))
+    )
+
+
+def run_lora_pass(model: GPT, stream: EvalStream, hp, rt: Runtime) -> dict:
+    """Per-document LoRA TTT over this rank's documents (dealt by length), on a frozen copy."""
+    t0 = time.perf_counter()
+    work = copy.deepcopy(model)
+    work.eval()
+    work.requires_grad_(False)
+    spans = deal_documents(document_spans(stream.tokens.cpu().numpy(), stream.n), rt)
+    scores, held = Scores(stream.n, rt.device), True
+    for b in range(0, len(spans), hp.ttt_lora_docs):
+        held = lora_batch(work, stream.tokens, spans[b : b + hp.ttt_lora_docs], hp, rt, scores) and held
+    check_span_once(scores, 0, stream.n, rt)
+    forwarded = lora_forward_tokens(spans, hp.ttt_lora_chunk, hp.eval_seq_len or hp.train_seq_len)
+    return pass_result(
+        scores, stream, rt, t0, held, time.perf_counter() - t0, forwarded, documents=len(spans)
+    )
+
+
+EVAL_MODE_NAMES = {"flat": "flat", "sliding": "sliding", "ttt": "ttt_score_first", "ngram": "ngram_mix"}
+EVAL_MODE_NAMES.update(ttt_ngram="ttt_score_first+ngram_mix", lora="lora_ttt_score_first")
+
+
+def adaptive_passes(hp: Hyperparameters, seq_len: int, stride: int) -> list[Pass]:
+    """The configured TTT/mixer pass, then its cheaper fallbacks (drop TTT, then the mixer)."""
+    if hp.ttt_mode == "lora":
+        return [Pass("lora", seq_len, stride, lora=True)]
+    ttt, ngram = hp.ttt_mode == "chunked", hp.ngram_mix
+    options = [(ttt, ngram), (False, ngram)]
+    out = []
+    for t, g in options:
+        name = "_".join(n for n, on in (("ttt", t), ("ngram", g)) if on)
+        if name and name not in [p.name for p in out]:
+            out.append(Pass(name, seq_len, stride, ttt=t, ngram=g))
+    return out
+
+
+def projected_s(p: Pass, stream: EvalStream, rate: float, hp: Hyperparameters) -> float:
+    """Seconds a pass should take at the measured forward rate (window tokens/s): its windows, a
+    mixer at an assumed 2x scoring cost, TTT training at 3x forward cost per trained token; LoRA TTT
+    forwards and backwards every document chunk with its context (3x)."""
+    n = stream.n
+    if p.lora:
+        spans = document_spans(stream.tokens.cpu().numpy(), n)
+        return 3.0 * lora_forward_tokens(spans, hp.ttt_lora_chunk, hp.eval_seq_len or hp.train_seq_len) / rate
+    starts, _, T = window_plan(n, p.seq_len, p.stride)
+    score = len(starts) * T / rate * (2.0 if p.ngram else 1.0)
+    return score + (3.0 * hp.ttt_epochs * n / rate if p.ttt else 0.0)
+
+
+def score_model(
+    model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime, log: Logger, clock_start=None
+) -> dict:
+    """Every legal evaluation mode behind one call: flat, then sliding windows, then score-first
+    TTT and/or the n-gram mixer on the best geometry that ran. Each later pass runs only if its time
+    projected from the measured throughput fits EVAL_BUDGET_S, else the next cheaper mode does (the
+    reason is logged). The caller's model is left unchanged. `clock_start` (a perf_counter value,
+    e.g. taken before loading the artifact) starts the eval clock earlier. Returns the final JSON
+    fields; val_bpb is the last pass that ran."""
+    clock = EvalClock(hp.eval_budget_s, rt, clock_start)
+    was_training = model.training
+    model.eval()
+    tokens = torch.from_numpy(val.tokens.astype(np.int64)).to(rt.device)
+    stream = EvalStream(tokens, token_bytes(tokens[:-1], tokens[1:], val).float())
+    base = Pass("flat", hp.train_seq_len, hp.train_seq_len)
+    geometries = [base]
+    if hp.eval_mode == "sliding":
+        geometries.append(Pass("sliding", hp.eval_seq_len or hp.train_seq_len, hp.eval_stride))
+    done: list[tuple[Pass, dict]] = []
+    for p in geometries:
+        if done and not fits_or_log(p, stream, done[-1][1], clock, hp, log):
+            continue
+        done.append((p, run_logged(model, stream, p, hp, rt, clock, log)))
+        base = p
+    for p in adaptive_passes(hp, base.seq_len, base.stride):
+        if fits_or_log(p, stream, done[-1][1], clock, hp, log):
+            done.append((p, run_logged(model, stream, p, hp, rt, clock, log)))
+            break
+    model.train(was_training)
+    return eval_summary(done, clock, log)
+
+
+def fits_or_log(
+    p: Pass, stream: EvalStream, last: dict, clock: EvalClock, hp: Hyperparameters, log: Logger
+) -> bool:
+    projected = projected_s(p, stream, last["window_tokens_per_s"], hp)
+    if clock.fits(projected):
+        return True
+    log(
+        kv(
+            eval_fallback=p.name,
+            reason="over_budget",
+            projected_s=round(projected, 1),
+            budget_s=clock.budget_s,
+        )
+    )
+    return False
+
+
+def run_logged(
+    model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime, clock: EvalClock, log: Logger
+) -> dict:
+    r = run_lora_pass(model, stream, hp, rt) if p.lora else run_pass(model, stream, p, hp, rt, clock, log)
+    clock.phases[p.name] = round(r["seconds"], 3)
+    log(
+        kv(
+            final_eval=p.name,
+            val_loss=r["val_loss"],
+            val_bpb=r["val_bpb"],
+            eval_time_ms=int(1000 * r["seconds"]),
+        )
+    )
+    return r
+
+
+def eval_summary(done: list[tuple[Pass, dict]], clock: EvalClock, log: Logger) -> dict:
+    """The final JSON's evaluation fields, and the eval_time_s/phase log line."""
+    final_pass, final = done[-1]
+    eval_time_s = round(clock.elapsed(), 3)
+    phases = ",".join(f"{k}={v}" for k, v in clock.phases.items())
+    log(kv(eval_time_s=eval_time_s, eval_budget_s=clock.budget_s, eval_phases=phases))
+    return dict(
+        val_loss=final["val_loss"],
+        val_bpb=final["val_bpb"],
+        eval_mode=EVAL_MODE_NAMES[final_pass.name],
+        ttt_mode="lora" if final_pass.lora else "chunked" if final_pass.ttt else "none",
+        ngram_mix=final_pass.ngram,
+        scored_before_update=all(r["scored_before_update"] for _, r in done),
+        eval_time_s=eval_time_s,
+        eval_phases_s=dict(clock.phases),
+        scored_tokens=final["tokens"],
+        scored_bytes=final["bytes"],
+        ttt_chunks_trained=final["ttt_chunks_trained"],
+        **{f"val_bpb_{p.name}": r["val_bpb"] for p, r in done},
+    )
+
+
 # ============================================================================ training
 
 
@@ -2397,18 +3115,12 @@ def export(model: GPT, ema: EMA, loader, state: TrainState, hp, rt, log, code: t
     )
 
 
-def score_artifact(model: GPT, val: ValData, hp, rt, log) -> dict:
-    """The score of a model holding an artifact's dequantised weights: in-process after export and in
-    EVAL_ONLY alike (one code path, so both give the same number)."""
-    val_loss, val_bpb, eval_s = timed_evaluate(model, val, hp, rt)
-    log(kv(final_eval="post_quant", val_loss=val_loss, val_bpb=val_bpb, eval_time_ms=int(1000 * eval_s)))
-    return dict(
-        val_loss=val_loss,
-        val_bpb=val_bpb,
-        post_quant_val_bpb=val_bpb,
-        eval_mode="flat",
-        eval_time_s=round(eval_s, 3),
-    )
+def score_artifact(model: GPT, val: ValData, hp, rt, log, clock_start: float) -> dict:
+    """Every evaluation mode (score_model) on a model holding an artifact's dequantised weights, the
+    eval clock running from the artifact's load: in-process after export and in EVAL_ONLY alike (one
+    code path, so both give the same numbers). Its flat pass is the post-quantisation score."""
+    scored = score_model(model, val, hp, rt, log, clock_start)
+    return dict(scored, post_quant_val_bpb=scored["val_bpb_flat"])
 
 
 def rtn_gap(model: GPT, val: ValData, int5_layers: list[int], hp, rt, log) -> float:
@@ -2435,9 +3147,10 @@ def final_evals(model: GPT, ema: EMA, val: ValData, state: TrainState, loader, h
     extra = {}
     if hp.quant_report_rtn:
         extra["rtn_quant_gap"] = rtn_gap(model, val, exported["fit_int5_layers"], hp, rt, log) - pre_bpb
+    loaded = time.perf_counter()
     _, qstate = decode_artifact(blob, exported["artifact_path"])
     load_artifact_weights(model, qstate, exported["artifact_path"])
-    scored = score_artifact(model, val, hp, rt, log)
+    scored = score_artifact(model, val, hp, rt, log, loaded)
     log(kv(quant_gap=scored["post_quant_val_bpb"] - pre_bpb, **extra))
     return dict(
         exported,
@@ -2446,7 +3159,6 @@ def final_evals(model: GPT, ema: EMA, val: ValData, state: TrainState, loader, h
         raw_val_bpb=raw_bpb,
         pre_quant_val_bpb=pre_bpb,
         quant_gap=scored["post_quant_val_bpb"] - pre_bpb,
-        scored_before_update=True,
         val_tokens=len(val.tokens) - 1,
         val_bytes=val.total_bytes,
     )
@@ -2470,7 +3182,7 @@ def eval_only(hp: Hyperparameters, rt: Runtime, log: Logger, script: Path) -> di
     log_header(hp, rt, log, script, compiled, select_attention_backend(rt))
     log(kv(artifact_path=path))
     val = prepare_validation(hp, rt, log)
-    scored = score_artifact(model, val, hp, rt, log)
+    scored = score_artifact(model, val, hp, rt, log, t0)
     bytes_code = code_bytes(script, hp.code_bytes_mode)[1]
     return dict(
         run_id=rt.run_id,

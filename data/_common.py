@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZER = Path("data/sample/fineweb_1024_bpe.model")
+DEFAULT_TOKENIZER = Path("data/sample/sample_1024_bpe.model")
 
 
 @functools.cache

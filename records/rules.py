@@ -11,7 +11,15 @@ MIN_SCORE_DECIMALS = 4  # what reviewers expect for the significance claim
 
 # Eval modes that score every token once, before any update that has seen it (conditions 1-4).
 # Anything else (e.g. prequant_ttt: adapts on val before scoring) is illegal or unreviewed.
-LEGAL_EVAL_MODES = ("flat", "sliding", "ttt_score_first", "lora_ttt_score_first", "phased_ttt")
+LEGAL_EVAL_MODES = (
+    "flat",
+    "sliding",
+    "ttt_score_first",
+    "ngram_mix",
+    "ttt_score_first+ngram_mix",
+    "lora_ttt_score_first",
+    "phased_ttt",
+)
 
 RECORD_TRACK = "10min_16mb"
 NON_RECORD_TRACK = "non_record_16mb"

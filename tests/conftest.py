@@ -92,7 +92,7 @@ def cpu_runtime() -> train_gpt.Runtime:
 
 @pytest.fixture(scope="session")
 def bundled_sp() -> spm.SentencePieceProcessor:
-    """The challenge's sp1024 tokenizer shipped in the repo (no byte-fallback pieces, has <unk>)."""
+    """The kit's public sp1024 copy shipped in the repo (no byte-fallback pieces, has <unk>)."""
     return spm.SentencePieceProcessor(model_file=str(BUNDLED_TOKENIZER))
 
 

@@ -120,7 +120,7 @@ def test_misspelled_knob_is_refused_with_a_suggestion(name, suggestion):
         "SKIP_GATES",
         "PARALLEL_RESIDUAL_START",
         "SPARSE_ATTN_GATE",
-        "EVAL_STRIDE",
+        "SLIDING_WINDOW_EVAL",
         "ADAM_WD",
     ],
 )

@@ -15,7 +15,7 @@ import torch
 import train_gpt as tg
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT / "data" / "sample" / "fineweb_1024_bpe.model"
+TOKENIZER = ROOT / "data" / "sample" / "sample_1024_bpe.model"
 SAMPLE = ROOT / "data" / "sample" / "sample_wiki.jsonl.xz"
 
 # A model small enough that a few optimizer steps take well under a second on 2 CPU cores.
@@ -319,7 +319,10 @@ def test_smoke_run_end_to_end(sample_shards, tmp_path):
     assert artifact.stat().st_size == final["bytes_model"]
     assert final["bytes_total"] == final["bytes_model"] + final["bytes_code"] <= 16_000_000
     assert final["headroom"] == 16_000_000 - final["bytes_total"]
-    assert final["val_bpb"] == final["post_quant_val_bpb"]
+    assert final["post_quant_val_bpb"] == final["val_bpb_flat"]  # the artifact's own weights, flat
+    assert (
+        final["eval_mode"] == "ttt_score_first+ngram_mix" and final["val_bpb"] == final["val_bpb_ttt_ngram"]
+    )
     assert final["quant_gap"] == pytest.approx(final["post_quant_val_bpb"] - final["pre_quant_val_bpb"])
     assert 0 <= final["gptq_time_s"] <= final["export_time_s"]
     assert final["artifact_production_wallclock_s"] == pytest.approx(
@@ -333,7 +336,8 @@ def test_smoke_run_end_to_end(sample_shards, tmp_path):
         tmp_path,
     )
     assert again["eval_only"] is True and "step:" not in eval_log
-    assert abs(again["val_bpb"] - final["post_quant_val_bpb"]) < 1e-6
+    assert abs(again["post_quant_val_bpb"] - final["post_quant_val_bpb"]) < 1e-6
+    assert abs(again["val_bpb"] - final["val_bpb"]) < 1e-6 and again["eval_mode"] == final["eval_mode"]
     assert again["bytes_model"] == final["bytes_model"]
     assert final["script_sha256"] == tg.file_sha256(ROOT / "train_gpt.py")
     # The records tool reads today's log format: make a (non-record) submission and validate it.

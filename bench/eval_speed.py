@@ -1,0 +1,86 @@
+"""Times train_gpt.py's evaluation passes on random tokens (never validation data).
+
+    python bench/eval_speed.py --tokens 3000000 --passes flat,sliding          # 1 GPU or CPU
+    torchrun --standalone --nproc_per_node=8 bench/eval_speed.py --passes sliding,ttt
+
+The model (random weights) and every evaluation knob come from the same env vars as train_gpt.py
+(EVAL_STRIDE, EVAL_SEQ_LEN, EVAL_BATCH_SEQS, TTT_*, COMPILE, ...). Random tokens carry BOS every
+`--doc-tokens` tokens so LoRA TTT sees documents. Prints one `key:value` line per pass; the speed
+target of issue 9 is sliding (stride 64, seq 2048) over 3M tokens in <= 30 s on one H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+
+def passes(hp: tg.Hyperparameters) -> dict[str, tg.Pass]:
+    seq, stride, flat = hp.eval_seq_len or hp.train_seq_len, hp.eval_stride, hp.train_seq_len
+    return {
+        "flat": tg.Pass("flat", flat, flat),
+        "sliding": tg.Pass("sliding", seq, stride),
+        "ttt": tg.Pass("ttt", seq, stride, ttt=True),
+        "ngram": tg.Pass("ngram", seq, stride, ngram=True),
+        "ttt_ngram": tg.Pass("ttt_ngram", seq, stride, ttt=True, ngram=True),
+        "lora": tg.Pass("lora", seq, stride, lora=True),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=3_000_000, help="scored positions (default 3,000,000)")
+    ap.add_argument(
+        "--passes", default="flat,sliding", help="comma list: flat,sliding,ttt,ngram,ttt_ngram,lora"
+    )
+    ap.add_argument("--doc-tokens", type=int, default=1200, help="a BOS every this many tokens")
+    args = ap.parse_args()
+    hp = tg.Hyperparameters()
+    rt = tg.init_runtime(hp)
+    known = passes(hp)
+    wanted = args.passes.split(",")
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        ap.error(f"unknown pass(es) {unknown}; choose from {sorted(known)}")
+    torch.manual_seed(hp.seed)
+    model = tg.GPT(hp).to(rt.device)
+    tokens = np.random.default_rng(hp.seed).integers(2, hp.vocab_size, args.tokens + 1)
+    tokens[:: args.doc_tokens] = tg.BOS_ID
+    t = torch.from_numpy(tokens).to(rt.device)
+    stream = tg.EvalStream(t, torch.ones(args.tokens, device=rt.device))
+    clock = tg.EvalClock(float("inf"), rt)
+    log = print if rt.is_main else tg.Logger(None)  # rank 0 prints (no log file)
+    for name in wanted:
+        p = known[name]
+        tg.sync(rt)
+        t0 = time.perf_counter()
+        if p.lora:
+            result = tg.run_lora_pass(model, stream, hp, rt)
+        else:
+            result = tg.run_pass(model, stream, p, hp, rt, clock, log)
+        seconds = time.perf_counter() - t0
+        line = tg.kv(
+            bench_pass=name,
+            device=tg.gpu_names() if rt.device.type == "cuda" else "cpu",
+            world_size=rt.world_size,
+            tokens=result["tokens"],
+            seconds=round(seconds, 2),
+            scored_tokens_per_s=int(result["tokens"] / seconds),
+            window_tokens_per_s=int(result["window_tokens_per_s"]),
+        )
+        log(line)
+    if rt.distributed:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

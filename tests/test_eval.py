@@ -1,0 +1,326 @@
+"""Evaluation modes: sliding windows, score-first chunked TTT and the n-gram mixture.
+
+Legality is tested, not assumed: every mode is causal (later tokens never change earlier scores),
+scores every position exactly once on 1-3 ranks, adapts only on already-scored tokens (and the
+ledger check fires when that order is broken), and the mixture is a normalised distribution.
+"""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_hp, randomize_
+from test_training import run_script, sample_shards, tiny_env  # noqa: F401 (sample_shards: a fixture)
+
+import train_gpt as tg
+
+V = 64
+MODES = {
+    "flat": dict(ttt=False, ngram=False, flat=True),
+    "sliding": dict(ttt=False, ngram=False),
+    "ttt": dict(ttt=True, ngram=False),
+    "ngram": dict(ttt=False, ngram=True),
+    "ttt_ngram": dict(ttt=True, ngram=True),
+    "lora": dict(ttt=False, ngram=False, lora=True),
+}
+EVAL_KNOBS = dict(
+    TRAIN_SEQ_LEN=16,
+    EVAL_STRIDE=4,
+    TTT_CHUNK_TOKENS=40,
+    TTT_EPOCHS=2,
+    TTT_BATCH_SEQS=2,
+    TTT_LR=0.05,
+    NGRAM_BUCKETS=32,
+    NGRAM_WARMUP_TOKENS=0,  # the mixture from the first chunk on (the default waits for 10,000 tokens)
+    EVAL_BATCH_SEQS=3,
+    TTT_LORA_CHUNK=40,
+    TTT_LORA_DOCS=3,
+    TTT_LORA_LR=0.05,
+)
+
+
+def val_data(tokens: np.ndarray) -> tg.ValData:
+    """Val tokens with a made-up byte table (2 bytes a token, a space after non-BOS for even ids)."""
+    base = torch.full((V,), 2, dtype=torch.int16)
+    space = torch.arange(V) % 2 == 0
+    boundary = torch.arange(V) == tg.BOS_ID
+    vd = tg.ValData(tokens, base, space, boundary, 0)
+    t = torch.from_numpy(tokens.astype(np.int64))
+    vd.total_bytes = int(tg.token_bytes(t[:-1], t[1:], vd).sum())
+    return vd
+
+
+def random_tokens(n: int = 16 * 13 + 1, seed: int = 0) -> np.ndarray:
+    tokens = np.random.default_rng(seed).integers(2, V, n)
+    tokens[::37] = tg.BOS_ID
+    return tokens
+
+
+def run_mode(mode: str, tokens: np.ndarray, **knobs) -> dict:
+    hp = make_hp(VOCAB_SIZE=V, **dict(EVAL_KNOBS, **knobs))
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), 1, "t")
+    torch.manual_seed(0)
+    model = randomize_(tg.GPT(hp))
+    spec = dict(MODES[mode])
+    seq, stride = (hp.train_seq_len, hp.train_seq_len) if spec.pop("flat", False) else (16, hp.eval_stride)
+    stream_val = val_data(tokens)
+    t = torch.from_numpy(tokens.astype(np.int64))
+    stream = tg.EvalStream(t, tg.token_bytes(t[:-1], t[1:], stream_val).float())
+    clock = tg.EvalClock(600.0, rt)
+    if spec.get("lora"):
+        return tg.run_lora_pass(model, stream, hp, rt)
+    return tg.run_pass(model, stream, tg.Pass(mode, seq, stride, **spec), hp, rt, clock, lambda _: None)
+
+
+@pytest.mark.parametrize(
+    "n,seq,stride",
+    [
+        (100, 16, 4),
+        (16, 16, 4),
+        (10, 16, 4),
+        (17, 16, 4),
+        (99, 16, 16),
+        (99, 16, 7),
+        (50, 8, 64),
+        (64, 16, 5),
+    ],
+)
+def test_windows_score_every_position_once_with_the_most_context(n, seq, stride):
+    starts, n_scored, T = tg.window_plan(n, seq, stride)
+    hits = np.zeros(n, dtype=int)
+    for s, k in zip(starts, n_scored, strict=True):
+        assert s >= 0 and s + T <= n and 0 < k <= T
+        hits[s + T - k : s + T] += 1
+        if s > 0:  # every later window gives its scored tokens at least T - stride of context
+            assert T - k >= T - min(stride, T)
+    assert (hits == 1).all()
+    assert T == min(seq, n)
+
+
+def test_flat_pass_equals_training_time_validation(cpu_runtime, torch_single_thread):
+    tokens = random_tokens()
+    hp = make_hp(VOCAB_SIZE=V, TRAIN_SEQ_LEN=16, VAL_BATCH_TOKENS=48)
+    torch.manual_seed(0)
+    model = randomize_(tg.GPT(hp))
+    val = val_data(tokens)
+    loss, bpb = tg.evaluate(model, val, hp, cpu_runtime)
+    result = run_mode("flat", tokens)
+    assert result["val_loss"] == pytest.approx(loss, rel=1e-6)
+    assert result["val_bpb"] == pytest.approx(bpb, rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_mode_scores_each_token_and_byte_exactly_once(mode, torch_single_thread):
+    tokens = random_tokens()
+    result = run_mode(mode, tokens)
+    assert result["tokens"] == len(tokens) - 1
+    assert result["bytes"] == val_data(tokens).total_bytes
+    assert result["scored_before_update"] is True
+    if MODES[mode]["ttt"]:
+        assert 0 < result["ttt_chunks_trained"] == result["ttt_chunks"] - 1  # the last one never
+    if mode == "lora":
+        assert result["documents"] == int((tokens[:-1] == tg.BOS_ID).sum())
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_mode_is_causal(mode, torch_single_thread):
+    """Changing the tokens after position t leaves every score of a target <= t unchanged."""
+    tokens = random_tokens()
+    base = run_mode(mode, tokens)["nll"]
+    for t in (5, 37, 90, 150):  # inside the first window, at a chunk edge, mid-stream, late
+        changed = tokens.copy()
+        changed[t + 1 :] = random_tokens(len(tokens), seed=t)[t + 1 :]
+        nll = run_mode(mode, changed)["nll"]
+        torch.testing.assert_close(nll[:t], base[:t], rtol=0, atol=1e-6)
+        assert not torch.allclose(nll[t:], base[t:])  # the check can see a change
+
+
+def train_ahead(real):
+    """A TTT that trains on the next chunk too: the ledger must refuse it."""
+
+    def wrapped(self, tokens, c, lo, hi, ledger):
+        return real(self, tokens, c, lo, min(hi + (hi - lo), len(tokens) - 1), ledger)
+
+    return wrapped
+
+
+def test_causality_check_sees_a_ttt_that_trains_ahead(monkeypatch, torch_single_thread):
+    """Control for the causality test: with the ledger silenced, training on the next chunk before
+    scoring it changes earlier scores when later tokens change."""
+    monkeypatch.setattr(tg.ScoreLedger, "adapted", lambda self, lo, hi: None)
+    monkeypatch.setattr(tg.ChunkTTT, "train_chunk", train_ahead(tg.ChunkTTT.train_chunk))
+    tokens, t = random_tokens(), 90
+    changed = tokens.copy()
+    changed[t + 1 :] = random_tokens(len(tokens), seed=t)[t + 1 :]
+    base, nll = run_mode("ttt", tokens)["nll"], run_mode("ttt", changed)["nll"]
+    assert not torch.allclose(nll[:t], base[:t], rtol=0, atol=1e-6)
+
+
+def test_ledger_fires_on_a_ttt_that_trains_ahead(monkeypatch, torch_single_thread):
+    monkeypatch.setattr(tg.ChunkTTT, "train_chunk", train_ahead(tg.ChunkTTT.train_chunk))
+    with pytest.raises(tg.LegalityError, match="before it was scored"):
+        run_mode("ttt", random_tokens())
+
+
+def test_ledger_refuses_adapting_before_scoring():
+    ledger = tg.ScoreLedger(100)
+    ledger.scored(0, 40)
+    ledger.adapted(0, 40)
+    with pytest.raises(tg.LegalityError, match="before it was scored"):
+        ledger.adapted(40, 80)
+    with pytest.raises(tg.LegalityError, match="does not continue"):
+        ledger.scored(50, 80)
+    ledger.scored(40, 100)
+    assert ledger.held
+
+
+def test_ledger_refuses_scoring_with_a_state_adapted_on_the_span():
+    ledger = tg.ScoreLedger(100)
+    ledger.scored(0, 40)
+    ledger.adapted(0, 40)
+    ledger.scored_upto = 30  # as if positions 30..39 were re-scored after the update
+    with pytest.raises(tg.LegalityError, match="already adapted"):
+        ledger.scored(30, 60)
+
+
+def test_score_before_update_check_fires_when_the_order_is_broken(monkeypatch, torch_single_thread):
+    """Swap the loop's order: adapt on each chunk before it is scored."""
+    real_score = tg.score_windows
+    pending = {}
+
+    def adapt_first(fwd, tokens, plan, span, batch, scores, mixer):
+        if mixer is not None and "ledger" in pending:
+            lo = int(plan[0][span[0]] + plan[2] - plan[1][span[0]])
+            hi = int(plan[0][span[1] - 1] + plan[2])
+            mixer.adapt(tokens, lo, hi, pending["rt"], pending["ledger"])
+        real_score(fwd, tokens, plan, span, batch, scores, mixer)
+
+    real_adapt = tg.NgramMixer.adapt
+
+    def remember(self, tokens, lo, hi, rt, ledger):
+        pending.update(rt=rt, ledger=ledger)
+        return real_adapt(self, tokens, lo, hi, rt, ledger)
+
+    monkeypatch.setattr(tg, "score_windows", adapt_first)
+    monkeypatch.setattr(tg.NgramMixer, "adapt", remember)
+    with pytest.raises(tg.LegalityError, match="before it was scored"):
+        run_mode("ngram", random_tokens())
+
+
+def test_mixture_is_a_normalised_distribution(torch_single_thread):
+    mixer = tg.NgramMixer(V, 32, 0.1, True, torch.device("cpu"))
+    tokens = torch.from_numpy(random_tokens().astype(np.int64))
+    ledger = tg.ScoreLedger(len(tokens) - 1)
+    ledger.scored(0, 100)
+    mixer.adapt(tokens, 0, 100, tg.Runtime(0, 1, 0, torch.device("cpu"), 1, "t"), ledger)
+    logits = torch.randn(3, 5, V) * 4
+    prev2, prev = torch.randint(0, V, (3, 5)), torch.randint(0, V, (3, 5))
+    mixed, experts = mixer.log_mixture(logits, prev2, prev)
+    torch.testing.assert_close(mixed.exp().sum(-1), torch.ones(3, 5), rtol=0, atol=1e-4)
+    torch.testing.assert_close(experts.exp().sum(-1), torch.ones(3, 5, 4), rtol=0, atol=1e-4)
+    assert mixer.uni.sum() == 100 and mixer.bi.sum() == 100 and mixer.tri.sum() == 100
+
+
+def test_runtime_normalisation_check_fires_on_an_improper_expert(monkeypatch, torch_single_thread):
+    """NGRAM_CHECK_NORM catches an unnormalised expert (PR #886's bug: ratios, not a distribution)."""
+    real = tg.NgramMixer.log_mixture
+
+    def improper(self, logits, prev2, prev):
+        mixed, experts = real(self, logits, prev2, prev)
+        return mixed + 0.01, experts
+
+    monkeypatch.setattr(tg.NgramMixer, "log_mixture", improper)
+    run_mode("ngram", random_tokens())  # the debug check is off by default
+    with pytest.raises(tg.LegalityError, match="sums to"):
+        run_mode("ngram", random_tokens(), NGRAM_CHECK_NORM=True)
+
+
+def test_mixer_normalisation_check_counts_every_scored_position(torch_single_thread):
+    tokens = random_tokens()
+    result = run_mode("ngram", tokens, NGRAM_CHECK_NORM=True)
+    assert result["norm_checks"] == len(tokens) - 1
+
+
+def test_ttt_leaves_the_callers_model_unchanged(cpu_runtime, torch_single_thread):
+    hp = make_hp(VOCAB_SIZE=V, **EVAL_KNOBS)
+    torch.manual_seed(0)
+    model = randomize_(tg.GPT(hp))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tg.score_model(model, val_data(random_tokens()), hp, cpu_runtime, lambda _: None)
+    assert out["ttt_mode"] == "chunked" and out["eval_mode"] == "ttt_score_first"
+    assert out["val_bpb"] == out["val_bpb_ttt"] and {"val_bpb_flat", "val_bpb_sliding"} <= set(out)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_budget_falls_back_to_cheaper_modes_and_logs_why(cpu_runtime, torch_single_thread):
+    hp = make_hp(VOCAB_SIZE=V, EVAL_BUDGET_S=0.0, NGRAM_MIX=True, **EVAL_KNOBS)
+    torch.manual_seed(0)
+    lines = []
+    out = tg.score_model(randomize_(tg.GPT(hp)), val_data(random_tokens()), hp, cpu_runtime, lines.append)
+    assert out["eval_mode"] == "flat" and out["ttt_mode"] == "none"  # flat always runs: every token scored
+    fallbacks = [line for line in lines if line.startswith("eval_fallback:")]
+    names = [f.split()[0].split(":")[1] for f in fallbacks]
+    assert names == ["sliding", "ttt_ngram", "ngram"]
+    assert all("reason:over_budget" in f for f in fallbacks)
+
+
+@pytest.mark.parametrize("nproc,ttt_mode", [(1, "chunked"), (2, "chunked"), (3, "chunked"), (3, "lora")])
+def test_every_mode_scores_each_val_token_once_on_1_to_3_ranks(nproc, ttt_mode, sample_shards, tmp_path):  # noqa: F811
+    lora = ttt_mode == "lora"
+    env = tiny_env(
+        sample_shards,
+        RUN_ID=f"eval{nproc}{ttt_mode}",
+        TTT_MODE=ttt_mode,
+        TTT_LORA_CHUNK="512",
+        TTT_LORA_DOCS="4",
+        ITERATIONS="2",
+        MAX_WALLCLOCK_SECONDS="0",
+        TRAIN_BATCH_TOKENS="1536",
+        MICROBATCH_TOKENS="256",
+        EVAL_STRIDE="32",
+        TTT_CHUNK_TOKENS="6144",
+        TTT_EPOCHS="1",
+        TTT_FREEZE_BLOCKS="2",
+        NGRAM_MIX="0" if lora else "1",
+        NGRAM_BUCKETS="256",
+    )
+    final, log = run_script(env, tmp_path, nproc=nproc)
+    assert final["world_size"] == nproc
+    last = "lora" if lora else "ttt_ngram"
+    assert final["eval_mode"] == ("lora_ttt_score_first" if lora else "ttt_score_first+ngram_mix")
+    assert final["scored_before_update"] is True
+    assert final["scored_tokens"] == final["val_tokens"] and final["scored_bytes"] == final["val_bytes"]
+    for stage in ("flat", "sliding", last):
+        assert f"final_eval:{stage} " in log
+    if not lora:
+        assert final["ttt_chunks_trained"] == 2  # 16,256 val tokens: 3 chunks, the last never trained on
+
+
+def test_lora_adapters_change_scores_only_after_a_documents_first_chunk(torch_single_thread):
+    """A fresh adapter is a no-op (B = 0): the first chunk of every document (TTT_LORA_CHUNK=40 is
+    clamped to the 16-token window) scores as the plain doc-isolated model; later chunks see the
+    trained adapter."""
+    tokens = random_tokens()
+    trained = run_mode("lora", tokens)["nll"]
+    untrained = run_mode("lora", tokens, TTT_LORA_LR=0.0)["nll"]
+    spans = tg.document_spans(tokens, len(tokens) - 1)
+    firsts = torch.tensor([i for lo, hi in spans for i in range(lo, min(lo + 16, hi))])
+    torch.testing.assert_close(trained[firsts], untrained[firsts], rtol=0, atol=1e-6)
+    assert not torch.allclose(trained, untrained)
+
+
+def test_documents_are_dealt_to_ranks_by_length():
+    spans = [(0, 50), (50, 60), (60, 100), (100, 130), (130, 131)]
+    shares = [tg.deal_documents(spans, tg.Runtime(r, 2, r, torch.device("cpu"), 1, "t")) for r in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == spans
+    loads = [sum(hi - lo for lo, hi in share) for share in shares]
+    assert abs(loads[0] - loads[1]) <= 10
+
+
+def test_mixer_leaves_the_network_alone_until_its_tables_warm_up(torch_single_thread):
+    tokens = random_tokens()
+    alone = run_mode("sliding", tokens)["nll"]
+    warming = run_mode("ngram", tokens, NGRAM_WARMUP_TOKENS=80)["nll"]
+    first_chunk = 40  # TTT_CHUNK_TOKENS: the tables hold 40 tokens after it, 80 after the second
+    torch.testing.assert_close(warming[: 2 * first_chunk], alone[: 2 * first_chunk], rtol=0, atol=1e-5)
+    assert not torch.allclose(warming[2 * first_chunk :], alone[2 * first_chunk :])

@@ -321,7 +321,18 @@ class Hyperparameters:
         ):
             if self.knobs[name] <= 0:
                 raise ConfigError(f"{name}={self.knobs[name]} must be positive")
-        checks = [
+        checks = self._training_checks() + self._quantization_checks() + self._evaluation_checks()
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        bad = [i for i in self.int5_layers if not 0 <= i < self.num_layers]
+        if bad or not self.clip_fracs or not all(0 < f <= 1 for f in self.clip_fracs):
+            raise ConfigError(
+                "QUANT_INT5_LAYERS must list block indices < NUM_LAYERS, GPTQ_CLIP_FRACS fractions in (0, 1]"
+            )
+
+    def _training_checks(self) -> list[tuple[bool, str]]:
+        return [
             (self.model_dim % self.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
             (self.num_heads % self.num_kv_heads == 0, "NUM_HEADS must be divisible by NUM_KV_HEADS"),
             (
@@ -360,6 +371,10 @@ class Hyperparameters:
                 "MICROBATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN",
             ),
             (self.smear_gate_inputs <= self.model_dim, "SMEAR_GATE_INPUTS must be at most MODEL_DIM"),
+        ]
+
+    def _quantization_checks(self) -> list[tuple[bool, str]]:
+        return [
             (self.quant_method in ("gptq", "rtn"), "QUANT_METHOD must be gptq or rtn"),
             (
                 2 <= self.quant_bits <= 8 and 2 <= self.quant_embed_bits <= 8,
@@ -377,6 +392,10 @@ class Hyperparameters:
             ),
             (0 <= self.qat_start_lr_scale <= 1, "QAT_START_LR_SCALE must be in [0, 1]"),
             (not self.eval_only or self.artifact_path, "EVAL_ONLY=1 needs ARTIFACT_PATH=<artifact file>"),
+        ]
+
+    def _evaluation_checks(self) -> list[tuple[bool, str]]:
+        return [
             (self.eval_mode in ("flat", "sliding"), "EVAL_MODE must be flat or sliding"),
             (self.ttt_mode in ("none", "chunked", "lora"), "TTT_MODE must be none, chunked or lora"),
             (
@@ -400,14 +419,6 @@ class Hyperparameters:
             (0 <= self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS must be in [0, NUM_LAYERS]"),
             (self.ngram_buckets > 0, "NGRAM_BUCKETS must be positive"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        bad = [i for i in self.int5_layers if not 0 <= i < self.num_layers]
-        if bad or not self.clip_fracs or not all(0 < f <= 1 for f in self.clip_fracs):
-            raise ConfigError(
-                "QUANT_INT5_LAYERS must list block indices < NUM_LAYERS, GPTQ_CLIP_FRACS fractions in (0, 1]"
-            )
 
     @property
     def head_dim(self) -> int:

@@ -62,3 +62,31 @@ def test_no_graph_breaks_and_no_recompiles_after_warmup():
         eval_step(looping, rows=1)  # the last, partial batch of a validation
     assert backend.compiles == warm, "recompiled after warmup"
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+def test_late_qat_switch_compiles_once_in_warmup_and_never_again():
+    """prime_compile runs the QAT graph too, so switching QAT on mid-run (by schedule position)
+    costs no compile in the timed loop, and the compiled QAT graph equals eager QAT."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    hp = make_hp(NUM_LAYERS=2, MODEL_DIM=128, QAT_START_LR_SCALE=0.5)
+    model = tg.GPT(hp)
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    ids = torch.randint(0, hp.vocab_size, (2, hp.train_seq_len))
+    plan = tg.quant_plan(model, hp)
+    assert plan
+    for qat in (False, True):  # warmup, as prime_compile does
+        tg.set_qat(model, plan if qat else None)
+        compiled(ids, ids).backward()
+    warm = backend.compiles
+    assert warm == 2
+    tg.set_qat(model, None)
+    compiled(ids, ids).backward()
+    tg.set_qat(model, plan)  # the schedule switches QAT on
+    for _ in range(2):
+        loss = compiled(ids, ids)
+        loss.backward()
+    torch.testing.assert_close(loss, model(ids, ids))
+    assert backend.compiles == warm, "recompiled at the QAT switch"
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])

@@ -131,7 +131,7 @@ def test_parse_log_reads_every_part(path):
     assert log["hp_hash"] == data["hp_hash"] == hp_hash(log["hp"])
     assert log["steps"] and log["vals"]
     assert log["steps"][-1]["step"] <= data["steps"] == log["vals"][-1]["step"]
-    assert {"raw", "ema"} <= {fe["stage"] for fe in log["final_evals"]}
+    assert {"raw", "pre_quant", "flat", "sliding", "ttt_ngram"} <= {fe["stage"] for fe in log["final_evals"]}
     assert log["artifact"]["bytes_total"] == data["bytes_total"]
     assert log["final"] == data
 
@@ -182,7 +182,7 @@ def test_new_builds_the_folder_from_the_logs(base_folder, script):
     assert sorted(sub["seeds"]) == seeds and sub["track"] == "non_record_16mb"
     readme = (base_folder / "README.md").read_text()
     assert f"**val_bpb: {statistics.fmean(f['val_bpb'] for f in finals):.5f}**" in readme
-    assert "| — |" in readme  # post_quant_val_bpb is null in these runs
+    assert f"{statistics.fmean(f['post_quant_val_bpb'] for f in finals):.5f}" in readme
 
 
 def test_new_copies_extra_files_and_folders(tmp_path, script, capsys):

@@ -228,10 +228,13 @@ import train_gpt as tg
 
 hp = tg.Hyperparameters(json.loads(sys.argv[2]))
 rt = tg.init_runtime(hp)
-if rt.rank == 1:  # this rank's clock runs 3x fast, as if its steps took longer
-    real = time.perf_counter
-    start = real()
-    time.perf_counter = lambda: start + 3 * (real() - start)
+# Deterministic clocks that disagree: each reading advances rank 0's by 0.1 s and rank 1's by 0.3 s,
+# as if rank 1's steps took 3x longer. The step count then depends on no machine's load.
+readings = [0]
+def skewed_clock(per_reading=0.3 if rt.rank == 1 else 0.1):
+    readings[0] += 1
+    return readings[0] * per_reading
+time.perf_counter = skewed_clock
 torch.manual_seed(hp.seed)
 model, train_model, _ = tg.build_model(hp, rt)
 loader = tg.DistributedTokenLoader(tg.find_shards(hp.data_path, "train"), rt)
@@ -250,7 +253,7 @@ def test_ranks_keep_identical_weights_when_their_clocks_disagree(sample_shards, 
     env = tiny_env(
         sample_shards,
         ITERATIONS="100000",
-        MAX_WALLCLOCK_SECONDS="3",  # room for > 2 steps at rank 1's 3x clock on a loaded 2-core machine
+        MAX_WALLCLOCK_SECONDS="3",  # about 60 steps on the fake clocks below, whatever the load
         EXPORT_RESERVE_SECONDS="0",
         TRAIN_BATCH_TOKENS="1024",
         MICROBATCH_TOKENS="512",

@@ -33,6 +33,8 @@ TINY = {
     "TRAIN_LOG_EVERY": "1",
     "BYTE_CHECK_DOCS": "8",
     "GPTQ_CALIB_TOKENS": "2048",
+    # No eval-budget fallback on a slow machine: which passes run must not depend on its load.
+    "EVAL_BUDGET_S": "1000000",
 }
 
 
@@ -295,6 +297,7 @@ def test_smoke_run_end_to_end(sample_shards, tmp_path):
     """The smoke preset trains, validates (val_bpb falls), saves the artifact and logs the JSON."""
     env = {"RUN_PRESET": "smoke", "DATA_PATH": str(sample_shards), "TOKENIZER_PATH": str(TOKENIZER)}
     env.update(RUN_ID="smoke", ITERATIONS="40", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="20")
+    env.update(EVAL_BUDGET_S="1000000")  # the same passes run whatever the machine's load
     final, log = run_script(env, tmp_path)
     vals = [
         float(line.split("val_bpb:")[1].split()[0])

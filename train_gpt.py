@@ -302,7 +302,8 @@ class Hyperparameters:
         k("GPTQ_BLOCK_SIZE", int, 128)  # columns per lazy GPTQ update block
         k("GPTQ_DAMP", float, 0.01)  # Hessian damping, as a fraction of its mean diagonal
         k("GPTQ_ACT_ORDER", bool, True)  # quantise columns by descending Hessian diagonal
-        k("GPTQ_CLIP_FRACS", str, "1.0,0.95,0.9,0.85,0.8,0.75,0.7")  # clip candidates (x row max |w|)
+        k("GPTQ_CLIP_FRACS", str, "1.0,0.95,0.9,0.85,0.8,0.75,0.7")  # clip candidates (fractions of row max)
+        k("GPTQ_SDCLIP_K", float, 0.0)  # > 0: each row clips at k x its std (SDClip) instead of the search
         k("QAT_START_LR_SCALE", float, 0.0)  # late QAT once the LR multiplier falls below this (0 = off)
         k("COMPRESSOR", str, "auto")  # zstd, brotli, lzma, or auto (smallest of those importable)
         k("CODE_BYTES_MODE", str, "raw")  # count the script as is (raw) or its lzma+base85 form (packed)
@@ -391,6 +392,7 @@ class Hyperparameters:
                 "GPTQ_BLOCK_SIZE and GPTQ_DAMP must be positive",
             ),
             (0 <= self.qat_start_lr_scale <= 1, "QAT_START_LR_SCALE must be in [0, 1]"),
+            (self.gptq_sdclip_k >= 0, "GPTQ_SDCLIP_K must be >= 0 (0 = Hessian-aware clip search)"),
             (not self.eval_only or self.artifact_path, "EVAL_ONLY=1 needs ARTIFACT_PATH=<artifact file>"),
         ]
 
@@ -1494,6 +1496,14 @@ def hessian_clip_scales(W: Tensor, H: Tensor, bits: int, fracs: tuple[float, ...
     return best
 
 
+def sdclip_scales(W: Tensor, bits: int, k: float) -> Tensor:
+    """SDClip (R0409/R0427, PR #1394): the clip range of each row is k standard deviations, not its
+    max |w|. With k above the row's max (k about 12-13 for int6 matrices in the records) the grid is
+    coarser than max-|w| and only the inner integers occur: fewer bytes after compression, the lever
+    the records used to fit the cap without pruning; with a small k it clips outliers instead."""
+    return fp16_scales(k * W.std(dim=1), bits)
+
+
 def damped_upper_inverse(H: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), with damping raised until H is positive
     definite. The second factorisation is the one GPTQ needs (P687 used H^-1 itself: a bug)."""
@@ -1517,7 +1527,11 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, hp: Hyperparameters) -> Quant
     dead = H.diagonal() == 0  # inputs never active in calibration: weight irrelevant, keep H invertible
     H.diagonal()[dead] = 1.0
     W[:, dead] = 0.0
-    scale = hessian_clip_scales(W, H, bits, hp.clip_fracs)
+    scale = (
+        sdclip_scales(W, bits, hp.gptq_sdclip_k)
+        if hp.gptq_sdclip_k > 0
+        else hessian_clip_scales(W, H, bits, hp.clip_fracs)
+    )
     perm = torch.argsort(H.diagonal(), descending=True) if hp.gptq_act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]

@@ -310,3 +310,18 @@ def test_int5_ladder_takes_the_least_sensitive_block_first():
         n: torch.eye(model.get_parameter(n).size(1)) * scale[tg.block_index(n)] for n in plan if "blocks" in n
     }
     assert tg.Quantizer(model, hessians, hp).int5_order() == [2, 0, 1]
+
+
+def test_sdclip_with_a_large_k_gives_a_coarser_grid_and_a_smaller_artifact():
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 256, generator=gen)
+    hp = make_hp(GPTQ_SDCLIP_K=12.0)
+    sd = tg.sdclip_scales(W, 6, 12.0)
+    assert torch.allclose(sd, tg.fp16_scales(12.0 * W.std(dim=1), 6))
+    H = torch.eye(256)
+    q_sd, q_search = tg.gptq_quantize(W, H, 6, hp), tg.gptq_quantize(W, H, 6, make_hp())
+    assert torch.equal(q_sd.scale, sd.half()) and int(q_sd.q.abs().max()) < 16  # only inner integers
+    sizes = [len(tg.compress(q.q.numpy().tobytes(), "lzma")) for q in (q_sd, q_search)]
+    assert sizes[0] < 0.8 * sizes[1]
+    errors = [tg.output_error(W - q.dequantize(), H).sum() for q in (q_sd, q_search)]
+    assert errors[0] > errors[1]  # the price: the search's grid is the error-optimal one

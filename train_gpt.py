@@ -1461,8 +1461,8 @@ class QuantTensor:
 def fake_quantize(w: Tensor, bits: int) -> Tensor:
     """Late-QAT straight-through estimator: the forward sees per-row round-to-nearest intN weights,
     the backward the identity (components.md 4.7)."""
-    s = fp16_scales(w.detach().abs().amax(dim=1), bits)[:, None]
-    q = torch.clamp(torch.round(w / s), -qmax(bits), qmax(bits)) * s
+    scale = fp16_scales(w.detach().abs().amax(dim=1), bits)
+    q = round_to_grid(w, scale, bits) * scale[:, None]
     return w + (q - w).detach()
 
 
@@ -1694,7 +1694,8 @@ def available_compressors(choice: str) -> list[str]:
     found = []
     for method in COMPRESSORS:
         with contextlib.suppress(ArtifactError):
-            found.append(compressor_module(method).__name__ and method)
+            compressor_module(method)
+            found.append(method)
     return found
 
 
@@ -2006,7 +2007,7 @@ def evaluate(model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime) -> tupl
     """
     T = hp.train_seq_len
     n_seqs = (len(val.tokens) - 1) // T
-    first, last = n_seqs * rt.rank // rt.world_size, n_seqs * (rt.rank + 1) // rt.world_size
+    first, last = rank_span(n_seqs, rt)
     per_batch = max(1, hp.val_batch_tokens // (T * rt.world_size))
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, tokens, bytes
     was_training = model.training

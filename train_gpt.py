@@ -282,11 +282,11 @@ class Hyperparameters:
         k("TTT_LORA_LR", float, 0.01)  # TTT_MODE=lora: Adam learning rate of the per-document adapters
         k("TTT_LORA_CHUNK", int, 256)  # TTT_MODE=lora: tokens scored, then trained on, per step in a document
         k("TTT_LORA_DOCS", int, 64)  # TTT_MODE=lora: documents adapted together (one adapter each)
-        k("NGRAM_MIX", bool, False)  # mix unigram/bigram/hashed-trigram counts of scored tokens (Hedge)
+        k("NGRAM_MIX", bool, False)  # mix the last pass with unigram/bigram/hashed-trigram counts (Hedge)
         k("NGRAM_BUCKETS", int, 65536)  # rows of the hashed trigram table (x VOCAB_SIZE floats)
         k("HEDGE_LR", float, 0.1)  # Hedge learning rate of the mixer weights
         k("NGRAM_WARMUP_TOKENS", int, 10000)  # the network alone until the count tables hold this many tokens
-        k("NGRAM_CHECK_NORM", bool, False)  # debug: check the mixture sums to 1 at every scored position
+        k("NGRAM_CHECK_NORM", bool, False)  # debug: check each expert and the weights sum to 1 everywhere
         # fmt: on
 
     def _quantization_knobs(self, k: _KnobReader) -> None:
@@ -400,10 +400,6 @@ class Hyperparameters:
         return [
             (self.eval_mode in ("flat", "sliding"), "EVAL_MODE must be flat or sliding"),
             (self.ttt_mode in ("none", "chunked", "lora"), "TTT_MODE must be none, chunked or lora"),
-            (
-                self.ttt_mode != "lora" or not self.ngram_mix,
-                "NGRAM_MIX stacks on TTT_MODE=chunked or none, not yet on lora (documents run out of order)",
-            ),
             (
                 min(self.ttt_lora_rank, self.ttt_lora_chunk, self.ttt_lora_docs) > 0,
                 "TTT_LORA_RANK, TTT_LORA_CHUNK and TTT_LORA_DOCS must be positive",
@@ -2147,7 +2143,7 @@ class Scores:
 
 @dataclass
 class Pass:
-    """One scoring pass: window geometry and what adapts between its chunks."""
+    """One scoring pass: window geometry and what adapts; `ngram` mixes the previous pass."""
 
     name: str
     seq_len: int
@@ -2157,9 +2153,7 @@ class Pass:
     lora: bool = False
 
 
-def score_windows(
-    fwd, tokens: Tensor, plan, span: tuple[int, int], batch: int, scores: Scores, mixer
-) -> None:
+def score_windows(fwd, tokens: Tensor, plan, span: tuple[int, int], batch: int, scores: Scores) -> None:
     """Scores windows span[0]..span[1]-1 of `plan` into `scores`. No host sync: the batch layout
     comes from the host-side plan, masking and scattering happen on the device."""
     starts, n_scored, T = plan
@@ -2172,13 +2166,9 @@ def score_windows(
         idx = rows[:, None] + torch.arange(T + 1, device=tokens.device)[None]
         window = tokens[idx]
         logits = fwd(window[:, :-1])[: e - s, T - width :]
-        x, y = window[: e - s, T - width : T], window[: e - s, T - width + 1 :]
+        y = window[: e - s, T - width + 1 :]
         mask = torch.arange(width, device=tokens.device)[None] >= (width - n)[:, None]
-        if mixer is None:
-            nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        else:
-            prev2 = tokens[(idx[: e - s, T - width : T] - 1).clamp_min(0)]
-            nll = mixer.score(logits, prev2, x, y, mask)
+        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         pos = (st[:, None] + torch.arange(T - width, T, device=tokens.device)[None]).flatten()
         scores.nll.index_add_(0, pos, (nll.float() * mask).flatten())
         scores.hits.index_add_(0, pos, mask.flatten().to(torch.int32))
@@ -2202,79 +2192,6 @@ def chunk_bounds(plan, chunk_tokens: int) -> list[tuple[int, int, int, int]]:
     edges = [0, *cuts.tolist(), len(first)]
     ends = first + n_scored
     return [(a, b, int(first[a]), int(ends[b - 1])) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-
-
-class NgramMixer:
-    """Online mixture of the network with count models of already-scored tokens (P687's Hedge
-    mixer, with its non-distribution "entropy expert" dropped so the mixture stays proper).
-
-    Experts: network softmax, unigram (+0.1 smoothing), bigram (+0.1), hashed trigram (+0.01;
-    P687's bucket hash). Each is a full distribution over the vocabulary; the mixture
-    log p = logsumexp_k(log w_k + log p_k) with softmax weights is normalised before the target is
-    read. Counts and weights change only in `adapt`, after a chunk was scored on every rank.
-    """
-
-    SMOOTH = (0.1, 0.1, 0.01)
-
-    def __init__(
-        self, vocab: int, buckets: int, lr: float, check_norm: bool, device: torch.device, warmup: int = 0
-    ):
-        self.vocab, self.buckets, self.lr, self.check_norm = vocab, buckets, lr, check_norm
-        self.warmup_tokens, self.seen = warmup, 0
-        f32 = dict(dtype=torch.float32, device=device)
-        self.uni, self.bi, self.tri = torch.zeros(vocab, **f32), torch.zeros(vocab, vocab, **f32), None
-        self.tri = torch.zeros(buckets, vocab, **f32)
-        self.log_w = torch.tensor([2.0, 0.0, 0.0, 0.0], **f32)  # network favoured at the start
-        self.loss = torch.zeros(5, dtype=torch.float64, device=device)  # 4 expert NLL sums + count
-        self.norm_checks = 0
-
-    def bucket(self, prev2: Tensor, prev: Tensor) -> Tensor:
-        return torch.bitwise_xor(36313 * prev2, 27191 * prev) % self.buckets
-
-    def log_mixture(self, logits: Tensor, prev2: Tensor, prev: Tensor) -> tuple[Tensor, Tensor]:
-        """(mixed log-probs (..., V), expert log-probs (..., 4, V)) from counts of scored tokens."""
-        a, b, c = self.SMOOTH
-        V = self.vocab
-        uni = ((self.uni + a) / (self.uni.sum() + a * V)).log().expand_as(logits)
-        rows = self.bi[prev]
-        bi = ((rows + b) / (rows.sum(-1, keepdim=True) + b * V)).log()
-        rows = self.tri[self.bucket(prev2, prev)]
-        tri = ((rows + c) / (rows.sum(-1, keepdim=True) + c * V)).log()
-        experts = torch.stack([F.log_softmax(logits.float(), -1), uni, bi, tri], dim=-2)
-        w = F.log_softmax(self.log_w, 0)[:, None]
-        if self.seen < self.warmup_tokens:  # P687: the network alone while the tables are nearly empty
-            w = torch.tensor([0.0, -math.inf, -math.inf, -math.inf], device=w.device)[:, None]
-        return torch.logsumexp(experts + w, dim=-2), experts
-
-    def score(self, logits: Tensor, prev2: Tensor, prev: Tensor, tgt: Tensor, mask: Tensor) -> Tensor:
-        mixed, experts = self.log_mixture(logits, prev2, prev)
-        if self.check_norm:  # NGRAM_CHECK_NORM: debug check of condition 2, one host sync per batch
-            total = mixed.exp().sum(-1)[mask]
-            if total.numel() and float((total - 1).abs().max()) > 1e-4:
-                raise LegalityError(
-                    f"mixture sums to {float(total.min()):.6f}..{float(total.max()):.6f}, not 1"
-                )
-            self.norm_checks += int(total.numel())
-        nll = -mixed.gather(-1, tgt[..., None]).squeeze(-1)
-        expert_nll = -experts.gather(-1, tgt[..., None, None].expand(*tgt.shape, 4, 1)).squeeze(-1)
-        m = mask.to(expert_nll.dtype)
-        self.loss[:4] += (expert_nll * m[..., None]).sum((0, 1)).double()
-        self.loss[4] += m.sum().double()
-        return nll
-
-    def adapt(self, tokens: Tensor, lo: int, hi: int, rt: Runtime, ledger: ScoreLedger) -> None:
-        """Hedge step on the chunk's scored positions (all ranks), then the chunk's counts."""
-        ledger.adapted(lo, hi)
-        self.seen += hi - lo
-        loss = all_reduce_sum(self.loss.clone(), rt)
-        self.log_w -= self.lr * (loss[:4] / loss[4].clamp_min(1)).float()
-        self.loss.zero_()
-        prev, tgt = tokens[lo:hi], tokens[lo + 1 : hi + 1]
-        prev2 = tokens[torch.arange(lo - 1, hi - 1, device=tokens.device).clamp_min(0)]
-        ones = torch.ones_like(tgt, dtype=torch.float32)
-        self.uni.index_put_((tgt,), ones, accumulate=True)
-        self.bi.index_put_((prev, tgt), ones, accumulate=True)
-        self.tri.index_put_((self.bucket(prev2, prev), tgt), ones, accumulate=True)
 
 
 class ChunkTTT:
@@ -2406,8 +2323,8 @@ def scoring_forward(model: GPT, hp: Hyperparameters, rt: Runtime, batch: int, se
 
 
 def run_pass(model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime, clock: EvalClock, log: Logger) -> dict:
-    """Scores every position once with `p`'s windows; with TTT/mixer the stream goes chunk by chunk,
-    each chunk scored (inference mode) before anything adapts on it. TTT works on a copy."""
+    """Scores every position once with `p`'s windows; with TTT the stream goes chunk by chunk, each
+    chunk scored (inference mode) before the copy that scores trains on it."""
     plan = window_plan(stream.n, p.seq_len, p.stride)
     batch = eval_batch_seqs(hp, rt, plan[2])
     work = copy.deepcopy(model) if p.ttt else model
@@ -2416,41 +2333,25 @@ def run_pass(model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime, clock: Ev
         param.grad = None  # the copy starts without the training run's last gradients
     fwd = scoring_forward(work, hp, rt, batch, plan[2], log)
     t0 = time.perf_counter()
-    chunks = chunk_bounds(plan, hp.ttt_chunk_tokens) if p.ttt or p.ngram else [(0, len(plan[0]), 0, stream.n)]
+    chunks = chunk_bounds(plan, hp.ttt_chunk_tokens) if p.ttt else [(0, len(plan[0]), 0, stream.n)]
     ttt = ChunkTTT(work, hp, rt, len(chunks), plan[2]) if p.ttt else None
-    mixer = (
-        NgramMixer(
-            hp.vocab_size,
-            hp.ngram_buckets,
-            hp.hedge_lr,
-            hp.ngram_check_norm,
-            rt.device,
-            hp.ngram_warmup_tokens,
-        )
-        if p.ngram
-        else None
-    )
     scores, ledger, score_s = Scores(stream.n, rt.device), ScoreLedger(stream.n), 0.0
     for c, (wa, wb, lo, hi) in enumerate(chunks):
         a, b = rank_span(wb - wa, rt)
         t_chunk = time.perf_counter()
         with torch.inference_mode():
             with autocast(rt):
-                score_windows(fwd, stream.tokens, plan, (wa + a, wa + b), batch, scores, mixer)
+                score_windows(fwd, stream.tokens, plan, (wa + a, wa + b), batch, scores)
             check_span_once(scores, lo, hi, rt)
         ledger.scored(lo, hi)
         score_s += time.perf_counter() - t_chunk
         if c == len(chunks) - 1:
             break
-        if mixer is not None:
-            mixer.adapt(stream.tokens, lo, hi, rt, ledger)
         if ttt is not None and ttt.has_time(clock, len(plan[0]) - wb, score_s / wb, c, log):
             ttt.train_chunk(stream.tokens, c, lo, hi, ledger)
     if not ledger.held:
         raise LegalityError(f"pass {p.name} scored [0, {ledger.scored_upto}) of [0, {stream.n})")
-    extra = dict(ttt_chunks=len(chunks), norm_checks=mixer.norm_checks if mixer is not None else 0)
-    if ttt is not None:
-        extra["ttt_chunks_trained"] = ttt.trained
+    extra = dict(ttt_chunks=len(chunks), ttt_chunks_trained=ttt.trained if ttt is not None else 0)
     return pass_result(scores, stream, rt, t0, ledger.held, score_s, len(plan[0]) * plan[2], **extra)
 
 
@@ -2608,65 +2509,175 @@ def run_lora_pass(model: GPT, stream: EvalStream, hp, rt: Runtime) -> dict:
     )
 
 
-EVAL_MODE_NAMES = {"flat": "flat", "sliding": "sliding", "ttt": "ttt_score_first", "ngram": "ngram_mix"}
-EVAL_MODE_NAMES.update(ttt_ngram="ttt_score_first+ngram_mix", lora="lora_ttt_score_first")
+class NgramMixer:
+    """Online mixture of a network pass with count models of already-scored tokens (P687's Hedge
+    mixer, with its non-distribution "entropy expert" dropped so the mixture stays proper).
+
+    Experts: the network's softmax, unigram (+0.1 smoothing), bigram (+0.1), hashed trigram (+0.01;
+    P687's bucket hash). Each is a full distribution over the vocabulary and the softmax weights sum
+    to 1, so p_mix(y) = sum_k w_k p_k(y) is normalised by construction: mixing needs each expert's
+    probability of the target only, which lets the mixture run after any network pass (sliding,
+    chunked or per-document LoRA TTT) on its per-position scores, in stream order. Counts and
+    weights change only in `adapt`, after a chunk was scored.
+    """
+
+    SMOOTH = (0.1, 0.1, 0.01)
+
+    def __init__(
+        self, vocab: int, buckets: int, lr: float, check_norm: bool, device: torch.device, warmup: int = 0
+    ):
+        self.vocab, self.buckets, self.lr, self.check_norm = vocab, buckets, lr, check_norm
+        self.warmup_tokens, self.seen = warmup, 0
+        f32 = dict(dtype=torch.float32, device=device)
+        # (counts[context, token], counts[context]) of each count expert: one context, prev, bucket
+        self.tables = [
+            (torch.zeros(rows, vocab, **f32), torch.zeros(rows, **f32)) for rows in (1, vocab, buckets)
+        ]
+        self.log_w = torch.tensor([2.0, 0.0, 0.0, 0.0], **f32)  # network favoured at the start
+        self.loss = torch.zeros(4, dtype=torch.float64, device=device)  # expert NLL sums since adapt
+        self.count, self.norm_checks = 0, 0
+
+    @staticmethod
+    def context(tokens: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(token before prev, prev, target) of positions [lo, hi)."""
+        prev2 = tokens[torch.arange(lo - 1, hi - 1, device=tokens.device).clamp_min(0)]
+        return prev2, tokens[lo:hi], tokens[lo + 1 : hi + 1]
+
+    def rows(self, prev2: Tensor, prev: Tensor) -> list[Tensor]:
+        """Each count expert's table row at these positions."""
+        bucket = torch.bitwise_xor(36313 * prev2, 27191 * prev) % self.buckets
+        return [torch.zeros_like(prev), prev, bucket]
+
+    def normaliser(self, k: int, row: Tensor) -> Tensor:
+        """Expert k's denominator: its context count plus the smoothing mass of all V tokens."""
+        return self.tables[k][1][row] + self.SMOOTH[k] * self.vocab
+
+    def count_log_probs(self, prev2: Tensor, prev: Tensor, tgt: Tensor) -> Tensor:
+        """(n, 3) log-probabilities of the targets under the count experts."""
+        rows = self.rows(prev2, prev)
+        out = [
+            ((self.tables[k][0][rows[k], tgt] + self.SMOOTH[k]) / self.normaliser(k, rows[k])).log()
+            for k in range(3)
+        ]
+        return torch.stack(out, -1)
+
+    def check(self, prev2: Tensor, prev: Tensor, tgt: Tensor, logp: Tensor) -> None:
+        """NGRAM_CHECK_NORM (condition 2, components.md 6.7): every count expert's full distribution
+        at each position sums to 1 and holds the scored probability; the weights sum to 1."""
+        for k, row in enumerate(self.rows(prev2, prev)):
+            full = (self.tables[k][0][row] + self.SMOOTH[k]) / self.normaliser(k, row)[:, None]
+            total = full.sum(-1)
+            if float((total - 1).abs().max()) > 1e-4:
+                span = f"{float(total.min()):.6f}..{float(total.max()):.6f}"
+                raise LegalityError(f"count expert {k} sums to {span}, not 1")
+            if not torch.allclose(full.gather(1, tgt[:, None]).log().squeeze(1), logp[:, k], atol=1e-5):
+                raise LegalityError(f"count expert {k} scored a probability outside its distribution")
+        if abs(float(F.softmax(self.log_w, 0).sum()) - 1) > 1e-5:
+            raise LegalityError("mixer weights do not sum to 1")
+        self.norm_checks += len(tgt)
+
+    def score(self, net_logp: Tensor, tokens: Tensor, lo: int, hi: int) -> Tensor:
+        """Mixed NLL of positions [lo, hi), from tables and weights that hold only earlier chunks."""
+        prev2, prev, tgt = self.context(tokens, lo, hi)
+        counted = self.count_log_probs(prev2, prev, tgt)
+        if self.check_norm:
+            self.check(prev2, prev, tgt, counted)
+        logp = torch.cat([net_logp[lo:hi, None], counted], -1)
+        self.loss -= logp.sum(0).double()
+        self.count += hi - lo
+        if self.seen < self.warmup_tokens:  # P687: the network alone while the tables are nearly empty
+            return -logp[:, 0]
+        return -torch.logsumexp(logp + F.log_softmax(self.log_w, 0), -1)
+
+    def adapt(self, tokens: Tensor, lo: int, hi: int, ledger: ScoreLedger) -> None:
+        """Hedge step on the chunk's losses, then the chunk's tokens into the count tables."""
+        ledger.adapted(lo, hi)
+        self.log_w -= self.lr * (self.loss / max(self.count, 1)).float()
+        self.loss.zero_()
+        self.count, self.seen = 0, self.seen + hi - lo
+        prev2, prev, tgt = self.context(tokens, lo, hi)
+        ones = torch.ones_like(tgt, dtype=torch.float32)
+        for (counts, totals), row in zip(self.tables, self.rows(prev2, prev), strict=True):
+            counts.index_put_((row, tgt), ones, accumulate=True)
+            totals.index_add_(0, row, ones)
 
 
-def adaptive_passes(hp: Hyperparameters, seq_len: int, stride: int) -> list[Pass]:
-    """The configured TTT/mixer pass, then its cheaper fallbacks (drop TTT, then the mixer)."""
-    if hp.ttt_mode == "lora":
-        return [Pass("lora", seq_len, stride, lora=True)]
-    ttt, ngram = hp.ttt_mode == "chunked", hp.ngram_mix
-    options = [(ttt, ngram), (False, ngram)]
-    out = []
-    for t, g in options:
-        name = "_".join(n for n, on in (("ttt", t), ("ngram", g)) if on)
-        if name and name not in [p.name for p in out]:
-            out.append(Pass(name, seq_len, stride, ttt=t, ngram=g))
-    return out
+def run_mixer_pass(net: dict, stream: EvalStream, hp: Hyperparameters, rt: Runtime) -> dict:
+    """The n-gram mixture over a network pass's per-position scores, chunk by chunk in stream
+    order (TTT_CHUNK_TOKENS): a chunk is mixed, then its tokens enter the tables and its losses the
+    weights. Every rank mixes the whole stream (identical inputs give identical results, with no
+    collective per chunk) and counts its own share of positions."""
+    t0 = time.perf_counter()
+    net_logp = -all_reduce_sum(net["nll"].clone(), rt)  # each position held by exactly one rank
+    mixer = NgramMixer(
+        hp.vocab_size, hp.ngram_buckets, hp.hedge_lr, hp.ngram_check_norm, rt.device, hp.ngram_warmup_tokens
+    )
+    scores, ledger = Scores(stream.n, rt.device), ScoreLedger(stream.n)
+    for lo in range(0, stream.n, hp.ttt_chunk_tokens):
+        hi = min(lo + hp.ttt_chunk_tokens, stream.n)
+        scores.nll[lo:hi] = mixer.score(net_logp, stream.tokens, lo, hi)
+        ledger.scored(lo, hi)
+        if hi < stream.n:
+            mixer.adapt(stream.tokens, lo, hi, ledger)
+    a, b = rank_span(stream.n, rt)
+    scores.nll[:a], scores.nll[b:], scores.hits[a:b] = 0.0, 0.0, 1
+    seconds = time.perf_counter() - t0
+    return pass_result(scores, stream, rt, t0, ledger.held, seconds, stream.n, norm_checks=mixer.norm_checks)
+
+
+EVAL_MODE_NAMES = dict(flat="flat", sliding="sliding", ttt="ttt_score_first", lora="lora_ttt_score_first")
+
+
+def ttt_pass(hp: Hyperparameters, seq_len: int, stride: int) -> list[Pass]:
+    """The configured score-first TTT pass on the best window geometry that ran (none: [])."""
+    if hp.ttt_mode == "none":
+        return []
+    lora = hp.ttt_mode == "lora"
+    return [Pass("lora" if lora else "ttt", seq_len, stride, ttt=not lora, lora=lora)]
 
 
 def projected_s(p: Pass, stream: EvalStream, rate: float, hp: Hyperparameters) -> float:
-    """Seconds a pass should take at the measured forward rate (window tokens/s): its windows, a
-    mixer at an assumed 2x scoring cost, TTT training at 3x forward cost per trained token; LoRA TTT
-    forwards and backwards every document chunk with its context (3x)."""
+    """Seconds a pass should take at the measured forward rate (window tokens/s): its windows, TTT
+    training at 3x forward cost per trained token; LoRA TTT forwards and backwards every document
+    chunk with its context (3x); the mixer, a few gathers per position, at most one forward token."""
     n = stream.n
+    if p.ngram:
+        return n / rate
     if p.lora:
         spans = document_spans(stream.tokens.cpu().numpy(), n)
         return 3.0 * lora_forward_tokens(spans, hp.ttt_lora_chunk, hp.eval_seq_len or hp.train_seq_len) / rate
     starts, _, T = window_plan(n, p.seq_len, p.stride)
-    score = len(starts) * T / rate * (2.0 if p.ngram else 1.0)
-    return score + (3.0 * hp.ttt_epochs * n / rate if p.ttt else 0.0)
+    return len(starts) * T / rate + (3.0 * hp.ttt_epochs * n / rate if p.ttt else 0.0)
 
 
 def score_model(
     model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime, log: Logger, clock_start=None
 ) -> dict:
     """Every legal evaluation mode behind one call: flat, then sliding windows, then score-first
-    TTT and/or the n-gram mixer on the best geometry that ran. Each later pass runs only if its time
-    projected from the measured throughput fits EVAL_BUDGET_S, else the next cheaper mode does (the
-    reason is logged). The caller's model is left unchanged. `clock_start` (a perf_counter value,
-    e.g. taken before loading the artifact) starts the eval clock earlier. Returns the final JSON
-    fields; val_bpb is the last pass that ran."""
+    TTT on the best geometry that ran, then the n-gram mixer over the last of these. Each later pass
+    runs only if its time projected from the measured throughput fits EVAL_BUDGET_S, else it is
+    skipped and the reason logged. The caller's model is left unchanged. `clock_start` (a
+    perf_counter value, e.g. taken before loading the artifact) starts the eval clock earlier.
+    Returns the final JSON fields; val_bpb is the last pass that ran."""
     clock = EvalClock(hp.eval_budget_s, rt, clock_start)
     was_training = model.training
     model.eval()
     tokens = torch.from_numpy(val.tokens.astype(np.int64)).to(rt.device)
     stream = EvalStream(tokens, token_bytes(tokens[:-1], tokens[1:], val).float())
     base = Pass("flat", hp.train_seq_len, hp.train_seq_len)
-    geometries = [base]
+    passes = [base]
     if hp.eval_mode == "sliding":
-        geometries.append(Pass("sliding", hp.eval_seq_len or hp.train_seq_len, hp.eval_stride))
+        passes.append(Pass("sliding", hp.eval_seq_len or hp.train_seq_len, hp.eval_stride))
     done: list[tuple[Pass, dict]] = []
-    for p in geometries:
+    for p in passes:
         if done and not fits_or_log(p, stream, done[-1][1], clock, hp, log):
             continue
         done.append((p, run_logged(model, stream, p, hp, rt, clock, log)))
         base = p
-    for p in adaptive_passes(hp, base.seq_len, base.stride):
+    stages = ttt_pass(hp, base.seq_len, base.stride) + [Pass("ngram", 0, 0, ngram=True)] * hp.ngram_mix
+    for p in stages:
         if fits_or_log(p, stream, done[-1][1], clock, hp, log):
-            done.append((p, run_logged(model, stream, p, hp, rt, clock, log)))
-            break
+            done.append((p, run_logged(model, stream, p, hp, rt, clock, log, done[-1][1])))
     model.train(was_training)
     return eval_summary(done, clock, log)
 
@@ -2689,9 +2700,15 @@ def fits_or_log(
 
 
 def run_logged(
-    model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime, clock: EvalClock, log: Logger
+    model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime, clock: EvalClock, log: Logger, last=None
 ) -> dict:
-    r = run_lora_pass(model, stream, hp, rt) if p.lora else run_pass(model, stream, p, hp, rt, clock, log)
+    """Runs pass `p` (the mixer mixes `last`, the previous pass's result) and logs its score."""
+    if p.ngram:
+        r = run_mixer_pass(last, stream, hp, rt)
+    elif p.lora:
+        r = run_lora_pass(model, stream, hp, rt)
+    else:
+        r = run_pass(model, stream, p, hp, rt, clock, log)
     clock.phases[p.name] = round(r["seconds"], 3)
     log(
         kv(
@@ -2707,21 +2724,22 @@ def run_logged(
 def eval_summary(done: list[tuple[Pass, dict]], clock: EvalClock, log: Logger) -> dict:
     """The final JSON's evaluation fields, and the eval_time_s/phase log line."""
     final_pass, final = done[-1]
+    net, net_result = [(p, r) for p, r in done if not p.ngram][-1]  # what the final score mixes
     eval_time_s = round(clock.elapsed(), 3)
     phases = ",".join(f"{k}={v}" for k, v in clock.phases.items())
     log(kv(eval_time_s=eval_time_s, eval_budget_s=clock.budget_s, eval_phases=phases))
     return dict(
         val_loss=final["val_loss"],
         val_bpb=final["val_bpb"],
-        eval_mode=EVAL_MODE_NAMES[final_pass.name],
-        ttt_mode="lora" if final_pass.lora else "chunked" if final_pass.ttt else "none",
+        eval_mode=EVAL_MODE_NAMES[net.name] + ("+ngram_mix" if final_pass.ngram else ""),
+        ttt_mode="lora" if net.lora else "chunked" if net.ttt else "none",
         ngram_mix=final_pass.ngram,
         scored_before_update=all(r["scored_before_update"] for _, r in done),
         eval_time_s=eval_time_s,
         eval_phases_s=dict(clock.phases),
         scored_tokens=final["tokens"],
         scored_bytes=final["bytes"],
-        ttt_chunks_trained=final["ttt_chunks_trained"],
+        ttt_chunks_trained=net_result["ttt_chunks_trained"],
         **{f"val_bpb_{p.name}": r["val_bpb"] for p, r in done},
     )
 
@@ -2956,7 +2974,7 @@ def log_header(
     hp, rt: Runtime, log: Logger, script: Path, compiled: bool, attention_problem: str | None
 ) -> None:
     log(kv(run_id=rt.run_id))
-    log(kv(script_sha256=file_sha256(script), code_bytes=script.stat().st_size, script=script.name))
+    log(kv(script_sha256=file_sha256(script), code_bytes_raw=script.stat().st_size, script=script.name))
     log(
         "versions "
         + kv(

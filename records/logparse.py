@@ -156,7 +156,10 @@ def _set_run_id(log, pairs):
 
 def _set_script(log, pairs):
     log["script_sha256"] = pairs["script_sha256"]
-    log["header"].update(_typed(pairs))
+    header = _typed(pairs)
+    if "code_bytes" in header:  # the header's name for the script size before 2026-11-26
+        header["code_bytes_raw"] = header.pop("code_bytes")
+    log["header"].update(header)
 
 
 def _set_versions(log, pairs):
@@ -251,7 +254,7 @@ def parse_text(text: str, path: str = "<text>") -> dict:
 def parse_log(path) -> dict:
     """Parse one run log file into a dict.
 
-    Keys: path, run_id, script_sha256, header (code_bytes = script size, script, device, gpus, ...),
+    Keys: path, run_id, script_sha256, header (code_bytes_raw = script size, script, device, gpus, ...),
     versions, preset, hp {NAME: raw string}, hp_hash, steps (train lines), vals (validation lines),
     final_evals, stopping_early, artifact, final (the final JSON object or None), other (unrecognised
     lines), errors, missing (required stable lines absent), truncated, complete.

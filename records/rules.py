@@ -15,9 +15,12 @@ LEGAL_EVAL_MODES = (
     "flat",
     "sliding",
     "ttt_score_first",
-    "ngram_mix",
-    "ttt_score_first+ngram_mix",
     "lora_ttt_score_first",
+    "flat+ngram_mix",
+    "sliding+ngram_mix",
+    "ttt_score_first+ngram_mix",
+    "lora_ttt_score_first+ngram_mix",
+    "ngram_mix",  # sliding+ngram_mix as logs before the mixer became a stage of its own named it
     "phased_ttt",
 )
 

@@ -100,7 +100,7 @@ def check_log_consistency(rep: Report, log: dict) -> None:
     pairs = (
         ("run_id", log["run_id"]),
         ("script_sha256", log["script_sha256"]),
-        ("code_bytes_raw", log["header"].get("code_bytes")),
+        ("code_bytes_raw", log["header"].get("code_bytes_raw")),
         ("bytes_code", art.get("bytes_code")),
         ("hp_hash", log["hp_hash"]),
         ("bytes_total", art.get("bytes_total")),
@@ -195,9 +195,9 @@ def check_script(rep: Report) -> None:
                 f"{_name(log)}: script_sha256 {log['script_sha256'][:12]}… does not match "
                 f"train_gpt.py in the folder ({sha[:12]}…): the logs were not made by this script"
             )
-        if log["header"].get("code_bytes") != len(rep.script):
+        if log["header"].get("code_bytes_raw") != len(rep.script):
             rep.problems.append(
-                f"{_name(log)}: code_bytes {log['header'].get('code_bytes')} != len(train_gpt.py) "
+                f"{_name(log)}: code_bytes_raw {log['header'].get('code_bytes_raw')} != len(train_gpt.py) "
                 f"{len(rep.script)}"
             )
 

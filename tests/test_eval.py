@@ -1,4 +1,4 @@
-"""Evaluation modes: sliding windows, score-first chunked TTT and the n-gram mixture.
+"""Evaluation modes: sliding windows, score-first chunked and LoRA TTT, and the n-gram mixture.
 
 Legality is tested, not assumed: every mode is causal (later tokens never change earlier scores),
 scores every position exactly once on 1-3 ranks, adapts only on already-scored tokens (and the
@@ -21,6 +21,7 @@ MODES = {
     "ngram": dict(ttt=False, ngram=True),
     "ttt_ngram": dict(ttt=True, ngram=True),
     "lora": dict(ttt=False, ngram=False, lora=True),
+    "lora_ngram": dict(ttt=False, ngram=True, lora=True),
 }
 EVAL_KNOBS = dict(
     TRAIN_SEQ_LEN=16,
@@ -66,9 +67,12 @@ def run_mode(mode: str, tokens: np.ndarray, **knobs) -> dict:
     t = torch.from_numpy(tokens.astype(np.int64))
     stream = tg.EvalStream(t, tg.token_bytes(t[:-1], t[1:], stream_val).float())
     clock = tg.EvalClock(600.0, rt)
+    ngram = spec.pop("ngram")
     if spec.get("lora"):
-        return tg.run_lora_pass(model, stream, hp, rt)
-    return tg.run_pass(model, stream, tg.Pass(mode, seq, stride, **spec), hp, rt, clock, lambda _: None)
+        net = tg.run_lora_pass(model, stream, hp, rt)
+    else:
+        net = tg.run_pass(model, stream, tg.Pass(mode, seq, stride, **spec), hp, rt, clock, lambda _: None)
+    return dict(tg.run_mixer_pass(net, stream, hp, rt), net=net) if ngram else net
 
 
 @pytest.mark.parametrize(
@@ -115,10 +119,12 @@ def test_every_mode_scores_each_token_and_byte_exactly_once(mode, torch_single_t
     assert result["tokens"] == len(tokens) - 1
     assert result["bytes"] == val_data(tokens).total_bytes
     assert result["scored_before_update"] is True
+    net = result.get("net", result)  # the network pass a mixer result mixed
+    assert net["tokens"] == result["tokens"] and net["bytes"] == result["bytes"]
     if MODES[mode]["ttt"]:
-        assert 0 < result["ttt_chunks_trained"] == result["ttt_chunks"] - 1  # the last one never
-    if mode == "lora":
-        assert result["documents"] == int((tokens[:-1] == tg.BOS_ID).sum())
+        assert 0 < net["ttt_chunks_trained"] == net["ttt_chunks"] - 1  # the last one never
+    if MODES[mode].get("lora"):
+        assert net["documents"] == int((tokens[:-1] == tg.BOS_ID).sum())
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -183,52 +189,49 @@ def test_ledger_refuses_scoring_with_a_state_adapted_on_the_span():
 
 
 def test_score_before_update_check_fires_when_the_order_is_broken(monkeypatch, torch_single_thread):
-    """Swap the loop's order: adapt on each chunk before it is scored."""
-    real_score = tg.score_windows
+    """Swap the mixer's order: adapt on each chunk before it is scored."""
+    real_score, real_adapt = tg.NgramMixer.score, tg.NgramMixer.adapt
     pending = {}
 
-    def adapt_first(fwd, tokens, plan, span, batch, scores, mixer):
-        if mixer is not None and "ledger" in pending:
-            lo = int(plan[0][span[0]] + plan[2] - plan[1][span[0]])
-            hi = int(plan[0][span[1] - 1] + plan[2])
-            mixer.adapt(tokens, lo, hi, pending["rt"], pending["ledger"])
-        real_score(fwd, tokens, plan, span, batch, scores, mixer)
+    def remember(self, tokens, lo, hi, ledger):
+        pending["ledger"] = ledger
+        return real_adapt(self, tokens, lo, hi, ledger)
 
-    real_adapt = tg.NgramMixer.adapt
+    def adapt_first(self, net_logp, tokens, lo, hi):
+        if "ledger" in pending:
+            real_adapt(self, tokens, lo, hi, pending["ledger"])
+        return real_score(self, net_logp, tokens, lo, hi)
 
-    def remember(self, tokens, lo, hi, rt, ledger):
-        pending.update(rt=rt, ledger=ledger)
-        return real_adapt(self, tokens, lo, hi, rt, ledger)
-
-    monkeypatch.setattr(tg, "score_windows", adapt_first)
     monkeypatch.setattr(tg.NgramMixer, "adapt", remember)
+    monkeypatch.setattr(tg.NgramMixer, "score", adapt_first)
     with pytest.raises(tg.LegalityError, match="before it was scored"):
         run_mode("ngram", random_tokens())
 
 
 def test_mixture_is_a_normalised_distribution(torch_single_thread):
+    """Each count expert is a distribution over all V tokens at every context, the weights sum to
+    1, so the mixture of these with the network's softmax is one (components.md 6.7)."""
     mixer = tg.NgramMixer(V, 32, 0.1, True, torch.device("cpu"))
     tokens = torch.from_numpy(random_tokens().astype(np.int64))
     ledger = tg.ScoreLedger(len(tokens) - 1)
+    mixer.score(torch.zeros(len(tokens) - 1), tokens, 0, 100)
     ledger.scored(0, 100)
-    mixer.adapt(tokens, 0, 100, tg.Runtime(0, 1, 0, torch.device("cpu"), 1, "t"), ledger)
-    logits = torch.randn(3, 5, V) * 4
-    prev2, prev = torch.randint(0, V, (3, 5)), torch.randint(0, V, (3, 5))
-    mixed, experts = mixer.log_mixture(logits, prev2, prev)
-    torch.testing.assert_close(mixed.exp().sum(-1), torch.ones(3, 5), rtol=0, atol=1e-4)
-    torch.testing.assert_close(experts.exp().sum(-1), torch.ones(3, 5, 4), rtol=0, atol=1e-4)
-    assert mixer.uni.sum() == 100 and mixer.bi.sum() == 100 and mixer.tri.sum() == 100
+    mixer.adapt(tokens, 0, 100, ledger)
+    assert [int(counts.sum()) for counts, _ in mixer.tables] == [100, 100, 100]
+    prev2, prev = torch.randint(0, V, (50,)), torch.randint(0, V, (50,))
+    every = torch.stack([mixer.count_log_probs(prev2, prev, torch.full((50,), v)) for v in range(V)])
+    torch.testing.assert_close(every.exp().sum(0), torch.ones(50, 3), rtol=0, atol=1e-4)
+    net = torch.log_softmax(torch.randn(50, V) * 4, -1)
+    w = torch.softmax(mixer.log_w, 0)
+    mixed = w[0] * net.exp().T + every.exp() @ w[1:]  # p_mix(v) at 50 positions, (V, 50)
+    torch.testing.assert_close(mixed.sum(0), torch.ones(50), rtol=0, atol=1e-4)
+    assert mixer.norm_checks == 100
 
 
 def test_runtime_normalisation_check_fires_on_an_improper_expert(monkeypatch, torch_single_thread):
-    """NGRAM_CHECK_NORM catches an unnormalised expert (PR #886's bug: ratios, not a distribution)."""
-    real = tg.NgramMixer.log_mixture
-
-    def improper(self, logits, prev2, prev):
-        mixed, experts = real(self, logits, prev2, prev)
-        return mixed + 0.01, experts
-
-    monkeypatch.setattr(tg.NgramMixer, "log_mixture", improper)
+    """NGRAM_CHECK_NORM catches an unnormalised expert (PR #886's bug: count ratios without the
+    smoothing mass in the denominator are not a distribution)."""
+    monkeypatch.setattr(tg.NgramMixer, "normaliser", lambda self, k, row: self.tables[k][1][row] + 1.0)
     run_mode("ngram", random_tokens())  # the debug check is off by default
     with pytest.raises(tg.LegalityError, match="sums to"):
         run_mode("ngram", random_tokens(), NGRAM_CHECK_NORM=True)
@@ -260,11 +263,14 @@ def test_budget_falls_back_to_cheaper_modes_and_logs_why(cpu_runtime, torch_sing
     assert out["eval_mode"] == "flat" and out["ttt_mode"] == "none"  # flat always runs: every token scored
     fallbacks = [line for line in lines if line.startswith("eval_fallback:")]
     names = [f.split()[0].split(":")[1] for f in fallbacks]
-    assert names == ["sliding", "ttt_ngram", "ngram"]
+    assert names == ["sliding", "ttt", "ngram"]
     assert all("reason:over_budget" in f for f in fallbacks)
 
 
-@pytest.mark.parametrize("nproc,ttt_mode", [(1, "chunked"), (2, "chunked"), (3, "chunked"), (3, "lora")])
+RANKS_MODES = [(1, "chunked"), (2, "chunked"), (3, "chunked"), (2, "lora"), (3, "lora")]
+
+
+@pytest.mark.parametrize("nproc,ttt_mode", RANKS_MODES)
 def test_every_mode_scores_each_val_token_once_on_1_to_3_ranks(nproc, ttt_mode, sample_shards, tmp_path):  # noqa: F811
     lora = ttt_mode == "lora"
     env = tiny_env(
@@ -281,16 +287,17 @@ def test_every_mode_scores_each_val_token_once_on_1_to_3_ranks(nproc, ttt_mode, 
         TTT_CHUNK_TOKENS="6144",
         TTT_EPOCHS="1",
         TTT_FREEZE_BLOCKS="2",
-        NGRAM_MIX="0" if lora else "1",
+        NGRAM_MIX="1",
         NGRAM_BUCKETS="256",
     )
     final, log = run_script(env, tmp_path, nproc=nproc)
     assert final["world_size"] == nproc
-    last = "lora" if lora else "ttt_ngram"
-    assert final["eval_mode"] == ("lora_ttt_score_first" if lora else "ttt_score_first+ngram_mix")
+    net = "lora" if lora else "ttt"
+    assert final["eval_mode"] == ("lora_ttt_score_first" if lora else "ttt_score_first") + "+ngram_mix"
+    assert final["ttt_mode"] == ttt_mode and final["val_bpb"] == final["val_bpb_ngram"]
     assert final["scored_before_update"] is True
     assert final["scored_tokens"] == final["val_tokens"] and final["scored_bytes"] == final["val_bytes"]
-    for stage in ("flat", "sliding", last):
+    for stage in ("flat", "sliding", net, "ngram"):
         assert f"final_eval:{stage} " in log
     if not lora:
         assert final["ttt_chunks_trained"] == 2  # 16,256 val tokens: 3 chunks, the last never trained on

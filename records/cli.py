@@ -116,7 +116,7 @@ def _parser_plot(sub) -> None:
         "plot",
         help="PNG of val_bpb and train loss vs wallclock and step",
         description="Plot val_bpb and train loss against training wallclock (train_time_ms) and step for "
-        "one or more runs (log files or record folders) into a PNG.",
+        "one or more runs (log files or record folders, ours or official records') into a PNG.",
     )
     p.add_argument("paths", nargs="+", help="log files and/or record folders")
     p.add_argument("--out", required=True, help="output PNG path")

@@ -78,6 +78,8 @@ class Run:
     config: dict[str, str] = field(default_factory=dict)
     stops: int = 0
     features: set[str] = field(default_factory=set)
+    # step-line points for plots: step, train_time_ms (the latest stated), train_loss or val_bpb
+    curve: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     score_override: Eval | None = None  # our dialect: the final JSON's score, located on its line
 
@@ -137,11 +139,21 @@ def _set_val_tokens(run, m, no, line):
 
 
 def _step(run, m, no, line):
-    run.steps = int(m["step"])
+    step = int(m["step"])
+    if run.curve and step < run.curve[-1]["step"]:  # a second run in the same file starts over
+        run.curve = []
+    run.steps = step
     if m.groupdict().get("ms"):
         run.train_time_s, run.train_time_source = int(m["ms"]) / 1000.0, f"line {no}: step line"
     elif m.groupdict().get("min"):  # the April dialect prints minutes with one decimal
         run.train_time_s, run.train_time_source = float(m["min"]) * 60.0, f"line {no}: step line (0.1 min)"
+    # val lines of the April dialect state no time: they take the latest one stated
+    point = dict(step=step, train_time_ms=1000.0 * (run.train_time_s or 0.0))
+    for key in ("train_loss", "val_bpb"):
+        found = re.search(rf"\b{key}: ?({_NUM})", line)
+        if found:
+            point[key] = float(found[1])
+    run.curve.append(point)
 
 
 def _stop(run, m, no, line):

@@ -9,24 +9,43 @@ import matplotlib
 matplotlib.use("Agg")  # headless: CI and the GPU boxes have no display
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 
+from . import dialects  # noqa: E402
 from .logparse import find_logs, parse_log  # noqa: E402
 
 
+def official_log(path: Path) -> dict:
+    """A log in an official record's dialect, in the shape parse_log gives ours: its step-line
+    points (April val lines carry the latest stated time) and the score it stands on."""
+    run = dialects.read_official_text(path.read_text(encoding="utf-8", errors="replace"), path)
+    claim = run.claim()
+    return dict(
+        run_id=f"{path.parent.name[:28]}/{path.stem}",
+        path=str(path),
+        truncated=False,
+        vals=[p for p in run.curve if "val_bpb" in p],
+        steps=[p for p in run.curve if "train_loss" in p],
+        final={"val_bpb": claim.val_bpb} if claim is not None else {},
+    )
+
+
+def read_any(path: Path) -> dict:
+    return parse_log(path) if dialects.first_line(path).startswith("run_id:") else official_log(path)
+
+
 def collect_logs(paths) -> list[dict]:
-    """Parse every log named directly or found in a record folder. Truncated logs are still plotted
-    (a crashed run's curve is worth seeing), so completeness is not required here."""
+    """Parse every log named directly or found in a record folder, ours or an official record's.
+    Truncated logs are still plotted (a crashed run's curve is worth seeing), so completeness is
+    not required here."""
     logs = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = find_logs(path)
+            found = find_logs(path) or dialects.find_run_files(path)
             if not found:
-                raise FileNotFoundError(
-                    f"{path}: no run logs in our format in this folder (plot reads train_gpt.py logs only)"
-                )
-            logs.extend(parse_log(p) for p in found)
+                raise FileNotFoundError(f"{path}: no run logs in this folder (ours or an official dialect)")
+            logs.extend(read_any(p) for p in found)
         elif path.is_file():
-            logs.append(parse_log(path))
+            logs.append(read_any(path))
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
     return logs

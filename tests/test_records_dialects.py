@@ -240,3 +240,25 @@ def test_our_byte_counts_on_their_own_line_or_on_the_artifact_path_line(tmp_path
         log = parse_log(path)
         assert log["complete"] and log["artifact"]["bytes_total"] == final["bytes_total"]
         assert log["artifact"]["artifact_path"] == final["artifact_path"]
+
+
+def test_plot_reads_official_dialects_and_ours(track, tmp_path, capsys):
+    """plot takes official record folders (both step-line dialects) beside our own logs."""
+    out_png = tmp_path / "curves.png"
+    v1, v2 = track / "2026-01-01_V1Dialect", track / "2026-01-02_V2Dialect"
+    code, out = run_cli(capsys, "plot", v1, v2, OURS / "smoke_base_s1.txt", "--out", out_png)
+    assert code == 0 and "7 run(s)" in out
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_official_curve_points(track):
+    from records.plot import official_log
+
+    log = official_log(track / "2026-01-02_V2Dialect" / "train_seed7.log")
+    assert [(p["step"], p["val_bpb"]) for p in log["vals"]] == [(0, 4.1159), (4600, 1.0757)]
+    # the April val line states no time: it carries the latest stated one (9.7 min)
+    assert log["vals"][-1]["train_time_ms"] == pytest.approx(9.7 * 60_000)
+    assert [p["train_loss"] for p in log["steps"]] == [9.0089, 2.2830]
+    assert log["final"]["val_bpb"] == 1.108  # the phased TTT line, the score the run stands on
+    v1 = official_log(track / "2026-01-01_V1Dialect" / "train_seed1.log")
+    assert [p["train_time_ms"] for p in v1["steps"]] == [90.0, 599000.0]

@@ -1515,7 +1515,7 @@ def damped_upper_inverse(H: Tensor, damp: float) -> Tensor:
     raise ArtifactError("GPTQ: the calibration Hessian stays singular after damping; raise GPTQ_DAMP")
 
 
-def gptq_quantize(w: Tensor, H: Tensor, bits: int, hp: Hyperparameters) -> QuantTensor:
+def gptq_quantize(w: Tensor, H: Tensor, bits: int, hp: Hyperparameters, fracs=None) -> QuantTensor:
     """Full GPTQ (Frantar et al. 2022; components.md 5.3): columns quantised in order (by descending
     Hessian diagonal with act-order), each one's error pushed onto the columns not yet quantised
     through the upper Cholesky factor of H^-1, lazily per block of GPTQ_BLOCK_SIZE columns."""
@@ -1526,7 +1526,7 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, hp: Hyperparameters) -> Quant
     scale = (
         sdclip_scales(W, bits, hp.gptq_sdclip_k)
         if hp.gptq_sdclip_k > 0
-        else hessian_clip_scales(W, H, bits, hp.clip_fracs)
+        else hessian_clip_scales(W, H, bits, fracs or hp.clip_fracs)
     )
     perm = torch.argsort(H.diagonal(), descending=True) if hp.gptq_act_order else None
     if perm is not None:
@@ -1830,11 +1830,17 @@ def code_bytes(script: Path, mode: str) -> tuple[int, int]:
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight", "lm_head.weight")
 
 
-def quantize_tensor(name: str, w: Tensor, bits: int, hessians: Mapping[str, Tensor], hp: Hyperparameters):
+def quantize_tensor(
+    name: str, w: Tensor, bits: int, hessians: Mapping[str, Tensor], hp: Hyperparameters, max_clip=False
+):
+    """GPTQ where a Hessian exists (embeddings only with QUANT_EMBED_GPTQ), else round-to-nearest;
+    `max_clip` (a fit-ladder step) replaces the clip search by each row's max |w|."""
     gptq = hp.quant_method == "gptq" and name in hessians
     if name in EMBEDDING_NAMES and not hp.quant_embed_gptq:
         gptq = False
-    return gptq_quantize(w, hessians[name], bits, hp) if gptq else rtn_quantize(w, bits)
+    if not gptq:
+        return rtn_quantize(w, bits)
+    return gptq_quantize(w, hessians[name], bits, hp, (1.0,) if max_clip else None)
 
 
 class Quantizer:
@@ -1846,15 +1852,16 @@ class Quantizer:
         self.hessians, self.hp = hessians, hp
         self.plan = quant_plan(model, hp)
         self.meta = dict(settings={n: hp.knobs[n] for n in hp.model_knob_names}, looping=model.looping)
-        self.cache: dict[tuple[str, int], QuantTensor] = {}
+        self.max_clip: set[str] = set()  # tensors the fit ladder moved to max-|w| clips
+        self.cache: dict[tuple[str, int, bool], QuantTensor] = {}
 
     def qstate(self) -> dict[str, QuantTensor | Tensor]:
         out: dict[str, QuantTensor | Tensor] = {}
         for name, t in self.state.items():
             if name in self.plan:
-                key = (name, self.plan[name])
+                key = (name, self.plan[name], name in self.max_clip)
                 if key not in self.cache:  # computed where the weights live, kept on the CPU
-                    qt = quantize_tensor(name, t, key[1], self.hessians, self.hp)
+                    qt = quantize_tensor(name, t, key[1], self.hessians, self.hp, key[2])
                     self.cache[key] = QuantTensor(qt.q.cpu(), qt.scale.cpu(), qt.bits)
                 out[name] = self.cache[key]
             else:
@@ -1878,6 +1885,72 @@ class Quantizer:
             err = [output_error(W - rtn_quantize(W, b).dequantize().to(W.device), H).sum() for b in (bits, 5)]
             cost[layer] = cost.get(layer, 0.0) + float(err[1] - err[0])
         return sorted(cost, key=lambda layer: (cost[layer], layer))
+
+    def clip_searched(self) -> bool:
+        """Whether block matrices are GPTQ'd with a clip search the ladder can give up for bytes."""
+        hp = self.hp
+        return hp.quant_method == "gptq" and hp.gptq_sdclip_k <= 0 and max(hp.clip_fracs) > min(hp.clip_fracs)
+
+    def max_clip_order(self) -> list[int]:
+        """Blocks in the order the fit ladder gives up their clip search: the least output error
+        added per byte saved first. A searched clip is finer than max |w|, so its integers spread
+        wider and compress worse (bench/RESULTS.md: +6 % bytes on heavy-tailed weights); per byte,
+        max-|w| clips cost less error than int5 (same page). Measured by round-to-nearest at both
+        clips, a cheap stand-in for GPTQ."""
+        cost: dict[int, list[float]] = {}
+        for name, bits in self.plan.items():
+            layer = block_index(name)
+            if layer is None or name not in self.hessians:
+                continue
+            W, H = self.state[name].float(), self.hessians[name]
+            searched = hessian_clip_scales(W, H, bits, self.hp.clip_fracs)
+            widest = fp16_scales(W.abs().amax(dim=1), bits)
+            err, ent = [], []
+            for scale in (searched, widest):
+                q = round_to_grid(W, scale, bits)
+                err.append(float(output_error(W - q * scale[:, None], H).sum()))
+                ent.append(entropy_bytes(q))
+            total = cost.setdefault(layer, [0.0, 0.0])
+            total[0], total[1] = total[0] + err[1] - err[0], total[1] + ent[0] - ent[1]
+        saving = {layer: c for layer, c in cost.items() if c[1] > 0}
+        return sorted(saving, key=lambda layer: (saving[layer][0] / saving[layer][1], layer))
+
+
+def entropy_bytes(q: Tensor) -> float:
+    """Order-0 entropy of a tensor's small integers, in bytes: what an ideal coder of independent
+    symbols would need, and what the compressors' sizes track."""
+    counts = torch.bincount(q.flatten().long() + 128, minlength=256).double()
+    p = counts[counts > 0] / q.numel()
+    return float(-(p * p.log2()).sum()) * q.numel() / 8
+
+
+class SizeEstimate:
+    """Artifact size predicted from entropy (integers) plus raw bytes (scales, fp16 tensors),
+    scaled by the ratio of the last real compression to its prediction: the fit ladder searches
+    with it and compresses for real only to confirm a fit (brotli-11 takes tens of seconds)."""
+
+    def __init__(self, qstate: Mapping[str, QuantTensor | Tensor], body: bytes):
+        self.memo: dict[int, tuple[Tensor, float]] = {}  # id -> (tensor kept alive, entropy)
+        self.ratio = 1.0
+        self.calibrate(qstate, body)
+
+    def raw(self, qstate: Mapping[str, QuantTensor | Tensor], remember: bool = True) -> float:
+        total = 0.0
+        for t in qstate.values():
+            if not isinstance(t, QuantTensor):
+                total += 2 * t.numel()
+                continue
+            bits = self.memo[id(t.q)][1] if id(t.q) in self.memo else entropy_bytes(t.q)
+            if remember:
+                self.memo[id(t.q)] = (t.q, bits)
+            total += bits + 2 * t.scale.numel()
+        return total
+
+    def calibrate(self, qstate: Mapping[str, QuantTensor | Tensor], body: bytes) -> None:
+        self.ratio = artifact_size(body) / self.raw(qstate)
+
+    def __call__(self, qstate: Mapping[str, QuantTensor | Tensor], remember: bool = True) -> float:
+        return self.ratio * self.raw(qstate, remember)
 
 
 def artifact_size(body: bytes) -> int:
@@ -1923,44 +1996,75 @@ def zero_cheapest(qstate: Mapping[str, QuantTensor | Tensor], order, count: int)
     return out
 
 
-def prune_to_fit(qz: Quantizer, qstate: dict, method: str, body: bytes, limit: int, log: Logger):
-    """Zero the cheapest +-1 entries in growing steps until the artifact fits; each step extrapolates
-    the bytes one zero saves from the steps so far. Returns (qstate, body, entries zeroed)."""
+def prune_to_fit(qz: Quantizer, qstate: dict, method: str, body: bytes, limit: int, log: Logger, est):
+    """Zero the cheapest +-1 entries until the artifact fits: the count is the smallest the size
+    estimate says fits (bisection), confirmed by a real compression that recalibrates the estimate
+    and repeats if it was short. Returns (qstate, body, entries zeroed)."""
     order = prune_order(qstate, qz.hessians)
-    total, start, count = len(order[1]), artifact_size(body), 0
-    step = max(1, total // 200)
+    total, count, pruned = len(order[1]), 0, qstate
     while artifact_size(body) > limit and count < total:
-        saved_per_zero = (start - artifact_size(body)) / count if count else 0.0
-        want = (artifact_size(body) - limit) * 1.1 / saved_per_zero if saved_per_zero > 0 else step
-        count = min(total, count + max(step, int(want)))
-        before = artifact_size(body)
+        lo, hi = count + 1, total
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if est(zero_cheapest(qstate, order, mid), False) <= limit else (mid + 1, hi)
+        count, before = lo, artifact_size(body)
         pruned = zero_cheapest(qstate, order, count)
         body = compress(qz.payload(pruned), method)
+        est.calibrate(pruned, body)
         log(kv(fit_step="prune", zeroed=count, **fit_sizes(before, body)))
-    return (pruned if count else qstate), body, count
+    return pruned, body, count
+
+
+def ladder_moves(qz: Quantizer) -> list[tuple[str, int]]:
+    """The fit ladder, cheapest first: blocks give up their clip search (max_clip_order), then
+    move to int5 (int5_order). bench/RESULTS.md measures both costs per byte."""
+    clips = [("max_clip", b) for b in qz.max_clip_order()] if qz.clip_searched() else []
+    return clips + [("int5", b) for b in qz.int5_order()]
+
+
+def step_down(qz: Quantizer, method: str, body: bytes, limit: int, log: Logger):
+    """Take ladder moves until the size estimate fits, then confirm by compressing (recalibrating
+    and going on if the estimate was short). Returns (qstate, body, {move kind: [blocks]}, the
+    calibrated estimate)."""
+    qstate = qz.qstate()
+    est, done, stale = SizeEstimate(qstate, body), {"max_clip": [], "int5": []}, False
+    for kind, layer in ladder_moves(qz):
+        if artifact_size(body) <= limit:
+            break
+        names = [n for n in qz.plan if block_index(n) == layer]
+        if kind == "int5":  # at int5 the clip search is worth its bytes again (bench/RESULTS.md)
+            qz.plan.update({n: 5 for n in names})
+            qz.max_clip.difference_update(names)
+        else:
+            qz.max_clip.update(names)
+        qstate, stale = qz.qstate(), True
+        done[kind].append(layer)
+        guess = int(est(qstate))
+        log(kv(fit_step=kind, layer=layer, est_bytes_model=guess))
+        if guess <= limit:
+            before, body, stale = artifact_size(body), compress(qz.payload(qstate), method), False
+            est.calibrate(qstate, body)
+            log(kv(fit_check=kind, **fit_sizes(before, body)))
+    if stale:  # every move taken, the estimate still over: the real size for pruning
+        body = compress(qz.payload(qstate), method)
+        est.calibrate(qstate, body)
+    return qstate, body, done, est
 
 
 def fit_artifact(qz: Quantizer, bytes_code: int, log: Logger, cap: int) -> tuple[bytes, dict]:
     """Quantise, compress with the best compressor, then step down the ladder until code + model fit
-    `cap` (ARTIFACT_CAP_BYTES): int5 on one more block at a time (least sensitive first), then the
-    cheapest +-1 weights zeroed. Returns the artifact file bytes and what the fit did."""
+    `cap` (ARTIFACT_CAP_BYTES): clip search given up, then int5, one more block at a time (least
+    error per byte first), then the cheapest +-1 weights zeroed. Returns the artifact file bytes
+    and what the fit did."""
     hp = qz.hp
     qstate = qz.qstate()
     method, body, sizes = compress_best(qz.payload(qstate), available_compressors(hp.compressor))
     log(kv(compressor=method, **{f"bytes_{m}": n for m, n in sizes.items()}))
     limit = cap - bytes_code
-    ladder = qz.int5_order() if artifact_size(body) > limit else []
-    int5_added = []
-    for layer in ladder:
-        if artifact_size(body) <= limit:
-            break
-        before = artifact_size(body)
-        qz.plan.update({n: 5 for n in qz.plan if block_index(n) == layer})
-        qstate = qz.qstate()
-        body = compress(qz.payload(qstate), method)
-        int5_added.append(layer)
-        log(kv(fit_step="int5", layer=layer, **fit_sizes(before, body)))
-    qstate, body, zeroed = prune_to_fit(qz, qstate, method, body, limit, log)
+    done, zeroed = {"max_clip": [], "int5": []}, 0
+    if artifact_size(body) > limit:
+        qstate, body, done, est = step_down(qz, method, body, limit, log)
+        qstate, body, zeroed = prune_to_fit(qz, qstate, method, body, limit, log, est)
     if artifact_size(body) > limit:
         raise ArtifactError(
             f"the model cannot fit: code {bytes_code} + model {artifact_size(body)} bytes is "
@@ -1968,7 +2072,9 @@ def fit_artifact(qz: Quantizer, bytes_code: int, log: Logger, cap: int) -> tuple
             "every block at int5 and every +-1 weight zeroed; shrink the model (NUM_LAYERS, MODEL_DIM, "
             "MLP_MULT, BIGRAM_BUCKETS), lower QUANT_BITS / QUANT_EMBED_BITS, or set CODE_BYTES_MODE=packed"
         )
-    info = dict(compressor=method, fit_int5_layers=int5_added, fit_pruned=zeroed)
+    max_clip = [b for b in done["max_clip"] if b not in done["int5"]]  # blocks left at int6, max |w|
+    info = dict(compressor=method, fit_max_clip_layers=max_clip, fit_int5_layers=done["int5"])
+    info["fit_pruned"] = zeroed
     return encode_artifact(body, method), info
 
 

@@ -2,10 +2,21 @@
 
     python bench/artifact_size.py                       # default model (env knobs apply), fresh init
     python bench/artifact_size.py --weights heavy-tail  # matrices redrawn from a Student-t (nu=3)
+    python bench/artifact_size.py --weights heavy-tail --quant gptq   # GPTQ, Hessian-chosen clips
     python bench/artifact_size.py --artifact final_model_<RUN_ID>.ptz   # a trained run's integers
+    python bench/artifact_size.py --tradeoff   # error vs entropy per clip choice and width (GPTQ)
 
-Quantisation here is round-to-nearest (no calibration data needed); GPTQ changes which integers are
-stored, not their count. Prints one line per (packing, compressor) with bytes and bits per parameter.
+Quantisation is round-to-nearest with each row's max |w| as its clip (no calibration data) unless
+`--quant gptq`: then GPTQ runs with the script's clip choice (GPTQ_CLIP_FRACS, or GPTQ_SDCLIP_K)
+under a synthetic Hessian per matrix (activations with log-normal channel scales, as trained
+models have outlier channels). The clip decides how widely the integers spread, so it changes the
+bytes; `--quant gptq` measures by how much. Prints one line per (packing, compressor) with bytes and
+bits per parameter.
+
+`--tradeoff` prints, for one heavy-tailed matrix of each block shape of the default model under a
+synthetic Hessian, the entropy (bits per weight: what the compressors track) and the relative
+Hessian-weighted output error of GPTQ at int6 and int5 with each clip choice: the searched clip,
+max |w|, and SDClip k=12. The fit ladder's order (clip search given up before int5) rests on it.
 """
 
 from __future__ import annotations
@@ -21,7 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 
-def model_qstate(weights: str) -> dict:
+def synthetic_hessian(d: int, gen: torch.Generator) -> torch.Tensor:
+    """X^T X of 2d random activation rows whose channel scales are log-normal (sigma 1)."""
+    scales = torch.exp(torch.randn(d, generator=gen))
+    x = torch.randn(2 * d, d, generator=gen) * scales
+    return x.T @ x
+
+
+def model_qstate(weights: str, quant: str) -> dict:
     hp = tg.Hyperparameters()
     torch.manual_seed(hp.seed)
     model = tg.GPT(hp)
@@ -31,7 +49,39 @@ def model_qstate(weights: str) -> dict:
                 p = model.get_parameter(name)
                 draw = torch.distributions.StudentT(3.0).sample(p.shape)
                 p.copy_(draw / draw.std() * max(float(p.std()), 0.02))
-    return tg.Quantizer(model, {}, hp).qstate()
+    hessians = {}
+    if quant == "gptq":
+        gen = torch.Generator().manual_seed(hp.seed)
+        plan = tg.quant_plan(model, hp)
+        hessians = {n: synthetic_hessian(model.get_parameter(n).size(1), gen) for n in sorted(plan)}
+    return tg.Quantizer(model, hessians, hp).qstate()
+
+
+def tradeoff() -> None:
+    hp = tg.Hyperparameters()
+    gen = torch.Generator().manual_seed(hp.seed)
+    torch.manual_seed(hp.seed)
+    d, hidden = hp.model_dim, int(hp.model_dim * hp.mlp_mult)
+    kv_dim = hp.num_kv_heads * hp.head_dim
+    clips = {"search": {}, "max": {"GPTQ_CLIP_FRACS": "1.0"}, "sdclip12": {"GPTQ_SDCLIP_K": "12"}}
+    for rows, cols in ((d, d), (kv_dim, d), (hidden, d), (d, hidden)):
+        draw = torch.distributions.StudentT(3.0).sample((rows, cols))
+        W, H = draw / draw.std() * 0.02, synthetic_hessian(cols, gen)
+        base = float(tg.output_error(W, H).sum())
+        for bits in (6, 5):
+            for clip, knobs in clips.items():
+                qt = tg.gptq_quantize(W, H, bits, tg.Hyperparameters(knobs))
+                err = float(tg.output_error(W - qt.dequantize(), H).sum()) / base
+                entropy = 8 * tg.entropy_bytes(qt.q) / qt.q.numel()
+                print(
+                    tg.kv(
+                        shape=f"{rows}x{cols}",
+                        bits=bits,
+                        clip=clip,
+                        entropy_bits=round(entropy, 3),
+                        rel_output_error=f"{err:.5f}",
+                    )
+                )
 
 
 def main() -> None:
@@ -39,17 +89,24 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--weights", choices=["fresh", "heavy-tail"], default="fresh")
+    parser.add_argument("--quant", choices=["rtn", "gptq"], default="rtn")
+    parser.add_argument("--packing", choices=["bytes", "bits", "both"], default="both")
     parser.add_argument("--artifact", help="re-encode the integers of this artifact instead")
+    parser.add_argument("--tradeoff", action="store_true", help="error vs entropy per clip and width")
     args = parser.parse_args()
+    if args.tradeoff:
+        return tradeoff()
     if args.artifact:
         _, qstate = tg.decode_artifact(Path(args.artifact).read_bytes(), args.artifact)
         source = args.artifact
     else:
-        qstate = model_qstate(args.weights)
-        source = f"default settings, {args.weights} weights"
+        t0 = time.perf_counter()
+        qstate = model_qstate(args.weights, args.quant)
+        source = f"default settings, {args.weights} weights, {args.quant}"
+        print(tg.kv(quantize_s=round(time.perf_counter() - t0, 1)))
     params = sum(t.q.numel() if isinstance(t, tg.QuantTensor) else t.numel() for t in qstate.values())
     print(tg.kv(source=source.replace(" ", "_"), params=params))
-    for packing in ("bytes", "bits"):
+    for packing in ("bytes", "bits") if args.packing == "both" else (args.packing,):
         payload = tg.build_payload(qstate, {}, packing)
         for method in tg.available_compressors("auto"):
             t0 = time.perf_counter()

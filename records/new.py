@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.util
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from . import rules, summary
@@ -57,8 +59,39 @@ def check_script(script: Path, logs: list[dict]) -> bytes:
     return data
 
 
-def render_readme(meta: dict, logs: list[dict], rows: list[dict]) -> str:
+def submitted_script(script: Path, data: bytes, logs: list[dict]) -> bytes:
+    """What goes in the folder as train_gpt.py: the script itself, or, when the runs counted its
+    self-extracting form (CODE_BYTES_MODE=packed), that form, made by the script's own pack_source
+    (importing train_gpt has no side effects) and checked against the bytes the runs counted."""
+    counted = {log["final"].get("bytes_code") for log in logs}
+    if counted == {len(data)}:
+        return data
+    name = "records_submitted_train_gpt"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up while it executes
+    try:
+        spec.loader.exec_module(module)
+        packed = module.pack_source(data.decode("utf-8")).encode()
+    finally:
+        del sys.modules[name]
+    if counted != {len(packed)}:
+        raise RefusedError(
+            f"the runs counted {sorted(counted)} bytes of code, but {script} is {len(data)} bytes and "
+            f"its packed form {len(packed)}: the logs do not say which file to submit"
+        )
+    return packed
+
+
+def render_readme(meta: dict, logs: list[dict], rows: list[dict], packed: bool = False) -> str:
     first = logs[0]
+    script = (
+        "the self-extracting (lzma + base85) form of the script that produced the logs, as the runs "
+        f"counted it (CODE_BYTES_MODE=packed); it unpacks to sha256 `{first['script_sha256']}`, and "
+        "`python -m records diff` reads it unpacked"
+        if packed
+        else f"the exact script that produced the logs (sha256 `{first['script_sha256']}`)"
+    )
     block = summary.render_results_block(rows, rows[0]["eval_mode"], summary.hardware(first))
     files = "\n".join(f"- `{log['dest']}`: run log, seed {log['final']['seed']}" for log in logs)
     preset = first["preset"]
@@ -96,7 +129,7 @@ TODO: describe the changes against the baseline and why they help.
 
 ## Files
 
-- `train_gpt.py`: the exact script that produced the logs (sha256 `{first["script_sha256"]}`)
+- `train_gpt.py`: {script}
 - `submission.json`: metadata and per-seed results
 {files}
 """
@@ -126,7 +159,7 @@ def check_extras(extras: list[Path], taken: set[str]) -> None:
 def make_record(args) -> Path:
     """Create the folder; returns its path. Raises RefusedError instead of writing anything dubious."""
     logs = load_logs(args.logs)
-    data = check_script(Path(args.script), logs)
+    data = submitted_script(Path(args.script), check_script(Path(args.script), logs), logs)
     date = record_date(args.date)
     for log in logs:
         log["dest"] = f"train_seed{log['final']['seed']}.log"
@@ -157,5 +190,6 @@ def make_record(args) -> Path:
     }
     sub = summary.build_submission(meta, logs, rows, len(data))
     (folder / "submission.json").write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
-    (folder / "README.md").write_text(render_readme(meta, logs, rows), encoding="utf-8")
+    packed = hashlib.sha256(data).hexdigest() != logs[0]["script_sha256"]
+    (folder / "README.md").write_text(render_readme(meta, logs, rows, packed), encoding="utf-8")
     return folder

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
-from . import rules, summary, thirdparty
+from . import rules, scripts, summary, thirdparty
 from .logparse import describe_problems, find_logs, hp_hash, parse_log
 
 REQUIRED_FILES = ("README.md", "submission.json", "train_gpt.py")
@@ -186,19 +186,26 @@ def disagreements(logs: list[dict]) -> list[str]:
 
 
 def check_script(rep: Report) -> None:
+    """The logs were made by train_gpt.py in the folder, or by the script it unpacks to (a
+    CODE_BYTES_MODE=packed submission); code_bytes_raw is the size of the script that ran."""
     if rep.script is None:
         return
     sha = hashlib.sha256(rep.script).hexdigest()
+    ran = {sha: len(rep.script)}
+    source, _ = scripts.unpack(rep.script.decode("utf-8", errors="replace"), rep.folder / "train_gpt.py")
+    if source.encode() != rep.script:
+        ran[hashlib.sha256(source.encode()).hexdigest()] = len(source.encode())
     for log in rep.good_logs():
-        if log["script_sha256"] != sha:
+        if log["script_sha256"] not in ran:
             rep.problems.append(
                 f"{_name(log)}: script_sha256 {log['script_sha256'][:12]}… does not match "
-                f"train_gpt.py in the folder ({sha[:12]}…): the logs were not made by this script"
+                f"train_gpt.py in the folder ({sha[:12]}…) or what it unpacks to: the logs were not "
+                "made by this script"
             )
-        if log["header"].get("code_bytes_raw") != len(rep.script):
+        elif log["header"].get("code_bytes_raw") != ran[log["script_sha256"]]:
             rep.problems.append(
-                f"{_name(log)}: code_bytes_raw {log['header'].get('code_bytes_raw')} != len(train_gpt.py) "
-                f"{len(rep.script)}"
+                f"{_name(log)}: code_bytes_raw {log['header'].get('code_bytes_raw')} != the size of "
+                f"the script that ran ({ran[log['script_sha256']]})"
             )
 
 

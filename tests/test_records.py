@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from scipy import stats
+from test_training import run_script, sample_shards, tiny_env  # noqa: F401 (sample_shards: a fixture)
 
 from records import cli
 from records.logparse import hp_hash, parse_log, parse_text
@@ -614,3 +615,32 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "records", "--help"], cwd=REPO, capture_output=True, text=True
     )
     assert res.returncode == 0 and "validate" in res.stdout
+
+
+def test_a_packed_code_run_submits_its_packed_script(tmp_path, capsys, sample_shards):  # noqa: F811
+    """CODE_BYTES_MODE=packed counts the self-extracting form of the script: `new` must put that
+    form in the folder (the readable one is 100+ KB more code than the runs counted), and
+    `validate` accepts it and refuses the readable one in its place."""
+    env = tiny_env(
+        sample_shards,
+        RUN_ID="packed",
+        CODE_BYTES_MODE="packed",
+        ITERATIONS="2",
+        MAX_WALLCLOCK_SECONDS="0",
+        TRAIN_BATCH_TOKENS="1536",
+        MICROBATCH_TOKENS="256",
+        EVAL_MODE="flat",
+        TTT_MODE="none",
+    )
+    final, _ = run_script(env, tmp_path / "run")
+    assert final["bytes_code"] == final["code_bytes_counted"] < final["code_bytes_raw"]
+    log = tmp_path / "run" / "logs" / "packed.txt"
+    folder = make_folder(tmp_path, REPO / "train_gpt.py", [log], "P", capsys)
+    submitted = (folder / "train_gpt.py").read_bytes()
+    assert submitted.startswith(b"import base64,lzma;exec(") and len(submitted) == final["bytes_code"]
+    assert "self-extracting" in (folder / "README.md").read_text()
+    _, out = run_cli(capsys, "validate", folder)
+    assert not [line for line in out.splitlines() if re.search("script_sha256|bytes_total|code_bytes", line)]
+    shutil.copyfile(REPO / "train_gpt.py", folder / "train_gpt.py")  # the readable script instead
+    code, out = run_cli(capsys, "validate", folder)
+    assert code != 0 and "!= recomputed" in out

@@ -5,6 +5,7 @@
     python bench/artifact_size.py --weights heavy-tail --quant gptq   # GPTQ, Hessian-chosen clips
     python bench/artifact_size.py --artifact final_model_<RUN_ID>.ptz   # a trained run's integers
     python bench/artifact_size.py --tradeoff   # error vs entropy per clip choice and width (GPTQ)
+    COMPRESSOR=zstd python bench/artifact_size.py --fit-cut 1500000   # the fit ladder at full size
 
 Quantisation is round-to-nearest with each row's max |w| as its clip (no calibration data) unless
 `--quant gptq`: then GPTQ runs with the script's clip choice (GPTQ_CLIP_FRACS, or GPTQ_SDCLIP_K)
@@ -39,7 +40,7 @@ def synthetic_hessian(d: int, gen: torch.Generator) -> torch.Tensor:
     return x.T @ x
 
 
-def model_qstate(weights: str, quant: str) -> dict:
+def stand_in(weights: str, quant: str) -> tg.Quantizer:
     hp = tg.Hyperparameters()
     torch.manual_seed(hp.seed)
     model = tg.GPT(hp)
@@ -54,7 +55,19 @@ def model_qstate(weights: str, quant: str) -> dict:
         gen = torch.Generator().manual_seed(hp.seed)
         plan = tg.quant_plan(model, hp)
         hessians = {n: synthetic_hessian(model.get_parameter(n).size(1), gen) for n in sorted(plan)}
-    return tg.Quantizer(model, hessians, hp).qstate()
+    return tg.Quantizer(model, hessians, hp)
+
+
+def fit(cut: int) -> None:
+    """The automatic fit on the heavy-tailed GPTQ stand-in, with the cap `cut` bytes below the size
+    it compresses to with COMPRESSOR (set COMPRESSOR=zstd for speed): its log lines and timings."""
+    t0 = time.perf_counter()
+    free, _ = tg.fit_artifact(stand_in("heavy-tail", "gptq"), 0, print, 1 << 62)
+    print(tg.kv(free_bytes=len(free), free_s=round(time.perf_counter() - t0, 1)))
+    t0 = time.perf_counter()
+    blob, info = tg.fit_artifact(stand_in("heavy-tail", "gptq"), 0, print, len(free) - cut)
+    print(tg.kv(fitted_bytes=len(blob), cap=len(free) - cut, fit_s=round(time.perf_counter() - t0, 1)))
+    print(tg.kv(**{k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in info.items()}))
 
 
 def tradeoff() -> None:
@@ -93,15 +106,18 @@ def main() -> None:
     parser.add_argument("--packing", choices=["bytes", "bits", "both"], default="both")
     parser.add_argument("--artifact", help="re-encode the integers of this artifact instead")
     parser.add_argument("--tradeoff", action="store_true", help="error vs entropy per clip and width")
+    parser.add_argument("--fit-cut", type=int, help="run the automatic fit with the cap this far below")
     args = parser.parse_args()
     if args.tradeoff:
         return tradeoff()
+    if args.fit_cut:
+        return fit(args.fit_cut)
     if args.artifact:
         _, qstate = tg.decode_artifact(Path(args.artifact).read_bytes(), args.artifact)
         source = args.artifact
     else:
         t0 = time.perf_counter()
-        qstate = model_qstate(args.weights, args.quant)
+        qstate = stand_in(args.weights, args.quant).qstate()
         source = f"default settings, {args.weights} weights, {args.quant}"
         print(tg.kv(quantize_s=round(time.perf_counter() - t0, 1)))
     params = sum(t.q.numel() if isinstance(t, tg.QuantTensor) else t.numel() for t in qstate.values())

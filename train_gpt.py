@@ -1887,9 +1887,10 @@ class Quantizer:
         return sorted(cost, key=lambda layer: (cost[layer], layer))
 
     def clip_searched(self) -> bool:
-        """Whether block matrices are GPTQ'd with a clip search the ladder can give up for bytes."""
+        """Whether block matrices are GPTQ'd with clips finer than max |w| that the ladder can give
+        up for bytes (a clip search, or any GPTQ_CLIP_FRACS other than 1.0; SDClip sets its own)."""
         hp = self.hp
-        return hp.quant_method == "gptq" and hp.gptq_sdclip_k <= 0 and max(hp.clip_fracs) > min(hp.clip_fracs)
+        return hp.quant_method == "gptq" and hp.gptq_sdclip_k <= 0 and hp.clip_fracs != (1.0,)
 
     def max_clip_order(self) -> list[int]:
         """Blocks in the order the fit ladder gives up their clip search: the least output error

@@ -172,6 +172,13 @@ def test_fit_ladder_gives_up_the_clip_search_before_any_int5():
         torch.testing.assert_close(qstate[name].scale, tg.fp16_scales(W.abs().amax(dim=1), 6).half())
 
 
+def test_without_a_clip_search_the_ladder_starts_at_int5():
+    qz = heavy_tailed_quantizer(GPTQ_CLIP_FRACS="1.0")
+    assert not qz.clip_searched() and [kind for kind, _ in tg.ladder_moves(qz)] == ["int5"] * 3
+    assert heavy_tailed_quantizer(GPTQ_CLIP_FRACS="0.9").clip_searched()
+    assert not heavy_tailed_quantizer(GPTQ_SDCLIP_K=12).clip_searched()
+
+
 def test_fit_ladder_compresses_for_real_only_to_confirm_a_fit(monkeypatch):
     """Brotli-11 on 27 MB takes tens of seconds: the ladder searches with the entropy estimate and
     compresses when the estimate says a step fits, not after every step."""

@@ -1901,7 +1901,7 @@ class Quantizer:
         cost: dict[int, list[float]] = {}
         for name, bits in self.plan.items():
             layer = block_index(name)
-            if layer is None or name not in self.hessians:
+            if layer is None or name not in self.hessians or name in self.max_clip or bits <= 5:
                 continue
             W, H = self.state[name].float(), self.hessians[name]
             searched = hessian_clip_scales(W, H, bits, self.hp.clip_fracs)
@@ -1930,10 +1930,11 @@ class SizeEstimate:
     scaled by the ratio of the last real compression to its prediction: the fit ladder searches
     with it and compresses for real only to confirm a fit (brotli-11 takes tens of seconds)."""
 
-    def __init__(self, qstate: Mapping[str, QuantTensor | Tensor], body: bytes):
+    def __init__(self, qstate: Mapping[str, QuantTensor | Tensor], body: bytes | None, ratio: float = 1.0):
         self.memo: dict[int, tuple[Tensor, float]] = {}  # id -> (tensor kept alive, entropy)
-        self.ratio = 1.0
-        self.calibrate(qstate, body)
+        self.ratio = ratio
+        if body is not None:
+            self.calibrate(qstate, body)
 
     def raw(self, qstate: Mapping[str, QuantTensor | Tensor], remember: bool = True) -> float:
         total = 0.0
@@ -2023,48 +2024,76 @@ def ladder_moves(qz: Quantizer) -> list[tuple[str, int]]:
     return clips + [("int5", b) for b in qz.int5_order()]
 
 
-def step_down(qz: Quantizer, method: str, body: bytes, limit: int, log: Logger):
-    """Take ladder moves until the size estimate fits, then confirm by compressing (recalibrating
-    and going on if the estimate was short). Returns (qstate, body, {move kind: [blocks]}, the
-    calibrated estimate)."""
-    qstate = qz.qstate()
-    est, done, stale = SizeEstimate(qstate, body), {"max_clip": [], "int5": []}, False
+def ladder_steps(qz: Quantizer, est: SizeEstimate, done: dict[str, list[int]], log: Logger):
+    """Take the ladder's moves one at a time (orders measured afresh, moves already taken left
+    out), logging each with its estimated size; yields (move kind, quantised state) after each."""
     for kind, layer in ladder_moves(qz):
-        if artifact_size(body) <= limit:
-            break
         names = [n for n in qz.plan if block_index(n) == layer]
         if kind == "int5":  # at int5 the clip search is worth its bytes again (bench/RESULTS.md)
             qz.plan.update({n: 5 for n in names})
             qz.max_clip.difference_update(names)
         else:
             qz.max_clip.update(names)
-        qstate, stale = qz.qstate(), True
         done[kind].append(layer)
-        guess = int(est(qstate))
-        log(kv(fit_step=kind, layer=layer, est_bytes_model=guess))
-        if guess <= limit:
+        qstate = qz.qstate()
+        log(kv(fit_step=kind, layer=layer, est_bytes_model=int(est(qstate))))
+        yield kind, qstate
+
+
+def step_down(qz: Quantizer, est: SizeEstimate, method: str, body: bytes, limit: int, log: Logger, done):
+    """Ladder moves until the size estimate fits, then a real compression to confirm (recalibrating
+    and going on if the estimate was short). Returns (qstate, body)."""
+    qstate, stale = qz.qstate(), False
+    for kind, qstate in ladder_steps(qz, est, done, log):
+        stale = True
+        if est(qstate) <= limit:
             before, body, stale = artifact_size(body), compress(qz.payload(qstate), method), False
             est.calibrate(qstate, body)
             log(kv(fit_check=kind, **fit_sizes(before, body)))
+            if artifact_size(body) <= limit:
+                break
     if stale:  # every move taken, the estimate still over: the real size for pruning
         body = compress(qz.payload(qstate), method)
         est.calibrate(qstate, body)
-    return qstate, body, done, est
+    return qstate, body
 
 
-def fit_artifact(qz: Quantizer, bytes_code: int, log: Logger, cap: int) -> tuple[bytes, dict]:
+# The dry run's compressed bytes per entropy byte (brotli) stayed within 0.9 % from fresh weights to
+# heavy-tailed stand-ins (bench/RESULTS.md), so a plan made with it aims this far under the cap.
+PRIOR_MARGIN = 0.005
+
+
+def plan_from_prior(qz: Quantizer, qstate: dict, prior: float, limit: int, log: Logger, done) -> dict:
+    """With the dry run's ratio, take the ladder moves an over-cap model needs before the first
+    compression, so a trained model over the cap costs one compression, as the reserve assumed."""
+    est, target = SizeEstimate(qstate, None, prior), limit * (1 - PRIOR_MARGIN)
+    if est(qstate) <= target:
+        return qstate
+    log(kv(fit_plan="dry_run_ratio", ratio=round(prior, 5), est_bytes_model=int(est(qstate))))
+    for _, qstate in ladder_steps(qz, est, done, log):
+        if est(qstate) <= target:
+            break
+    return qstate
+
+
+def fit_artifact(
+    qz: Quantizer, bytes_code: int, log: Logger, cap: int, prior: float | None = None
+) -> tuple[bytes, dict]:
     """Quantise, compress with the best compressor, then step down the ladder until code + model fit
     `cap` (ARTIFACT_CAP_BYTES): clip search given up, then int5, one more block at a time (least
-    error per byte first), then the cheapest +-1 weights zeroed. Returns the artifact file bytes
-    and what the fit did."""
-    hp = qz.hp
+    error per byte first), then the cheapest +-1 weights zeroed. `prior` (the dry run's
+    `size_per_entropy`) lets the moves be planned before compressing. Returns the artifact file
+    bytes and what the fit did."""
+    hp, limit, done, zeroed = qz.hp, cap - bytes_code, {"max_clip": [], "int5": []}, 0
     qstate = qz.qstate()
+    if prior is not None:
+        qstate = plan_from_prior(qz, qstate, prior, limit, log, done)
     method, body, sizes = compress_best(qz.payload(qstate), available_compressors(hp.compressor))
     log(kv(compressor=method, **{f"bytes_{m}": n for m, n in sizes.items()}))
-    limit = cap - bytes_code
-    done, zeroed = {"max_clip": [], "int5": []}, 0
+    est = SizeEstimate(qstate, body)
+    ratio = est.ratio
     if artifact_size(body) > limit:
-        qstate, body, done, est = step_down(qz, method, body, limit, log)
+        qstate, body = step_down(qz, est, method, body, limit, log, done)
         qstate, body, zeroed = prune_to_fit(qz, qstate, method, body, limit, log, est)
     if artifact_size(body) > limit:
         raise ArtifactError(
@@ -2075,7 +2104,7 @@ def fit_artifact(qz: Quantizer, bytes_code: int, log: Logger, cap: int) -> tuple
         )
     max_clip = [b for b in done["max_clip"] if b not in done["int5"]]  # blocks left at int6, max |w|
     info = dict(compressor=method, fit_max_clip_layers=max_clip, fit_int5_layers=done["int5"])
-    info["fit_pruned"] = zeroed
+    info.update(fit_pruned=zeroed, size_per_entropy=round(ratio, 5))
     return encode_artifact(body, method), info
 
 
@@ -2861,6 +2890,7 @@ class TrainState:
     tokens: int = 0
     stopped_by_clock: bool = False
     reserve_s: float | None = None  # the artifact's time reserve (see train_budget_ms)
+    size_ratio: float | None = None  # the dry export's bytes per entropy byte (fit_artifact's prior)
 
     @property
     def step_avg_ms(self) -> float:
@@ -3170,7 +3200,7 @@ def calibration_batches(hp: Hyperparameters, rt: Runtime) -> int:
 
 
 def produce_artifact(
-    model: GPT, loader, hp, rt, log, bytes_code: int, limit_fit: bool = True
+    model: GPT, loader, hp, rt, log, bytes_code: int, limit_fit: bool = True, prior: float | None = None
 ) -> tuple[bytes, dict]:
     """Hessians on every rank (disjoint training batches, summed), then GPTQ, the fit and compression
     on rank 0; every rank gets the same artifact bytes (or the same error)."""
@@ -3190,7 +3220,7 @@ def produce_artifact(
             qz.qstate()  # the GPTQ pass itself, timed apart from compression
             quant_s = time.perf_counter() - t1
             cap = hp.artifact_cap_bytes if limit_fit else 1 << 62
-            blob, info = fit_artifact(qz, bytes_code, log, cap)
+            blob, info = fit_artifact(qz, bytes_code, log, cap, prior)
             outcome = (
                 blob,
                 dict(info, gptq_time_s=round(calib_s + quant_s, 3), calibration_s=round(calib_s, 3)),
@@ -3204,20 +3234,21 @@ def produce_artifact(
     return blob, info
 
 
-def measure_export_reserve(model: GPT, loader, hp, rt, log, bytes_code: int) -> float:
+def measure_export_reserve(model: GPT, loader, hp, rt, log, bytes_code: int) -> tuple[float, float | None]:
     """EXPORT_RESERVE_SECONDS=-1: a dry run of the whole export (calibration, GPTQ, compression) on the
     initial weights, untimed like the compile warmup, sets the reserve: 1.25x its time plus 1 s. The
-    dry run's artifact is discarded and the data position restored."""
+    dry run's artifact is discarded and the data position restored. Returns (reserve, the dry run's
+    size_per_entropy: the final export plans any fit moves with it, so it compresses once)."""
     if hp.export_reserve_seconds >= 0 or hp.max_wallclock_seconds <= 0:
-        return max(hp.export_reserve_seconds, 0.0)  # explicit, or no clock to fit into
+        return max(hp.export_reserve_seconds, 0.0), None  # explicit, or no clock to fit into
     saved = loader.stream.state_dict()
     t0 = time.perf_counter()
-    produce_artifact(model, loader, hp, rt, Logger(None), bytes_code, limit_fit=False)
+    _, info = produce_artifact(model, loader, hp, rt, Logger(None), bytes_code, limit_fit=False)
     seconds = max_over_ranks(time.perf_counter() - t0, rt)
     loader.stream.load_state_dict(saved)
     reserve = min(1.25 * seconds + 1.0, 0.5 * hp.max_wallclock_seconds)
     log(kv(export_probe_s=round(seconds, 2), export_reserve_s=round(reserve, 2)))
-    return reserve
+    return reserve, info["size_per_entropy"]
 
 
 def artifact_file(hp: Hyperparameters, rt: Runtime) -> Path:
@@ -3232,13 +3263,14 @@ def export(model: GPT, ema: EMA, loader, state: TrainState, hp, rt, log, code: t
     t0 = time.perf_counter()
     set_qat(model, None)
     ema.copy_to(model)
-    blob, info = produce_artifact(model, loader, hp, rt, log, code[1])
+    blob, info = produce_artifact(model, loader, hp, rt, log, code[1], prior=state.size_ratio)
     path = artifact_file(hp, rt)
     if rt.is_main:
         write_atomic(path, blob)
     sync(rt)
-    export_s = max_over_ranks(time.perf_counter() - t0, rt)
-    production_s = state.train_ms / 1000 + export_s
+    export_s = round(max_over_ranks(time.perf_counter() - t0, rt), 3)
+    # the sum of the two figures as logged (train_time_s, export_time_s), so it adds up exactly
+    production_s = round(round(state.train_ms / 1000, 3) + export_s, 3)
     sizes = dict(bytes_code=code[1], bytes_model=len(blob), bytes_total=code[1] + len(blob))
     sizes["headroom"] = hp.artifact_cap_bytes - sizes["bytes_total"]
     log(kv(artifact_path=path))
@@ -3247,8 +3279,8 @@ def export(model: GPT, ema: EMA, loader, state: TrainState, hp, rt, log, code: t
     log(
         kv(
             gptq_time_s=info["gptq_time_s"],
-            export_time_s=round(export_s, 3),
-            artifact_production_wallclock_s=round(production_s, 3),
+            export_time_s=export_s,
+            artifact_production_wallclock_s=production_s,
             within_wallclock="no (over MAX_WALLCLOCK_SECONDS: raise EXPORT_RESERVE_SECONDS)"
             if over
             else "yes",
@@ -3261,8 +3293,8 @@ def export(model: GPT, ema: EMA, loader, state: TrainState, hp, rt, log, code: t
         artifact_path=str(path),
         code_bytes_raw=code[0],
         code_bytes_counted=code[1],
-        export_time_s=round(export_s, 3),
-        artifact_production_wallclock_s=round(production_s, 3),
+        export_time_s=export_s,
+        artifact_production_wallclock_s=production_s,
     )
 
 
@@ -3374,9 +3406,10 @@ def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
     optimizers = build_optimizers(model, hp, rt)
     prime_compile(train_model, model, loader, optimizers, hp, rt, log)
     code = code_bytes(script, hp.code_bytes_mode)
-    reserve_s = measure_export_reserve(model, loader, hp, rt, log, code[1])
+    reserve_s, size_ratio = measure_export_reserve(model, loader, hp, rt, log, code[1])
     ema = EMA(model, hp.ema_decay, hp.ema_window_frac)
     state = train(model, train_model, optimizers, loader, val, ema, hp, rt, log, reserve_s)
+    state.size_ratio = size_ratio
     return dict(
         run_id=rt.run_id,
         seed=hp.seed,

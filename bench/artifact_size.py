@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--artifact", help="re-encode the integers of this artifact instead")
     parser.add_argument("--tradeoff", action="store_true", help="error vs entropy per clip and width")
     parser.add_argument("--fit-cut", type=int, help="run the automatic fit with the cap this far below")
+    parser.add_argument("--entropy-only", action="store_true", help="the entropy estimate, no compression")
     args = parser.parse_args()
     if args.tradeoff:
         return tradeoff()
@@ -121,7 +122,10 @@ def main() -> None:
         source = f"default settings, {args.weights} weights, {args.quant}"
         print(tg.kv(quantize_s=round(time.perf_counter() - t0, 1)))
     params = sum(t.q.numel() if isinstance(t, tg.QuantTensor) else t.numel() for t in qstate.values())
-    print(tg.kv(source=source.replace(" ", "_"), params=params))
+    entropy = tg.SizeEstimate(qstate, None).raw(qstate)  # what the fit ladder's estimate scales
+    print(tg.kv(source=source.replace(" ", "_"), params=params, entropy_raw_bytes=int(entropy)))
+    if args.entropy_only:
+        return
     for packing in ("bytes", "bits") if args.packing == "both" else (args.packing,):
         payload = tg.build_payload(qstate, {}, packing)
         for method in tg.available_compressors("auto"):

@@ -182,11 +182,8 @@ def test_without_a_clip_search_the_ladder_starts_at_int5():
 def test_fit_ladder_compresses_for_real_only_to_confirm_a_fit(monkeypatch):
     """Brotli-11 on 27 MB takes tens of seconds: the ladder searches with the entropy estimate and
     compresses when the estimate says a step fits, not after every step."""
-    calls = []
-    real = tg.compress
-    monkeypatch.setattr(tg, "compress", lambda data, method: calls.append(method) or real(data, method))
     free_blob, _ = tg.fit_artifact(heavy_tailed_quantizer(), 1000, [].append, 16_000_000)
-    calls.clear()
+    calls = count_compressions(monkeypatch)
     lines: list[str] = []
     blob, info = tg.fit_artifact(heavy_tailed_quantizer(), 1000, lines.append, len(free_blob) - 6000)
     steps = [line for line in lines if line.startswith("fit_step:")]
@@ -194,6 +191,39 @@ def test_fit_ladder_compresses_for_real_only_to_confirm_a_fit(monkeypatch):
     assert len(steps) >= 4 and info["fit_int5_layers"]  # several moves: all three clips, then int5
     assert len(calls) == 1 + len(checks) + sum(line.startswith("fit_step:prune") for line in steps)
     assert len(calls) < 1 + len(steps)  # fewer compressions than one per step
+
+
+def count_compressions(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    real = tg.compress
+    monkeypatch.setattr(tg, "compress", lambda data, method: calls.append(method) or real(data, method))
+    return calls
+
+
+def test_a_prior_ratio_plans_the_moves_so_an_over_cap_model_compresses_once(monkeypatch):
+    """The dry run's bytes per entropy byte lets the export take the ladder's moves before its
+    first compression: an over-cap model then costs one compression, as the reserve assumed."""
+    free_blob, free_info = tg.fit_artifact(heavy_tailed_quantizer(), 1000, [].append, 16_000_000)
+    calls = count_compressions(monkeypatch)
+    lines: list[str] = []
+    cap = len(free_blob) + 1000 - 2500
+    blob, info = tg.fit_artifact(
+        heavy_tailed_quantizer(), 1000, lines.append, cap, free_info["size_per_entropy"]
+    )
+    assert len(blob) + 1000 <= cap and info["fit_max_clip_layers"] and len(calls) == 1
+    assert lines[0].startswith("fit_plan:dry_run_ratio") and lines[1].startswith("fit_step:max_clip")
+    assert not any(line.startswith("fit_check:") for line in lines)  # nothing left to confirm
+    calls.clear()
+    lines.clear()  # a prior that flatters the model: the plan falls short and the ladder goes on
+    blob, info = tg.fit_artifact(
+        heavy_tailed_quantizer(), 1000, lines.append, cap, 0.9 * free_info["size_per_entropy"]
+    )
+    assert (
+        len(blob) + 1000 <= cap and len(calls) == 2 and any(line.startswith("fit_check:") for line in lines)
+    )
+    calls.clear()  # a model under the cap takes no move whatever the prior
+    _, info = tg.fit_artifact(heavy_tailed_quantizer(), 1000, [].append, 16_000_000, 1.0)
+    assert len(calls) == 1 and not info["fit_max_clip_layers"] and not info["fit_int5_layers"]
 
 
 def test_size_estimate_predicts_a_ladder_step_within_a_few_percent():
@@ -351,7 +381,7 @@ def test_measured_reserve_shortens_the_training_budget():
     assert tg.train_budget_ms(hp, 12.5) == 87_500
     assert tg.progress(tg.TrainState(step=1, train_ms=43_750, reserve_s=12.5), hp) == pytest.approx(0.5)
     fixed = make_hp(MAX_WALLCLOCK_SECONDS=100, EXPORT_RESERVE_SECONDS=7)
-    assert tg.measure_export_reserve(None, None, fixed, None, None, 0) == 7
+    assert tg.measure_export_reserve(None, None, fixed, None, None, 0) == (7, None)
 
 
 def test_hessians_cover_every_quantised_linear_and_the_tied_embedding(cpu_runtime, shard_dir):

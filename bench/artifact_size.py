@@ -6,6 +6,7 @@
     python bench/artifact_size.py --artifact final_model_<RUN_ID>.ptz   # a trained run's integers
     python bench/artifact_size.py --tradeoff   # error vs entropy per clip choice and width (GPTQ)
     COMPRESSOR=zstd python bench/artifact_size.py --fit-cut 1500000   # the fit ladder at full size
+    COMPRESSOR=brotli python bench/artifact_size.py --fit-cut 1000000 --prior   # planned, as in a run
 
 Quantisation is round-to-nearest with each row's max |w| as its clip (no calibration data) unless
 `--quant gptq`: then GPTQ runs with the script's clip choice (GPTQ_CLIP_FRACS, or GPTQ_SDCLIP_K)
@@ -58,14 +59,19 @@ def stand_in(weights: str, quant: str) -> tg.Quantizer:
     return tg.Quantizer(model, hessians, hp)
 
 
-def fit(cut: int) -> None:
+def fit(cut: int, prior: bool) -> None:
     """The automatic fit on the heavy-tailed GPTQ stand-in, with the cap `cut` bytes below the size
-    it compresses to with COMPRESSOR (set COMPRESSOR=zstd for speed): its log lines and timings."""
+    it compresses to with COMPRESSOR (set COMPRESSOR=zstd for speed): its log lines and timings.
+    With `prior`, as in a training run: the ratio of a dry run on the fresh weights plans the moves."""
+    ratio = None
+    if prior:
+        _, fresh = tg.fit_artifact(stand_in("fresh", "gptq"), 0, print, 1 << 62)
+        ratio = fresh["size_per_entropy"]
     t0 = time.perf_counter()
     free, _ = tg.fit_artifact(stand_in("heavy-tail", "gptq"), 0, print, 1 << 62)
     print(tg.kv(free_bytes=len(free), free_s=round(time.perf_counter() - t0, 1)))
     t0 = time.perf_counter()
-    blob, info = tg.fit_artifact(stand_in("heavy-tail", "gptq"), 0, print, len(free) - cut)
+    blob, info = tg.fit_artifact(stand_in("heavy-tail", "gptq"), 0, print, len(free) - cut, ratio)
     print(tg.kv(fitted_bytes=len(blob), cap=len(free) - cut, fit_s=round(time.perf_counter() - t0, 1)))
     print(tg.kv(**{k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in info.items()}))
 
@@ -108,11 +114,12 @@ def main() -> None:
     parser.add_argument("--tradeoff", action="store_true", help="error vs entropy per clip and width")
     parser.add_argument("--fit-cut", type=int, help="run the automatic fit with the cap this far below")
     parser.add_argument("--entropy-only", action="store_true", help="the entropy estimate, no compression")
+    parser.add_argument("--prior", action="store_true", help="--fit-cut planned with a fresh dry run's ratio")
     args = parser.parse_args()
     if args.tradeoff:
         return tradeoff()
     if args.fit_cut:
-        return fit(args.fit_cut)
+        return fit(args.fit_cut, args.prior)
     if args.artifact:
         _, qstate = tg.decode_artifact(Path(args.artifact).read_bytes(), args.artifact)
         source = args.artifact

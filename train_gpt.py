@@ -423,6 +423,11 @@ class Hyperparameters:
         return self.model_dim // self.num_heads
 
     @property
+    def eval_window(self) -> int:
+        """Sliding-window (and LoRA TTT context) length: EVAL_SEQ_LEN, else TRAIN_SEQ_LEN."""
+        return self.eval_seq_len or self.train_seq_len
+
+    @property
     def int5_layers(self) -> tuple[int, ...]:
         return _parse_list("QUANT_INT5_LAYERS", self.quant_int5_layers, int)
 
@@ -1556,6 +1561,10 @@ def rtn_quantize(w: Tensor, bits: int) -> QuantTensor:
     return QuantTensor(round_to_grid(W, scale, bits).to(torch.int8), scale.half(), bits)
 
 
+EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight", "lm_head.weight")
+MAX_CLIP = (1.0,)  # the clip candidates of max-|w| clipping: no search
+
+
 def quant_plan(model: GPT, hp: Hyperparameters) -> dict[str, int]:
     """Bits of every quantised tensor: block matrices (Muon's group) QUANT_BITS, or 5 on the
     QUANT_INT5_LAYERS; token/bigram embeddings and an untied head QUANT_EMBED_BITS. Everything
@@ -1563,7 +1572,7 @@ def quant_plan(model: GPT, hp: Hyperparameters) -> dict[str, int]:
     matrices = {id(p) for p in split_params(model)["matrix"]}
     plan = {}
     for name, p in model.named_parameters():
-        if name in ("tok_emb.weight", "bigram.embed.weight", "lm_head.weight"):
+        if name in EMBEDDING_NAMES:
             plan[name] = hp.quant_embed_bits
         elif id(p) in matrices:
             plan[name] = 5 if block_index(name) in hp.int5_layers else hp.quant_bits
@@ -1656,10 +1665,10 @@ def compressor_module(method: str):
     """The compression library of `method`; a missing optional package names the pip command."""
     if method == "lzma":
         return lzma
+    package = {"zstd": "zstandard", "brotli": "brotli"}[method]
     try:
-        return importlib.import_module({"zstd": "zstandard", "brotli": "brotli"}[method])
+        return importlib.import_module(package)
     except ImportError:
-        package = {"zstd": "zstandard", "brotli": "brotli"}[method]
         raise ArtifactError(
             f"compressor {method} needs `pip install {package}` (see requirements.txt)"
         ) from None
@@ -1827,8 +1836,6 @@ def code_bytes(script: Path, mode: str) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- quantise and fit the cap
 
-EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight", "lm_head.weight")
-
 
 def quantize_tensor(
     name: str, w: Tensor, bits: int, hessians: Mapping[str, Tensor], hp: Hyperparameters, max_clip=False
@@ -1840,7 +1847,7 @@ def quantize_tensor(
         gptq = False
     if not gptq:
         return rtn_quantize(w, bits)
-    return gptq_quantize(w, hessians[name], bits, hp, (1.0,) if max_clip else None)
+    return gptq_quantize(w, hessians[name], bits, hp, MAX_CLIP if max_clip else None)
 
 
 class Quantizer:
@@ -1890,7 +1897,7 @@ class Quantizer:
         """Whether block matrices are GPTQ'd with clips finer than max |w| that the ladder can give
         up for bytes (a clip search, or any GPTQ_CLIP_FRACS other than 1.0; SDClip sets its own)."""
         hp = self.hp
-        return hp.quant_method == "gptq" and hp.gptq_sdclip_k <= 0 and hp.clip_fracs != (1.0,)
+        return hp.quant_method == "gptq" and hp.gptq_sdclip_k <= 0 and hp.clip_fracs != MAX_CLIP
 
     def max_clip_order(self) -> list[int]:
         """Blocks in the order the fit ladder gives up their clip search: the least output error
@@ -1904,10 +1911,9 @@ class Quantizer:
             if layer is None or name not in self.hessians or name in self.max_clip or bits <= 5:
                 continue
             W, H = self.state[name].float(), self.hessians[name]
-            searched = hessian_clip_scales(W, H, bits, self.hp.clip_fracs)
-            widest = fp16_scales(W.abs().amax(dim=1), bits)
             err, ent = [], []
-            for scale in (searched, widest):
+            for fracs in (self.hp.clip_fracs, MAX_CLIP):
+                scale = hessian_clip_scales(W, H, bits, fracs)
                 q = round_to_grid(W, scale, bits)
                 err.append(float(output_error(W - q * scale[:, None], H).sum()))
                 ent.append(entropy_bytes(q))
@@ -2132,6 +2138,11 @@ class ValData:
 
 
 @torch.no_grad()
+def val_rows(hp: Hyperparameters, rt: Runtime, seq_len: int) -> int:
+    """Sequences per eval forward per rank: VAL_BATCH_TOKENS spread over the ranks."""
+    return max(1, hp.val_batch_tokens // (seq_len * rt.world_size))
+
+
 def evaluate(model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime) -> tuple[float, float]:
     """Flat eval: non-overlapping TRAIN_SEQ_LEN windows split across ranks; returns (val_loss, val_bpb).
 
@@ -2140,7 +2151,7 @@ def evaluate(model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime) -> tupl
     T = hp.train_seq_len
     n_seqs = (len(val.tokens) - 1) // T
     first, last = rank_span(n_seqs, rt)
-    per_batch = max(1, hp.val_batch_tokens // (T * rt.world_size))
+    per_batch = val_rows(hp, rt, T)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, tokens, bytes
     was_training = model.training
     model.eval()
@@ -2276,6 +2287,11 @@ class Scores:
         self.nll = torch.zeros(n, dtype=torch.float32, device=device)
         self.hits = torch.zeros(n, dtype=torch.int32, device=device)
 
+    def add(self, pos: Tensor, nll: Tensor, mask: Tensor) -> None:
+        """The masked losses at stream positions `pos` (flattened alike), each counted as a hit."""
+        self.nll.index_add_(0, pos, (nll.float() * mask).flatten())
+        self.hits.index_add_(0, pos, mask.flatten().to(torch.int32))
+
 
 @dataclass
 class Pass:
@@ -2306,8 +2322,7 @@ def score_windows(fwd, tokens: Tensor, plan, span: tuple[int, int], batch: int, 
         mask = torch.arange(width, device=tokens.device)[None] >= (width - n)[:, None]
         nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         pos = (st[:, None] + torch.arange(T - width, T, device=tokens.device)[None]).flatten()
-        scores.nll.index_add_(0, pos, (nll.float() * mask).flatten())
-        scores.hits.index_add_(0, pos, mask.flatten().to(torch.int32))
+        scores.add(pos, nll, mask)
 
 
 def check_span_once(scores: Scores, lo: int, hi: int, rt: Runtime) -> None:
@@ -2439,7 +2454,7 @@ class EvalStream:
 
 def eval_batch_seqs(hp: Hyperparameters, rt: Runtime, seq_len: int) -> int:
     """Windows per forward per rank: EVAL_BATCH_SEQS, else VAL_BATCH_TOKENS spread over the ranks."""
-    return hp.eval_batch_seqs or max(1, hp.val_batch_tokens // (seq_len * rt.world_size))
+    return hp.eval_batch_seqs or val_rows(hp, rt, seq_len)
 
 
 def scoring_forward(model: GPT, hp: Hyperparameters, rt: Runtime, batch: int, seq_len: int, log: Logger):
@@ -2575,7 +2590,7 @@ def lora_batch(
     EVAL_SEQ_LEN tokens of its own document as context, then one Adam step on that chunk's loss
     (the same forward; its scores are recorded before the step). A document's last chunk is never
     trained on. One ledger per document: its adapter is its own state."""
-    T = hp.eval_seq_len or hp.train_seq_len
+    T = hp.eval_window
     D, C = hp.ttt_lora_docs, min(hp.ttt_lora_chunk, T)  # a chunk must fit in its scoring window
     opt = torch.optim.Adam(
         attach_lora(model, D, hp.ttt_lora_rank, rt.device), lr=hp.ttt_lora_lr, betas=(0.9, 0.95)
@@ -2599,9 +2614,7 @@ def lora_batch(
         window = tokens[idx]
         with autocast(rt):
             nll = model(window[:, :-1], window[:, 1:], reduction="none").float()
-        pos = idx[:, :-1].clamp_max(len(scores.nll) - 1).flatten()
-        scores.nll.index_add_(0, pos, (nll.detach() * mask).flatten())
-        scores.hits.index_add_(0, pos, mask.flatten().to(torch.int32))
+        scores.add(idx[:, :-1].clamp_max(len(scores.nll) - 1).flatten(), nll.detach(), mask)
         for j, lo, cs, ce in rows:
             ledgers[j].scored(cs - lo, ce - lo)
         train = [j for j, lo, cs, ce in rows if ce < docs[j][1]]
@@ -2639,7 +2652,7 @@ def run_lora_pass(model: GPT, stream: EvalStream, hp, rt: Runtime) -> dict:
     for b in range(0, len(spans), hp.ttt_lora_docs):
         held = lora_batch(work, stream.tokens, spans[b : b + hp.ttt_lora_docs], hp, rt, scores) and held
     check_span_once(scores, 0, stream.n, rt)
-    forwarded = lora_forward_tokens(spans, hp.ttt_lora_chunk, hp.eval_seq_len or hp.train_seq_len)
+    forwarded = lora_forward_tokens(spans, hp.ttt_lora_chunk, hp.eval_window)
     return pass_result(
         scores, stream, rt, t0, held, time.perf_counter() - t0, forwarded, documents=len(spans)
     )
@@ -2688,19 +2701,18 @@ class NgramMixer:
         """Expert k's denominator: its context count plus the smoothing mass of all V tokens."""
         return self.tables[k][1][row] + self.SMOOTH[k] * self.vocab
 
-    def count_log_probs(self, prev2: Tensor, prev: Tensor, tgt: Tensor) -> Tensor:
-        """(n, 3) log-probabilities of the targets under the count experts."""
-        rows = self.rows(prev2, prev)
+    def count_log_probs(self, rows: list[Tensor], tgt: Tensor) -> Tensor:
+        """(n, 3) log-probabilities of the targets under the count experts (rows: self.rows)."""
         out = [
             ((self.tables[k][0][rows[k], tgt] + self.SMOOTH[k]) / self.normaliser(k, rows[k])).log()
             for k in range(3)
         ]
         return torch.stack(out, -1)
 
-    def check(self, prev2: Tensor, prev: Tensor, tgt: Tensor, logp: Tensor) -> None:
+    def check(self, rows: list[Tensor], tgt: Tensor, logp: Tensor) -> None:
         """NGRAM_CHECK_NORM (condition 2, components.md 6.7): every count expert's full distribution
         at each position sums to 1 and holds the scored probability; the weights sum to 1."""
-        for k, row in enumerate(self.rows(prev2, prev)):
+        for k, row in enumerate(rows):
             full = (self.tables[k][0][row] + self.SMOOTH[k]) / self.normaliser(k, row)[:, None]
             total = full.sum(-1)
             if float((total - 1).abs().max()) > 1e-4:
@@ -2715,9 +2727,10 @@ class NgramMixer:
     def score(self, net_logp: Tensor, tokens: Tensor, lo: int, hi: int) -> Tensor:
         """Mixed NLL of positions [lo, hi), from tables and weights that hold only earlier chunks."""
         prev2, prev, tgt = self.context(tokens, lo, hi)
-        counted = self.count_log_probs(prev2, prev, tgt)
+        rows = self.rows(prev2, prev)
+        counted = self.count_log_probs(rows, tgt)
         if self.check_norm:
-            self.check(prev2, prev, tgt, counted)
+            self.check(rows, tgt, counted)
         logp = torch.cat([net_logp[lo:hi, None], counted], -1)
         self.loss -= logp.sum(0).double()
         self.count += hi - lo
@@ -2781,7 +2794,7 @@ def projected_s(p: Pass, stream: EvalStream, rate: float, hp: Hyperparameters) -
         return n / rate
     if p.lora:
         spans = document_spans(stream.tokens.cpu().numpy(), n)
-        return 3.0 * lora_forward_tokens(spans, hp.ttt_lora_chunk, hp.eval_seq_len or hp.train_seq_len) / rate
+        return 3.0 * lora_forward_tokens(spans, hp.ttt_lora_chunk, hp.eval_window) / rate
     starts, _, T = window_plan(n, p.seq_len, p.stride)
     return len(starts) * T / rate + (3.0 * hp.ttt_epochs * n / rate if p.ttt else 0.0)
 
@@ -2803,7 +2816,7 @@ def score_model(
     base = Pass("flat", hp.train_seq_len, hp.train_seq_len)
     passes = [base]
     if hp.eval_mode == "sliding":
-        passes.append(Pass("sliding", hp.eval_seq_len or hp.train_seq_len, hp.eval_stride))
+        passes.append(Pass("sliding", hp.eval_window, hp.eval_stride))
     done: list[tuple[Pass, dict]] = []
     for p in passes:
         if done and not fits_or_log(p, stream, done[-1][1], clock, hp, log):
@@ -3156,7 +3169,7 @@ def peak_mem_mib(rt: Runtime) -> float:
 
 def compile_eval(model: GPT, hp: Hyperparameters, rt: Runtime) -> None:
     """Evaluation gets its own graphs (no grad, per-token loss), compiled once with one shape."""
-    rows = max(1, hp.val_batch_tokens // (hp.train_seq_len * rt.world_size))
+    rows = val_rows(hp, rt, hp.train_seq_len)  # evaluate()'s batch: the one shape it compiles for
     model.eval_forward = fixed_rows(torch.compile(model.forward, dynamic=False), rows)
 
 

@@ -28,7 +28,7 @@ import train_gpt as tg  # noqa: E402
 
 
 def passes(hp: tg.Hyperparameters) -> dict[str, tg.Pass]:
-    seq, stride, flat = hp.eval_seq_len or hp.train_seq_len, hp.eval_stride, hp.train_seq_len
+    seq, stride, flat = hp.eval_window, hp.eval_stride, hp.train_seq_len
     return {
         "flat": tg.Pass("flat", flat, flat),
         "sliding": tg.Pass("sliding", seq, stride),

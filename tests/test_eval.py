@@ -219,7 +219,8 @@ def test_mixture_is_a_normalised_distribution(torch_single_thread):
     mixer.adapt(tokens, 0, 100, ledger)
     assert [int(counts.sum()) for counts, _ in mixer.tables] == [100, 100, 100]
     prev2, prev = torch.randint(0, V, (50,)), torch.randint(0, V, (50,))
-    every = torch.stack([mixer.count_log_probs(prev2, prev, torch.full((50,), v)) for v in range(V)])
+    rows = mixer.rows(prev2, prev)
+    every = torch.stack([mixer.count_log_probs(rows, torch.full((50,), v)) for v in range(V)])
     torch.testing.assert_close(every.exp().sum(0), torch.ones(50, 3), rtol=0, atol=1e-4)
     net = torch.log_softmax(torch.randn(50, V) * 4, -1)
     w = torch.softmax(mixer.log_w, 0)

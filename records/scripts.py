@@ -2,8 +2,9 @@
 default configuration from its environment reads.
 
 Recent records ship `train_gpt.py` as `exec(lzma.decompress(base64.b85decode("...")))` (with raw
-LZMA filters in some), so a plain diff shows one line. `unpack` evaluates only a whitelist of pure
-decoding calls on string constants found by parsing; nothing in the script is ever executed.
+LZMA filters in some; `python train_gpt.py --pack` may write brotli in place of lzma), so a plain
+diff shows one line. `unpack` evaluates only a whitelist of pure decoding calls on string constants
+found by parsing; nothing in the script is ever executed.
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ import re
 import zlib
 from pathlib import Path
 
+try:
+    import brotli
+except ImportError:  # optional (requirements.txt): brotli wrappers are then reported, not unpacked
+    brotli = None
+
 MAX_UNPACKED = 64 * 1024 * 1024  # a script larger than this is not a script
 MAX_LAYERS = 4
 _MODULES = {"lzma": lzma, "zlib": zlib, "base64": base64, "gzip": gzip, "bz2": bz2}
+if brotli is not None:
+    _MODULES["brotli"] = brotli
 _DECODERS = {
     ("base64", "b85decode"),
     ("base64", "b64decode"),
@@ -33,11 +41,17 @@ _DECOMPRESSORS = {
     ("zlib", "decompress"),
     ("gzip", "decompress"),
     ("bz2", "decompress"),
+    ("brotli", "decompress"),
 }
 
 
 class Unsupported(Exception):
     """The expression is not a pure decoding of constants."""
+
+
+_DECODE_ERRORS = (Unsupported, ValueError, TypeError, lzma.LZMAError, zlib.error, OSError, EOFError)
+if brotli is not None:
+    _DECODE_ERRORS += (brotli.error,)
 
 
 def _aliases(tree: ast.Module) -> dict[str, str]:
@@ -80,6 +94,8 @@ def _decompress(module: str, data: bytes, kwargs: dict) -> bytes:
         result = out.decompress(data, max_length=MAX_UNPACKED)
     elif module == "zlib":
         result = zlib.decompressobj().decompress(data, MAX_UNPACKED)
+    elif module == "brotli":
+        result = brotli.Decompressor().process(data, output_buffer_limit=MAX_UNPACKED)
     else:
         result = _MODULES[module].decompress(data)
     if len(result) >= MAX_UNPACKED:
@@ -149,7 +165,7 @@ def unpack(text: str, script: Path) -> tuple[str, list[str]]:
             return text, notes
         try:
             value = evaluate(payload, _aliases(tree))
-        except (Unsupported, ValueError, TypeError, lzma.LZMAError, zlib.error, OSError, EOFError) as exc:
+        except _DECODE_ERRORS as exc:
             other = _sibling(payload, script)
             if other is None:
                 notes.append(f"{script.name}: exec wrapper not unpacked ({exc})")

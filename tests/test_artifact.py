@@ -361,7 +361,7 @@ def test_packed_script_runs_and_counts_its_own_bytes(tmp_path):
         [sys.executable, str(ROOT / "train_gpt.py"), "--pack", str(out)], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
-    assert out.read_text().startswith(tg.PACKED_PREFIX)
+    assert tg.is_packed(out.read_text())
     raw, counted = tg.code_bytes(ROOT / "train_gpt.py", "packed")
     assert counted == out.stat().st_size < raw / 2
     assert tg.code_bytes(out, "packed") == (counted, counted)

@@ -2125,7 +2125,116 @@ def load_artifact_weights(model: GPT, qstate: Mapping[str, QuantTensor | Tensor]
         ) from None
 
 
+# ---------------------------------------------------------------- export
+
+
+def calibration_batches(hp: Hyperparameters, rt: Runtime) -> int:
+    return max(1, hp.gptq_calib_tokens // (hp.microbatch_tokens * rt.world_size))
+
+
+def produce_artifact(
+    model: GPT, loader, hp, rt, log, bytes_code: int, limit_fit: bool = True, prior: float | None = None
+) -> tuple[bytes, dict]:
+    """Hessians on every rank (disjoint training batches, summed), then GPTQ, the fit and compression
+    on rank 0; every rank gets the same artifact bytes (or the same error)."""
+    t0 = time.perf_counter()
+    hessians = (
+        collect_hessians(model, loader, hp, rt, calibration_batches(hp, rt))
+        if hp.quant_method == "gptq"
+        else {}
+    )
+    sync(rt)
+    calib_s = time.perf_counter() - t0
+    outcome: tuple = (b"", {}, None)
+    if rt.is_main:
+        try:
+            qz = Quantizer(model, hessians, hp)
+            t1 = time.perf_counter()
+            qz.qstate()  # the GPTQ pass itself, timed apart from compression
+            quant_s = time.perf_counter() - t1
+            cap = hp.artifact_cap_bytes if limit_fit else 1 << 62
+            blob, info = fit_artifact(qz, bytes_code, log, cap, prior)
+            outcome = (
+                blob,
+                dict(info, gptq_time_s=round(calib_s + quant_s, 3), calibration_s=round(calib_s, 3)),
+                None,
+            )
+        except ArtifactError as e:
+            outcome = (b"", {}, str(e))
+    blob, info, error = broadcast_object(outcome, rt.world_size)
+    if error:
+        raise ArtifactError(error)
+    return blob, info
+
+
+def measure_export_reserve(model: GPT, loader, hp, rt, log, bytes_code: int) -> tuple[float, float | None]:
+    """EXPORT_RESERVE_SECONDS=-1: a dry run of the whole export (calibration, GPTQ, compression) on the
+    initial weights, untimed like the compile warmup, sets the reserve: 1.25x its time plus 1 s. The
+    dry run's artifact is discarded and the data position restored. Returns (reserve, the dry run's
+    size_per_entropy: the final export plans any fit moves with it, so it compresses once)."""
+    if hp.export_reserve_seconds >= 0 or hp.max_wallclock_seconds <= 0:
+        return max(hp.export_reserve_seconds, 0.0), None  # explicit, or no clock to fit into
+    saved = loader.stream.state_dict()
+    t0 = time.perf_counter()
+    _, info = produce_artifact(model, loader, hp, rt, Logger(None), bytes_code, limit_fit=False)
+    seconds = max_over_ranks(time.perf_counter() - t0, rt)
+    loader.stream.load_state_dict(saved)
+    reserve = min(1.25 * seconds + 1.0, 0.5 * hp.max_wallclock_seconds)
+    log(kv(export_probe_s=round(seconds, 2), export_reserve_s=round(reserve, 2)))
+    return reserve, info["size_per_entropy"]
+
+
+def artifact_file(hp: Hyperparameters, rt: Runtime) -> Path:
+    return (
+        Path(hp.artifact_path) if hp.artifact_path else Path(hp.artifact_dir) / f"final_model_{rt.run_id}.ptz"
+    )
+
+
+def export(model: GPT, ema: EMA, loader, state: TrainState, hp, rt, log, code: tuple[int, int]) -> dict:
+    """EMA weights -> calibrated, quantised, fitted, compressed artifact, written (atomically) before
+    anything scores it, so an eval crash keeps it. The clock runs from the first training step."""
+    t0 = time.perf_counter()
+    set_qat(model, None)
+    ema.copy_to(model)
+    blob, info = produce_artifact(model, loader, hp, rt, log, code[1], prior=state.size_ratio)
+    path = artifact_file(hp, rt)
+    if rt.is_main:
+        write_atomic(path, blob)
+    sync(rt)
+    export_s = round(max_over_ranks(time.perf_counter() - t0, rt), 3)
+    # the sum of the two figures as logged (train_time_s, export_time_s), so it adds up exactly
+    production_s = round(round(state.train_ms / 1000, 3) + export_s, 3)
+    sizes = dict(bytes_code=code[1], bytes_model=len(blob), bytes_total=code[1] + len(blob))
+    sizes["headroom"] = hp.artifact_cap_bytes - sizes["bytes_total"]
+    log(kv(artifact_path=path))
+    log(kv(**sizes, code_bytes_raw=code[0], code_bytes_counted=code[1]))
+    over = max(hp.max_wallclock_seconds, 0) and production_s > hp.max_wallclock_seconds
+    log(
+        kv(
+            gptq_time_s=info["gptq_time_s"],
+            export_time_s=export_s,
+            artifact_production_wallclock_s=production_s,
+            within_wallclock="no (over MAX_WALLCLOCK_SECONDS: raise EXPORT_RESERVE_SECONDS)"
+            if over
+            else "yes",
+        )
+    )
+    return dict(
+        info,
+        **sizes,
+        blob=blob,
+        artifact_path=str(path),
+        code_bytes_raw=code[0],
+        code_bytes_counted=code[1],
+        export_time_s=export_s,
+        artifact_production_wallclock_s=production_s,
+    )
+
+
 # ============================================================================ evaluation
+
+
+# ---------------------------------------------------------------- data and byte accounting
 
 
 @dataclass
@@ -2135,6 +2244,42 @@ class ValData:
     has_space: Tensor
     is_boundary: Tensor
     total_bytes: int  # UTF-8 bytes of every scored target (all tokens but the first)
+
+
+def token_bytes(prev: Tensor, tgt: Tensor, val: ValData) -> Tensor:
+    """Bytes per scored target; `prev` is taken at the same positions, shifted by one."""
+    space = val.has_space[tgt] & ~val.is_boundary[prev]
+    return val.base_bytes[tgt].to(torch.float64) + space.to(torch.float64)
+
+
+def autocast(rt: Runtime):
+    """bf16 autocast on GPU; CPU runs in fp32 (bf16 matmuls are slow there and tests want exactness)."""
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if rt.device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
+
+
+def prepare_validation(hp: Hyperparameters, rt: Runtime, log: Logger) -> ValData:
+    sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    luts = build_byte_luts(sp, hp.vocab_size)
+    tokens = load_validation(hp)
+    checked = check_byte_table(sp, split_documents(tokens, hp.byte_check_docs), luts)
+    unknown = int(np.count_nonzero(tokens == sp.unk_id()))
+    log(
+        kv(
+            byte_check_docs=hp.byte_check_docs,
+            byte_check_bytes=checked,
+            byte_check="ok",
+            val_unk_tokens=unknown,
+        )
+    )
+    base, space, boundary = (torch.from_numpy(a).to(rt.device) for a in luts)
+    return ValData(tokens, base, space, boundary, count_target_bytes(tokens, luts))
+
+
+# ---------------------------------------------------------------- flat
 
 
 @torch.no_grad()
@@ -2178,37 +2323,28 @@ def timed_evaluate(model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime) -
     return val_loss, val_bpb, time.perf_counter() - t0
 
 
-def token_bytes(prev: Tensor, tgt: Tensor, val: ValData) -> Tensor:
-    """Bytes per scored target; `prev` is taken at the same positions, shifted by one."""
-    space = val.has_space[tgt] & ~val.is_boundary[prev]
-    return val.base_bytes[tgt].to(torch.float64) + space.to(torch.float64)
+def compile_eval(model: GPT, hp: Hyperparameters, rt: Runtime) -> None:
+    """Evaluation gets its own graphs (no grad, per-token loss), compiled once with one shape."""
+    rows = val_rows(hp, rt, hp.train_seq_len)  # evaluate()'s batch: the one shape it compiles for
+    model.eval_forward = fixed_rows(torch.compile(model.forward, dynamic=False), rows)
 
 
-def autocast(rt: Runtime):
-    """bf16 autocast on GPU; CPU runs in fp32 (bf16 matmuls are slow there and tests want exactness)."""
-    return (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if rt.device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
+def fixed_rows(forward, rows: int):
+    """forward(x, y, reduction="none") with every batch padded to `rows` sequences (token 0) and
+    the padding's losses sliced off: a compiled eval sees one shape, the last batch included."""
+
+    def call(x: Tensor, y: Tensor, reduction: str = "none") -> Tensor:
+        if reduction != "none":
+            raise ValueError(f"fixed_rows needs reduction='none' (got {reduction!r}): padding changes a mean")
+        real = x.size(0)
+        if real < rows:
+            x, y = F.pad(x, (0, 0, 0, rows - real)), F.pad(y, (0, 0, 0, rows - real))
+        return forward(x, y, reduction="none")[:real]
+
+    return call
 
 
-def prepare_validation(hp: Hyperparameters, rt: Runtime, log: Logger) -> ValData:
-    sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
-    luts = build_byte_luts(sp, hp.vocab_size)
-    tokens = load_validation(hp)
-    checked = check_byte_table(sp, split_documents(tokens, hp.byte_check_docs), luts)
-    unknown = int(np.count_nonzero(tokens == sp.unk_id()))
-    log(
-        kv(
-            byte_check_docs=hp.byte_check_docs,
-            byte_check_bytes=checked,
-            byte_check="ok",
-            val_unk_tokens=unknown,
-        )
-    )
-    base, space, boundary = (torch.from_numpy(a).to(rt.device) for a in luts)
-    return ValData(tokens, base, space, boundary, count_target_bytes(tokens, luts))
+# ---------------------------------------------------------------- score ledger
 
 
 class LegalityError(RuntimeError):
@@ -2247,6 +2383,17 @@ class ScoreLedger:
     def held(self) -> bool:
         """True once every position was scored with the order checked throughout."""
         return self.scored_upto == self.n
+
+
+def check_span_once(scores: Scores, lo: int, hi: int, rt: Runtime) -> None:
+    """Every position of [lo, hi) was scored exactly once over all ranks (one sync per chunk)."""
+    hits = all_reduce_sum(scores.hits[lo:hi].clone(), rt)
+    bad = int((hits != 1).sum().item())
+    if bad:
+        raise LegalityError(f"{bad} positions of [{lo}, {hi}) scored other than exactly once")
+
+
+# ---------------------------------------------------------------- sliding
 
 
 def window_plan(n_positions: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -2323,104 +2470,6 @@ def score_windows(fwd, tokens: Tensor, plan, span: tuple[int, int], batch: int, 
         nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         pos = (st[:, None] + torch.arange(T - width, T, device=tokens.device)[None]).flatten()
         scores.add(pos, nll, mask)
-
-
-def check_span_once(scores: Scores, lo: int, hi: int, rt: Runtime) -> None:
-    """Every position of [lo, hi) was scored exactly once over all ranks (one sync per chunk)."""
-    hits = all_reduce_sum(scores.hits[lo:hi].clone(), rt)
-    bad = int((hits != 1).sum().item())
-    if bad:
-        raise LegalityError(f"{bad} positions of [{lo}, {hi}) scored other than exactly once")
-
-
-def chunk_bounds(plan, chunk_tokens: int) -> list[tuple[int, int, int, int]]:
-    """Chunks of the stream (R0409: 32,768 tokens): each window joins the chunk holding its first
-    scored position, so chunk c scores exactly positions [lo, hi). Returns (w_lo, w_hi, lo, hi)."""
-    starts, n_scored, T = plan
-    first = starts + T - n_scored
-    ids = first // max(chunk_tokens, 1)
-    cuts = np.flatnonzero(np.diff(ids)) + 1
-    edges = [0, *cuts.tolist(), len(first)]
-    ends = first + n_scored
-    return [(a, b, int(first[a]), int(ends[b - 1])) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-
-
-class ChunkTTT:
-    """Score-first chunked TTT (PR #461 -> R0323/R0409): after chunk c was scored, train on it
-    (epochs over sequences cut from it, gradients averaged over ranks, clipped), with the LR on a
-    cosine over chunks. The last chunk is scored and never trained on."""
-
-    def __init__(self, model: GPT, hp: Hyperparameters, rt: Runtime, n_chunks: int, seq_len: int):
-        self.model, self.hp, self.rt, self.n_chunks, self.seq_len = model, hp, rt, n_chunks, seq_len
-        for i, block in enumerate(model.blocks):
-            block.requires_grad_(i >= hp.ttt_freeze_blocks)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if hp.ttt_optimizer == "sgd":
-            self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
-        else:
-            self.opt = torch.optim.AdamW(
-                self.params, lr=hp.ttt_lr, betas=(hp.ttt_momentum, 0.999), weight_decay=0
-            )
-        self.active, self.trained, self.train_s = True, 0, 0.0
-
-    def has_time(self, clock: EvalClock, windows_left: int, per_window_s: float, c: int, log: Logger) -> bool:
-        """Stop adapting, never scoring, when the clock runs short (components.md 6.9): the rest of
-        the windows at the measured scoring rate plus one more chunk of training must still fit."""
-        if self.active and not clock.fits(windows_left * per_window_s + self.train_s / max(self.trained, 1)):
-            self.active = False
-            log(
-                kv(
-                    ttt_stopped="eval_clock",
-                    chunk=c,
-                    chunks=self.n_chunks,
-                    elapsed_s=round(clock.elapsed(), 1),
-                )
-            )
-        return self.active
-
-    def train_chunk(self, tokens: Tensor, c: int, lo: int, hi: int, ledger: ScoreLedger) -> None:
-        ledger.adapted(lo, hi)
-        lr = self.hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(self.n_chunks - 1, 1)))
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        starts = list(range(lo, hi, self.seq_len))
-        per_batch = max(1, self.hp.ttt_batch_seqs)
-        t0 = time.perf_counter()
-        self.model.train()
-        for _ in range(self.hp.ttt_epochs):
-            for b in range(0, len(starts), per_batch):
-                self.step(tokens, starts[b : b + per_batch], hi)
-        self.model.eval()
-        sync(self.rt)
-        self.trained, self.train_s = self.trained + 1, self.train_s + time.perf_counter() - t0
-
-    def step(self, tokens: Tensor, starts: list[int], hi: int) -> None:
-        """One update on sequences [s, min(s+T, hi)] of the batch; this rank takes a contiguous share
-        and the summed loss over the global batch's tokens makes the all-reduced gradient its mean."""
-        T, rt = self.seq_len, self.rt
-        total = sum(min(s + T, hi) - s for s in starts)
-        a, b = rank_span(len(starts), rt)
-        full = [s for s in starts[a:b] if s + T <= hi]
-        rest = [s for s in starts[a:b] if s + T > hi]
-        self.opt.zero_grad(set_to_none=False)
-        groups = [
-            torch.tensor(full, device=tokens.device)[:, None] + torch.arange(T + 1, device=tokens.device)
-        ]
-        groups = (groups if full else []) + [
-            torch.arange(s, hi + 1, device=tokens.device)[None] for s in rest
-        ]
-        for idx in groups:
-            window = tokens[idx]
-            with autocast(rt):
-                loss = self.model(window[:, :-1], window[:, 1:], reduction="none").sum() / total
-            loss.backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = all_reduce_sum(torch.cat([g.flatten() for g in grads]), rt)
-        for p, g in zip(self.params, flat.split([p.numel() for p in self.params]), strict=True):
-            p.grad = g.view_as(p).to(p.dtype)
-        if self.hp.ttt_grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
-        self.opt.step()
 
 
 class EvalClock:
@@ -2531,6 +2580,102 @@ def pass_result(
     )
     out.update(extra)
     return out
+
+
+# ---------------------------------------------------------------- chunked TTT
+
+
+def chunk_bounds(plan, chunk_tokens: int) -> list[tuple[int, int, int, int]]:
+    """Chunks of the stream (R0409: 32,768 tokens): each window joins the chunk holding its first
+    scored position, so chunk c scores exactly positions [lo, hi). Returns (w_lo, w_hi, lo, hi)."""
+    starts, n_scored, T = plan
+    first = starts + T - n_scored
+    ids = first // max(chunk_tokens, 1)
+    cuts = np.flatnonzero(np.diff(ids)) + 1
+    edges = [0, *cuts.tolist(), len(first)]
+    ends = first + n_scored
+    return [(a, b, int(first[a]), int(ends[b - 1])) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+class ChunkTTT:
+    """Score-first chunked TTT (PR #461 -> R0323/R0409): after chunk c was scored, train on it
+    (epochs over sequences cut from it, gradients averaged over ranks, clipped), with the LR on a
+    cosine over chunks. The last chunk is scored and never trained on."""
+
+    def __init__(self, model: GPT, hp: Hyperparameters, rt: Runtime, n_chunks: int, seq_len: int):
+        self.model, self.hp, self.rt, self.n_chunks, self.seq_len = model, hp, rt, n_chunks, seq_len
+        for i, block in enumerate(model.blocks):
+            block.requires_grad_(i >= hp.ttt_freeze_blocks)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if hp.ttt_optimizer == "sgd":
+            self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+        else:
+            self.opt = torch.optim.AdamW(
+                self.params, lr=hp.ttt_lr, betas=(hp.ttt_momentum, 0.999), weight_decay=0
+            )
+        self.active, self.trained, self.train_s = True, 0, 0.0
+
+    def has_time(self, clock: EvalClock, windows_left: int, per_window_s: float, c: int, log: Logger) -> bool:
+        """Stop adapting, never scoring, when the clock runs short (components.md 6.9): the rest of
+        the windows at the measured scoring rate plus one more chunk of training must still fit."""
+        if self.active and not clock.fits(windows_left * per_window_s + self.train_s / max(self.trained, 1)):
+            self.active = False
+            log(
+                kv(
+                    ttt_stopped="eval_clock",
+                    chunk=c,
+                    chunks=self.n_chunks,
+                    elapsed_s=round(clock.elapsed(), 1),
+                )
+            )
+        return self.active
+
+    def train_chunk(self, tokens: Tensor, c: int, lo: int, hi: int, ledger: ScoreLedger) -> None:
+        ledger.adapted(lo, hi)
+        lr = self.hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(self.n_chunks - 1, 1)))
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        starts = list(range(lo, hi, self.seq_len))
+        per_batch = max(1, self.hp.ttt_batch_seqs)
+        t0 = time.perf_counter()
+        self.model.train()
+        for _ in range(self.hp.ttt_epochs):
+            for b in range(0, len(starts), per_batch):
+                self.step(tokens, starts[b : b + per_batch], hi)
+        self.model.eval()
+        sync(self.rt)
+        self.trained, self.train_s = self.trained + 1, self.train_s + time.perf_counter() - t0
+
+    def step(self, tokens: Tensor, starts: list[int], hi: int) -> None:
+        """One update on sequences [s, min(s+T, hi)] of the batch; this rank takes a contiguous share
+        and the summed loss over the global batch's tokens makes the all-reduced gradient its mean."""
+        T, rt = self.seq_len, self.rt
+        total = sum(min(s + T, hi) - s for s in starts)
+        a, b = rank_span(len(starts), rt)
+        full = [s for s in starts[a:b] if s + T <= hi]
+        rest = [s for s in starts[a:b] if s + T > hi]
+        self.opt.zero_grad(set_to_none=False)
+        groups = [
+            torch.tensor(full, device=tokens.device)[:, None] + torch.arange(T + 1, device=tokens.device)
+        ]
+        groups = (groups if full else []) + [
+            torch.arange(s, hi + 1, device=tokens.device)[None] for s in rest
+        ]
+        for idx in groups:
+            window = tokens[idx]
+            with autocast(rt):
+                loss = self.model(window[:, :-1], window[:, 1:], reduction="none").sum() / total
+            loss.backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = all_reduce_sum(torch.cat([g.flatten() for g in grads]), rt)
+        for p, g in zip(self.params, flat.split([p.numel() for p in self.params]), strict=True):
+            p.grad = g.view_as(p).to(p.dtype)
+        if self.hp.ttt_grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
+        self.opt.step()
+
+
+# ---------------------------------------------------------------- LoRA TTT
 
 
 class BatchedLoRA:
@@ -2658,6 +2803,9 @@ def run_lora_pass(model: GPT, stream: EvalStream, hp, rt: Runtime) -> dict:
     )
 
 
+# ---------------------------------------------------------------- n-gram mixer
+
+
 class NgramMixer:
     """Online mixture of a network pass with count models of already-scored tokens (P687's Hedge
     mixer, with its non-distribution "entropy expert" dropped so the mixture stays proper).
@@ -2772,6 +2920,9 @@ def run_mixer_pass(net: dict, stream: EvalStream, hp: Hyperparameters, rt: Runti
     scores.nll[:a], scores.nll[b:], scores.hits[a:b] = 0.0, 0.0, 1
     seconds = time.perf_counter() - t0
     return pass_result(scores, stream, rt, t0, ledger.held, seconds, stream.n, norm_checks=mixer.norm_checks)
+
+
+# ---------------------------------------------------------------- budget
 
 
 EVAL_MODE_NAMES = dict(flat="flat", sliding="sliding", ttt="ttt_score_first", lora="lora_ttt_score_first")
@@ -2890,6 +3041,97 @@ def eval_summary(done: list[tuple[Pass, dict]], clock: EvalClock, log: Logger) -
         scored_bytes=final["bytes"],
         ttt_chunks_trained=net_result["ttt_chunks_trained"],
         **{f"val_bpb_{p.name}": r["val_bpb"] for p, r in done},
+    )
+
+
+# ---------------------------------------------------------------- final evaluation
+
+
+def score_artifact(model: GPT, val: ValData, hp, rt, log, clock_start: float) -> dict:
+    """Every evaluation mode (score_model) on a model holding an artifact's dequantised weights, the
+    eval clock running from the artifact's load: in-process after export and in EVAL_ONLY alike (one
+    code path, so both give the same numbers). Its flat pass is the post-quantisation score."""
+    scored = score_model(model, val, hp, rt, log, clock_start)
+    return dict(scored, post_quant_val_bpb=scored["val_bpb_flat"])
+
+
+def rtn_gap(model: GPT, val: ValData, int5_layers: list[int], hp, rt, log) -> float:
+    """QUANT_REPORT_RTN: the same bits by round-to-nearest, scored, so the log shows what GPTQ buys."""
+    qz = Quantizer(model, {}, hp)
+    qz.plan.update({n: 5 for n in qz.plan if block_index(n) in int5_layers})
+    saved = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    load_artifact_weights(model, qz.qstate(), "round-to-nearest")
+    val_loss, val_bpb, eval_s = timed_evaluate(model, val, hp, rt)
+    log(kv(final_eval="rtn", val_loss=val_loss, val_bpb=val_bpb, eval_time_ms=int(1000 * eval_s)))
+    model.load_state_dict(saved)
+    return val_bpb
+
+
+def final_evals(model: GPT, ema: EMA, val: ValData, state: TrainState, loader, hp, rt, log, code) -> dict:
+    """Raw (live weights) score; export; the EMA model's score before quantisation; then the artifact's
+    own weights, decoded from its bytes, scored: the run's val_bpb."""
+    raw_loss, raw_bpb, raw_s = run_validation(model, val, state, hp, rt, log)
+    log(kv(final_eval="raw", val_loss=raw_loss, val_bpb=raw_bpb, eval_time_ms=int(1000 * raw_s)))
+    exported = export(model, ema, loader, state, hp, rt, log, code)
+    blob = exported.pop("blob")
+    pre_loss, pre_bpb, pre_s = timed_evaluate(model, val, hp, rt)
+    log(kv(final_eval="pre_quant", val_loss=pre_loss, val_bpb=pre_bpb, eval_time_ms=int(1000 * pre_s)))
+    extra = {}
+    if hp.quant_report_rtn:
+        extra["rtn_quant_gap"] = rtn_gap(model, val, exported["fit_int5_layers"], hp, rt, log) - pre_bpb
+    loaded = time.perf_counter()
+    _, qstate = decode_artifact(blob, exported["artifact_path"])
+    load_artifact_weights(model, qstate, exported["artifact_path"])
+    scored = score_artifact(model, val, hp, rt, log, loaded)
+    log(kv(quant_gap=scored["post_quant_val_bpb"] - pre_bpb, **extra))
+    return dict(
+        exported,
+        **scored,
+        **extra,
+        raw_val_bpb=raw_bpb,
+        pre_quant_val_bpb=pre_bpb,
+        quant_gap=scored["post_quant_val_bpb"] - pre_bpb,
+        val_tokens=len(val.tokens) - 1,
+        val_bytes=val.total_bytes,
+    )
+
+
+def eval_only(hp: Hyperparameters, rt: Runtime, log: Logger, script: Path) -> dict:
+    """EVAL_ONLY=1: rebuild the model from ARTIFACT_PATH alone (settings and weights) and score it."""
+    t0 = time.perf_counter()
+    path = Path(hp.artifact_path)
+    if not path.is_file():
+        raise ArtifactError(f"ARTIFACT_PATH={path}: no such file; point it at the .ptz a training run wrote")
+    blob = path.read_bytes()
+    meta, qstate = decode_artifact(blob, str(path))
+    hp = hp.with_model_settings(meta["settings"])
+    model = GPT(hp).to(rt.device)
+    load_artifact_weights(model, qstate, str(path))
+    model.looping = bool(meta["looping"])
+    compiled = hp.compile and rt.device.type == "cuda"
+    if compiled:  # the same compiled eval as the training run's, so both give the same number
+        compile_eval(model, hp, rt)
+    log_header(hp, rt, log, script, compiled, select_attention_backend(rt))
+    log(kv(artifact_path=path))
+    val = prepare_validation(hp, rt, log)
+    scored = score_artifact(model, val, hp, rt, log, t0)
+    bytes_code = code_bytes(script, hp.code_bytes_mode)[1]
+    return dict(
+        run_id=rt.run_id,
+        eval_only=True,
+        artifact_path=str(path),
+        artifact_sha256=hashlib.sha256(blob).hexdigest(),
+        bytes_code=bytes_code,
+        bytes_model=len(blob),
+        bytes_total=bytes_code + len(blob),
+        headroom=hp.artifact_cap_bytes - bytes_code - len(blob),
+        **scored,
+        eval_wallclock_s=round(time.perf_counter() - t0, 3),
+        val_tokens=len(val.tokens) - 1,
+        val_bytes=val.total_bytes,
+        hp_hash=hp.hash(),
+        device=rt.device.type,
+        gpus=gpu_names(),
     )
 
 
@@ -3167,12 +3409,6 @@ def peak_mem_mib(rt: Runtime) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def compile_eval(model: GPT, hp: Hyperparameters, rt: Runtime) -> None:
-    """Evaluation gets its own graphs (no grad, per-token loss), compiled once with one shape."""
-    rows = val_rows(hp, rt, hp.train_seq_len)  # evaluate()'s batch: the one shape it compiles for
-    model.eval_forward = fixed_rows(torch.compile(model.forward, dynamic=False), rows)
-
-
 def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module, bool]:
     """The fp32 model, and the callable used for training (compiled on GPU, DDP when distributed)."""
     model = GPT(hp).to(rt.device)
@@ -3191,212 +3427,6 @@ def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module, bool]
             train_model, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True
         )
     return model, train_model, compiled
-
-
-def fixed_rows(forward, rows: int):
-    """forward(x, y, reduction="none") with every batch padded to `rows` sequences (token 0) and
-    the padding's losses sliced off: a compiled eval sees one shape, the last batch included."""
-
-    def call(x: Tensor, y: Tensor, reduction: str = "none") -> Tensor:
-        if reduction != "none":
-            raise ValueError(f"fixed_rows needs reduction='none' (got {reduction!r}): padding changes a mean")
-        real = x.size(0)
-        if real < rows:
-            x, y = F.pad(x, (0, 0, 0, rows - real)), F.pad(y, (0, 0, 0, rows - real))
-        return forward(x, y, reduction="none")[:real]
-
-    return call
-
-
-def calibration_batches(hp: Hyperparameters, rt: Runtime) -> int:
-    return max(1, hp.gptq_calib_tokens // (hp.microbatch_tokens * rt.world_size))
-
-
-def produce_artifact(
-    model: GPT, loader, hp, rt, log, bytes_code: int, limit_fit: bool = True, prior: float | None = None
-) -> tuple[bytes, dict]:
-    """Hessians on every rank (disjoint training batches, summed), then GPTQ, the fit and compression
-    on rank 0; every rank gets the same artifact bytes (or the same error)."""
-    t0 = time.perf_counter()
-    hessians = (
-        collect_hessians(model, loader, hp, rt, calibration_batches(hp, rt))
-        if hp.quant_method == "gptq"
-        else {}
-    )
-    sync(rt)
-    calib_s = time.perf_counter() - t0
-    outcome: tuple = (b"", {}, None)
-    if rt.is_main:
-        try:
-            qz = Quantizer(model, hessians, hp)
-            t1 = time.perf_counter()
-            qz.qstate()  # the GPTQ pass itself, timed apart from compression
-            quant_s = time.perf_counter() - t1
-            cap = hp.artifact_cap_bytes if limit_fit else 1 << 62
-            blob, info = fit_artifact(qz, bytes_code, log, cap, prior)
-            outcome = (
-                blob,
-                dict(info, gptq_time_s=round(calib_s + quant_s, 3), calibration_s=round(calib_s, 3)),
-                None,
-            )
-        except ArtifactError as e:
-            outcome = (b"", {}, str(e))
-    blob, info, error = broadcast_object(outcome, rt.world_size)
-    if error:
-        raise ArtifactError(error)
-    return blob, info
-
-
-def measure_export_reserve(model: GPT, loader, hp, rt, log, bytes_code: int) -> tuple[float, float | None]:
-    """EXPORT_RESERVE_SECONDS=-1: a dry run of the whole export (calibration, GPTQ, compression) on the
-    initial weights, untimed like the compile warmup, sets the reserve: 1.25x its time plus 1 s. The
-    dry run's artifact is discarded and the data position restored. Returns (reserve, the dry run's
-    size_per_entropy: the final export plans any fit moves with it, so it compresses once)."""
-    if hp.export_reserve_seconds >= 0 or hp.max_wallclock_seconds <= 0:
-        return max(hp.export_reserve_seconds, 0.0), None  # explicit, or no clock to fit into
-    saved = loader.stream.state_dict()
-    t0 = time.perf_counter()
-    _, info = produce_artifact(model, loader, hp, rt, Logger(None), bytes_code, limit_fit=False)
-    seconds = max_over_ranks(time.perf_counter() - t0, rt)
-    loader.stream.load_state_dict(saved)
-    reserve = min(1.25 * seconds + 1.0, 0.5 * hp.max_wallclock_seconds)
-    log(kv(export_probe_s=round(seconds, 2), export_reserve_s=round(reserve, 2)))
-    return reserve, info["size_per_entropy"]
-
-
-def artifact_file(hp: Hyperparameters, rt: Runtime) -> Path:
-    return (
-        Path(hp.artifact_path) if hp.artifact_path else Path(hp.artifact_dir) / f"final_model_{rt.run_id}.ptz"
-    )
-
-
-def export(model: GPT, ema: EMA, loader, state: TrainState, hp, rt, log, code: tuple[int, int]) -> dict:
-    """EMA weights -> calibrated, quantised, fitted, compressed artifact, written (atomically) before
-    anything scores it, so an eval crash keeps it. The clock runs from the first training step."""
-    t0 = time.perf_counter()
-    set_qat(model, None)
-    ema.copy_to(model)
-    blob, info = produce_artifact(model, loader, hp, rt, log, code[1], prior=state.size_ratio)
-    path = artifact_file(hp, rt)
-    if rt.is_main:
-        write_atomic(path, blob)
-    sync(rt)
-    export_s = round(max_over_ranks(time.perf_counter() - t0, rt), 3)
-    # the sum of the two figures as logged (train_time_s, export_time_s), so it adds up exactly
-    production_s = round(round(state.train_ms / 1000, 3) + export_s, 3)
-    sizes = dict(bytes_code=code[1], bytes_model=len(blob), bytes_total=code[1] + len(blob))
-    sizes["headroom"] = hp.artifact_cap_bytes - sizes["bytes_total"]
-    log(kv(artifact_path=path))
-    log(kv(**sizes, code_bytes_raw=code[0], code_bytes_counted=code[1]))
-    over = max(hp.max_wallclock_seconds, 0) and production_s > hp.max_wallclock_seconds
-    log(
-        kv(
-            gptq_time_s=info["gptq_time_s"],
-            export_time_s=export_s,
-            artifact_production_wallclock_s=production_s,
-            within_wallclock="no (over MAX_WALLCLOCK_SECONDS: raise EXPORT_RESERVE_SECONDS)"
-            if over
-            else "yes",
-        )
-    )
-    return dict(
-        info,
-        **sizes,
-        blob=blob,
-        artifact_path=str(path),
-        code_bytes_raw=code[0],
-        code_bytes_counted=code[1],
-        export_time_s=export_s,
-        artifact_production_wallclock_s=production_s,
-    )
-
-
-def score_artifact(model: GPT, val: ValData, hp, rt, log, clock_start: float) -> dict:
-    """Every evaluation mode (score_model) on a model holding an artifact's dequantised weights, the
-    eval clock running from the artifact's load: in-process after export and in EVAL_ONLY alike (one
-    code path, so both give the same numbers). Its flat pass is the post-quantisation score."""
-    scored = score_model(model, val, hp, rt, log, clock_start)
-    return dict(scored, post_quant_val_bpb=scored["val_bpb_flat"])
-
-
-def rtn_gap(model: GPT, val: ValData, int5_layers: list[int], hp, rt, log) -> float:
-    """QUANT_REPORT_RTN: the same bits by round-to-nearest, scored, so the log shows what GPTQ buys."""
-    qz = Quantizer(model, {}, hp)
-    qz.plan.update({n: 5 for n in qz.plan if block_index(n) in int5_layers})
-    saved = {n: t.detach().clone() for n, t in model.state_dict().items()}
-    load_artifact_weights(model, qz.qstate(), "round-to-nearest")
-    val_loss, val_bpb, eval_s = timed_evaluate(model, val, hp, rt)
-    log(kv(final_eval="rtn", val_loss=val_loss, val_bpb=val_bpb, eval_time_ms=int(1000 * eval_s)))
-    model.load_state_dict(saved)
-    return val_bpb
-
-
-def final_evals(model: GPT, ema: EMA, val: ValData, state: TrainState, loader, hp, rt, log, code) -> dict:
-    """Raw (live weights) score; export; the EMA model's score before quantisation; then the artifact's
-    own weights, decoded from its bytes, scored: the run's val_bpb."""
-    raw_loss, raw_bpb, raw_s = run_validation(model, val, state, hp, rt, log)
-    log(kv(final_eval="raw", val_loss=raw_loss, val_bpb=raw_bpb, eval_time_ms=int(1000 * raw_s)))
-    exported = export(model, ema, loader, state, hp, rt, log, code)
-    blob = exported.pop("blob")
-    pre_loss, pre_bpb, pre_s = timed_evaluate(model, val, hp, rt)
-    log(kv(final_eval="pre_quant", val_loss=pre_loss, val_bpb=pre_bpb, eval_time_ms=int(1000 * pre_s)))
-    extra = {}
-    if hp.quant_report_rtn:
-        extra["rtn_quant_gap"] = rtn_gap(model, val, exported["fit_int5_layers"], hp, rt, log) - pre_bpb
-    loaded = time.perf_counter()
-    _, qstate = decode_artifact(blob, exported["artifact_path"])
-    load_artifact_weights(model, qstate, exported["artifact_path"])
-    scored = score_artifact(model, val, hp, rt, log, loaded)
-    log(kv(quant_gap=scored["post_quant_val_bpb"] - pre_bpb, **extra))
-    return dict(
-        exported,
-        **scored,
-        **extra,
-        raw_val_bpb=raw_bpb,
-        pre_quant_val_bpb=pre_bpb,
-        quant_gap=scored["post_quant_val_bpb"] - pre_bpb,
-        val_tokens=len(val.tokens) - 1,
-        val_bytes=val.total_bytes,
-    )
-
-
-def eval_only(hp: Hyperparameters, rt: Runtime, log: Logger, script: Path) -> dict:
-    """EVAL_ONLY=1: rebuild the model from ARTIFACT_PATH alone (settings and weights) and score it."""
-    t0 = time.perf_counter()
-    path = Path(hp.artifact_path)
-    if not path.is_file():
-        raise ArtifactError(f"ARTIFACT_PATH={path}: no such file; point it at the .ptz a training run wrote")
-    blob = path.read_bytes()
-    meta, qstate = decode_artifact(blob, str(path))
-    hp = hp.with_model_settings(meta["settings"])
-    model = GPT(hp).to(rt.device)
-    load_artifact_weights(model, qstate, str(path))
-    model.looping = bool(meta["looping"])
-    compiled = hp.compile and rt.device.type == "cuda"
-    if compiled:  # the same compiled eval as the training run's, so both give the same number
-        compile_eval(model, hp, rt)
-    log_header(hp, rt, log, script, compiled, select_attention_backend(rt))
-    log(kv(artifact_path=path))
-    val = prepare_validation(hp, rt, log)
-    scored = score_artifact(model, val, hp, rt, log, t0)
-    bytes_code = code_bytes(script, hp.code_bytes_mode)[1]
-    return dict(
-        run_id=rt.run_id,
-        eval_only=True,
-        artifact_path=str(path),
-        artifact_sha256=hashlib.sha256(blob).hexdigest(),
-        bytes_code=bytes_code,
-        bytes_model=len(blob),
-        bytes_total=bytes_code + len(blob),
-        headroom=hp.artifact_cap_bytes - bytes_code - len(blob),
-        **scored,
-        eval_wallclock_s=round(time.perf_counter() - t0, 3),
-        val_tokens=len(val.tokens) - 1,
-        val_bytes=val.total_bytes,
-        hp_hash=hp.hash(),
-        device=rt.device.type,
-        gpus=gpu_names(),
-    )
 
 
 def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:

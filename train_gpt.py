@@ -1192,7 +1192,10 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def logits(self, ids: Tensor) -> Tensor:
-        h = self.hidden(ids)
+        return self.head(self.hidden(ids))
+
+    def head(self, h: Tensor) -> Tensor:
+        """Softcapped fp32 logits of final hidden states; scoring applies it to scored positions only."""
         raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.tied else self.lm_head(h)
         if self.head_lora is not None:  # per-document LoRA TTT adapter of the output head
             raw = raw + self.head_lora(h)
@@ -2282,12 +2285,12 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log: Logger) -> ValData
 # ---------------------------------------------------------------- flat
 
 
-@torch.no_grad()
 def val_rows(hp: Hyperparameters, rt: Runtime, seq_len: int) -> int:
     """Sequences per eval forward per rank: VAL_BATCH_TOKENS spread over the ranks."""
     return max(1, hp.val_batch_tokens // (seq_len * rt.world_size))
 
 
+@torch.inference_mode()  # no graph: every batch's activations are freed at once
 def evaluate(model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime) -> tuple[float, float]:
     """Flat eval: non-overlapping TRAIN_SEQ_LEN windows split across ranks; returns (val_loss, val_bpb).
 
@@ -2326,7 +2329,15 @@ def timed_evaluate(model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime) -
 def compile_eval(model: GPT, hp: Hyperparameters, rt: Runtime) -> None:
     """Evaluation gets its own graphs (no grad, per-token loss), compiled once with one shape."""
     rows = val_rows(hp, rt, hp.train_seq_len)  # evaluate()'s batch: the one shape it compiles for
-    model.eval_forward = fixed_rows(torch.compile(model.forward, dynamic=False), rows)
+    model.eval_forward = fixed_rows(compile_for_eval(model.forward, hp, rt), rows)
+
+
+def compile_for_eval(fn, hp: Hyperparameters, rt: Runtime):
+    """torch.compile for one static shape on GPU with COMPILE=1, else `fn` itself: the one place
+    evaluation compiles, so a CPU test can count its graphs and recompiles."""
+    if not (hp.compile and rt.device.type == "cuda"):
+        return fn
+    return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
 def fixed_rows(forward, rows: int):
@@ -2464,7 +2475,7 @@ def score_windows(fwd, tokens: Tensor, plan, span: tuple[int, int], batch: int, 
         rows = torch.cat([st, st[-1:].expand(pad)]) if pad > 0 else st
         idx = rows[:, None] + torch.arange(T + 1, device=tokens.device)[None]
         window = tokens[idx]
-        logits = fwd(window[:, :-1])[: e - s, T - width :]
+        logits = fwd(window[:, :-1], e - s, width)
         y = window[: e - s, T - width + 1 :]
         mask = torch.arange(width, device=tokens.device)[None] >= (width - n)[:, None]
         nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
@@ -2507,19 +2518,53 @@ def eval_batch_seqs(hp: Hyperparameters, rt: Runtime, seq_len: int) -> int:
 
 
 def scoring_forward(model: GPT, hp: Hyperparameters, rt: Runtime, batch: int, seq_len: int, log: Logger):
-    """The logits function reused by every window batch: compiled once for the one padded batch
-    shape on GPU (no recompiles), then warmed up on random tokens, never on validation tokens."""
-    if not (hp.compile and rt.device.type == "cuda"):
-        return model.logits
-    fwd = torch.compile(model.logits, dynamic=False, fullgraph=True)
-    t0 = time.perf_counter()
-    gen = torch.Generator(device=rt.device).manual_seed(0)
-    fake = torch.randint(0, hp.vocab_size, (batch, seq_len), device=rt.device, generator=gen)
-    with torch.inference_mode(), autocast(rt):
-        fwd(fake)
-    sync(rt)
-    log(kv(eval_compile_warmup_s=round(time.perf_counter() - t0, 2), batch=batch, seq_len=seq_len))
+    """fwd(x, rows, width): logits of the last `width` positions of the first `rows` windows. The
+    trunk is compiled once for the one padded batch shape on GPU and warmed up on random tokens
+    (never validation tokens) laid out as the real batches are, slices of (batch, T+1) windows, so
+    no real batch recompiles; the head runs on the scored positions only (`stride` of T)."""
+    hidden = compile_for_eval(model.hidden, hp, rt)
+
+    def fwd(x: Tensor, rows: int, width: int) -> Tensor:
+        return model.head(hidden(x)[:rows, x.size(1) - width :])
+
+    if hidden is not model.hidden:
+        t0 = time.perf_counter()
+        gen = torch.Generator(device=rt.device).manual_seed(0)
+        fake = torch.randint(0, hp.vocab_size, (batch, seq_len + 1), device=rt.device, generator=gen)
+        with torch.inference_mode(), autocast(rt):
+            fwd(fake[:, :-1], batch, seq_len)
+        sync(rt)
+        log(kv(eval_compile_warmup_s=round(time.perf_counter() - t0, 2), batch=batch, seq_len=seq_len))
     return fwd
+
+
+class ScoreRate:
+    """Scoring seconds and windows for the budget's projections, the first batch left out: it pays
+    one-time costs (allocations, kernel selection) that a projection must not multiply."""
+
+    def __init__(self):
+        self.seconds, self.windows, self.warm_windows = 0.0, 0, 0
+
+    def per_window_s(self) -> float:
+        return self.seconds / max(self.windows, 1)
+
+
+def score_chunk(
+    fwd, stream: EvalStream, plan, span, batch: int, scores: Scores, rt: Runtime, rate: ScoreRate
+):
+    """Scores this rank's windows `span` of one chunk (inference mode), timing it for `rate`."""
+    if rate.warm_windows == 0 and span[1] > span[0]:  # this rank's first batch: scored untimed
+        warm = batch_windows(*span, plan[1], batch)[0]
+        with torch.inference_mode(), autocast(rt):
+            score_windows(fwd, stream.tokens, plan, warm, batch, scores)
+        rate.warm_windows, span = warm[1] - warm[0], (warm[1], span[1])
+    sync(rt)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), autocast(rt):
+        score_windows(fwd, stream.tokens, plan, span, batch, scores)
+    sync(rt)
+    rate.seconds += time.perf_counter() - t0
+    rate.windows += span[1] - span[0]
 
 
 def run_pass(model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime, clock: EvalClock, log: Logger) -> dict:
@@ -2531,28 +2576,28 @@ def run_pass(model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime, clock: Ev
     work.eval()
     for param in work.parameters() if p.ttt else []:
         param.grad = None  # the copy starts without the training run's last gradients
+    chunks = chunk_bounds(plan, hp.ttt_chunk_tokens) if p.ttt else [(0, len(plan[0]), 0, stream.n)]
+    # Before the compile warmup: TTT sets requires_grad, which the compiled graph's guards check.
+    ttt = ChunkTTT(work, hp, rt, len(chunks), plan[2]) if p.ttt else None
     fwd = scoring_forward(work, hp, rt, batch, plan[2], log)
     t0 = time.perf_counter()
-    chunks = chunk_bounds(plan, hp.ttt_chunk_tokens) if p.ttt else [(0, len(plan[0]), 0, stream.n)]
-    ttt = ChunkTTT(work, hp, rt, len(chunks), plan[2]) if p.ttt else None
-    scores, ledger, score_s = Scores(stream.n, rt.device), ScoreLedger(stream.n), 0.0
+    scores, ledger, rate = Scores(stream.n, rt.device), ScoreLedger(stream.n), ScoreRate()
     for c, (wa, wb, lo, hi) in enumerate(chunks):
         a, b = rank_span(wb - wa, rt)
-        t_chunk = time.perf_counter()
+        score_chunk(fwd, stream, plan, (wa + a, wa + b), batch, scores, rt, rate)
         with torch.inference_mode():
-            with autocast(rt):
-                score_windows(fwd, stream.tokens, plan, (wa + a, wa + b), batch, scores)
             check_span_once(scores, lo, hi, rt)
         ledger.scored(lo, hi)
-        score_s += time.perf_counter() - t_chunk
         if c == len(chunks) - 1:
             break
-        if ttt is not None and ttt.has_time(clock, len(plan[0]) - wb, score_s / wb, c, log):
+        windows_left = (len(plan[0]) - wb) / rt.world_size
+        if ttt is not None and ttt.has_time(clock, windows_left * rate.per_window_s(), c, log):
             ttt.train_chunk(stream.tokens, c, lo, hi, ledger)
     if not ledger.held:
         raise LegalityError(f"pass {p.name} scored [0, {ledger.scored_upto}) of [0, {stream.n})")
     extra = dict(ttt_chunks=len(chunks), ttt_chunks_trained=ttt.trained if ttt is not None else 0)
-    return pass_result(scores, stream, rt, t0, ledger.held, score_s, len(plan[0]) * plan[2], **extra)
+    timed_tokens = rate.windows * rt.world_size * plan[2]  # every rank scores its share at this rate
+    return pass_result(scores, stream, rt, t0, ledger.held, rate.seconds, timed_tokens, **extra)
 
 
 def pass_result(
@@ -2607,6 +2652,11 @@ class ChunkTTT:
         for i, block in enumerate(model.blocks):
             block.requires_grad_(i >= hp.ttt_freeze_blocks)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # One flat gradient buffer, each parameter's .grad a view of it: backward accumulates in
+        # place and one all-reduce averages it, with no per-step concatenation.
+        self.flat_grad = torch.zeros(sum(p.numel() for p in self.params), device=self.params[0].device)
+        for p, g in zip(self.params, self.flat_grad.split([p.numel() for p in self.params]), strict=True):
+            p.grad = g.view_as(p)
         if hp.ttt_optimizer == "sgd":
             self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
         else:
@@ -2615,10 +2665,10 @@ class ChunkTTT:
             )
         self.active, self.trained, self.train_s = True, 0, 0.0
 
-    def has_time(self, clock: EvalClock, windows_left: int, per_window_s: float, c: int, log: Logger) -> bool:
-        """Stop adapting, never scoring, when the clock runs short (components.md 6.9): the rest of
-        the windows at the measured scoring rate plus one more chunk of training must still fit."""
-        if self.active and not clock.fits(windows_left * per_window_s + self.train_s / max(self.trained, 1)):
+    def has_time(self, clock: EvalClock, scoring_left_s: float, c: int, log: Logger) -> bool:
+        """Stop adapting, never scoring, when the clock runs short: scoring the rest of the windows at
+        the measured rate plus one more chunk of training must still fit."""
+        if self.active and not clock.fits(scoring_left_s + self.train_s / max(self.trained, 1)):
             self.active = False
             log(
                 kv(
@@ -2654,22 +2704,19 @@ class ChunkTTT:
         a, b = rank_span(len(starts), rt)
         full = [s for s in starts[a:b] if s + T <= hi]
         rest = [s for s in starts[a:b] if s + T > hi]
-        self.opt.zero_grad(set_to_none=False)
-        groups = [
-            torch.tensor(full, device=tokens.device)[:, None] + torch.arange(T + 1, device=tokens.device)
-        ]
-        groups = (groups if full else []) + [
-            torch.arange(s, hi + 1, device=tokens.device)[None] for s in rest
-        ]
+        self.flat_grad.zero_()
+        dev = tokens.device
+        # starts are consecutive multiples of T: indices from scalars, no host-to-device copy
+        groups = [torch.arange(s, hi + 1, device=dev)[None] for s in rest]
+        if full:
+            rows = full[0] + T * torch.arange(len(full), device=dev)
+            groups.insert(0, rows[:, None] + torch.arange(T + 1, device=dev))
         for idx in groups:
             window = tokens[idx]
             with autocast(rt):
                 loss = self.model(window[:, :-1], window[:, 1:], reduction="none").sum() / total
             loss.backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = all_reduce_sum(torch.cat([g.flatten() for g in grads]), rt)
-        for p, g in zip(self.params, flat.split([p.numel() for p in self.params]), strict=True):
-            p.grad = g.view_as(p).to(p.dtype)
+        all_reduce_sum(self.flat_grad, rt)
         if self.hp.ttt_grad_clip > 0:
             nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
         self.opt.step()

@@ -2530,8 +2530,8 @@ def scoring_forward(model: GPT, hp: Hyperparameters, rt: Runtime, batch: int, se
     if hidden is not model.hidden:
         t0 = time.perf_counter()
         gen = torch.Generator(device=rt.device).manual_seed(0)
-        fake = torch.randint(0, hp.vocab_size, (batch, seq_len + 1), device=rt.device, generator=gen)
-        with torch.inference_mode(), autocast(rt):
+        with torch.inference_mode(), autocast(rt):  # made inside: an inference tensor, as real batches
+            fake = torch.randint(0, hp.vocab_size, (batch, seq_len + 1), device=rt.device, generator=gen)
             fwd(fake[:, :-1], batch, seq_len)
         sync(rt)
         log(kv(eval_compile_warmup_s=round(time.perf_counter() - t0, 2), batch=batch, seq_len=seq_len))

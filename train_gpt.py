@@ -2776,46 +2776,44 @@ def deal_documents(spans: list[tuple[int, int]], rt: Runtime) -> list[tuple[int,
 
 
 def lora_batch(
-    model: GPT, tokens: Tensor, docs: list[tuple[int, int]], hp, rt: Runtime, scores: Scores
+    model: GPT, tokens: Tensor, docs: list[tuple[int, int]], hp, rt: Runtime, scores: Scores, may_adapt
 ) -> bool:
     """Per-document LoRA TTT of one batch: chunk k of every document is scored with up to
     EVAL_SEQ_LEN tokens of its own document as context, then one Adam step on that chunk's loss
-    (the same forward; its scores are recorded before the step). A document's last chunk is never
-    trained on. One ledger per document: its adapter is its own state."""
+    (the same forward; its scores are recorded before the step) while `may_adapt()` says the clock
+    allows. A document's last chunk is never trained on. One ledger per document: its adapter is
+    its own state. Window indices are built on the device from the documents' bounds (one copy a
+    batch), so a chunk costs no host sync."""
     T = hp.eval_window
     D, C = hp.ttt_lora_docs, min(hp.ttt_lora_chunk, T)  # a chunk must fit in its scoring window
     opt = torch.optim.Adam(
         attach_lora(model, D, hp.ttt_lora_rank, rt.device), lr=hp.ttt_lora_lr, betas=(0.9, 0.95)
     )
     ledgers = [ScoreLedger(hi - lo) for lo, hi in docs]
+    bounds = torch.tensor(docs + [(0, 0)] * (D - len(docs)), dtype=torch.int64).to(rt.device)
+    lo_t, hi_t = bounds[:, :1], bounds[:, 1:]
     for k in range(math.ceil(max(hi - lo for lo, hi in docs) / C)):
         rows = [
-            (j, lo, lo + k * C, min(lo + (k + 1) * C, hi))
-            for j, (lo, hi) in enumerate(docs)
-            if lo + k * C < hi
+            (j, lo + k * C, min(lo + (k + 1) * C, hi)) for j, (lo, hi) in enumerate(docs) if lo + k * C < hi
         ]
-        width = max(ce - max(lo, ce - T) for _, lo, _, ce in rows)
-        idx, bounds = torch.zeros(D, width + 1, dtype=torch.int64), torch.zeros(D, 2, dtype=torch.int64)
-        for j, lo, cs, ce in rows:  # the window [ws, ce] left-aligned, padded after it (causal)
-            ws = max(lo, ce - T)
-            idx[j] = torch.arange(ws, ws + width + 1).clamp_max(ce)
-            bounds[j] = torch.tensor([cs - ws, ce - ws])
-        idx, bounds = idx.to(rt.device), bounds.to(rt.device)
+        width = max(ce - max(docs[j][0], ce - T) for j, _, ce in rows)  # host ints: no sync
+        cs = torch.minimum(lo_t + k * C, hi_t)
+        ce = torch.minimum(cs + C, hi_t)
+        ws = torch.maximum(lo_t, ce - T)  # the window [ws, ce] left-aligned, padded after it (causal)
+        idx = (ws + torch.arange(width + 1, device=rt.device)).minimum(ce)
         local = torch.arange(width, device=rt.device)[None]
-        mask = (local >= bounds[:, :1]) & (local < bounds[:, 1:])
+        mask = (local >= cs - ws) & (local < ce - ws)
         window = tokens[idx]
         with autocast(rt):
             nll = model(window[:, :-1], window[:, 1:], reduction="none").float()
         scores.add(idx[:, :-1].clamp_max(len(scores.nll) - 1).flatten(), nll.detach(), mask)
-        for j, lo, cs, ce in rows:
-            ledgers[j].scored(cs - lo, ce - lo)
-        train = [j for j, lo, cs, ce in rows if ce < docs[j][1]]
-        if train:
-            for j, lo, cs, ce in rows:
-                if j in train:
-                    ledgers[j].adapted(cs - lo, ce - lo)
-            keep = torch.zeros(D, 1, device=rt.device)
-            keep[train] = 1.0
+        for j, a, b in rows:
+            ledgers[j].scored(a - docs[j][0], b - docs[j][0])
+        train = [(j, a, b) for j, a, b in rows if b < docs[j][1]]
+        if train and may_adapt():
+            for j, a, b in train:
+                ledgers[j].adapted(a - docs[j][0], b - docs[j][0])
+            keep = (ce < hi_t).float()  # rows whose chunk is not their document's last
             per_doc = (nll * mask * keep).sum(1) / mask.sum(1).clamp_min(1)
             opt.zero_grad(set_to_none=True)
             per_doc.sum().backward()
@@ -2833,16 +2831,31 @@ def lora_forward_tokens(spans: list[tuple[int, int]], chunk: int, seq_len: int) 
     )
 
 
-def run_lora_pass(model: GPT, stream: EvalStream, hp, rt: Runtime) -> dict:
-    """Per-document LoRA TTT over this rank's documents (dealt by length), on a frozen copy."""
+def run_lora_pass(model: GPT, stream: EvalStream, hp, rt: Runtime, clock: EvalClock, log: Logger) -> dict:
+    """Per-document LoRA TTT over this rank's documents (dealt by length), on a frozen copy. Scoring
+    always completes; adapting stops once the rest of the pass, at the rate so far, would overrun
+    the eval budget (a local decision: the pass has no collective until its end)."""
     t0 = time.perf_counter()
     work = copy.deepcopy(model)
     work.eval()
     work.requires_grad_(False)
     spans = deal_documents(document_spans(stream.tokens.cpu().numpy(), stream.n), rt)
     scores, held = Scores(stream.n, rt.device), True
+    total, done = max(sum(hi - lo for lo, hi in spans), 1), 0
+    state = dict(adapting=True)
+
+    def may_adapt() -> bool:
+        elapsed = time.perf_counter() - clock.t0
+        left = (time.perf_counter() - t0) * (total - done) / max(done, 1) if done else 0.0
+        if state["adapting"] and elapsed + left > clock.budget_s:
+            state["adapting"] = False
+            log(kv(ttt_stopped="eval_clock", mode="lora", documents_done=done, elapsed_s=round(elapsed, 1)))
+        return state["adapting"]
+
     for b in range(0, len(spans), hp.ttt_lora_docs):
-        held = lora_batch(work, stream.tokens, spans[b : b + hp.ttt_lora_docs], hp, rt, scores) and held
+        batch = spans[b : b + hp.ttt_lora_docs]
+        held = lora_batch(work, stream.tokens, batch, hp, rt, scores, may_adapt) and held
+        done += sum(hi - lo for lo, hi in batch)
     check_span_once(scores, 0, stream.n, rt)
     forwarded = lora_forward_tokens(spans, hp.ttt_lora_chunk, hp.eval_window)
     return pass_result(
@@ -3053,7 +3066,7 @@ def run_logged(
     if p.ngram:
         r = run_mixer_pass(last, stream, hp, rt)
     elif p.lora:
-        r = run_lora_pass(model, stream, hp, rt)
+        r = run_lora_pass(model, stream, hp, rt, clock, log)
     else:
         r = run_pass(model, stream, p, hp, rt, clock, log)
     clock.phases[p.name] = round(r["seconds"], 3)

@@ -69,7 +69,7 @@ def run_mode(mode: str, tokens: np.ndarray, **knobs) -> dict:
     clock = tg.EvalClock(600.0, rt)
     ngram = spec.pop("ngram")
     if spec.get("lora"):
-        net = tg.run_lora_pass(model, stream, hp, rt)
+        net = tg.run_lora_pass(model, stream, hp, rt, clock, lambda _: None)
     else:
         net = tg.run_pass(model, stream, tg.Pass(mode, seq, stride, **spec), hp, rt, clock, lambda _: None)
     return dict(tg.run_mixer_pass(net, stream, hp, rt), net=net) if ngram else net

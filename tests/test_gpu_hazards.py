@@ -107,3 +107,17 @@ def test_scored_logits_equal_the_full_forward(cpu_runtime):
     x = torch.from_numpy(random_tokens()[: 3 * 16].reshape(3, 16).astype(np.int64))
     with torch.inference_mode():
         torch.testing.assert_close(fwd(x, 2, 4), model.logits(x)[:2, -4:])
+
+
+def test_lora_pass_stops_adapting_not_scoring_when_the_clock_runs_short(cpu_runtime):
+    hp, model = tiny_model(TTT_MODE="lora")
+    tokens = random_tokens()
+    t = torch.from_numpy(tokens.astype(np.int64))
+    stream = tg.EvalStream(t, tg.token_bytes(t[:-1], t[1:], val_data(tokens)).float())
+    lines = []
+    out = tg.run_lora_pass(model, stream, hp, cpu_runtime, tg.EvalClock(0.0, cpu_runtime), lines.append)
+    assert out["tokens"] == stream.n and out["scored_before_update"]  # every token still scored once
+    assert [line for line in lines if line.startswith("ttt_stopped:eval_clock mode:lora")]
+    roomy = tg.run_lora_pass(model, stream, hp, cpu_runtime, tg.EvalClock(1e6, cpu_runtime), lines.append)
+    assert len([line for line in lines if line.startswith("ttt_stopped")]) == 1
+    assert roomy["val_bpb"] != out["val_bpb"]  # with time left it adapts, and that changes the score

@@ -1,4 +1,5 @@
-"""bench/throughput.py stays runnable on CPU (the smoke model, a few steps) and counts FLOPs right."""
+"""bench/throughput.py stays runnable on CPU (the smoke model, a few steps, per-step lines as it
+goes) and counts FLOPs right."""
 
 from __future__ import annotations
 
@@ -36,6 +37,13 @@ def test_smoke_benchmark_prints_every_figure(tmp_path):
     assert fields["mfu"] == "n/a" and fields["device"] == "cpu"  # no GPU peak to divide by
     assert fields["batch_tokens"] == "1024" and fields["timed_steps"] == "2"
     assert not list(tmp_path.iterdir())  # writes nothing
+    # one line per step, in order, before the totals: a run cut short shows how far it got
+    steps = [line.split()[0] for line in proc.stdout.splitlines() if "step_ms:" in line]
+    assert steps == ["warmup_step:1/1", "timed_step:1/2", "timed_step:2/2"]
+    lines = proc.stdout.splitlines()
+    assert lines.index(next(x for x in lines if x.startswith("timed_step:2/2"))) < lines.index(
+        next(x for x in lines if x.startswith("warmup_steps:"))
+    )
 
 
 def test_flops_per_token_counts_repeated_blocks_and_attention():

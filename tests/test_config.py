@@ -263,7 +263,7 @@ def test_same_value_from_preset_or_env_resolves_identically():
     assert via_preset.resolved_lines() == explicit.resolved_lines()
 
 
-# ----------------------------------------------------------------------------- cross-knob validation
+# ----------------------------------------------------------------------------- bounds & cross-knob validation
 
 
 @pytest.mark.parametrize(
@@ -274,14 +274,26 @@ def test_same_value_from_preset_or_env_resolves_identically():
         ({"ROPE_DIMS": "7"}, "ROPE_DIMS must be even"),
         ({"ROPE_DIMS": "66"}, "ROPE_DIMS must be even and at most"),
         ({"ROPE_DIMS": "-2"}, "ROPE_DIMS"),
-        ({"XSA_LAST_N": "-1"}, "XSA_LAST_N must be >= 0"),
-        ({"XSA_LAST_N": "-1"}, "XSA_LAST_N"),
+        ({"XSA_LAST_N": "-1"}, "XSA_LAST_N must be >= 0 (got -1)"),
         ({"BIGRAM_BUCKETS": "1"}, "BIGRAM_BUCKETS must be 0 (off) or >= 2"),
-        ({"VOCAB_SIZE": "65537"}, "VOCAB_SIZE"),
-        ({"VOCAB_SIZE": "0"}, "VOCAB_SIZE"),
-        ({"WARMDOWN_FRAC": "1.5"}, "schedule fractions"),
-        ({"LR_WARMUP_FRAC": "1"}, "schedule fractions"),
-        ({"ITERATIONS": "0"}, "ITERATIONS must be positive"),
+        ({"BIGRAM_BUCKETS": "-1"}, "BIGRAM_BUCKETS must be >= 0 (got -1)"),
+        ({"VOCAB_SIZE": "65537"}, "VOCAB_SIZE must be in (0, 65536] (got 65537)"),
+        ({"VOCAB_SIZE": "0"}, "VOCAB_SIZE must be in (0, 65536] (got 0)"),
+        ({"WARMDOWN_FRAC": "1.5"}, "WARMDOWN_FRAC must be in [0, 1] (got 1.5)"),
+        ({"LR_WARMUP_FRAC": "1"}, "LR_WARMUP_FRAC must be in [0, 1) (got 1.0)"),
+        ({"ITERATIONS": "0"}, "ITERATIONS must be > 0 (got 0)"),
+        ({"TTT_MODE": "ttt"}, "TTT_MODE must be none, chunked or lora (got 'ttt')"),
+        ({"GPTQ_DAMP": "nan"}, "GPTQ_DAMP must be > 0 (got nan)"),
+        ({"NUM_LOOPS": "1", "LOOP_END": "11"}, "NUM_LOOPS > 0 needs 0 <= LOOP_START <= LOOP_END"),
+        ({"TTT_FREEZE_BLOCKS": "12"}, "TTT_FREEZE_BLOCKS must be at most NUM_LAYERS"),
+        ({"QUANT_INT5_LAYERS": "10,11"}, "QUANT_INT5_LAYERS must list block indices < NUM_LAYERS"),
+        ({"GPTQ_CLIP_FRACS": "1.0,1.5"}, "GPTQ_CLIP_FRACS must be a comma list of fractions in (0, 1]"),
+        ({"GPTQ_CLIP_FRACS": ","}, "GPTQ_CLIP_FRACS must be a comma list of fractions in (0, 1]"),
+        ({"EVAL_ONLY": "1"}, "EVAL_ONLY=1 needs ARTIFACT_PATH"),
+        (
+            {"EXPORT_RESERVE_SECONDS": "600"},
+            "EXPORT_RESERVE_SECONDS must be -1 (measured) or in [0, MAX_WALLCLOCK_SECONDS)",
+        ),
         ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN"),
         ({"MICROBATCH_TOKENS": "3000"}, "MICROBATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN"),
         ({"SMEAR_GATE_INPUTS": "513"}, "SMEAR_GATE_INPUTS must be at most MODEL_DIM"),
@@ -308,10 +320,87 @@ def test_inconsistent_knobs_are_refused(env, fragment):
         {"WARMDOWN_FRAC": "0"},
         {"WARMDOWN_FRAC": "1"},
         {"SMEAR_GATE_INPUTS": "512"},
+        {"LR_WARMUP_FRAC": "0.999"},
+        {"QUANT_BITS": "2", "QUANT_EMBED_BITS": "8"},
+        {"VOCAB_SIZE": "1"},
+        {"GPTQ_DAMP": "1e-12"},
+        {"TTT_EPOCHS": "0", "EVAL_SEQ_LEN": "0", "EVAL_BATCH_SEQS": "0", "TTT_FREEZE_BLOCKS": "11"},
+        {"NUM_LOOPS": "1", "LOOP_START": "0", "LOOP_END": "10"},
+        {"LOOP_START": "-1", "LOOP_END": "99"},  # NUM_LOOPS=0: the segment is never used
+        {"MAX_WALLCLOCK_SECONDS": "0", "EXPORT_RESERVE_SECONDS": "-5"},  # no budget to reserve from
+        {"COMPRESSOR": "lzma", "QUANT_METHOD": "rtn", "TTT_MODE": "none", "EVAL_MODE": "flat"},
     ],
 )
 def test_boundary_values_are_accepted(env):
     Hyperparameters(env)
+
+
+BOUNDED = sorted(Hyperparameters({}).bounds.items())
+
+
+def outside_values(bounds: train_gpt.Bounds, kind: type) -> list[str]:
+    """Values just past each declared bound (or not among the choices)."""
+    if bounds.choices:
+        return ["nope", bounds.choices[0].upper()]
+    step = 1 if kind is int else 0.5
+    values = []
+    if bounds.ge is not None or bounds.gt is not None:
+        values.append(bounds.ge - step if bounds.ge is not None else bounds.gt)
+    if bounds.le is not None or bounds.lt is not None:
+        values.append(bounds.le + step if bounds.le is not None else bounds.lt)
+    return [str(v) for v in values]
+
+
+@pytest.mark.parametrize(("name", "bounds"), BOUNDED, ids=[name for name, _ in BOUNDED])
+def test_value_outside_declared_bounds_names_knob_value_and_range(name, bounds):
+    kind = type(Hyperparameters({}).knobs[name])
+    for raw in outside_values(bounds, kind):
+        with pytest.raises(ConfigError) as err:
+            Hyperparameters({name: raw})
+        value = train_gpt._parse(name, raw, kind)
+        assert str(err.value) == f"{name} must be {bounds.describe()} (got {value!r})"
+
+
+@pytest.mark.parametrize(
+    "name", [n for n, b in BOUNDED if not b.choices and type(Hyperparameters({}).knobs[n]) is float]
+)
+def test_nan_is_outside_every_float_range(name):
+    with pytest.raises(ConfigError, match=f"{name} must be .* \\(got nan\\)"):
+        Hyperparameters({name: "nan"})
+
+
+@pytest.mark.parametrize(
+    ("bounds", "text", "inside", "outside"),
+    [
+        (train_gpt.Bounds(gt=0), "> 0", [1, 1e-9, float("inf")], [0, -1, float("nan")]),
+        (train_gpt.Bounds(ge=0), ">= 0", [0, 3], [-1, float("nan")]),
+        (train_gpt.Bounds(le=8), "<= 8", [8, -9], [9]),
+        (train_gpt.Bounds(lt=1), "< 1", [0.99], [1]),
+        (train_gpt.Bounds(ge=2, le=8), "in [2, 8]", [2, 8], [1, 9]),
+        (train_gpt.Bounds(ge=0, lt=1), "in [0, 1)", [0, 0.5], [1, -0.1]),
+        (train_gpt.Bounds(gt=0, le=65536), "in (0, 65536]", [1, 65536], [0, 65537]),
+        (train_gpt.Bounds(choices=("a", "b", "c")), "a, b or c", ["a", "c"], ["d", "A", ""]),
+        (train_gpt.Bounds(choices=("raw", "packed")), "raw or packed", ["raw"], ["Raw"]),
+        (train_gpt.Bounds(choices=("only",)), "only", ["only"], ["other"]),
+    ],
+)
+def test_bounds_allow_and_describe(bounds, text, inside, outside):
+    assert bounds.describe() == text
+    assert all(bounds.allows(v) for v in inside)
+    assert not any(bounds.allows(v) for v in outside)
+
+
+def test_readme_range_column_is_each_knobs_declared_bounds():
+    readme = (REPO / "README.md").read_text()
+    hp = Hyperparameters({})
+    for name in hp.knobs:
+        row = re.search(rf"^\| `{name}` \| \w+ \| `[^`]*` \| ([^|]*) \|", readme, re.M)
+        assert row, f"{name} has no README row with a range column"
+        bounds = hp.bounds.get(name)
+        expected = f"`{bounds.describe()}`" if bounds else "any"
+        if name == "RUN_PRESET":  # checked against PRESETS before any knob is read
+            expected = "a preset or empty"
+        assert row.group(1) == expected, name
 
 
 @pytest.mark.parametrize("name", ["NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN"])

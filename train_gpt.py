@@ -163,15 +163,17 @@ class Bounds:
 
 class _KnobReader:
     """Reads knobs for `Hyperparameters`: env value, else preset value, else the default; keeps
-    each knob's declared bounds (`Bounds` keywords), which `validate` enforces."""
+    each knob's declared bounds (`Bounds` keywords), which `validate` enforces, and the knobs
+    declared hashed=False, which hp_hash leaves out."""
 
     def __init__(self, target: object, environ: Mapping[str, str], preset: Mapping[str, str]):
         self.target, self.environ, self.preset = target, environ, preset
         self.names: dict[str, object] = {}
         self.overrides: list[str] = []  # knobs set explicitly in the environment
         self.bounds: dict[str, Bounds] = {}
+        self.unhashed: list[str] = []
 
-    def __call__(self, name: str, kind: type, default: object, **bounds) -> None:
+    def __call__(self, name: str, kind: type, default: object, *, hashed: bool = True, **bounds) -> None:
         if name in self.environ:
             self.overrides.append(name)
         raw = self.environ.get(name, self.preset.get(name))
@@ -180,6 +182,8 @@ class _KnobReader:
         setattr(self.target, name.lower(), value)
         if bounds:
             self.bounds[name] = Bounds(**bounds)
+        if not hashed:
+            self.unhashed.append(name)
 
 
 class Hyperparameters:
@@ -204,6 +208,7 @@ class Hyperparameters:
         self._quantization_knobs(k)
         self.knobs = dict(k.names)
         self.bounds = dict(k.bounds)
+        self.unhashed = sorted(k.unhashed)
         self.overrides = sorted(k.overrides)
         self.environ = dict(environ)
         self.preset_name = preset_name or "none"
@@ -211,15 +216,21 @@ class Hyperparameters:
         self.validate()
 
     def _run_knobs(self, k: _KnobReader) -> None:
+        # hashed=False: left out of hp_hash, which names a configuration, so the seeds of one
+        # submission (and an EVAL_ONLY rescoring with the same settings) share it. A preset's values
+        # are in the other knobs; RUN_ID, SEED and the output/input places name one run of it;
+        # EVAL_ONLY says whether this process trains it or scores its artifact; IGNORE_ENV lists
+        # variables never read. DATA_PATH and TOKENIZER_PATH stay hashed: they say which data and
+        # tokenizer, and both change the model and its score.
         # fmt: off
-        k("RUN_PRESET", str, "")  # named table of defaults (`smoke`); explicit env vars win
-        k("RUN_ID", str, "")  # log/artifact name; random when empty
-        k("SEED", int, 1337)  # torch/numpy seed
-        k("LOG_DIR", str, "logs")  # where `<RUN_ID>.txt` is written
-        k("ARTIFACT_DIR", str, ".")  # where `final_model_<RUN_ID>.ptz` goes when ARTIFACT_PATH is empty
-        k("ARTIFACT_PATH", str, "")  # artifact: written by training (never overwritten), read by EVAL_ONLY
-        k("EVAL_ONLY", bool, False)  # score ARTIFACT_PATH in a fresh process: no training, no train shards
-        k("IGNORE_ENV", str, "")  # env names (comma list, `PREFIX*` ok) not to refuse as unknown knobs
+        k("RUN_PRESET", str, "", hashed=False)  # named table of defaults (`smoke`); explicit env vars win
+        k("RUN_ID", str, "", hashed=False)  # log/artifact name; random when empty
+        k("SEED", int, 1337, hashed=False)  # torch/numpy seed
+        k("LOG_DIR", str, "logs", hashed=False)  # where `<RUN_ID>.txt` is written
+        k("ARTIFACT_DIR", str, ".", hashed=False)  # `final_model_<RUN_ID>.ptz` here without ARTIFACT_PATH
+        k("ARTIFACT_PATH", str, "", hashed=False)  # training writes it (never overwrites); EVAL_ONLY reads
+        k("EVAL_ONLY", bool, False, hashed=False)  # score ARTIFACT_PATH in a fresh process: no training
+        k("IGNORE_ENV", str, "", hashed=False)  # env names (comma list, `PREFIX*` ok) not to refuse as knobs
         # fmt: on
 
     def _data_knobs(self, k: _KnobReader) -> None:
@@ -444,7 +455,10 @@ class Hyperparameters:
         return [f"{name}={value}" for name, value in sorted(self.knobs.items())]
 
     def hash(self) -> str:
-        return hashlib.sha256("\n".join(self.resolved_lines()).encode()).hexdigest()[:8]
+        """hp_hash: the configuration's name, from the resolved lines of every knob not declared
+        hashed=False (equal hashes = the same model and score, up to the seed)."""
+        lines = [f"{name}={value}" for name, value in sorted(self.knobs.items()) if name not in self.unhashed]
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:8]
 
 
 def _owned_elsewhere(name: str) -> bool:
@@ -3131,7 +3145,7 @@ def log_header(
     log(kv(preset=hp.preset_name, env_overrides=",".join(hp.overrides) or "none"))
     for line in hp.resolved_lines():
         log(f"hp:{line}")
-    log(kv(hp_hash=hp.hash()))
+    log(kv(hp_hash=hp.hash(), hp_unhashed=",".join(hp.unhashed)))
 
 
 def gpu_names() -> str:

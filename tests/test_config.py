@@ -242,11 +242,24 @@ def test_resolved_lines_are_sorted_and_complete():
     assert "MODEL_DIM=256" in lines and "SMEAR_GATE=False" in lines and "RUN_PRESET=" in lines
 
 
-def test_hash_is_eight_hex_digits_of_the_resolved_lines():
+def test_hash_is_eight_hex_digits_of_the_hashed_resolved_lines():
     hp = Hyperparameters({})
     assert re.fullmatch(r"[0-9a-f]{8}", hp.hash())
-    # records/logparse.py recomputes it from the logged hp: lines
-    assert hp.hash() == hashlib.sha256("\n".join(hp.resolved_lines()).encode()).hexdigest()[:8]
+    hashed = [line for line in hp.resolved_lines() if line.split("=", 1)[0] not in hp.unhashed]
+    assert len(hashed) == len(hp.knobs) - len(hp.unhashed)
+    assert hp.hash() == hashlib.sha256("\n".join(hashed).encode()).hexdigest()[:8]
+
+
+def test_records_recomputes_the_hash_from_the_logged_lines():
+    """records/logparse.py checks hp_hash against the log's hp: lines and hp_unhashed: list."""
+    from records.logparse import hp_hash, parse_text
+
+    hp = Hyperparameters({"RUN_PRESET": "smoke", "SEED": "7", "RUN_ID": "r"})
+    header = [f"hp:{line}" for line in hp.resolved_lines()]
+    header.append(train_gpt.kv(hp_hash=hp.hash(), hp_unhashed=",".join(hp.unhashed)))
+    log = parse_text("\n".join(header))
+    assert log["hp_unhashed"] == hp.unhashed and log["hp_hash"] == hp.hash()
+    assert hp_hash(log["hp"], log["hp_unhashed"]) == hp.hash()
 
 
 def test_hash_is_stable_and_changes_with_a_value():
@@ -255,6 +268,44 @@ def test_hash_is_stable_and_changes_with_a_value():
     assert a.hash() == b.hash()
     assert a.hash() != Hyperparameters({"MODEL_DIM": "256", "NUM_LAYERS": "4", "XSA_LAST_N": "3"}).hash()
     assert Hyperparameters({}).hash() != Hyperparameters({"MATRIX_LR": "0.026"}).hash()
+
+
+def test_hp_hash_names_the_configuration_not_the_run():
+    """The seeds of one submission share hp_hash; it used to change with RUN_ID, SEED, ARTIFACT_PATH
+    and IGNORE_ENV, so no two runs ever shared it."""
+    base = {"RUN_PRESET": "smoke"}
+    runs = [
+        base,
+        {**base, "RUN_ID": "seed2", "SEED": "2", "ARTIFACT_PATH": "/tmp/seed2.ptz"},
+        {**base, "RUN_ID": "seed3", "SEED": "3", "LOG_DIR": "elsewhere", "ARTIFACT_DIR": "out"},
+        {**base, "IGNORE_ENV": "MYCLOUD_*", "MYCLOUD_JOB": "1"},
+        {**base, "EVAL_ONLY": "1", "ARTIFACT_PATH": "final_model_x.ptz"},
+        {**train_gpt.PRESETS["smoke"]},  # the preset's values without its name
+    ]
+    assert len({Hyperparameters(env).hash() for env in runs}) == 1
+    for model_change in ({"NUM_LAYERS": "3", "XSA_LAST_N": "3"}, {"MATRIX_LR": "0.02"}, {"DATA_PATH": "d"}):
+        assert Hyperparameters({**base, **model_change}).hash() != Hyperparameters(base).hash()
+
+
+def test_only_run_naming_and_io_knobs_are_unhashed():
+    assert Hyperparameters({}).unhashed == [
+        "ARTIFACT_DIR",
+        "ARTIFACT_PATH",
+        "EVAL_ONLY",
+        "IGNORE_ENV",
+        "LOG_DIR",
+        "RUN_ID",
+        "RUN_PRESET",
+        "SEED",
+    ]
+
+
+def test_readme_marks_exactly_the_unhashed_knobs():
+    readme = (REPO / "README.md").read_text()
+    hp = Hyperparameters({})
+    for name in hp.knobs:
+        row = re.search(rf"^\| `{name}` \|.*$", readme, re.M).group(0)
+        assert ("not in `hp_hash`" in row) == (name in hp.unhashed), name
 
 
 def test_same_value_from_preset_or_env_resolves_identically():

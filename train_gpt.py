@@ -3,6 +3,7 @@
 Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py      (GPU, NCCL)
       RUN_PRESET=smoke python train_gpt.py                         (CPU quick start)
       python train_gpt.py --help                                   (resolved settings; runs nothing)
+      python train_gpt.py --print-config                           (settings, hp_hash, model_params)
 Every knob is an environment variable read by `Hyperparameters` below; unknown ones are refused.
 Component notes cite the public records they come from (R0323 = 2026-03-23 record, etc.).
 """
@@ -3408,7 +3409,7 @@ def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
     model, train_model, compiled = build_model(hp, rt)
     log_header(hp, rt, log, script, compiled, attention_problem)
     val = prepare_validation(hp, rt, log)
-    log(kv(val_tokens=len(val.tokens) - 1, model_params=sum(p.numel() for p in model.parameters())))
+    log(kv(val_tokens=len(val.tokens) - 1, model_params=model_params(model)))
     train_files = find_shards(hp.data_path, "train")
     check_token_ids(train_files, hp.vocab_size, rt)
     loader = DistributedTokenLoader(train_files, rt)
@@ -3463,6 +3464,21 @@ def check_outputs_free(hp: Hyperparameters, rt: Runtime) -> Path:
     return log_path
 
 
+def model_params(model: nn.Module) -> int:
+    """The parameter count a run logs (`model_params:`) and --print-config prints."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def print_config(hp: Hyperparameters) -> None:
+    """`python train_gpt.py --print-config`: the resolved settings, hp_hash and the model's size.
+    The model is built on the meta device (shapes, no memory, no init cost): no data, no training,
+    no GPU, no log file."""
+    print("\n".join(hp.resolved_lines()))
+    print(kv(hp_hash=hp.hash(), hp_unhashed=",".join(hp.unhashed)))
+    with torch.device("meta"):
+        print(kv(model_params=model_params(GPT(hp))))
+
+
 ERROR_EXIT = {
     ConfigError: ("config error", 2),
     DataError: ("data error", 3),
@@ -3473,15 +3489,19 @@ ERROR_EXIT = {
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--pack"] and len(argv) == 2:
         return write_packed(argv[1])
-    if argv and argv[0] not in ("-h", "--help"):
+    if argv and argv[0] not in ("-h", "--help") and argv != ["--print-config"]:
         print(
             f"train_gpt.py takes no arguments (got {argv}); settings are env vars, see --help "
-            "(or --pack OUT to write the packed script)",
+            "(or --print-config for the settings, hp_hash and model_params; --pack OUT to write the "
+            "packed script)",
             file=sys.stderr,
         )
         return 2
     try:
         hp = Hyperparameters()
+        if argv == ["--print-config"]:
+            print_config(hp)
+            return 0
         if argv:  # --help: the resolved settings, nothing runs
             print(__doc__ + "\n".join(hp.resolved_lines()))
             return 0

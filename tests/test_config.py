@@ -1,16 +1,20 @@
 """Hyperparameters: typed parsing, unknown-variable refusal, presets, resolved lines and hash,
-cross-knob validation, and where train_gpt.py may read the process environment."""
+declared bounds and cross-knob validation, --print-config, and where train_gpt.py may read the
+process environment."""
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import inspect
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, TINY_ENV
 
 import train_gpt
 from train_gpt import ConfigError, Hyperparameters
@@ -131,7 +135,7 @@ def test_knob_of_an_unimplemented_technique_is_refused(name):
 
 @pytest.mark.parametrize("name", ["NUM_LOOP", "ROW_NORMALIZE", "POLAR_EXPRESS_NS", "BETA2"])
 def test_anchor_record_knob_is_refused(name):
-    # All four appear in the recommended-defaults command line of the design digest (section 9).
+    # Knob names of other submissions' scripts that this one does not have: refused, never ignored.
     with pytest.raises(ConfigError, match=f"unknown setting {name}="):
         Hyperparameters({name: "1"})
 
@@ -479,6 +483,56 @@ def test_init_runtime_single_process(monkeypatch):
     assert rt.device == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
 
 
+# ----------------------------------------------------------------------------- --print-config
+
+
+@pytest.mark.parametrize("env", [{"RUN_PRESET": "smoke"}, TINY_ENV], ids=["smoke", "tiny"])
+def test_print_config_prints_settings_hash_and_model_params(env, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os, "environ", dict(env))
+    assert train_gpt.main(["--print-config"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    hp = Hyperparameters(env)
+    assert out[:-2] == hp.resolved_lines()
+    assert out[-2] == f"hp_hash:{hp.hash()} hp_unhashed:{','.join(hp.unhashed)}"
+    built = train_gpt.GPT(hp)  # on CPU, as training builds it before moving it to the device
+    assert out[-1] == f"model_params:{sum(p.numel() for p in built.parameters())}"
+    assert os.listdir(tmp_path) == []  # no log, no artifact
+
+
+def test_training_logs_model_params_as_print_config_counts():
+    assert "model_params=model_params(model)" in inspect.getsource(train_gpt.run)
+
+
+def test_print_config_reads_no_data_and_writes_nothing(tmp_path):
+    """A fresh process in a folder without data: the smoke preset's DATA_PATH does not exist here."""
+    script = str(REPO / "train_gpt.py")
+    env = {k: v for k, v in os.environ.items() if not train_gpt._looks_like_ours(k, set())}
+    env.update(RUN_PRESET="smoke", SEED="5", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, script, "--print-config"], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "SEED=5" in lines and "NUM_LAYERS=4" in lines
+    assert lines[-2].startswith(f"hp_hash:{Hyperparameters({'RUN_PRESET': 'smoke'}).hash()} ")
+    assert re.fullmatch(r"model_params:\d+", lines[-1])
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("args", [["--print-config", "extra"], ["--print-configs"], ["--iterations=5"]])
+def test_unknown_arguments_are_still_refused(args, monkeypatch, capsys):
+    monkeypatch.setattr(os, "environ", {})
+    assert train_gpt.main(args) == 2
+    assert "settings are env vars" in capsys.readouterr().err
+
+
+def test_print_config_refuses_a_bad_setting(monkeypatch, capsys):
+    monkeypatch.setattr(os, "environ", {"QUANT_BITS": "9"})
+    assert train_gpt.main(["--print-config"]) == 2
+    assert "config error: QUANT_BITS must be in [2, 8] (got 9)" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- environment access
 
 
@@ -541,7 +595,7 @@ def test_xsa_last_n_beyond_the_depth_means_every_layer():
 
 # ------------------------------------------------------------------ platform variables & IGNORE_ENV
 
-# Set by cloud images and build tools (issue 10): each once stopped every rank with a config error.
+# Set by cloud images and build tools: each once stopped every rank with a config error.
 PLATFORM_ENV = [
     "FLASH_ATTENTION_SKIP_CUDA_BUILD",
     "CMAKE_BUILD_PARALLEL_LEVEL",

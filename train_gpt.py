@@ -3,6 +3,7 @@
 Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py      (GPU, NCCL)
       RUN_PRESET=smoke python train_gpt.py                         (CPU quick start)
       python train_gpt.py --help                                   (resolved settings; runs nothing)
+      python train_gpt.py --print-config                           (settings, hp_hash, model_params)
 Every knob is an environment variable read by `Hyperparameters` below; unknown ones are refused.
 Component notes cite the public records they come from (R0323 = 2026-03-23 record, etc.).
 """
@@ -127,25 +128,68 @@ def _parse_list(name: str, raw: str, kind: type) -> tuple:
     return tuple(_parse(name, part.strip(), kind) for part in raw.split(",") if part.strip())
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The values a knob allows, declared on its `k(...)` line: `choices`, or a range given by
+    ge/gt (lower bound, inclusive/exclusive) and le/lt (upper bound). NaN is outside every range."""
+
+    choices: tuple[str, ...] = ()
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def allows(self, value: object) -> bool:
+        if self.choices:
+            return value in self.choices
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+
+    def describe(self) -> str:
+        """`gptq or rtn`, `> 0`, `in [0, 1)`, ...: the allowed set or range, as messages write it."""
+        if self.choices:
+            return " or ".join(filter(None, (", ".join(self.choices[:-1]), self.choices[-1])))
+        low = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else ""
+        high = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else ""
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f">= {self.ge}" if self.ge is not None else f"> {self.gt}"
+        return f"<= {self.le}" if self.le is not None else f"< {self.lt}"
+
+
 class _KnobReader:
-    """Reads knobs for `Hyperparameters`: env value, else preset value, else the default."""
+    """Reads knobs for `Hyperparameters`: env value, else preset value, else the default; keeps
+    each knob's declared bounds (`Bounds` keywords), which `validate` enforces, and the knobs
+    declared hashed=False, which hp_hash leaves out."""
 
     def __init__(self, target: object, environ: Mapping[str, str], preset: Mapping[str, str]):
         self.target, self.environ, self.preset = target, environ, preset
         self.names: dict[str, object] = {}
         self.overrides: list[str] = []  # knobs set explicitly in the environment
+        self.bounds: dict[str, Bounds] = {}
+        self.unhashed: list[str] = []
 
-    def __call__(self, name: str, kind: type, default: object) -> None:
+    def __call__(self, name: str, kind: type, default: object, *, hashed: bool = True, **bounds) -> None:
         if name in self.environ:
             self.overrides.append(name)
         raw = self.environ.get(name, self.preset.get(name))
         value = default if raw is None else _parse(name, raw, kind)
         self.names[name] = value
         setattr(self.target, name.lower(), value)
+        if bounds:
+            self.bounds[name] = Bounds(**bounds)
+        if not hashed:
+            self.unhashed.append(name)
 
 
 class Hyperparameters:
-    """Every knob of a run. One line per knob: NAME, type, default. Attributes are NAME.lower()."""
+    """Every knob of a run. One line per knob: NAME, type, default, then the values it allows
+    (`Bounds`: choices=, or ge=/gt=/le=/lt=), checked by `validate`. Attributes are NAME.lower()."""
 
     def __init__(self, environ: Mapping[str, str] | None = None):
         environ = os.environ if environ is None else environ
@@ -164,6 +208,8 @@ class Hyperparameters:
         self._evaluation_knobs(k)
         self._quantization_knobs(k)
         self.knobs = dict(k.names)
+        self.bounds = dict(k.bounds)
+        self.unhashed = sorted(k.unhashed)
         self.overrides = sorted(k.overrides)
         self.environ = dict(environ)
         self.preset_name = preset_name or "none"
@@ -171,53 +217,59 @@ class Hyperparameters:
         self.validate()
 
     def _run_knobs(self, k: _KnobReader) -> None:
+        # hashed=False: left out of hp_hash, which names a configuration, so the seeds of one
+        # submission (and an EVAL_ONLY rescoring with the same settings) share it. A preset's values
+        # are in the other knobs; RUN_ID, SEED and the output/input places name one run of it;
+        # EVAL_ONLY says whether this process trains it or scores its artifact; IGNORE_ENV lists
+        # variables never read. DATA_PATH and TOKENIZER_PATH stay hashed: they say which data and
+        # tokenizer, and both change the model and its score.
         # fmt: off
-        k("RUN_PRESET", str, "")  # named table of defaults (`smoke`); explicit env vars win
-        k("RUN_ID", str, "")  # log/artifact name; random when empty
-        k("SEED", int, 1337)  # torch/numpy seed
-        k("LOG_DIR", str, "logs")  # where `<RUN_ID>.txt` is written
-        k("ARTIFACT_DIR", str, ".")  # where `final_model_<RUN_ID>.ptz` goes when ARTIFACT_PATH is empty
-        k("ARTIFACT_PATH", str, "")  # artifact: written by training (never overwritten), read by EVAL_ONLY
-        k("EVAL_ONLY", bool, False)  # score ARTIFACT_PATH in a fresh process: no training, no train shards
-        k("IGNORE_ENV", str, "")  # env names (comma list, `PREFIX*` ok) not to refuse as unknown knobs
+        k("RUN_PRESET", str, "", hashed=False)  # named table of defaults (`smoke`); explicit env vars win
+        k("RUN_ID", str, "", hashed=False)  # log/artifact name; random when empty
+        k("SEED", int, 1337, hashed=False)  # torch/numpy seed
+        k("LOG_DIR", str, "logs", hashed=False)  # where `<RUN_ID>.txt` is written
+        k("ARTIFACT_DIR", str, ".", hashed=False)  # `final_model_<RUN_ID>.ptz` here without ARTIFACT_PATH
+        k("ARTIFACT_PATH", str, "", hashed=False)  # training writes it (never overwrites); EVAL_ONLY reads
+        k("EVAL_ONLY", bool, False, hashed=False)  # score ARTIFACT_PATH in a fresh process: no training
+        k("IGNORE_ENV", str, "", hashed=False)  # env names (comma list, `PREFIX*` ok) not to refuse as knobs
         # fmt: on
 
     def _data_knobs(self, k: _KnobReader) -> None:
         # fmt: off
         k("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024")  # folder of fineweb_{train,val}_*.bin
         k("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model")  # SentencePiece model
-        k("VOCAB_SIZE", int, 1024)  # must equal the tokenizer's size; shard ids are checked against it
+        k("VOCAB_SIZE", int, 1024, gt=0, le=65536)  # the tokenizer's size (checked); uint16 shards
         k("BYTE_CHECK_DOCS", int, 64)  # val documents in the BPB byte-table self-check
         # fmt: on
 
     def _model_knobs(self, k: _KnobReader) -> None:
         # fmt: off
-        k("NUM_LAYERS", int, 11)  # transformer blocks
-        k("MODEL_DIM", int, 512)  # residual width
-        k("NUM_HEADS", int, 8)  # query heads (head dim = MODEL_DIM / NUM_HEADS)
-        k("NUM_KV_HEADS", int, 4)  # key/value heads (GQA)
+        k("NUM_LAYERS", int, 11, gt=0)  # transformer blocks
+        k("MODEL_DIM", int, 512, gt=0)  # residual width
+        k("NUM_HEADS", int, 8, gt=0)  # query heads (head dim = MODEL_DIM / NUM_HEADS)
+        k("NUM_KV_HEADS", int, 4, gt=0)  # key/value heads (GQA)
         k("MLP_MULT", float, 3.0)  # MLP hidden = MLP_MULT x MODEL_DIM
         k("LEAKY_RELU_SLOPE", float, 0.5)  # negative slope of the squared LeakyReLU
         k("TIE_EMBEDDINGS", bool, True)  # output head shares the token embedding
         k("TIED_EMBED_INIT_STD", float, 0.005)  # token embedding init std
         k("LOGIT_SOFTCAP", float, 30.0)  # logits -> c*tanh(logits/c)
-        k("ROPE_DIMS", int, 16)  # rotated dims per head (partial RoPE); 0 = no RoPE
+        k("ROPE_DIMS", int, 16, ge=0)  # rotated dims per head (partial RoPE); 0 = no RoPE
         k("ROPE_BASE", float, 10000.0)  # RoPE frequency base
         k("QK_GAIN_INIT", float, 5.0)  # initial per-head query gain after QK RMS-norm
         k("LN_SCALE", bool, True)  # scale normed block inputs by 1/sqrt(layer+1)
-        k("XSA_LAST_N", int, 11)  # XSA on the last N layers (0 = off, >= NUM_LAYERS = all)
+        k("XSA_LAST_N", int, 11, ge=0)  # XSA on the last N layers (0 = off, >= NUM_LAYERS = all)
         k("VALUE_RESIDUAL", bool, True)  # mix layer 0's values into later layers
         k("GATED_ATTN", bool, True)  # per-head sigmoid gate on the attention output
         k("GATED_ATTN_BIAS_INIT", float, 4.0)  # gate bias at init (4 -> 98% open)
         k("SMEAR_GATE", bool, True)  # BOS-masked input-gated mix with the previous token
         k("SMEAR_GATE_INPUTS", int, 12)  # leading channels feeding the smear gate
-        k("BIGRAM_BUCKETS", int, 3072)  # BigramHash table rows (0 = off)
+        k("BIGRAM_BUCKETS", int, 3072, ge=0)  # BigramHash table rows (0 = off, else >= 2)
         k("BIGRAM_DIM", int, 112)  # BigramHash embedding width before projection
-        k("PARALLEL_RESIDUAL_LAST_N", int, 0)  # GPT-J parallel attn+MLP on the last N layers (0 = off)
-        k("NUM_LOOPS", int, 0)  # depth recurrence: extra passes over LOOP_START..LOOP_END (0 = off)
+        k("PARALLEL_RESIDUAL_LAST_N", int, 0, ge=0)  # GPT-J parallel attn+MLP on the last N layers (0 = off)
+        k("NUM_LOOPS", int, 0, ge=0)  # depth recurrence: extra passes over LOOP_START..LOOP_END (0 = off)
         k("LOOP_START", int, 3)  # first physical block of the repeated segment
         k("LOOP_END", int, 5)  # last physical block of the repeated segment (inclusive)
-        k("ENABLE_LOOPING_AT", float, 0.35)  # schedule fraction from which the segment repeats
+        k("ENABLE_LOOPING_AT", float, 0.35, ge=0, le=1)  # schedule fraction from which the segment repeats
         k("UNET_SKIPS", bool, True)  # encoder->decoder skip connections with learned weights
         # fmt: on
 
@@ -245,18 +297,18 @@ class Hyperparameters:
 
     def _schedule_knobs(self, k: _KnobReader) -> None:
         # fmt: off
-        k("ITERATIONS", int, 20000)  # step cap (the schedule uses the further of step and time fractions)
+        k("ITERATIONS", int, 20000, gt=0)  # step cap (schedule: the further of step and time fractions)
         k("MAX_WALLCLOCK_SECONDS", float, 600.0)  # training-time budget; 0 = fixed ITERATIONS run
         k("EXPORT_RESERVE_SECONDS", float, -1.0)  # budget kept for the artifact; -1 = measured by a dry run
-        k("LR_WARMUP_FRAC", float, 0.0)  # fraction of the budget with linear LR warmup
-        k("WARMDOWN_FRAC", float, 0.72)  # final fraction of the budget with linear LR decay
+        k("LR_WARMUP_FRAC", float, 0.0, ge=0, lt=1)  # fraction of the budget with linear LR warmup
+        k("WARMDOWN_FRAC", float, 0.72, ge=0, le=1)  # final fraction of the budget with linear LR decay
         k("MIN_LR", float, 0.0)  # LR multiplier floor during warmdown
         k("WARMUP_STEPS", int, 20)  # untimed compile-priming steps, then weights/optimizer/data are restored
-        k("TRAIN_SEQ_LEN", int, 2048)  # sequence length (train and eval)
+        k("TRAIN_SEQ_LEN", int, 2048, gt=0)  # sequence length (train and eval)
         k("TRAIN_BATCH_TOKENS", int, 786432)  # global batch in tokens, the same for any world size
-        k("MICROBATCH_TOKENS", int, 98304)  # tokens per rank per forward; accumulation makes up the rest
+        k("MICROBATCH_TOKENS", int, 98304, gt=0)  # tokens per rank per forward; accumulation does the rest
         k("COMPILE", bool, True)  # torch.compile the model on GPU
-        k("CLOCK_SYNC_EVERY", int, 10)  # agree the clock across ranks every N steps (every step near the end)
+        k("CLOCK_SYNC_EVERY", int, 10, gt=0)  # agree the clock over ranks every N steps (each, near the end)
         # fmt: on
 
     def _evaluation_knobs(self, k: _KnobReader) -> None:
@@ -264,26 +316,26 @@ class Hyperparameters:
         k("VAL_BATCH_TOKENS", int, 524288)  # tokens per validation forward, over all ranks
         k("VAL_LOSS_EVERY", int, 1000)  # validate every N steps (and at step 0); 0 = only at the end
         k("TRAIN_LOG_EVERY", int, 100)  # train log line every N steps
-        k("EVAL_MODE", str, "sliding")  # final scoring windows: flat (TRAIN_SEQ_LEN, no overlap) or sliding
-        k("EVAL_SEQ_LEN", int, 0)  # sliding window length; 0 = TRAIN_SEQ_LEN
-        k("EVAL_STRIDE", int, 64)  # sliding step: every token scored once with >= window-stride context
-        k("EVAL_BATCH_SEQS", int, 0)  # windows per forward per rank; 0 = VAL_BATCH_TOKENS / (window x ranks)
+        k("EVAL_MODE", str, "sliding", choices=("flat", "sliding"))  # final windows; flat: no overlap
+        k("EVAL_SEQ_LEN", int, 0, ge=0)  # sliding window length; 0 = TRAIN_SEQ_LEN
+        k("EVAL_STRIDE", int, 64, gt=0)  # sliding step: every token scored once with >= window-stride context
+        k("EVAL_BATCH_SEQS", int, 0, ge=0)  # windows per forward per rank; 0: from VAL_BATCH_TOKENS
         k("EVAL_BUDGET_S", float, 600.0)  # eval clock; a pass projected to overrun it is skipped
-        k("TTT_MODE", str, "chunked")  # score-first test-time training of a copy: none, chunked or lora
-        k("TTT_CHUNK_TOKENS", int, 32768)  # TTT/mixer chunk: scored, then adapted on (the last one never)
+        k("TTT_MODE", str, "chunked", choices=("none", "chunked", "lora"))  # score-first test-time training
+        k("TTT_CHUNK_TOKENS", int, 32768, gt=0)  # TTT/mixer chunk: scored, then adapted on (the last never)
         k("TTT_LR", float, 0.005)  # TTT peak learning rate, cosine-decayed over chunks
-        k("TTT_EPOCHS", int, 3)  # passes over each scored chunk
+        k("TTT_EPOCHS", int, 3, ge=0)  # passes over each scored chunk
         k("TTT_MOMENTUM", float, 0.9)  # SGD momentum (AdamW beta1) of TTT
-        k("TTT_OPTIMIZER", str, "sgd")  # TTT optimizer: sgd or adamw
-        k("TTT_FREEZE_BLOCKS", int, 0)  # first N blocks stay frozen during TTT
+        k("TTT_OPTIMIZER", str, "sgd", choices=("sgd", "adamw"))  # TTT optimizer
+        k("TTT_FREEZE_BLOCKS", int, 0, ge=0)  # first N blocks stay frozen during TTT
         k("TTT_GRAD_CLIP", float, 1.0)  # TTT gradient-norm clip (0 = off)
         k("TTT_BATCH_SEQS", int, 32)  # sequences per TTT step, over all ranks
-        k("TTT_LORA_RANK", int, 8)  # TTT_MODE=lora: adapter rank on Q, V and the output head
+        k("TTT_LORA_RANK", int, 8, gt=0)  # TTT_MODE=lora: adapter rank on Q, V and the output head
         k("TTT_LORA_LR", float, 0.01)  # TTT_MODE=lora: Adam learning rate of the per-document adapters
-        k("TTT_LORA_CHUNK", int, 256)  # TTT_MODE=lora: tokens scored, then trained on, per step in a document
-        k("TTT_LORA_DOCS", int, 64)  # TTT_MODE=lora: documents adapted together (one adapter each)
+        k("TTT_LORA_CHUNK", int, 256, gt=0)  # TTT_MODE=lora: tokens scored, then trained on, per step
+        k("TTT_LORA_DOCS", int, 64, gt=0)  # TTT_MODE=lora: documents adapted together (one adapter each)
         k("NGRAM_MIX", bool, False)  # mix the last pass with unigram/bigram/hashed-trigram counts (Hedge)
-        k("NGRAM_BUCKETS", int, 65536)  # rows of the hashed trigram table (x VOCAB_SIZE floats)
+        k("NGRAM_BUCKETS", int, 65536, gt=0)  # rows of the hashed trigram table (x VOCAB_SIZE floats)
         k("HEDGE_LR", float, 0.1)  # Hedge learning rate of the mixer weights
         k("NGRAM_WARMUP_TOKENS", int, 10000)  # the network alone until the count tables hold this many tokens
         k("NGRAM_CHECK_NORM", bool, False)  # debug: check each expert and the weights sum to 1 everywhere
@@ -291,72 +343,48 @@ class Hyperparameters:
 
     def _quantization_knobs(self, k: _KnobReader) -> None:
         # fmt: off
-        k("QUANT_METHOD", str, "gptq")  # gptq (Hessian-aware) or rtn (round-to-nearest baseline)
-        k("QUANT_BITS", int, 6)  # bits of the block matrices (attention and MLP)
+        k("QUANT_METHOD", str, "gptq", choices=("gptq", "rtn"))  # Hessian-aware, or round-to-nearest baseline
+        k("QUANT_BITS", int, 6, ge=2, le=8)  # bits of the block matrices (attention and MLP)
         k("QUANT_INT5_LAYERS", str, "")  # comma list of blocks whose matrices start at int5
-        k("QUANT_EMBED_BITS", int, 8)  # bits of the token/bigram embeddings and an untied head (per row)
+        k("QUANT_EMBED_BITS", int, 8, ge=2, le=8)  # bits of token/bigram embeddings, untied head (per row)
         k("QUANT_EMBED_GPTQ", bool, False)  # GPTQ the embeddings too (tied: final hidden states as inputs)
-        k("QUANT_PACKING", str, "bytes")  # bytes (one int8 per value) or bits (dense bit-packing)
+        k("QUANT_PACKING", str, "bytes", choices=("bytes", "bits"))  # an int8 per value, or dense bit-packing
         k("QUANT_REPORT_RTN", bool, False)  # also score a round-to-nearest artifact and log its gap
         k("GPTQ_CALIB_TOKENS", int, 2097152)  # training tokens of Hessian calibration, over all ranks
-        k("GPTQ_BLOCK_SIZE", int, 128)  # columns per lazy GPTQ update block
-        k("GPTQ_DAMP", float, 0.01)  # Hessian damping, as a fraction of its mean diagonal
+        k("GPTQ_BLOCK_SIZE", int, 128, gt=0)  # columns per lazy GPTQ update block
+        k("GPTQ_DAMP", float, 0.01, gt=0)  # Hessian damping, as a fraction of its mean diagonal
         k("GPTQ_ACT_ORDER", bool, True)  # quantise columns by descending Hessian diagonal
         k("GPTQ_CLIP_FRACS", str, "1.0,0.95,0.9,0.85,0.8,0.75,0.7")  # clip candidates (fractions of row max)
-        k("GPTQ_SDCLIP_K", float, 0.0)  # > 0: each row clips at k x its std (SDClip) instead of the search
-        k("QAT_START_LR_SCALE", float, 0.0)  # late QAT once the LR multiplier falls below this (0 = off)
-        k("COMPRESSOR", str, "auto")  # zstd, brotli, lzma, or auto (smallest of those importable)
-        k("CODE_BYTES_MODE", str, "raw")  # count the script as is (raw) or its lzma+base85 form (packed)
+        k("GPTQ_SDCLIP_K", float, 0.0, ge=0)  # > 0: rows clip at k x std (SDClip), not the search
+        k("QAT_START_LR_SCALE", float, 0.0, ge=0, le=1)  # late QAT below this LR multiplier (0 = off)
+        k("COMPRESSOR", str, "auto", choices=("auto", "zstd", "brotli", "lzma"))  # auto: smallest importable
+        k("CODE_BYTES_MODE", str, "raw", choices=("raw", "packed"))  # the script, or its lzma+base85 form
         k("ARTIFACT_CAP_BYTES", int, 16000000)  # code + compressed model must fit (decimal bytes)
         # fmt: on
 
     def validate(self) -> None:
-        """Cross-knob consistency, checked before any work."""
-        for name in (
-            "NUM_LAYERS",
-            "MODEL_DIM",
-            "NUM_HEADS",
-            "NUM_KV_HEADS",
-            "TRAIN_SEQ_LEN",
-            "MICROBATCH_TOKENS",
-        ):
-            if self.knobs[name] <= 0:
-                raise ConfigError(f"{name}={self.knobs[name]} must be positive")
-        checks = self._training_checks() + self._quantization_checks() + self._evaluation_checks()
-        for ok, message in checks:
+        """Every knob within its declared bounds, then the knobs consistent with each other."""
+        for name, bounds in self.bounds.items():
+            if not bounds.allows(self.knobs[name]):
+                raise ConfigError(f"{name} must be {bounds.describe()} (got {self.knobs[name]!r})")
+        for ok, message in self._consistency_checks():
             if not ok:
                 raise ConfigError(message)
-        bad = [i for i in self.int5_layers if not 0 <= i < self.num_layers]
-        if bad or not self.clip_fracs or not all(0 < f <= 1 for f in self.clip_fracs):
-            raise ConfigError(
-                "QUANT_INT5_LAYERS must list block indices < NUM_LAYERS, GPTQ_CLIP_FRACS fractions in (0, 1]"
-            )
 
-    def _training_checks(self) -> list[tuple[bool, str]]:
+    def _consistency_checks(self) -> list[tuple[bool, str]]:
+        """Rules no single knob's bounds can state; bounds hold here (no division by zero)."""
         return [
             (self.model_dim % self.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
             (self.num_heads % self.num_kv_heads == 0, "NUM_HEADS must be divisible by NUM_KV_HEADS"),
             (
-                self.rope_dims % 2 == 0 and 0 <= self.rope_dims <= self.head_dim,
+                self.rope_dims % 2 == 0 and self.rope_dims <= self.head_dim,
                 "ROPE_DIMS must be even and at most MODEL_DIM/NUM_HEADS",
             ),
-            (self.xsa_last_n >= 0, "XSA_LAST_N must be >= 0"),
-            (self.parallel_residual_last_n >= 0, "PARALLEL_RESIDUAL_LAST_N must be >= 0"),
             (
-                self.num_loops == 0
-                or 0 < self.num_loops
-                and 0 <= self.loop_start <= self.loop_end < self.num_layers,
-                "NUM_LOOPS must be >= 0 and 0 <= LOOP_START <= LOOP_END < NUM_LAYERS",
+                self.num_loops == 0 or 0 <= self.loop_start <= self.loop_end < self.num_layers,
+                "NUM_LOOPS > 0 needs 0 <= LOOP_START <= LOOP_END < NUM_LAYERS",
             ),
-            (0 <= self.enable_looping_at <= 1, "ENABLE_LOOPING_AT must be in [0, 1]"),
-            (self.bigram_buckets == 0 or self.bigram_buckets >= 2, "BIGRAM_BUCKETS must be 0 (off) or >= 2"),
-            (0 < self.vocab_size <= 65536, "VOCAB_SIZE must be in (0, 65536] (uint16 shards)"),
-            (
-                0 <= self.warmdown_frac <= 1 and 0 <= self.lr_warmup_frac < 1,
-                "schedule fractions must be in [0, 1]",
-            ),
-            (self.iterations > 0, "ITERATIONS must be positive"),
-            (self.clock_sync_every > 0, "CLOCK_SYNC_EVERY must be positive"),
+            (self.bigram_buckets != 1, "BIGRAM_BUCKETS must be 0 (off) or >= 2"),  # two ranges
             (
                 self.max_wallclock_seconds <= 0
                 or self.export_reserve_seconds == -1
@@ -372,50 +400,16 @@ class Hyperparameters:
                 "MICROBATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN",
             ),
             (self.smear_gate_inputs <= self.model_dim, "SMEAR_GATE_INPUTS must be at most MODEL_DIM"),
-        ]
-
-    def _quantization_checks(self) -> list[tuple[bool, str]]:
-        return [
-            (self.quant_method in ("gptq", "rtn"), "QUANT_METHOD must be gptq or rtn"),
-            (
-                2 <= self.quant_bits <= 8 and 2 <= self.quant_embed_bits <= 8,
-                "QUANT_BITS and QUANT_EMBED_BITS must be in [2, 8]",
-            ),
-            (self.quant_packing in ("bytes", "bits"), "QUANT_PACKING must be bytes or bits"),
-            (
-                self.compressor in ("auto", "zstd", "brotli", "lzma"),
-                "COMPRESSOR must be auto, zstd, brotli or lzma",
-            ),
-            (self.code_bytes_mode in ("raw", "packed"), "CODE_BYTES_MODE must be raw or packed"),
-            (
-                self.gptq_block_size > 0 and self.gptq_damp > 0,
-                "GPTQ_BLOCK_SIZE and GPTQ_DAMP must be positive",
-            ),
-            (0 <= self.qat_start_lr_scale <= 1, "QAT_START_LR_SCALE must be in [0, 1]"),
-            (self.gptq_sdclip_k >= 0, "GPTQ_SDCLIP_K must be >= 0 (0 = Hessian-aware clip search)"),
+            (self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS must be at most NUM_LAYERS"),
             (not self.eval_only or self.artifact_path, "EVAL_ONLY=1 needs ARTIFACT_PATH=<artifact file>"),
-        ]
-
-    def _evaluation_checks(self) -> list[tuple[bool, str]]:
-        return [
-            (self.eval_mode in ("flat", "sliding"), "EVAL_MODE must be flat or sliding"),
-            (self.ttt_mode in ("none", "chunked", "lora"), "TTT_MODE must be none, chunked or lora"),
             (
-                min(self.ttt_lora_rank, self.ttt_lora_chunk, self.ttt_lora_docs) > 0,
-                "TTT_LORA_RANK, TTT_LORA_CHUNK and TTT_LORA_DOCS must be positive",
+                all(0 <= i < self.num_layers for i in self.int5_layers),
+                "QUANT_INT5_LAYERS must list block indices < NUM_LAYERS",
             ),
-            (self.ttt_optimizer in ("sgd", "adamw"), "TTT_OPTIMIZER must be sgd or adamw"),
             (
-                self.eval_stride > 0 and self.eval_seq_len >= 0,
-                "EVAL_STRIDE must be > 0 and EVAL_SEQ_LEN >= 0",
+                self.clip_fracs and all(0 < f <= 1 for f in self.clip_fracs),
+                "GPTQ_CLIP_FRACS must be a comma list of fractions in (0, 1]",
             ),
-            (self.eval_batch_seqs >= 0, "EVAL_BATCH_SEQS must be >= 0 (0 = from VAL_BATCH_TOKENS)"),
-            (
-                self.ttt_chunk_tokens > 0 and self.ttt_epochs >= 0,
-                "TTT_CHUNK_TOKENS must be > 0, TTT_EPOCHS >= 0",
-            ),
-            (0 <= self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS must be in [0, NUM_LAYERS]"),
-            (self.ngram_buckets > 0, "NGRAM_BUCKETS must be positive"),
         ]
 
     @property
@@ -462,7 +456,10 @@ class Hyperparameters:
         return [f"{name}={value}" for name, value in sorted(self.knobs.items())]
 
     def hash(self) -> str:
-        return hashlib.sha256("\n".join(self.resolved_lines()).encode()).hexdigest()[:8]
+        """hp_hash: the configuration's name, from the resolved lines of every knob not declared
+        hashed=False (equal hashes = the same model and score, up to the seed)."""
+        lines = [f"{name}={value}" for name, value in sorted(self.knobs.items()) if name not in self.unhashed]
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:8]
 
 
 def _owned_elsewhere(name: str) -> bool:
@@ -3451,7 +3448,7 @@ def log_header(
     log(kv(preset=hp.preset_name, env_overrides=",".join(hp.overrides) or "none"))
     for line in hp.resolved_lines():
         log(f"hp:{line}")
-    log(kv(hp_hash=hp.hash()))
+    log(kv(hp_hash=hp.hash(), hp_unhashed=",".join(hp.unhashed)))
 
 
 def gpu_names() -> str:
@@ -3502,7 +3499,7 @@ def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
     model, train_model, compiled = build_model(hp, rt)
     log_header(hp, rt, log, script, compiled, attention_problem)
     val = prepare_validation(hp, rt, log)
-    log(kv(val_tokens=len(val.tokens) - 1, model_params=sum(p.numel() for p in model.parameters())))
+    log(kv(val_tokens=len(val.tokens) - 1, model_params=model_params(model)))
     train_files = find_shards(hp.data_path, "train")
     check_token_ids(train_files, hp.vocab_size, rt)
     loader = DistributedTokenLoader(train_files, rt)
@@ -3557,6 +3554,21 @@ def check_outputs_free(hp: Hyperparameters, rt: Runtime) -> Path:
     return log_path
 
 
+def model_params(model: nn.Module) -> int:
+    """The parameter count a run logs (`model_params:`) and --print-config prints."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def print_config(hp: Hyperparameters) -> None:
+    """`python train_gpt.py --print-config`: the resolved settings, hp_hash and the model's size.
+    The model is built on the meta device (shapes, no memory, no init cost): no data, no training,
+    no GPU, no log file."""
+    print("\n".join(hp.resolved_lines()))
+    print(kv(hp_hash=hp.hash(), hp_unhashed=",".join(hp.unhashed)))
+    with torch.device("meta"):
+        print(kv(model_params=model_params(GPT(hp))))
+
+
 ERROR_EXIT = {
     ConfigError: ("config error", 2),
     DataError: ("data error", 3),
@@ -3567,15 +3579,19 @@ ERROR_EXIT = {
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--pack"] and len(argv) == 2:
         return write_packed(argv[1])
-    if argv and argv[0] not in ("-h", "--help"):
+    if argv and argv[0] not in ("-h", "--help") and argv != ["--print-config"]:
         print(
             f"train_gpt.py takes no arguments (got {argv}); settings are env vars, see --help "
-            "(or --pack OUT to write the packed script)",
+            "(or --print-config for the settings, hp_hash and model_params; --pack OUT to write the "
+            "packed script)",
             file=sys.stderr,
         )
         return 2
     try:
         hp = Hyperparameters()
+        if argv == ["--print-config"]:
+            print_config(hp)
+            return 0
         if argv:  # --help: the resolved settings, nothing runs
             print(__doc__ + "\n".join(hp.resolved_lines()))
             return 0

@@ -88,6 +88,7 @@ def empty_log(path: str) -> dict:
         "preset": None,
         "hp": {},
         "hp_hash": None,
+        "hp_unhashed": [],
         "steps": [],
         "vals": [],
         "final_evals": [],
@@ -175,7 +176,9 @@ def _set_preset(log, pairs):
 
 
 def _set_hp_hash(log, pairs):
+    """hp_hash:<8 hex>, and since 2026-12 hp_unhashed:<NAME,...> (the knobs the hash leaves out)."""
     log["hp_hash"] = pairs["hp_hash"]
+    log["hp_unhashed"] = [n for n in pairs.get("hp_unhashed", "").split(",") if n]
 
 
 def _set_stopping(log, pairs):
@@ -255,9 +258,10 @@ def parse_log(path) -> dict:
     """Parse one run log file into a dict.
 
     Keys: path, run_id, script_sha256, header (code_bytes_raw = script size, script, device, gpus, ...),
-    versions, preset, hp {NAME: raw string}, hp_hash, steps (train lines), vals (validation lines),
-    final_evals, stopping_early, artifact, final (the final JSON object or None), other (unrecognised
-    lines), errors, missing (required stable lines absent), truncated, complete.
+    versions, preset, hp {NAME: raw string}, hp_hash, hp_unhashed [NAME, ...], steps (train lines),
+    vals (validation lines), final_evals, stopping_early, artifact, final (the final JSON object or
+    None), other (unrecognised lines), errors, missing (required stable lines absent), truncated,
+    complete.
     """
     path = Path(path)
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -283,10 +287,11 @@ def find_logs(folder) -> list[Path]:
     return [p for p in candidates if looks_like_log(p)]
 
 
-def hp_hash(hp: dict[str, str]) -> str:
-    """train_gpt.py's hp_hash: sha256 of the sorted `NAME=value` lines joined by newlines, 8 hex.
-    Recomputing it shows the hp lines were not edited after the run."""
-    lines = "\n".join(f"{name}={value}" for name, value in sorted(hp.items()))
+def hp_hash(hp: dict[str, str], unhashed=()) -> str:
+    """train_gpt.py's hp_hash: sha256 of the sorted `NAME=value` lines, but those of the log's
+    `hp_unhashed` knobs (none in older logs), joined by newlines, 8 hex. Recomputing it shows the
+    hashed hp lines were not edited after the run."""
+    lines = "\n".join(f"{name}={value}" for name, value in sorted(hp.items()) if name not in unhashed)
     return hashlib.sha256(lines.encode()).hexdigest()[:8]
 
 

@@ -113,10 +113,9 @@ def check_log_consistency(rep: Report, log: dict) -> None:
             rep.problems.append(
                 f"{name}: final JSON {key}={final[key]!r} but the log line says {line_value!r}"
             )
-    if log["hp_hash"] != hp_hash(log["hp"]):
-        rep.problems.append(
-            f"{name}: hp_hash {log['hp_hash']} does not match the hp lines ({hp_hash(log['hp'])})"
-        )
+    recomputed = hp_hash(log["hp"], log["hp_unhashed"])
+    if log["hp_hash"] != recomputed:
+        rep.problems.append(f"{name}: hp_hash {log['hp_hash']} does not match the hp lines ({recomputed})")
     seed = log["hp"].get("SEED")
     if seed is not None and "seed" in final and str(final["seed"]) != seed:
         rep.problems.append(f"{name}: final JSON seed={final['seed']} but hp:SEED={seed}")

@@ -442,6 +442,25 @@ def test_validate_hp_lines_edited_after_the_run(base_folder, capsys):
     assert "hp_hash" in out and "settings differ" in out
 
 
+def test_validate_recomputes_hp_hash_without_the_knobs_the_log_lists_as_unhashed(base_folder, capsys):
+    """Logs written since hp_hash names the configuration carry `hp_unhashed:` (the run-naming and
+    I/O knobs the hash leaves out), so the seeds of one submission share one hash."""
+    unhashed = "ARTIFACT_DIR,ARTIFACT_PATH,EVAL_ONLY,IGNORE_ENV,LOG_DIR,RUN_ID,RUN_PRESET,SEED".split(",")
+    hashes = set()
+    for path in sorted(base_folder.glob("*.log")):
+        new = hp_hash(parse_log(path)["hp"], unhashed)
+        edit_text(path, r"hp_hash:\w+", f"hp_hash:{new} hp_unhashed:{','.join(unhashed)}")
+        edit_final_json(path, hp_hash=new)
+        log = parse_log(path)
+        assert log["hp_unhashed"] == unhashed and log["hp_hash"] == new
+        hashes.add(new)
+    assert len(hashes) == 1  # three seeds, one configuration
+    _, out = run_cli(capsys, "validate", base_folder, *NON_RECORD)
+    assert "hp_hash" not in out
+    edit_text(base_folder / "train_seed1.log", r"hp:MATRIX_LR=[^\n]+", "hp:MATRIX_LR=0.5")
+    assert "hp_hash" in validate_problems(capsys, base_folder)
+
+
 def test_validate_submission_json_must_match_the_logs(base_folder, capsys):
     path = base_folder / "submission.json"
     sub = json.loads(path.read_text())

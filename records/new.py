@@ -98,7 +98,7 @@ def render_readme(meta: dict, logs: list[dict], rows: list[dict], packed: bool =
     run_env = f"RUN_PRESET={preset} " if preset not in (None, "none") else ""
     world = first["header"].get("world_size") or 1
     launcher = f"torchrun --standalone --nproc_per_node={world}" if world > 1 else "python"
-    settings = "\n".join(f"{k}={v}" for k, v in sorted(first["hp"].items()) if k not in rules.PER_RUN_HP)
+    settings = "\n".join(f"{k}={v}" for k, v in sorted(first["hp"].items()) if k not in rules.RUN_NAMING_HP)
     return f"""# {meta["name"]}
 
 {meta["blurb"]}

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
-from . import rules, scripts, summary, thirdparty
+from . import packed, rules, scripts, summary, thirdparty
 from .logparse import describe_problems, find_logs, hp_hash, hp_hash_matches, parse_log
 
 REQUIRED_FILES = ("README.md", "submission.json", "train_gpt.py")
@@ -198,15 +198,21 @@ def differing_settings(a: dict[str, str], b: dict[str, str]) -> list[str]:
 
 
 def check_script(rep: Report) -> None:
-    """The logs were made by train_gpt.py in the folder, or by the script it unpacks to (a
-    CODE_BYTES_MODE=packed submission); code_bytes_raw is the size of the script that ran."""
+    """The logs were made by the script in the folder: train_gpt_source.py next to its packed form
+    (CODE_BYTES_MODE=packed, see packed.py), else train_gpt.py itself or the script it unpacks to (a
+    packed submission made before the source was kept beside it). code_bytes_raw is the size of the
+    script that ran."""
     if rep.script is None:
+        return
+    source = rep.folder / packed.SOURCE_NAME
+    if source.is_file():
+        check_packed_source(rep, source)
         return
     sha = hashlib.sha256(rep.script).hexdigest()
     ran = {sha: len(rep.script)}
-    source, _ = scripts.unpack(rep.script.decode("utf-8", errors="replace"), rep.folder / "train_gpt.py")
-    if source.encode() != rep.script:
-        ran[hashlib.sha256(source.encode()).hexdigest()] = len(source.encode())
+    unpacked, _ = scripts.unpack(rep.script.decode("utf-8", errors="replace"), rep.folder / "train_gpt.py")
+    if unpacked.encode() != rep.script:
+        ran[hashlib.sha256(unpacked.encode()).hexdigest()] = len(unpacked.encode())
     for log in rep.good_logs():
         if log["script_sha256"] not in ran:
             rep.problems.append(
@@ -219,6 +225,41 @@ def check_script(rep: Report) -> None:
                 f"{_name(log)}: code_bytes_raw {log['header'].get('code_bytes_raw')} != the size of "
                 f"the script that ran ({ran[log['script_sha256']]})"
             )
+
+
+def check_packed_source(rep: Report, source: Path) -> None:
+    """train_gpt_source.py made the logs, train_gpt.py is exactly its own pack_source's output, and
+    the runs counted that file's size as code."""
+    text = source.read_bytes()
+    sha = hashlib.sha256(text).hexdigest()
+    for log in rep.good_logs():
+        name, final = _name(log), log["final"]
+        if log["script_sha256"] != sha:
+            rep.problems.append(
+                f"{name}: script_sha256 {log['script_sha256'][:12]}… but {source.name} has sha256 "
+                f"{sha[:12]}…: the logs were not made by this source"
+            )
+        elif log["header"].get("code_bytes_raw") != len(text):
+            rep.problems.append(
+                f"{name}: code_bytes_raw {log['header'].get('code_bytes_raw')} != the size of "
+                f"{source.name} ({len(text)})"
+            )
+        counted = final.get("code_bytes_counted", final.get("bytes_code"))
+        if counted != len(rep.script):
+            rep.problems.append(
+                f"{name}: code_bytes_counted {counted} != the size of train_gpt.py in the folder "
+                f"({len(rep.script)}): the runs counted another file"
+            )
+    try:
+        made = packed.packed_form(source)
+    except Exception as exc:  # noqa: BLE001 (the folder's own code: any failure is a finding)
+        rep.problems.append(f"{source.name}: its pack_source could not make the packed form ({exc!r})")
+        return
+    if made != rep.script:
+        rep.problems.append(
+            f"train_gpt.py ({len(rep.script):,} bytes) is not what pack_source of {source.name} makes "
+            f"({len(made):,} bytes): rebuild the folder with `python -m records new`"
+        )
 
 
 def check_bytes(rep: Report) -> None:

@@ -4,6 +4,7 @@ they were made). Failure cases are made by editing copies of those logs, never b
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 import shutil
@@ -624,8 +625,9 @@ def test_python_dash_m_entry_point():
 
 def test_a_packed_code_run_submits_its_packed_script(tmp_path, capsys, sample_shards):  # noqa: F811
     """CODE_BYTES_MODE=packed counts the self-extracting form of the script: `new` must put that
-    form in the folder (the readable one is 100+ KB more code than the runs counted), and
-    `validate` accepts it and refuses the readable one in its place."""
+    form in the folder as train_gpt.py (the readable one is 100+ KB more code than the runs counted)
+    and the readable source beside it, and `validate` accepts it and refuses the readable one in its
+    place."""
     env = tiny_env(
         sample_shards,
         RUN_ID="packed",
@@ -641,14 +643,16 @@ def test_a_packed_code_run_submits_its_packed_script(tmp_path, capsys, sample_sh
     assert final["bytes_code"] == final["code_bytes_counted"] < final["code_bytes_raw"]
     log = tmp_path / "run" / "logs" / "packed.txt"
     folder = make_folder(tmp_path, REPO / "train_gpt.py", [log], "P", capsys)
+    source = (REPO / "train_gpt.py").read_bytes()
     submitted = (folder / "train_gpt.py").read_bytes()
-    assert submitted.startswith(b"import base64,lzma;exec(") and len(submitted) == final["bytes_code"]
-    assert "self-extracting" in (folder / "README.md").read_text()
+    assert submitted == own_pack_source(REPO / "train_gpt.py")(source.decode()).encode()
+    assert len(submitted) == final["bytes_code"]
+    assert (folder / "train_gpt_source.py").read_bytes() == source
     _, out = run_cli(capsys, "validate", folder)
     assert not [line for line in out.splitlines() if re.search("script_sha256|bytes_total|code_bytes", line)]
     shutil.copyfile(REPO / "train_gpt.py", folder / "train_gpt.py")  # the readable script instead
     code, out = run_cli(capsys, "validate", folder)
-    assert code != 0 and "!= recomputed" in out
+    assert code != 0 and "is not what pack_source of train_gpt_source.py makes" in out
 
 
 # ---- the 16,000,000-byte cap ---------------------------------------------------------------------
@@ -813,3 +817,103 @@ def test_a_folder_made_before_the_renaming_still_validates(base_folder, capsys):
     sub["seed_results"]["2"]["post_quant_val_bpb"] += 0.001
     path.write_text(json.dumps(sub, indent=2))
     assert "seed_results[2].post_quant_val_bpb" in validate_problems(capsys, base_folder)
+
+
+# ---- packed submissions: train_gpt.py packed, train_gpt_source.py readable -------------------------
+
+
+def own_pack_source(source: Path):
+    """The script's own pack_source, imported from its file (the packed bytes are never typed in)."""
+    spec = importlib.util.spec_from_file_location("test_records_packer", source)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module.pack_source
+
+
+def packed_run(tmp_path: Path, source: Path, name: str) -> list[Path]:
+    """Copies of the fixture logs as runs of `source` with CODE_BYTES_MODE=packed would log them:
+    its sha256 and size, code counted as its own pack_source's output."""
+    text = source.read_bytes()
+    form = own_pack_source(source)(text.decode()).encode()
+    logs = copy_logs(tmp_path, BASE_LOGS, name)
+    for log in logs:
+        model = final_json(log)["bytes_model"]
+        set_bytes(log, len(form), model, raw=len(text), sha=hashlib.sha256(text).hexdigest())
+        rehash(log, CODE_BYTES_MODE="packed")
+    return logs
+
+
+def make_packed(tmp_path: Path, source: Path, capsys, name="Packed") -> Path:
+    logs = packed_run(tmp_path, source, f"logs_{name}")
+    out_dir = tmp_path / "rec" / f"2026-01-04_{name}"
+    code, out = run_cli(capsys, "new", *logs, "--script", source, *META, "--out", out_dir, *NON_RECORD)
+    assert code == 0, out
+    return out_dir
+
+
+# pack_source as the packing change makes it: comment lines stripped before packing, so the packed
+# form no longer unpacks to the readable source.
+STRIPPING = """def pack_source(source: str) -> str:
+    source = "".join(ln for ln in source.splitlines(keepends=True) if not ln.lstrip().startswith("#"))
+"""
+
+
+@pytest.fixture(scope="module")
+def stripping_source(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("stripping") / "train_gpt.py"
+    text = SCRIPT.read_text()
+    signature = "def pack_source(source: str) -> str:\n"
+    assert text.count(signature) == 1
+    path.write_text(text.replace(signature, STRIPPING))
+    return path
+
+
+def test_new_puts_the_packed_form_and_the_source_in_the_folder(tmp_path, stripping_source, capsys):
+    folder = make_packed(tmp_path, stripping_source, capsys)
+    source = stripping_source.read_bytes()
+    packed = (folder / "train_gpt.py").read_bytes()
+    assert packed == own_pack_source(stripping_source)(source.decode()).encode() != source
+    assert (folder / "train_gpt_source.py").read_bytes() == source
+    readme = (folder / "README.md").read_text()
+    assert "- `train_gpt_source.py`: its readable source" in readme and "it is not run" in readme
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["bytes_code"] == len(packed)
+    code, out = run_cli(capsys, "validate", folder, *NON_RECORD)
+    assert code == 0, out
+    code, out = run_cli(capsys, "diff", folder, stripping_source, "--code-only")
+    assert "(scripts are identical)" in out  # the readable source is what diff reads
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("source_edited", "the logs were not made by this source"),
+        ("packed_edited", "is not what pack_source of train_gpt_source.py makes"),
+        ("counted_other", "code_bytes_counted 1234 != the size of train_gpt.py in the folder"),
+    ],
+)
+def test_validate_checks_a_packed_folder(tmp_path, stripping_source, capsys, case, message):
+    folder = make_packed(tmp_path, stripping_source, capsys)
+    if case == "source_edited":
+        path = folder / "train_gpt_source.py"
+        path.write_bytes(path.read_bytes() + b"# edited after the runs\n")
+    elif case == "packed_edited":
+        path = folder / "train_gpt.py"
+        other = own_pack_source(stripping_source)(stripping_source.read_text() + "X = 1\n")
+        path.write_text(other)
+    else:
+        edit_final_json(folder / "train_seed2.log", code_bytes_counted=1234)
+    assert message in validate_problems(capsys, folder)
+
+
+def test_old_style_packed_folder_still_validates(tmp_path, script, capsys):
+    """A packed train_gpt.py without train_gpt_source.py beside it, as `new` made them when the
+    packed form unpacked to the exact source: checked through what it unpacks to."""
+    folder = make_packed(tmp_path, script, capsys)
+    (folder / "train_gpt_source.py").unlink()
+    code, out = run_cli(capsys, "validate", folder, *NON_RECORD)
+    assert code == 0, out

@@ -1,11 +1,16 @@
 """Parameter Golf training script: an 11-layer GQA transformer trained in 600 s on 8xH100.
 
 Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py      (GPU, NCCL)
-      RUN_PRESET=smoke python train_gpt.py                         (CPU quick start)
-      python train_gpt.py --help                                   (resolved settings; runs nothing)
-      python train_gpt.py --print-config                           (settings, hp_hash, model_params)
+      RUN_PRESET=smoke python3 train_gpt.py                        (CPU quick start)
+      python3 train_gpt.py --help                                  (resolved settings; runs nothing)
+      python3 train_gpt.py --print-config                          (settings, hp_hash, model_params)
 Every knob is an environment variable read by `Hyperparameters` below; unknown ones are refused.
-Component notes cite the public records they come from (R0323 = 2026-03-23 record, etc.).
+Component notes cite the public sources they come from, in openai/parameter-golf:
+  R0323 = records/track_10min_16mb/2026-03-23_LeakyReLU_LegalTTT_ParallelMuon (PR #549)
+  R0325 = records/track_10min_16mb/2026-03-25_ValCalib_GPTQ_XSA_BigramHash3072 (PR #1019)
+  R0409 = records/track_10min_16mb/2026-04-09_SP8192_3LayerRecur_ParResid_QK525_LegalTTT (PR #1493)
+  R0427 = records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611 (PR #1855)
+  P2, P638, P687, P1125, P1485 = pull requests #2, #638, #687, #1125, #1485; BASE = the naive baseline.
 """
 
 from __future__ import annotations
@@ -809,8 +814,8 @@ def split_documents(tokens: np.ndarray, limit: int) -> list[np.ndarray]:
 
 
 def check_token_ids(files: list[Path], vocab_size: int, rt: Runtime) -> None:
-    """Every shard's ids are < VOCAB_SIZE, checked once before the clock starts (issue 10: the
-    loader used to scan each new shard's ~100M tokens inside the timed loop). Rank r scans every
+    """Every shard's ids are < VOCAB_SIZE, checked once before the clock starts (scanning each
+    new shard's ~100M tokens inside the timed loop would cost training steps). Rank r scans every
     W-th shard and the worst (largest id, file) is agreed by all ranks, so all stop together with
     the same error naming the file."""
     worst = (-1, -1)  # (largest id, file index) of this rank's share
@@ -922,7 +927,7 @@ ATTENTION_BACKEND = "sdpa"  # set once per process by select_attention_backend()
 def fa3_problem(device: torch.device) -> str | None:
     """Why FA3 cannot be used here, or None after one compiled (fullgraph) forward + backward works.
     Older FA3 builds call their CUDA extension directly instead of registering torch ops, which breaks
-    fullgraph compilation on the first warmup step (issue 10), so importing it is not enough."""
+    fullgraph compilation on the first warmup step, so importing it is not enough."""
     if flash_attn_func is None:
         return "flash_attn_interface is not importable (install FlashAttention-3 for Hopper)"
     try:
@@ -1461,7 +1466,7 @@ class QuantTensor:
 
 def fake_quantize(w: Tensor, bits: int) -> Tensor:
     """Late-QAT straight-through estimator: the forward sees per-row round-to-nearest intN weights,
-    the backward the identity (components.md 4.7)."""
+    the backward the identity."""
     scale = fp16_scales(w.detach().abs().amax(dim=1), bits)
     q = round_to_grid(w, scale, bits) * scale[:, None]
     return w + (q - w).detach()
@@ -1521,7 +1526,7 @@ def damped_upper_inverse(H: Tensor, damp: float) -> Tensor:
 
 
 def gptq_quantize(w: Tensor, H: Tensor, bits: int, hp: Hyperparameters, fracs=None) -> QuantTensor:
-    """Full GPTQ (Frantar et al. 2022; components.md 5.3): columns quantised in order (by descending
+    """Full GPTQ (Frantar et al. 2022): columns quantised in order (by descending
     Hessian diagonal with act-order), each one's error pushed onto the columns not yet quantised
     through the upper Cholesky factor of H^-1, lazily per block of GPTQ_BLOCK_SIZE columns."""
     W, H = w.detach().float().clone(), H.detach().float().clone()
@@ -2360,8 +2365,8 @@ class LegalityError(RuntimeError):
 
 
 class ScoreLedger:
-    """Evidence for "score first, then adapt" (issue #1017 condition 3), kept by the code that slices
-    the tokens. Positions are input indices i of the val stream (position i predicts token i+1).
+    """Evidence for "score first, then adapt" (openai/parameter-golf issue #1017, condition 3), kept
+    by the code that slices the tokens. Positions are input indices i of the val stream (position i predicts token i+1).
 
     Spans are scored in order and each is recorded only after every rank's scores of it were
     counted exactly once; an adaptation (TTT step, count tables, mixer weights) may read only
@@ -2537,31 +2542,40 @@ def scoring_forward(model: GPT, hp: Hyperparameters, rt: Runtime, batch: int, se
 
 class ScoreRate:
     """Scoring seconds and windows for the budget's projections, the first batch left out: it pays
-    one-time costs (allocations, kernel selection) that a projection must not multiply."""
+    one-time costs (allocations, kernel selection) that a projection must not multiply. A pass that
+    is one batch long has only that batch to go by."""
 
     def __init__(self):
-        self.seconds, self.windows, self.warm_windows = 0.0, 0, 0
+        self.seconds, self.windows, self.warm_seconds, self.warm_windows = 0.0, 0, 0.0, 0
+
+    def measured(self) -> tuple[int, float]:
+        """(windows, seconds) this rank timed."""
+        if self.windows:
+            return self.windows, self.seconds
+        return self.warm_windows, self.warm_seconds
 
     def per_window_s(self) -> float:
-        return self.seconds / max(self.windows, 1)
+        windows, seconds = self.measured()
+        return seconds / max(windows, 1)
 
 
-def score_chunk(
-    fwd, stream: EvalStream, plan, span, batch: int, scores: Scores, rt: Runtime, rate: ScoreRate
-):
+def score_chunk(fwd, stream: EvalStream, plan, span, batch: int, scores: Scores, rt: Runtime, rate):
     """Scores this rank's windows `span` of one chunk (inference mode), timing it for `rate`."""
-    if rate.warm_windows == 0 and span[1] > span[0]:  # this rank's first batch: scored untimed
+    parts = [span]
+    if rate.warm_windows == 0 and span[1] > span[0]:  # this rank's first batch, timed apart
         warm = batch_windows(*span, plan[1], batch)[0]
+        parts = [warm, (warm[1], span[1])]
+    for k, part in enumerate(parts):
+        sync(rt)
+        t0 = time.perf_counter()
         with torch.inference_mode(), autocast(rt):
-            score_windows(fwd, stream.tokens, plan, warm, batch, scores)
-        rate.warm_windows, span = warm[1] - warm[0], (warm[1], span[1])
-    sync(rt)
-    t0 = time.perf_counter()
-    with torch.inference_mode(), autocast(rt):
-        score_windows(fwd, stream.tokens, plan, span, batch, scores)
-    sync(rt)
-    rate.seconds += time.perf_counter() - t0
-    rate.windows += span[1] - span[0]
+            score_windows(fwd, stream.tokens, plan, part, batch, scores)
+        sync(rt)
+        if len(parts) == 2 and k == 0:
+            rate.warm_seconds, rate.warm_windows = time.perf_counter() - t0, part[1] - part[0]
+        else:
+            rate.seconds += time.perf_counter() - t0
+            rate.windows += part[1] - part[0]
 
 
 def run_pass(model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime, clock: EvalClock, log: Logger) -> dict:
@@ -2593,8 +2607,10 @@ def run_pass(model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime, clock: Ev
     if not ledger.held:
         raise LegalityError(f"pass {p.name} scored [0, {ledger.scored_upto}) of [0, {stream.n})")
     extra = dict(ttt_chunks=len(chunks), ttt_chunks_trained=ttt.trained if ttt is not None else 0)
-    timed_tokens = rate.windows * rt.world_size * plan[2]  # every rank scores its share at this rate
-    return pass_result(scores, stream, rt, t0, ledger.held, rate.seconds, timed_tokens, **extra)
+    windows, seconds = rate.measured()  # every rank scores its share at this rate
+    return pass_result(
+        scores, stream, rt, t0, ledger.held, seconds, windows * rt.world_size * plan[2], **extra
+    )
 
 
 def pass_result(
@@ -2915,8 +2931,8 @@ class NgramMixer:
         return torch.stack(out, -1)
 
     def check(self, rows: list[Tensor], tgt: Tensor, logp: Tensor) -> None:
-        """NGRAM_CHECK_NORM (condition 2, components.md 6.7): every count expert's full distribution
-        at each position sums to 1 and holds the scored probability; the weights sum to 1."""
+        """NGRAM_CHECK_NORM (openai/parameter-golf issue #1017, condition 2): every count expert's full
+        distribution at each position sums to 1 and holds the scored probability; the weights sum to 1."""
         for k, row in enumerate(rows):
             full = (self.tables[k][0][row] + self.SMOOTH[k]) / self.normaliser(k, row)[:, None]
             total = full.sum(-1)
@@ -2982,15 +2998,12 @@ def run_mixer_pass(net: dict, stream: EvalStream, hp: Hyperparameters, rt: Runti
 # ---------------------------------------------------------------- budget
 
 
-EVAL_MODE_NAMES = dict(flat="flat", sliding="sliding", ttt="ttt_score_first", lora="lora_ttt_score_first")
-
-
 def ttt_pass(hp: Hyperparameters, seq_len: int, stride: int) -> list[Pass]:
     """The configured score-first TTT pass on the best window geometry that ran (none: [])."""
     if hp.ttt_mode == "none":
         return []
     lora = hp.ttt_mode == "lora"
-    return [Pass("lora" if lora else "ttt", seq_len, stride, ttt=not lora, lora=lora)]
+    return [Pass(hp.ttt_mode, seq_len, stride, ttt=not lora, lora=lora)]
 
 
 def projected_s(p: Pass, stream: EvalStream, rate: float, hp: Hyperparameters) -> float:
@@ -3031,7 +3044,7 @@ def score_model(
             continue
         done.append((p, run_logged(model, stream, p, hp, rt, clock, log)))
         base = p
-    stages = ttt_pass(hp, base.seq_len, base.stride) + [Pass("ngram", 0, 0, ngram=True)] * hp.ngram_mix
+    stages = ttt_pass(hp, base.seq_len, base.stride) + [Pass("ngram_mix", 0, 0, ngram=True)] * hp.ngram_mix
     for p in stages:
         if fits_or_log(p, stream, done[-1][1], clock, hp, log):
             done.append((p, run_logged(model, stream, p, hp, rt, clock, log, done[-1][1])))
@@ -3088,7 +3101,7 @@ def eval_summary(done: list[tuple[Pass, dict]], clock: EvalClock, log: Logger) -
     return dict(
         val_loss=final["val_loss"],
         val_bpb=final["val_bpb"],
-        eval_mode=EVAL_MODE_NAMES[net.name] + ("+ngram_mix" if final_pass.ngram else ""),
+        eval_mode=net.name + ("+ngram_mix" if final_pass.ngram else ""),
         ttt_mode="lora" if net.lora else "chunked" if net.ttt else "none",
         ngram_mix=final_pass.ngram,
         scored_before_update=all(r["scored_before_update"] for _, r in done),
@@ -3107,9 +3120,9 @@ def eval_summary(done: list[tuple[Pass, dict]], clock: EvalClock, log: Logger) -
 def score_artifact(model: GPT, val: ValData, hp, rt, log, clock_start: float) -> dict:
     """Every evaluation mode (score_model) on a model holding an artifact's dequantised weights, the
     eval clock running from the artifact's load: in-process after export and in EVAL_ONLY alike (one
-    code path, so both give the same numbers). Its flat pass is the post-quantisation score."""
-    scored = score_model(model, val, hp, rt, log, clock_start)
-    return dict(scored, post_quant_val_bpb=scored["val_bpb_flat"])
+    code path, so both give the same numbers). Its flat pass (val_bpb_flat) is the post-quantisation
+    score."""
+    return score_model(model, val, hp, rt, log, clock_start)
 
 
 def rtn_gap(model: GPT, val: ValData, int5_layers: list[int], hp, rt, log) -> float:
@@ -3140,14 +3153,14 @@ def final_evals(model: GPT, ema: EMA, val: ValData, state: TrainState, loader, h
     _, qstate = decode_artifact(blob, exported["artifact_path"])
     load_artifact_weights(model, qstate, exported["artifact_path"])
     scored = score_artifact(model, val, hp, rt, log, loaded)
-    log(kv(quant_gap=scored["post_quant_val_bpb"] - pre_bpb, **extra))
+    log(kv(quant_gap=scored["val_bpb_flat"] - pre_bpb, **extra))
     return dict(
         exported,
         **scored,
         **extra,
         raw_val_bpb=raw_bpb,
         pre_quant_val_bpb=pre_bpb,
-        quant_gap=scored["post_quant_val_bpb"] - pre_bpb,
+        quant_gap=scored["val_bpb_flat"] - pre_bpb,
         val_tokens=len(val.tokens) - 1,
         val_bytes=val.total_bytes,
     )
@@ -3328,7 +3341,7 @@ def run_validation(model: GPT, val: ValData, state: TrainState, hp, rt, log) -> 
 
 
 class TrainClock:
-    """The training clock, one for all ranks, without a blocking sync on every step (issue 10).
+    """The training clock, one for all ranks, without a blocking sync on every step.
 
     The LR/momentum schedule, the looping switch, the EMA horizon and the stop rule all read it, so
     every rank must read the same value (rank-local clocks let the replicas drift apart). Agreeing
@@ -3627,7 +3640,7 @@ def main(argv: list[str]) -> int:
 def exit_without_finalization(code: int) -> None:
     """Ends a finished distributed rank with os._exit, skipping interpreter finalization.
 
-    Why (issue 10: ~1 in 3 two-rank gloo runs aborted after the final JSON with "terminate
+    Why (~1 in 3 two-rank gloo runs aborted after the final JSON with "terminate
     called without an active exception"; a core dump shows the cause): DDP keeps references to
     the process group that destroy_process_group does not drop, so gloo's worker threads outlive
     it. A worker frees its last finished collective a moment after the caller has moved on; when

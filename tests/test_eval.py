@@ -210,7 +210,7 @@ def test_score_before_update_check_fires_when_the_order_is_broken(monkeypatch, t
 
 def test_mixture_is_a_normalised_distribution(torch_single_thread):
     """Each count expert is a distribution over all V tokens at every context, the weights sum to
-    1, so the mixture of these with the network's softmax is one (components.md 6.7)."""
+    1, so the mixture of these with the network's softmax is one."""
     mixer = tg.NgramMixer(V, 32, 0.1, True, torch.device("cpu"))
     tokens = torch.from_numpy(random_tokens().astype(np.int64))
     ledger = tg.ScoreLedger(len(tokens) - 1)
@@ -250,8 +250,8 @@ def test_ttt_leaves_the_callers_model_unchanged(cpu_runtime, torch_single_thread
     model = randomize_(tg.GPT(hp))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = tg.score_model(model, val_data(random_tokens()), hp, cpu_runtime, lambda _: None)
-    assert out["ttt_mode"] == "chunked" and out["eval_mode"] == "ttt_score_first"
-    assert out["val_bpb"] == out["val_bpb_ttt"] and {"val_bpb_flat", "val_bpb_sliding"} <= set(out)
+    assert out["ttt_mode"] == "chunked" and out["eval_mode"] == "chunked"
+    assert out["val_bpb"] == out["val_bpb_chunked"] and {"val_bpb_flat", "val_bpb_sliding"} <= set(out)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
@@ -264,7 +264,7 @@ def test_budget_falls_back_to_cheaper_modes_and_logs_why(cpu_runtime, torch_sing
     assert out["eval_mode"] == "flat" and out["ttt_mode"] == "none"  # flat always runs: every token scored
     fallbacks = [line for line in lines if line.startswith("eval_fallback:")]
     names = [f.split()[0].split(":")[1] for f in fallbacks]
-    assert names == ["sliding", "ttt", "ngram"]
+    assert names == ["sliding", "chunked", "ngram_mix"]
     assert all("reason:over_budget" in f for f in fallbacks)
 
 
@@ -293,12 +293,12 @@ def test_every_mode_scores_each_val_token_once_on_1_to_3_ranks(nproc, ttt_mode, 
     )
     final, log = run_script(env, tmp_path, nproc=nproc)
     assert final["world_size"] == nproc
-    net = "lora" if lora else "ttt"
-    assert final["eval_mode"] == ("lora_ttt_score_first" if lora else "ttt_score_first") + "+ngram_mix"
-    assert final["ttt_mode"] == ttt_mode and final["val_bpb"] == final["val_bpb_ngram"]
+    net = ttt_mode
+    assert final["eval_mode"] == ttt_mode + "+ngram_mix"
+    assert final["ttt_mode"] == ttt_mode and final["val_bpb"] == final["val_bpb_ngram_mix"]
     assert final["scored_before_update"] is True
     assert final["scored_tokens"] == final["val_tokens"] and final["scored_bytes"] == final["val_bytes"]
-    for stage in ("flat", "sliding", net, "ngram"):
+    for stage in ("flat", "sliding", net, "ngram_mix"):
         assert f"final_eval:{stage} " in log
     if not lora:
         assert final["ttt_chunks_trained"] == 2  # 16,256 val tokens: 3 chunks, the last never trained on

@@ -121,3 +121,15 @@ def test_lora_pass_stops_adapting_not_scoring_when_the_clock_runs_short(cpu_runt
     roomy = tg.run_lora_pass(model, stream, hp, cpu_runtime, tg.EvalClock(1e6, cpu_runtime), lines.append)
     assert len([line for line in lines if line.startswith("ttt_stopped")]) == 1
     assert roomy["val_bpb"] != out["val_bpb"]  # with time left it adapts, and that changes the score
+
+
+@pytest.mark.parametrize("batch_seqs", [1, 64])  # many batches (first one left out), or one batch
+def test_scoring_rate_is_positive_whatever_the_batch_count(cpu_runtime, batch_seqs):
+    hp, model = tiny_model(EVAL_BATCH_SEQS=batch_seqs)
+    tokens = random_tokens()
+    t = torch.from_numpy(tokens.astype(np.int64))
+    stream = tg.EvalStream(t, tg.token_bytes(t[:-1], t[1:], val_data(tokens)).float())
+    p = tg.Pass("flat", 16, 16)
+    out = tg.run_pass(model, stream, p, hp, cpu_runtime, tg.EvalClock(600.0, cpu_runtime), lambda _: None)
+    assert 0 < out["window_tokens_per_s"] < float("inf")
+    assert tg.projected_s(tg.Pass("sliding", 16, 4), stream, out["window_tokens_per_s"], hp) > 0

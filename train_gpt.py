@@ -2366,7 +2366,8 @@ class LegalityError(RuntimeError):
 
 class ScoreLedger:
     """Evidence for "score first, then adapt" (openai/parameter-golf issue #1017, condition 3), kept
-    by the code that slices the tokens. Positions are input indices i of the val stream (position i predicts token i+1).
+    by the code that slices the tokens. Positions are input indices i of the val stream (position i
+    predicts token i+1).
 
     Spans are scored in order and each is recorded only after every rank's scores of it were
     counted exactly once; an adaptation (TTT step, count tables, mixer weights) may read only

@@ -209,8 +209,9 @@ def test_score_before_update_check_fires_when_the_order_is_broken(monkeypatch, t
 
 
 def test_mixture_is_a_normalised_distribution(torch_single_thread):
-    """Each count expert is a distribution over all V tokens at every context, the weights sum to
-    1, so the mixture of these with the network's softmax is one (components.md 6.7)."""
+    """Each count expert is a distribution over all V tokens at every context, the weights the
+    scores use sum to 1, so the mixture of these with the network's softmax is one (components.md
+    6.7)."""
     mixer = tg.NgramMixer(V, 32, 0.1, True, torch.device("cpu"))
     tokens = torch.from_numpy(random_tokens().astype(np.int64))
     ledger = tg.ScoreLedger(len(tokens) - 1)
@@ -219,14 +220,69 @@ def test_mixture_is_a_normalised_distribution(torch_single_thread):
     mixer.adapt(tokens, 0, 100, ledger)
     assert [int(counts.sum()) for counts, _ in mixer.tables] == [100, 100, 100]
     prev2, prev = torch.randint(0, V, (50,)), torch.randint(0, V, (50,))
-    rows = mixer.rows(prev2, prev)
-    every = torch.stack([mixer.count_log_probs(rows, torch.full((50,), v)) for v in range(V)])
-    torch.testing.assert_close(every.exp().sum(0), torch.ones(50, 3), rtol=0, atol=1e-4)
-    net = torch.log_softmax(torch.randn(50, V) * 4, -1)
-    w = torch.softmax(mixer.log_w, 0)
-    mixed = w[0] * net.exp().T + every.exp() @ w[1:]  # p_mix(v) at 50 positions, (V, 50)
-    torch.testing.assert_close(mixed.sum(0), torch.ones(50), rtol=0, atol=1e-4)
+    every = every_count_prob(mixer, mixer.rows(prev2, prev))
+    torch.testing.assert_close(every.sum(0), torch.ones(50, 3, dtype=torch.float64), rtol=0, atol=1e-9)
+    net = torch.log_softmax(torch.randn(50, V, dtype=torch.float64) * 4, -1)
+    w = mixer.log_weights().exp()
+    mixed = w[0] * net.exp().T + every @ w[1:]  # p_mix(v) at 50 positions, (V, 50)
+    torch.testing.assert_close(mixed.sum(0), torch.ones(50, dtype=torch.float64), rtol=0, atol=1e-9)
     assert mixer.norm_checks == 100
+
+
+def every_count_prob(mixer: tg.NgramMixer, rows: list[torch.Tensor]) -> torch.Tensor:
+    """(V, n, 3): each count expert's probability of every token at the positions of `rows`."""
+    n = len(rows[0])
+    return torch.stack([mixer.count_log_probs(rows, torch.full((n,), v)) for v in range(V)]).exp()
+
+
+def test_count_experts_stay_distributions_past_2_24_tokens(torch_single_thread):
+    """A float32 total stops growing at 2^24 = 16,777,216 while its counts grow (the official 62M val
+    tokens would take the unigram expert's sum to about 3.7). Here the tables count 2^20 tokens, are
+    multiplied by 16 in bulk (as if that chunk had been counted 16 times: 2^24 tokens), and count
+    the chunk once more through `adapt`: every expert still sums to 1 at every context, the counts
+    are exact, and the NGRAM_CHECK_NORM check passes."""
+    chunk = 1 << 20
+    mixer = tg.NgramMixer(V, 32, 0.1, True, torch.device("cpu"))
+    tokens = torch.from_numpy(random_tokens(chunk + 1, seed=3).astype(np.int64))
+    for repeat in (16, 1):
+        ledger = tg.ScoreLedger(chunk)
+        ledger.scored(0, chunk)
+        mixer.adapt(tokens, 0, chunk, ledger)
+        for counts, totals in mixer.tables:
+            counts *= repeat
+            totals *= repeat
+    contexts = [torch.zeros(V, dtype=torch.int64), torch.arange(V), torch.arange(V) % 32]  # every row
+    every = every_count_prob(mixer, contexts)
+    torch.testing.assert_close(every.sum(0), torch.ones(V, 3, dtype=torch.float64), rtol=0, atol=1e-9)
+    assert [int(totals.sum()) for _, totals in mixer.tables] == [17 * chunk] * 3
+    assert [int(counts.sum()) for counts, _ in mixer.tables] == [17 * chunk] * 3
+    mixer.score(torch.full((chunk,), -float(np.log(V))), tokens, 0, 1000)  # the run-time check
+    assert mixer.norm_checks == 1000
+
+
+def test_runtime_check_fires_on_weights_the_scores_use_unnormalised(monkeypatch, torch_single_thread):
+    """NGRAM_CHECK_NORM checks the mixture that is scored: weights exp(log_w) used without the
+    softmax make it sum to other than 1 over the vocabulary."""
+    monkeypatch.setattr(tg.NgramMixer, "log_weights", lambda self: self.log_w.double())
+    run_mode("ngram", random_tokens())  # the debug check is off by default
+    with pytest.raises(tg.LegalityError, match="the mixture sums to"):
+        run_mode("ngram", random_tokens(), NGRAM_CHECK_NORM=True)
+
+
+def test_runtime_check_fires_on_a_score_that_is_not_the_mixtures(torch_single_thread):
+    """A scored probability that is not the mixture's entry at the target (e.g. mixed with other
+    weights than the ones checked) is refused."""
+    mixer = tg.NgramMixer(V, 32, 0.1, True, torch.device("cpu"))
+    tokens = torch.from_numpy(random_tokens().astype(np.int64))
+    net_logp = torch.log_softmax(torch.randn(len(tokens) - 1, V), -1)[:, 0]
+    prev2, prev, tgt = mixer.context(tokens, 0, 50)
+    rows = mixer.rows(prev2, prev)
+    logp = torch.cat([net_logp[:50, None].double(), mixer.count_log_probs(rows, tgt)], -1)
+    log_w = mixer.log_weights()
+    mixer.check(rows, tgt, logp, log_w, torch.logsumexp(logp + log_w, -1))  # what `score` scores
+    wrong = torch.logsumexp(logp + torch.log_softmax(torch.zeros(4, dtype=torch.float64), 0), -1)
+    with pytest.raises(tg.LegalityError, match="not the mixture's probability"):
+        mixer.check(rows, tgt, logp, log_w, wrong)
 
 
 def test_runtime_normalisation_check_fires_on_an_improper_expert(monkeypatch, torch_single_thread):

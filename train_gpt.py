@@ -1594,6 +1594,26 @@ def set_qat(model: GPT, plan: Mapping[str, int] | None) -> None:
 # ---------------------------------------------------------------- calibration
 
 
+def check_calibration_stream(loader: DistributedTokenLoader, hp: Hyperparameters) -> None:
+    """Calibration reads the training stream only: every file of the loader is one of DATA_PATH's
+    training shards. The challenge README: "You CANNOT access validation data during training", and
+    the artifact is produced inside the training clock."""
+    train = {p.resolve() for p in list_shards(hp.data_path, "train")}
+    files = getattr(getattr(loader, "stream", None), "files", None)
+    if files is None:
+        raise LegalityError(
+            f"GPTQ calibration got {type(loader).__name__}, not the training loader; pass the "
+            f"DistributedTokenLoader over DATA_PATH's fineweb_train_*.bin shards"
+        )
+    for f in files:
+        if Path(f).resolve() not in train:
+            raise LegalityError(
+                f"GPTQ calibration would read {f}, which is not a training shard of DATA_PATH="
+                f"{hp.data_path} (fineweb_train_*.bin): calibrating on validation or other tokens is not "
+                "allowed; pass the training loader"
+            )
+
+
 @torch.no_grad()
 def collect_hessians(
     model: GPT, loader: DistributedTokenLoader, hp: Hyperparameters, rt: Runtime, batches: int
@@ -1601,6 +1621,7 @@ def collect_hessians(
     """H = sum X^T X of each quantised linear's input over TRAINING batches (never validation), summed
     over ranks. Hooks sit on every CastedLinear, so looped blocks accumulate over their repeats; the
     tied embedding, read as the output head, gets the final hidden states (R0409 'GPTQ embeddings')."""
+    check_calibration_stream(loader, hp)
     plan = quant_plan(model, hp)
     linears = {
         n: m for n, m in model.named_modules() if isinstance(m, CastedLinear) and f"{n}.weight" in plan

@@ -140,6 +140,84 @@ def test_every_mode_is_causal(mode, torch_single_thread):
         assert not torch.allclose(nll[t:], base[t:])  # the check can see a change
 
 
+ADAPTIVE = ["ttt", "lora", "ngram", "ttt_ngram", "lora_ngram"]
+T = 16  # the window of every pass run_mode runs (TTT training sequences, LoRA scoring windows)
+
+
+def chunk_ends(mode: str, tokens: np.ndarray, per_part: int = 2) -> list[int]:
+    """The last target token (hi: the chunk is positions [lo, hi)) of the first `per_part` chunks
+    each adaptive part of the mode adapts on after scoring them (one code path serves every chunk)."""
+    n, spec, chunk = len(tokens) - 1, MODES[mode], EVAL_KNOBS["TTT_CHUNK_TOKENS"]
+    parts = []
+    if spec["ttt"]:
+        parts.append(
+            [hi for *_, hi in tg.chunk_bounds(tg.window_plan(n, T, EVAL_KNOBS["EVAL_STRIDE"]), chunk)]
+        )
+    if spec["ngram"]:
+        parts.append(list(range(chunk, n, chunk)))
+    if spec.get("lora"):  # within a document: its adapter carries over to the next chunk
+        c = min(EVAL_KNOBS["TTT_LORA_CHUNK"], T)
+        parts.append([k for lo, hi in tg.document_spans(tokens, n) for k in range(lo + c, hi, c)])
+    return sorted({e for ends in parts for e in ends[:per_part] if e < n})
+
+
+def boundary_leaks(mode: str, tokens: np.ndarray, first: bool = False) -> list[int]:
+    """Probes just past each chunk end hi of chunk_ends: the tokens from hi+1 (the next chunk's
+    first target), from hi+2 and from hi+T-1 (as far as a T-token window from inside the chunk
+    reaches) on are changed. Returns the first changed token p of each probe that changed the score
+    of a position whose target comes before p: the chunk's, any earlier chunk's or the next chunk's
+    first p-1-hi (a chunk's own scores come before its adaptation; a read past its end shows in the
+    next chunk). `first`: stop at the first leak."""
+    base, leaks = run_mode(mode, tokens)["nll"], []
+    probes = sorted({p for hi in chunk_ends(mode, tokens) for p in (hi + 1, hi + 2, hi + T - 1)})
+    for p in (p for p in probes if p < len(tokens)):
+        changed = tokens.copy()
+        changed[p:] = random_tokens(len(tokens), seed=p)[p:]  # BOS stays where it was
+        nll = run_mode(mode, changed)["nll"]
+        assert not torch.allclose(nll[p - 1 :], base[p - 1 :])  # the probe can see a change
+        if not torch.allclose(nll[: p - 1], base[: p - 1], rtol=0, atol=1e-6):
+            leaks.append(p)
+            if first:
+                break
+    return leaks
+
+
+@pytest.mark.parametrize("mode", ADAPTIVE)
+def test_every_adaptive_mode_is_causal_just_past_each_chunk_end(mode, torch_single_thread):
+    assert boundary_leaks(mode, random_tokens()) == []
+
+
+def read_past_chunk_end(real):
+    """A TTT step whose training sequences run a full T tokens from their start, up to T-1 tokens
+    past the scored chunk's end (the ledger still sees the chunk's own span)."""
+
+    def wrapped(self, tokens, starts, hi):
+        return real(self, tokens, starts, min(hi + self.seq_len - 1, len(tokens) - 1))
+
+    return wrapped
+
+
+def count_past_chunk_end(real):
+    """A mixer that counts up to T-1 tokens past the chunk it adapts on."""
+
+    def wrapped(self, tokens, lo, hi, ledger):
+        ledger.adapted(lo, hi)
+        silent = tg.ScoreLedger(len(tokens))
+        silent.scored_upto = len(tokens)
+        return real(self, tokens, lo, min(hi + T - 1, len(tokens) - 1), silent)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("mode", ["ttt", "ngram"])
+def test_boundary_probes_see_an_adaptation_that_reads_past_its_chunk(mode, monkeypatch, torch_single_thread):
+    """Control for the boundary probes: a chunk's training window (TTT) or counts (mixer) reading
+    past the chunk's end leaks into the next chunk's scores, and the probes see it."""
+    monkeypatch.setattr(tg.ChunkTTT, "step", read_past_chunk_end(tg.ChunkTTT.step))
+    monkeypatch.setattr(tg.NgramMixer, "adapt", count_past_chunk_end(tg.NgramMixer.adapt))
+    assert boundary_leaks(mode, random_tokens(), first=True) != []
+
+
 def train_ahead(real):
     """A TTT that trains on the next chunk too: the ledger must refuse it."""
 

@@ -340,10 +340,10 @@ class Hyperparameters:
         k("TTT_LORA_CHUNK", int, 256, gt=0)  # TTT_MODE=lora: tokens scored, then trained on, per step
         k("TTT_LORA_DOCS", int, 64, gt=0)  # TTT_MODE=lora: documents adapted together (one adapter each)
         k("NGRAM_MIX", bool, False)  # mix the last pass with unigram/bigram/hashed-trigram counts (Hedge)
-        k("NGRAM_BUCKETS", int, 65536, gt=0)  # rows of the hashed trigram table (x VOCAB_SIZE floats)
+        k("NGRAM_BUCKETS", int, 65536, gt=0)  # rows of the hashed trigram table (x VOCAB_SIZE int64 counts)
         k("HEDGE_LR", float, 0.1)  # Hedge learning rate of the mixer weights
         k("NGRAM_WARMUP_TOKENS", int, 10000)  # the network alone until the count tables hold this many tokens
-        k("NGRAM_CHECK_NORM", bool, False)  # debug: check each expert and the weights sum to 1 everywhere
+        k("NGRAM_CHECK_NORM", bool, False)  # debug: check each expert and the scored mixture sum to 1
         # fmt: on
 
     def _quantization_knobs(self, k: _KnobReader) -> None:
@@ -1599,6 +1599,26 @@ def set_qat(model: GPT, plan: Mapping[str, int] | None) -> None:
 # ---------------------------------------------------------------- calibration
 
 
+def check_calibration_stream(loader: DistributedTokenLoader, hp: Hyperparameters) -> None:
+    """Calibration reads the training stream only: every file of the loader is one of DATA_PATH's
+    training shards. The challenge README: "You CANNOT access validation data during training", and
+    the artifact is produced inside the training clock."""
+    train = {p.resolve() for p in list_shards(hp.data_path, "train")}
+    files = getattr(getattr(loader, "stream", None), "files", None)
+    if files is None:
+        raise LegalityError(
+            f"GPTQ calibration got {type(loader).__name__}, not the training loader; pass the "
+            f"DistributedTokenLoader over DATA_PATH's fineweb_train_*.bin shards"
+        )
+    for f in files:
+        if Path(f).resolve() not in train:
+            raise LegalityError(
+                f"GPTQ calibration would read {f}, which is not a training shard of DATA_PATH="
+                f"{hp.data_path} (fineweb_train_*.bin): calibrating on validation or other tokens is not "
+                "allowed; pass the training loader"
+            )
+
+
 @torch.no_grad()
 def collect_hessians(
     model: GPT, loader: DistributedTokenLoader, hp: Hyperparameters, rt: Runtime, batches: int
@@ -1606,6 +1626,7 @@ def collect_hessians(
     """H = sum X^T X of each quantised linear's input over TRAINING batches (never validation), summed
     over ranks. Hooks sit on every CastedLinear, so looped blocks accumulate over their repeats; the
     tied embedding, read as the output head, gets the final hidden states (R0409 'GPTQ embeddings')."""
+    check_calibration_stream(loader, hp)
     plan = quant_plan(model, hp)
     linears = {
         n: m for n, m in model.named_modules() if isinstance(m, CastedLinear) and f"{n}.weight" in plan
@@ -2889,7 +2910,9 @@ class NgramMixer:
     to 1, so p_mix(y) = sum_k w_k p_k(y) is normalised by construction: mixing needs each expert's
     probability of the target only, which lets the mixture run after any network pass (sliding,
     chunked or per-document LoRA TTT) on its per-position scores, in stream order. Counts and
-    weights change only in `adapt`, after a chunk was scored.
+    weights change only in `adapt`, after a chunk was scored. Counts are exact integers (int64) and
+    totals float64: a float32 total stops growing at 2^24 = 16,777,216 while its counts grow, and the
+    official val set has 62,021,632 tokens (the unigram expert would sum to about 62.0M / 2^24 = 3.7).
     """
 
     SMOOTH = (0.1, 0.1, 0.01)
@@ -2899,11 +2922,15 @@ class NgramMixer:
     ):
         self.vocab, self.buckets, self.lr, self.check_norm = vocab, buckets, lr, check_norm
         self.warmup_tokens, self.seen = warmup, 0
-        f32 = dict(dtype=torch.float32, device=device)
         # (counts[context, token], counts[context]) of each count expert: one context, prev, bucket
         self.tables = [
-            (torch.zeros(rows, vocab, **f32), torch.zeros(rows, **f32)) for rows in (1, vocab, buckets)
+            (
+                torch.zeros(rows, vocab, dtype=torch.int64, device=device),
+                torch.zeros(rows, dtype=torch.float64, device=device),
+            )
+            for rows in (1, vocab, buckets)
         ]
+        f32 = dict(dtype=torch.float32, device=device)
         self.log_w = torch.tensor([2.0, 0.0, 0.0, 0.0], **f32)  # network favoured at the start
         self.loss = torch.zeros(4, dtype=torch.float64, device=device)  # expert NLL sums since adapt
         self.count, self.norm_checks = 0, 0
@@ -2924,41 +2951,68 @@ class NgramMixer:
         return self.tables[k][1][row] + self.SMOOTH[k] * self.vocab
 
     def count_log_probs(self, rows: list[Tensor], tgt: Tensor) -> Tensor:
-        """(n, 3) log-probabilities of the targets under the count experts (rows: self.rows)."""
+        """(n, 3) float64 log-probabilities of the targets under the count experts (rows: self.rows)."""
         out = [
-            ((self.tables[k][0][rows[k], tgt] + self.SMOOTH[k]) / self.normaliser(k, rows[k])).log()
+            ((self.tables[k][0][rows[k], tgt].double() + self.SMOOTH[k]) / self.normaliser(k, rows[k])).log()
             for k in range(3)
         ]
         return torch.stack(out, -1)
 
-    def check(self, rows: list[Tensor], tgt: Tensor, logp: Tensor) -> None:
-        """NGRAM_CHECK_NORM (openai/parameter-golf issue #1017, condition 2): every count expert's full
-        distribution at each position sums to 1 and holds the scored probability; the weights sum to 1."""
-        for k, row in enumerate(rows):
-            full = (self.tables[k][0][row] + self.SMOOTH[k]) / self.normaliser(k, row)[:, None]
+    def log_weights(self) -> Tensor:
+        """The log mixing weights the scores use: the network alone while the tables warm up (P687:
+        they are nearly empty), then softmax(log_w)."""
+        if self.seen < self.warmup_tokens:
+            return torch.log(torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64, device=self.loss.device))
+        return F.log_softmax(self.log_w.double(), 0)
+
+    def full_distributions(self, rows: list[Tensor], tgt: Tensor, logp: Tensor) -> list[Tensor]:
+        """Each expert's (n, V) distribution at each position. The network pass hands over only its
+        target probability; its softmax sums to 1 by construction, so the rest of its mass is spread
+        over the other tokens."""
+        p_net = logp[:, 0].exp()
+        net = ((1 - p_net) / (self.vocab - 1))[:, None].expand(-1, self.vocab).clone()
+        net.scatter_(1, tgt[:, None], p_net[:, None])
+        return [net] + [
+            (self.tables[k][0][row].double() + self.SMOOTH[k]) / self.normaliser(k, row)[:, None]
+            for k, row in enumerate(rows)
+        ]
+
+    def check(self, rows: list[Tensor], tgt: Tensor, logp: Tensor, log_w: Tensor, mixed: Tensor) -> None:
+        """NGRAM_CHECK_NORM (openai/parameter-golf issue #1017, condition 2), on what was scored:
+        every count expert's full distribution sums to 1 and holds the probability it gave the
+        target, and the mixture with the weights the scores used (log_w) sums to 1 over the whole
+        vocabulary at every position and holds each scored probability (exp(mixed)) at its target."""
+        experts = self.full_distributions(rows, tgt, logp)
+        for k, full in enumerate(experts[1:]):
             total = full.sum(-1)
-            if float((total - 1).abs().max()) > 1e-4:
+            if float((total - 1).abs().max()) > 1e-6:
                 span = f"{float(total.min()):.6f}..{float(total.max()):.6f}"
                 raise LegalityError(f"count expert {k} sums to {span}, not 1")
-            if not torch.allclose(full.gather(1, tgt[:, None]).log().squeeze(1), logp[:, k], atol=1e-5):
+            if not torch.allclose(full.gather(1, tgt[:, None]).log().squeeze(1), logp[:, k + 1], atol=1e-9):
                 raise LegalityError(f"count expert {k} scored a probability outside its distribution")
-        if abs(float(F.softmax(self.log_w, 0).sum()) - 1) > 1e-5:
-            raise LegalityError("mixer weights do not sum to 1")
+        mixture = sum(w * full for w, full in zip(log_w.exp(), experts, strict=True))
+        total = mixture.sum(-1)
+        if float((total - 1).abs().max()) > 1e-6:
+            span = f"{float(total.min()):.6f}..{float(total.max()):.6f}"
+            raise LegalityError(
+                f"the mixture sums to {span} over the vocabulary, not 1 (weights {log_w.exp()})"
+            )
+        if not torch.allclose(mixture.gather(1, tgt[:, None]).log().squeeze(1), mixed, atol=1e-9):
+            raise LegalityError("a scored probability is not the mixture's probability of the target")
         self.norm_checks += len(tgt)
 
     def score(self, net_logp: Tensor, tokens: Tensor, lo: int, hi: int) -> Tensor:
         """Mixed NLL of positions [lo, hi), from tables and weights that hold only earlier chunks."""
         prev2, prev, tgt = self.context(tokens, lo, hi)
         rows = self.rows(prev2, prev)
-        counted = self.count_log_probs(rows, tgt)
-        if self.check_norm:
-            self.check(rows, tgt, counted)
-        logp = torch.cat([net_logp[lo:hi, None], counted], -1)
-        self.loss -= logp.sum(0).double()
+        logp = torch.cat([net_logp[lo:hi, None].double(), self.count_log_probs(rows, tgt)], -1)
+        self.loss -= logp.sum(0)
         self.count += hi - lo
-        if self.seen < self.warmup_tokens:  # P687: the network alone while the tables are nearly empty
-            return -logp[:, 0]
-        return -torch.logsumexp(logp + F.log_softmax(self.log_w, 0), -1)
+        log_w = self.log_weights()
+        mixed = torch.logsumexp(logp + log_w, -1)
+        if self.check_norm:
+            self.check(rows, tgt, logp, log_w, mixed)
+        return -mixed.float()
 
     def adapt(self, tokens: Tensor, lo: int, hi: int, ledger: ScoreLedger) -> None:
         """Hedge step on the chunk's losses, then the chunk's tokens into the count tables."""
@@ -2967,10 +3021,10 @@ class NgramMixer:
         self.loss.zero_()
         self.count, self.seen = 0, self.seen + hi - lo
         prev2, prev, tgt = self.context(tokens, lo, hi)
-        ones = torch.ones_like(tgt, dtype=torch.float32)
+        ones = torch.ones_like(tgt, dtype=torch.int64)
         for (counts, totals), row in zip(self.tables, self.rows(prev2, prev), strict=True):
             counts.index_put_((row, tgt), ones, accumulate=True)
-            totals.index_add_(0, row, ones)
+            totals.index_add_(0, row, ones.double())
 
 
 def run_mixer_pass(net: dict, stream: EvalStream, hp: Hyperparameters, rt: Runtime) -> dict:

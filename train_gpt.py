@@ -444,8 +444,8 @@ class Hyperparameters:
                 set(self.model_knob_names) - set(settings),
             )
             raise ConfigError(
-                f"the artifact was made by another version of train_gpt.py (model settings it has and this "
-                f"script lacks: {sorted(extra)}; lacks: {sorted(missing)}); evaluate it with that script"
+                f"the artifact was made by another version of train_gpt.py (model settings only the artifact "
+                f"has: {sorted(extra)}; only this script has: {sorted(missing)}); score it with that script"
             )
         clash = [
             f"{n}={self.knobs[n]} vs {settings[n]}"

@@ -443,8 +443,8 @@ class Hyperparameters:
                 set(self.model_knob_names) - set(settings),
             )
             raise ConfigError(
-                f"the artifact was made by another version of train_gpt.py (model settings it has and this "
-                f"script lacks: {sorted(extra)}; lacks: {sorted(missing)}); evaluate it with that script"
+                f"the artifact was made by another version of train_gpt.py (model settings only the artifact "
+                f"has: {sorted(extra)}; only this script has: {sorted(missing)}); score it with that script"
             )
         clash = [
             f"{n}={self.knobs[n]} vs {settings[n]}"
@@ -916,37 +916,59 @@ class CastedLinear(nn.Linear):
         return out if self.lora is None else out + self.lora(x)
 
 
-try:  # FlashAttention-3 (Hopper) when installed; imported here so torch.compile sees no import
-    from flash_attn_interface import flash_attn_func
-except ImportError:
-    flash_attn_func = None
+def import_fa3():
+    """(flash_attn_func, None), or (None, why not). Any exception, not only ImportError: a build
+    for another CUDA or torch fails on loading its extension (OSError, RuntimeError, ...)."""
+    try:
+        from flash_attn_interface import flash_attn_func as fa3
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+    return fa3, None
+
+
+# FlashAttention-3 (Hopper) when installed; imported here so torch.compile sees no import.
+flash_attn_func, FA3_IMPORT_ERROR = import_fa3()
 
 ATTENTION_BACKEND = "sdpa"  # set once per process by select_attention_backend()
+FA3_PROBE_HEADS = ((8, 4, 64),)  # (query heads, KV heads, head dim) of the default model: GQA
 
 
-def fa3_problem(device: torch.device) -> str | None:
-    """Why FA3 cannot be used here, or None after one compiled (fullgraph) forward + backward works.
-    Older FA3 builds call their CUDA extension directly instead of registering torch ops, which breaks
-    fullgraph compilation on the first warmup step, so importing it is not enough."""
+def fa3_problem(device: torch.device, heads=FA3_PROBE_HEADS) -> str | None:
+    """Why FA3 cannot be used here, or None after one compiled (fullgraph) forward + backward works
+    on each (query heads, KV heads, head dim) of `heads`, GQA as the model calls it. Older FA3 builds
+    call their CUDA extension directly instead of registering torch ops, which breaks fullgraph
+    compilation on the first warmup step, so importing it is not enough."""
     if flash_attn_func is None:
-        return "flash_attn_interface is not importable (install FlashAttention-3 for Hopper)"
-    try:
-        q = torch.randn(1, 128, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
-        # aot_eager: dynamo and autograd tracing, where extension-only builds fail, without codegen.
-        probe = torch.compile(
-            lambda t: flash_attn_func(t, t, t, causal=True), fullgraph=True, backend="aot_eager"
-        )
-        out = probe(q)
-        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
-    except Exception as e:
-        return f"FlashAttention-3 failed a compiled forward+backward ({type(e).__name__}: {e})"
+        return f"flash_attn_interface is not importable ({FA3_IMPORT_ERROR}); install FlashAttention-3"
+    # aot_eager: dynamo and autograd tracing, where extension-only builds fail, without codegen.
+    probe = torch.compile(
+        lambda q, k, v: flash_attn_func(q, k, v, causal=True),
+        dynamic=False,
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    for h, hk, d in heads:
+        try:
+            q, k, v = (
+                torch.randn(1, 128, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+                for n in (h, hk, hk)
+            )
+            out = probe(q, k, v)
+            (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+        except Exception as e:
+            shape = f"{h} query / {hk} KV heads of dim {d}"
+            return f"FlashAttention-3 failed a compiled forward+backward on {shape} ({type(e).__name__}: {e})"
     return None
 
 
-def select_attention_backend(rt: Runtime) -> str | None:
-    """FA3 on CUDA when its probe passes, else SDPA; returns the reason FA3 is not used on CUDA."""
+def select_attention_backend(rt: Runtime, hp: Hyperparameters | None = None) -> str | None:
+    """FA3 on CUDA when its probe passes (on the default model's head shapes and `hp`'s), else SDPA;
+    returns the reason FA3 is not used on CUDA."""
     global ATTENTION_BACKEND
-    problem = fa3_problem(rt.device) if rt.device.type == "cuda" else None
+    heads = FA3_PROBE_HEADS
+    if hp is not None:
+        heads = tuple(dict.fromkeys([*heads, (hp.num_heads, hp.num_kv_heads, hp.head_dim)]))
+    problem = fa3_problem(rt.device, heads) if rt.device.type == "cuda" else None
     ATTENTION_BACKEND = "fa3" if rt.device.type == "cuda" and problem is None else "sdpa"
     return problem
 
@@ -3236,7 +3258,7 @@ def eval_only(hp: Hyperparameters, rt: Runtime, log: Logger, script: Path) -> di
     compiled = hp.compile and rt.device.type == "cuda"
     if compiled:  # the same compiled eval as the training run's, so both give the same number
         compile_eval(model, hp, rt)
-    log_header(hp, rt, log, script, compiled, select_attention_backend(rt))
+    log_header(hp, rt, log, script, compiled, select_attention_backend(rt, hp))
     log(kv(artifact_path=path))
     val = prepare_validation(hp, rt, log)
     scored = score_artifact(model, val, hp, rt, log, t0)
@@ -3563,7 +3585,7 @@ def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
     if rt.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    attention_problem = select_attention_backend(rt)
+    attention_problem = select_attention_backend(rt, hp)
     model, train_model, compiled = build_model(hp, rt)
     log_header(hp, rt, log, script, compiled, attention_problem)
     val = prepare_validation(hp, rt, log)

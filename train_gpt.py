@@ -1,10 +1,16 @@
 """Parameter Golf training script: an 11-layer GQA transformer trained in 600 s on 8xH100.
 
 Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py      (GPU, NCCL)
-      RUN_PRESET=smoke python train_gpt.py                         (CPU quick start)
-      python train_gpt.py --help                                   (resolved settings; runs nothing)
+      RUN_PRESET=smoke python3 train_gpt.py                        (CPU quick start)
+      python3 train_gpt.py --help                                  (resolved settings; runs nothing)
+      python3 train_gpt.py --print-config                          (settings, hp_hash, model_params)
 Every knob is an environment variable read by `Hyperparameters` below; unknown ones are refused.
-Component notes cite the public records they come from (R0323 = 2026-03-23 record, etc.).
+Component notes cite the public sources they come from, in openai/parameter-golf:
+  R0323 = records/track_10min_16mb/2026-03-23_LeakyReLU_LegalTTT_ParallelMuon (PR #549)
+  R0325 = records/track_10min_16mb/2026-03-25_ValCalib_GPTQ_XSA_BigramHash3072 (PR #1019)
+  R0409 = records/track_10min_16mb/2026-04-09_SP8192_3LayerRecur_ParResid_QK525_LegalTTT (PR #1493)
+  R0427 = records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611 (PR #1855)
+  P2, P638, P687, P1125, P1485 = pull requests #2, #638, #687, #1125, #1485; BASE = the naive baseline.
 """
 
 from __future__ import annotations
@@ -130,25 +136,68 @@ def _parse_list(name: str, raw: str, kind: type) -> tuple:
     return tuple(_parse(name, part.strip(), kind) for part in raw.split(",") if part.strip())
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The values a knob allows, declared on its `k(...)` line: `choices`, or a range given by
+    ge/gt (lower bound, inclusive/exclusive) and le/lt (upper bound). NaN is outside every range."""
+
+    choices: tuple[str, ...] = ()
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def allows(self, value: object) -> bool:
+        if self.choices:
+            return value in self.choices
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+
+    def describe(self) -> str:
+        """`gptq or rtn`, `> 0`, `in [0, 1)`, ...: the allowed set or range, as messages write it."""
+        if self.choices:
+            return " or ".join(filter(None, (", ".join(self.choices[:-1]), self.choices[-1])))
+        low = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else ""
+        high = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else ""
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f">= {self.ge}" if self.ge is not None else f"> {self.gt}"
+        return f"<= {self.le}" if self.le is not None else f"< {self.lt}"
+
+
 class _KnobReader:
-    """Reads knobs for `Hyperparameters`: env value, else preset value, else the default."""
+    """Reads knobs for `Hyperparameters`: env value, else preset value, else the default; keeps
+    each knob's declared bounds (`Bounds` keywords), which `validate` enforces, and the knobs
+    declared hashed=False, which hp_hash leaves out."""
 
     def __init__(self, target: object, environ: Mapping[str, str], preset: Mapping[str, str]):
         self.target, self.environ, self.preset = target, environ, preset
         self.names: dict[str, object] = {}
         self.overrides: list[str] = []  # knobs set explicitly in the environment
+        self.bounds: dict[str, Bounds] = {}
+        self.unhashed: list[str] = []
 
-    def __call__(self, name: str, kind: type, default: object) -> None:
+    def __call__(self, name: str, kind: type, default: object, *, hashed: bool = True, **bounds) -> None:
         if name in self.environ:
             self.overrides.append(name)
         raw = self.environ.get(name, self.preset.get(name))
         value = default if raw is None else _parse(name, raw, kind)
         self.names[name] = value
         setattr(self.target, name.lower(), value)
+        if bounds:
+            self.bounds[name] = Bounds(**bounds)
+        if not hashed:
+            self.unhashed.append(name)
 
 
 class Hyperparameters:
-    """Every knob of a run. One line per knob: NAME, type, default. Attributes are NAME.lower()."""
+    """Every knob of a run. One line per knob: NAME, type, default, then the values it allows
+    (`Bounds`: choices=, or ge=/gt=/le=/lt=), checked by `validate`. Attributes are NAME.lower()."""
 
     def __init__(self, environ: Mapping[str, str] | None = None):
         environ = os.environ if environ is None else environ
@@ -167,6 +216,8 @@ class Hyperparameters:
         self._evaluation_knobs(k)
         self._quantization_knobs(k)
         self.knobs = dict(k.names)
+        self.bounds = dict(k.bounds)
+        self.unhashed = sorted(k.unhashed)
         self.overrides = sorted(k.overrides)
         self.environ = dict(environ)
         self.preset_name = preset_name or "none"
@@ -174,53 +225,59 @@ class Hyperparameters:
         self.validate()
 
     def _run_knobs(self, k: _KnobReader) -> None:
+        # hashed=False: left out of hp_hash, which names a configuration, so the seeds of one
+        # submission (and an EVAL_ONLY rescoring with the same settings) share it. A preset's values
+        # are in the other knobs; RUN_ID, SEED and the output/input places name one run of it;
+        # EVAL_ONLY says whether this process trains it or scores its artifact; IGNORE_ENV lists
+        # variables never read. DATA_PATH and TOKENIZER_PATH stay hashed: they say which data and
+        # tokenizer, and both change the model and its score.
         # fmt: off
-        k("RUN_PRESET", str, "")  # named table of defaults (`smoke`); explicit env vars win
-        k("RUN_ID", str, "")  # log/artifact name; random when empty
-        k("SEED", int, 1337)  # torch/numpy seed
-        k("LOG_DIR", str, "logs")  # where `<RUN_ID>.txt` is written
-        k("ARTIFACT_DIR", str, ".")  # where `final_model_<RUN_ID>.ptz` goes when ARTIFACT_PATH is empty
-        k("ARTIFACT_PATH", str, "")  # artifact: written by training (never overwritten), read by EVAL_ONLY
-        k("EVAL_ONLY", bool, False)  # score ARTIFACT_PATH in a fresh process: no training, no train shards
-        k("IGNORE_ENV", str, "")  # env names (comma list, `PREFIX*` ok) not to refuse as unknown knobs
+        k("RUN_PRESET", str, "", hashed=False)  # named table of defaults (`smoke`); explicit env vars win
+        k("RUN_ID", str, "", hashed=False)  # log/artifact name; random when empty
+        k("SEED", int, 1337, hashed=False)  # torch/numpy seed
+        k("LOG_DIR", str, "logs", hashed=False)  # where `<RUN_ID>.txt` is written
+        k("ARTIFACT_DIR", str, ".", hashed=False)  # `final_model_<RUN_ID>.ptz` here without ARTIFACT_PATH
+        k("ARTIFACT_PATH", str, "", hashed=False)  # training writes it (never overwrites); EVAL_ONLY reads
+        k("EVAL_ONLY", bool, False, hashed=False)  # score ARTIFACT_PATH in a fresh process: no training
+        k("IGNORE_ENV", str, "", hashed=False)  # env names (comma list, `PREFIX*` ok) not to refuse as knobs
         # fmt: on
 
     def _data_knobs(self, k: _KnobReader) -> None:
         # fmt: off
         k("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024")  # folder of fineweb_{train,val}_*.bin
         k("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model")  # SentencePiece model
-        k("VOCAB_SIZE", int, 1024)  # must equal the tokenizer's size; shard ids are checked against it
+        k("VOCAB_SIZE", int, 1024, gt=0, le=65536)  # the tokenizer's size (checked); uint16 shards
         k("BYTE_CHECK_DOCS", int, 64)  # val documents in the BPB byte-table self-check
         # fmt: on
 
     def _model_knobs(self, k: _KnobReader) -> None:
         # fmt: off
-        k("NUM_LAYERS", int, 11)  # transformer blocks
-        k("MODEL_DIM", int, 512)  # residual width
-        k("NUM_HEADS", int, 8)  # query heads (head dim = MODEL_DIM / NUM_HEADS)
-        k("NUM_KV_HEADS", int, 4)  # key/value heads (GQA)
+        k("NUM_LAYERS", int, 11, gt=0)  # transformer blocks
+        k("MODEL_DIM", int, 512, gt=0)  # residual width
+        k("NUM_HEADS", int, 8, gt=0)  # query heads (head dim = MODEL_DIM / NUM_HEADS)
+        k("NUM_KV_HEADS", int, 4, gt=0)  # key/value heads (GQA)
         k("MLP_MULT", float, 3.0)  # MLP hidden = MLP_MULT x MODEL_DIM
         k("LEAKY_RELU_SLOPE", float, 0.5)  # negative slope of the squared LeakyReLU
         k("TIE_EMBEDDINGS", bool, True)  # output head shares the token embedding
         k("TIED_EMBED_INIT_STD", float, 0.005)  # token embedding init std
         k("LOGIT_SOFTCAP", float, 30.0)  # logits -> c*tanh(logits/c)
-        k("ROPE_DIMS", int, 16)  # rotated dims per head (partial RoPE); 0 = no RoPE
+        k("ROPE_DIMS", int, 16, ge=0)  # rotated dims per head (partial RoPE); 0 = no RoPE
         k("ROPE_BASE", float, 10000.0)  # RoPE frequency base
         k("QK_GAIN_INIT", float, 5.0)  # initial per-head query gain after QK RMS-norm
         k("LN_SCALE", bool, True)  # scale normed block inputs by 1/sqrt(layer+1)
-        k("XSA_LAST_N", int, 11)  # XSA on the last N layers (0 = off, >= NUM_LAYERS = all)
+        k("XSA_LAST_N", int, 11, ge=0)  # XSA on the last N layers (0 = off, >= NUM_LAYERS = all)
         k("VALUE_RESIDUAL", bool, True)  # mix layer 0's values into later layers
         k("GATED_ATTN", bool, True)  # per-head sigmoid gate on the attention output
         k("GATED_ATTN_BIAS_INIT", float, 4.0)  # gate bias at init (4 -> 98% open)
         k("SMEAR_GATE", bool, True)  # BOS-masked input-gated mix with the previous token
         k("SMEAR_GATE_INPUTS", int, 12)  # leading channels feeding the smear gate
-        k("BIGRAM_BUCKETS", int, 3072)  # BigramHash table rows (0 = off)
+        k("BIGRAM_BUCKETS", int, 3072, ge=0)  # BigramHash table rows (0 = off, else >= 2)
         k("BIGRAM_DIM", int, 112)  # BigramHash embedding width before projection
-        k("PARALLEL_RESIDUAL_LAST_N", int, 0)  # GPT-J parallel attn+MLP on the last N layers (0 = off)
-        k("NUM_LOOPS", int, 0)  # depth recurrence: extra passes over LOOP_START..LOOP_END (0 = off)
+        k("PARALLEL_RESIDUAL_LAST_N", int, 0, ge=0)  # GPT-J parallel attn+MLP on the last N layers (0 = off)
+        k("NUM_LOOPS", int, 0, ge=0)  # depth recurrence: extra passes over LOOP_START..LOOP_END (0 = off)
         k("LOOP_START", int, 3)  # first physical block of the repeated segment
         k("LOOP_END", int, 5)  # last physical block of the repeated segment (inclusive)
-        k("ENABLE_LOOPING_AT", float, 0.35)  # schedule fraction from which the segment repeats
+        k("ENABLE_LOOPING_AT", float, 0.35, ge=0, le=1)  # schedule fraction from which the segment repeats
         k("UNET_SKIPS", bool, True)  # encoder->decoder skip connections with learned weights
         # fmt: on
 
@@ -248,18 +305,18 @@ class Hyperparameters:
 
     def _schedule_knobs(self, k: _KnobReader) -> None:
         # fmt: off
-        k("ITERATIONS", int, 20000)  # step cap (the schedule uses the further of step and time fractions)
+        k("ITERATIONS", int, 20000, gt=0)  # step cap (schedule: the further of step and time fractions)
         k("MAX_WALLCLOCK_SECONDS", float, 600.0)  # training-time budget; 0 = fixed ITERATIONS run
         k("EXPORT_RESERVE_SECONDS", float, -1.0)  # budget kept for the artifact; -1 = measured by a dry run
-        k("LR_WARMUP_FRAC", float, 0.0)  # fraction of the budget with linear LR warmup
-        k("WARMDOWN_FRAC", float, 0.72)  # final fraction of the budget with linear LR decay
+        k("LR_WARMUP_FRAC", float, 0.0, ge=0, lt=1)  # fraction of the budget with linear LR warmup
+        k("WARMDOWN_FRAC", float, 0.72, ge=0, le=1)  # final fraction of the budget with linear LR decay
         k("MIN_LR", float, 0.0)  # LR multiplier floor during warmdown
         k("WARMUP_STEPS", int, 20)  # untimed compile-priming steps, then weights/optimizer/data are restored
-        k("TRAIN_SEQ_LEN", int, 2048)  # sequence length (train and eval)
+        k("TRAIN_SEQ_LEN", int, 2048, gt=0)  # sequence length (train and eval)
         k("TRAIN_BATCH_TOKENS", int, 786432)  # global batch in tokens, the same for any world size
-        k("MICROBATCH_TOKENS", int, 98304)  # tokens per rank per forward; accumulation makes up the rest
+        k("MICROBATCH_TOKENS", int, 98304, gt=0)  # tokens per rank per forward; accumulation does the rest
         k("COMPILE", bool, True)  # torch.compile the model on GPU
-        k("CLOCK_SYNC_EVERY", int, 10)  # agree the clock across ranks every N steps (every step near the end)
+        k("CLOCK_SYNC_EVERY", int, 10, gt=0)  # agree the clock over ranks every N steps (each, near the end)
         # fmt: on
 
     def _evaluation_knobs(self, k: _KnobReader) -> None:
@@ -267,99 +324,75 @@ class Hyperparameters:
         k("VAL_BATCH_TOKENS", int, 524288)  # tokens per validation forward, over all ranks
         k("VAL_LOSS_EVERY", int, 1000)  # validate every N steps (and at step 0); 0 = only at the end
         k("TRAIN_LOG_EVERY", int, 100)  # train log line every N steps
-        k("EVAL_MODE", str, "sliding")  # final scoring windows: flat (TRAIN_SEQ_LEN, no overlap) or sliding
-        k("EVAL_SEQ_LEN", int, 0)  # sliding window length; 0 = TRAIN_SEQ_LEN
-        k("EVAL_STRIDE", int, 64)  # sliding step: every token scored once with >= window-stride context
-        k("EVAL_BATCH_SEQS", int, 0)  # windows per forward per rank; 0 = VAL_BATCH_TOKENS / (window x ranks)
+        k("EVAL_MODE", str, "sliding", choices=("flat", "sliding"))  # final windows; flat: no overlap
+        k("EVAL_SEQ_LEN", int, 0, ge=0)  # sliding window length; 0 = TRAIN_SEQ_LEN
+        k("EVAL_STRIDE", int, 64, gt=0)  # sliding step: every token scored once with >= window-stride context
+        k("EVAL_BATCH_SEQS", int, 0, ge=0)  # windows per forward per rank; 0: from VAL_BATCH_TOKENS
         k("EVAL_BUDGET_S", float, 600.0)  # eval clock; a pass projected to overrun it is skipped
-        k("TTT_MODE", str, "chunked")  # score-first test-time training of a copy: none, chunked or lora
-        k("TTT_CHUNK_TOKENS", int, 32768)  # TTT/mixer chunk: scored, then adapted on (the last one never)
+        k("TTT_MODE", str, "chunked", choices=("none", "chunked", "lora"))  # score-first test-time training
+        k("TTT_CHUNK_TOKENS", int, 32768, gt=0)  # TTT/mixer chunk: scored, then adapted on (the last never)
         k("TTT_LR", float, 0.005)  # TTT peak learning rate, cosine-decayed over chunks
-        k("TTT_EPOCHS", int, 3)  # passes over each scored chunk
+        k("TTT_EPOCHS", int, 3, ge=0)  # passes over each scored chunk
         k("TTT_MOMENTUM", float, 0.9)  # SGD momentum (AdamW beta1) of TTT
-        k("TTT_OPTIMIZER", str, "sgd")  # TTT optimizer: sgd or adamw
-        k("TTT_FREEZE_BLOCKS", int, 0)  # first N blocks stay frozen during TTT
+        k("TTT_OPTIMIZER", str, "sgd", choices=("sgd", "adamw"))  # TTT optimizer
+        k("TTT_FREEZE_BLOCKS", int, 0, ge=0)  # first N blocks stay frozen during TTT
         k("TTT_GRAD_CLIP", float, 1.0)  # TTT gradient-norm clip (0 = off)
         k("TTT_BATCH_SEQS", int, 32)  # sequences per TTT step, over all ranks
-        k("TTT_LORA_RANK", int, 8)  # TTT_MODE=lora: adapter rank on Q, V and the output head
+        k("TTT_LORA_RANK", int, 8, gt=0)  # TTT_MODE=lora: adapter rank on Q, V and the output head
         k("TTT_LORA_LR", float, 0.01)  # TTT_MODE=lora: Adam learning rate of the per-document adapters
-        k("TTT_LORA_CHUNK", int, 256)  # TTT_MODE=lora: tokens scored, then trained on, per step in a document
-        k("TTT_LORA_DOCS", int, 64)  # TTT_MODE=lora: documents adapted together (one adapter each)
+        k("TTT_LORA_CHUNK", int, 256, gt=0)  # TTT_MODE=lora: tokens scored, then trained on, per step
+        k("TTT_LORA_DOCS", int, 64, gt=0)  # TTT_MODE=lora: documents adapted together (one adapter each)
         k("NGRAM_MIX", bool, False)  # mix the last pass with unigram/bigram/hashed-trigram counts (Hedge)
-        k("NGRAM_BUCKETS", int, 65536)  # rows of the hashed trigram table (x VOCAB_SIZE floats)
+        k("NGRAM_BUCKETS", int, 65536, gt=0)  # rows of the hashed trigram table (x VOCAB_SIZE int64 counts)
         k("HEDGE_LR", float, 0.1)  # Hedge learning rate of the mixer weights
         k("NGRAM_WARMUP_TOKENS", int, 10000)  # the network alone until the count tables hold this many tokens
-        k("NGRAM_CHECK_NORM", bool, False)  # debug: check each expert and the weights sum to 1 everywhere
+        k("NGRAM_CHECK_NORM", bool, False)  # debug: check each expert and the scored mixture sum to 1
         # fmt: on
 
     def _quantization_knobs(self, k: _KnobReader) -> None:
         # fmt: off
-        k("QUANT_METHOD", str, "gptq")  # gptq (Hessian-aware) or rtn (round-to-nearest baseline)
-        k("QUANT_BITS", int, 6)  # bits of the block matrices (attention and MLP)
+        k("QUANT_METHOD", str, "gptq", choices=("gptq", "rtn"))  # Hessian-aware, or round-to-nearest baseline
+        k("QUANT_BITS", int, 6, ge=2, le=8)  # bits of the block matrices (attention and MLP)
         k("QUANT_INT5_LAYERS", str, "")  # comma list of blocks whose matrices start at int5
-        k("QUANT_EMBED_BITS", int, 8)  # bits of the token/bigram embeddings and an untied head (per row)
+        k("QUANT_EMBED_BITS", int, 8, ge=2, le=8)  # bits of token/bigram embeddings, untied head (per row)
         k("QUANT_EMBED_GPTQ", bool, False)  # GPTQ the embeddings too (tied: final hidden states as inputs)
-        k("QUANT_PACKING", str, "bytes")  # bytes (one int8 per value) or bits (dense bit-packing)
+        k("QUANT_PACKING", str, "bytes", choices=("bytes", "bits"))  # an int8 per value, or dense bit-packing
         k("QUANT_REPORT_RTN", bool, False)  # also score a round-to-nearest artifact and log its gap
         k("GPTQ_CALIB_TOKENS", int, 2097152)  # training tokens of Hessian calibration, over all ranks
-        k("GPTQ_BLOCK_SIZE", int, 128)  # columns per lazy GPTQ update block
-        k("GPTQ_DAMP", float, 0.01)  # Hessian damping, as a fraction of its mean diagonal
+        k("GPTQ_BLOCK_SIZE", int, 128, gt=0)  # columns per lazy GPTQ update block
+        k("GPTQ_DAMP", float, 0.01, gt=0)  # Hessian damping, as a fraction of its mean diagonal
         k("GPTQ_ACT_ORDER", bool, True)  # quantise columns by descending Hessian diagonal
         k("GPTQ_CLIP_FRACS", str, "1.0,0.95,0.9,0.85,0.8,0.75,0.7")  # clip candidates (fractions of row max)
-        k("GPTQ_SDCLIP_K", float, 0.0)  # > 0: each row clips at k x its std (SDClip) instead of the search
-        k("QAT_START_LR_SCALE", float, 0.0)  # late QAT once the LR multiplier falls below this (0 = off)
-        k("COMPRESSOR", str, "auto")  # zstd, brotli, lzma, or auto (smallest of those importable)
-        k("CODE_BYTES_MODE", str, "packed")  # count the script's packed form (see pack_source) or as is (raw)
+        k("GPTQ_SDCLIP_K", float, 0.0, ge=0)  # > 0: rows clip at k x std (SDClip), not the search
+        k("QAT_START_LR_SCALE", float, 0.0, ge=0, le=1)  # late QAT below this LR multiplier (0 = off)
+        k("COMPRESSOR", str, "auto", choices=("auto", "zstd", "brotli", "lzma"))  # auto: smallest importable
+        k("CODE_BYTES_MODE", str, "packed", choices=("raw", "packed"))  # count the packed form (pack_source)
         k("ARTIFACT_CAP_BYTES", int, 16000000)  # code + compressed model must fit (decimal bytes)
         # fmt: on
 
     def validate(self) -> None:
-        """Cross-knob consistency, checked before any work."""
-        for name in (
-            "NUM_LAYERS",
-            "MODEL_DIM",
-            "NUM_HEADS",
-            "NUM_KV_HEADS",
-            "TRAIN_SEQ_LEN",
-            "MICROBATCH_TOKENS",
-        ):
-            if self.knobs[name] <= 0:
-                raise ConfigError(f"{name}={self.knobs[name]} must be positive")
-        checks = self._training_checks() + self._quantization_checks() + self._evaluation_checks()
-        for ok, message in checks:
+        """Every knob within its declared bounds, then the knobs consistent with each other."""
+        for name, bounds in self.bounds.items():
+            if not bounds.allows(self.knobs[name]):
+                raise ConfigError(f"{name} must be {bounds.describe()} (got {self.knobs[name]!r})")
+        for ok, message in self._consistency_checks():
             if not ok:
                 raise ConfigError(message)
-        bad = [i for i in self.int5_layers if not 0 <= i < self.num_layers]
-        if bad or not self.clip_fracs or not all(0 < f <= 1 for f in self.clip_fracs):
-            raise ConfigError(
-                "QUANT_INT5_LAYERS must list block indices < NUM_LAYERS, GPTQ_CLIP_FRACS fractions in (0, 1]"
-            )
 
-    def _training_checks(self) -> list[tuple[bool, str]]:
+    def _consistency_checks(self) -> list[tuple[bool, str]]:
+        """Rules no single knob's bounds can state; bounds hold here (no division by zero)."""
         return [
             (self.model_dim % self.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
             (self.num_heads % self.num_kv_heads == 0, "NUM_HEADS must be divisible by NUM_KV_HEADS"),
             (
-                self.rope_dims % 2 == 0 and 0 <= self.rope_dims <= self.head_dim,
+                self.rope_dims % 2 == 0 and self.rope_dims <= self.head_dim,
                 "ROPE_DIMS must be even and at most MODEL_DIM/NUM_HEADS",
             ),
-            (self.xsa_last_n >= 0, "XSA_LAST_N must be >= 0"),
-            (self.parallel_residual_last_n >= 0, "PARALLEL_RESIDUAL_LAST_N must be >= 0"),
             (
-                self.num_loops == 0
-                or 0 < self.num_loops
-                and 0 <= self.loop_start <= self.loop_end < self.num_layers,
-                "NUM_LOOPS must be >= 0 and 0 <= LOOP_START <= LOOP_END < NUM_LAYERS",
+                self.num_loops == 0 or 0 <= self.loop_start <= self.loop_end < self.num_layers,
+                "NUM_LOOPS > 0 needs 0 <= LOOP_START <= LOOP_END < NUM_LAYERS",
             ),
-            (0 <= self.enable_looping_at <= 1, "ENABLE_LOOPING_AT must be in [0, 1]"),
-            (self.bigram_buckets == 0 or self.bigram_buckets >= 2, "BIGRAM_BUCKETS must be 0 (off) or >= 2"),
-            (0 < self.vocab_size <= 65536, "VOCAB_SIZE must be in (0, 65536] (uint16 shards)"),
-            (
-                0 <= self.warmdown_frac <= 1 and 0 <= self.lr_warmup_frac < 1,
-                "schedule fractions must be in [0, 1]",
-            ),
-            (self.iterations > 0, "ITERATIONS must be positive"),
-            (self.clock_sync_every > 0, "CLOCK_SYNC_EVERY must be positive"),
+            (self.bigram_buckets != 1, "BIGRAM_BUCKETS must be 0 (off) or >= 2"),  # two ranges
             (
                 self.max_wallclock_seconds <= 0
                 or self.export_reserve_seconds == -1
@@ -375,50 +408,16 @@ class Hyperparameters:
                 "MICROBATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN",
             ),
             (self.smear_gate_inputs <= self.model_dim, "SMEAR_GATE_INPUTS must be at most MODEL_DIM"),
-        ]
-
-    def _quantization_checks(self) -> list[tuple[bool, str]]:
-        return [
-            (self.quant_method in ("gptq", "rtn"), "QUANT_METHOD must be gptq or rtn"),
-            (
-                2 <= self.quant_bits <= 8 and 2 <= self.quant_embed_bits <= 8,
-                "QUANT_BITS and QUANT_EMBED_BITS must be in [2, 8]",
-            ),
-            (self.quant_packing in ("bytes", "bits"), "QUANT_PACKING must be bytes or bits"),
-            (
-                self.compressor in ("auto", "zstd", "brotli", "lzma"),
-                "COMPRESSOR must be auto, zstd, brotli or lzma",
-            ),
-            (self.code_bytes_mode in ("raw", "packed"), "CODE_BYTES_MODE must be raw or packed"),
-            (
-                self.gptq_block_size > 0 and self.gptq_damp > 0,
-                "GPTQ_BLOCK_SIZE and GPTQ_DAMP must be positive",
-            ),
-            (0 <= self.qat_start_lr_scale <= 1, "QAT_START_LR_SCALE must be in [0, 1]"),
-            (self.gptq_sdclip_k >= 0, "GPTQ_SDCLIP_K must be >= 0 (0 = Hessian-aware clip search)"),
+            (self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS must be at most NUM_LAYERS"),
             (not self.eval_only or self.artifact_path, "EVAL_ONLY=1 needs ARTIFACT_PATH=<artifact file>"),
-        ]
-
-    def _evaluation_checks(self) -> list[tuple[bool, str]]:
-        return [
-            (self.eval_mode in ("flat", "sliding"), "EVAL_MODE must be flat or sliding"),
-            (self.ttt_mode in ("none", "chunked", "lora"), "TTT_MODE must be none, chunked or lora"),
             (
-                min(self.ttt_lora_rank, self.ttt_lora_chunk, self.ttt_lora_docs) > 0,
-                "TTT_LORA_RANK, TTT_LORA_CHUNK and TTT_LORA_DOCS must be positive",
+                all(0 <= i < self.num_layers for i in self.int5_layers),
+                "QUANT_INT5_LAYERS must list block indices < NUM_LAYERS",
             ),
-            (self.ttt_optimizer in ("sgd", "adamw"), "TTT_OPTIMIZER must be sgd or adamw"),
             (
-                self.eval_stride > 0 and self.eval_seq_len >= 0,
-                "EVAL_STRIDE must be > 0 and EVAL_SEQ_LEN >= 0",
+                self.clip_fracs and all(0 < f <= 1 for f in self.clip_fracs),
+                "GPTQ_CLIP_FRACS must be a comma list of fractions in (0, 1]",
             ),
-            (self.eval_batch_seqs >= 0, "EVAL_BATCH_SEQS must be >= 0 (0 = from VAL_BATCH_TOKENS)"),
-            (
-                self.ttt_chunk_tokens > 0 and self.ttt_epochs >= 0,
-                "TTT_CHUNK_TOKENS must be > 0, TTT_EPOCHS >= 0",
-            ),
-            (0 <= self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS must be in [0, NUM_LAYERS]"),
-            (self.ngram_buckets > 0, "NGRAM_BUCKETS must be positive"),
         ]
 
     @property
@@ -447,8 +446,8 @@ class Hyperparameters:
                 set(self.model_knob_names) - set(settings),
             )
             raise ConfigError(
-                f"the artifact was made by another version of train_gpt.py (model settings it has and this "
-                f"script lacks: {sorted(extra)}; lacks: {sorted(missing)}); evaluate it with that script"
+                f"the artifact was made by another version of train_gpt.py (model settings only the artifact "
+                f"has: {sorted(extra)}; only this script has: {sorted(missing)}); score it with that script"
             )
         clash = [
             f"{n}={self.knobs[n]} vs {settings[n]}"
@@ -465,7 +464,10 @@ class Hyperparameters:
         return [f"{name}={value}" for name, value in sorted(self.knobs.items())]
 
     def hash(self) -> str:
-        return hashlib.sha256("\n".join(self.resolved_lines()).encode()).hexdigest()[:8]
+        """hp_hash: the configuration's name, from the resolved lines of every knob not declared
+        hashed=False (equal hashes = the same model and score, up to the seed)."""
+        lines = [f"{name}={value}" for name, value in sorted(self.knobs.items()) if name not in self.unhashed]
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:8]
 
 
 def _owned_elsewhere(name: str) -> bool:
@@ -815,8 +817,8 @@ def split_documents(tokens: np.ndarray, limit: int) -> list[np.ndarray]:
 
 
 def check_token_ids(files: list[Path], vocab_size: int, rt: Runtime) -> None:
-    """Every shard's ids are < VOCAB_SIZE, checked once before the clock starts (issue 10: the
-    loader used to scan each new shard's ~100M tokens inside the timed loop). Rank r scans every
+    """Every shard's ids are < VOCAB_SIZE, checked once before the clock starts (scanning each
+    new shard's ~100M tokens inside the timed loop would cost training steps). Rank r scans every
     W-th shard and the worst (largest id, file) is agreed by all ranks, so all stop together with
     the same error naming the file."""
     worst = (-1, -1)  # (largest id, file index) of this rank's share
@@ -917,37 +919,59 @@ class CastedLinear(nn.Linear):
         return out if self.lora is None else out + self.lora(x)
 
 
-try:  # FlashAttention-3 (Hopper) when installed; imported here so torch.compile sees no import
-    from flash_attn_interface import flash_attn_func
-except ImportError:
-    flash_attn_func = None
+def import_fa3():
+    """(flash_attn_func, None), or (None, why not). Any exception, not only ImportError: a build
+    for another CUDA or torch fails on loading its extension (OSError, RuntimeError, ...)."""
+    try:
+        from flash_attn_interface import flash_attn_func as fa3
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+    return fa3, None
+
+
+# FlashAttention-3 (Hopper) when installed; imported here so torch.compile sees no import.
+flash_attn_func, FA3_IMPORT_ERROR = import_fa3()
 
 ATTENTION_BACKEND = "sdpa"  # set once per process by select_attention_backend()
+FA3_PROBE_HEADS = ((8, 4, 64),)  # (query heads, KV heads, head dim) of the default model: GQA
 
 
-def fa3_problem(device: torch.device) -> str | None:
-    """Why FA3 cannot be used here, or None after one compiled (fullgraph) forward + backward works.
-    Older FA3 builds call their CUDA extension directly instead of registering torch ops, which breaks
-    fullgraph compilation on the first warmup step (issue 10), so importing it is not enough."""
+def fa3_problem(device: torch.device, heads=FA3_PROBE_HEADS) -> str | None:
+    """Why FA3 cannot be used here, or None after one compiled (fullgraph) forward + backward works
+    on each (query heads, KV heads, head dim) of `heads`, GQA as the model calls it. Older FA3 builds
+    call their CUDA extension directly instead of registering torch ops, which breaks fullgraph
+    compilation on the first warmup step, so importing it is not enough."""
     if flash_attn_func is None:
-        return "flash_attn_interface is not importable (install FlashAttention-3 for Hopper)"
-    try:
-        q = torch.randn(1, 128, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
-        # aot_eager: dynamo and autograd tracing, where extension-only builds fail, without codegen.
-        probe = torch.compile(
-            lambda t: flash_attn_func(t, t, t, causal=True), fullgraph=True, backend="aot_eager"
-        )
-        out = probe(q)
-        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
-    except Exception as e:
-        return f"FlashAttention-3 failed a compiled forward+backward ({type(e).__name__}: {e})"
+        return f"flash_attn_interface is not importable ({FA3_IMPORT_ERROR}); install FlashAttention-3"
+    # aot_eager: dynamo and autograd tracing, where extension-only builds fail, without codegen.
+    probe = torch.compile(
+        lambda q, k, v: flash_attn_func(q, k, v, causal=True),
+        dynamic=False,
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    for h, hk, d in heads:
+        try:
+            q, k, v = (
+                torch.randn(1, 128, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+                for n in (h, hk, hk)
+            )
+            out = probe(q, k, v)
+            (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+        except Exception as e:
+            shape = f"{h} query / {hk} KV heads of dim {d}"
+            return f"FlashAttention-3 failed a compiled forward+backward on {shape} ({type(e).__name__}: {e})"
     return None
 
 
-def select_attention_backend(rt: Runtime) -> str | None:
-    """FA3 on CUDA when its probe passes, else SDPA; returns the reason FA3 is not used on CUDA."""
+def select_attention_backend(rt: Runtime, hp: Hyperparameters | None = None) -> str | None:
+    """FA3 on CUDA when its probe passes (on the default model's head shapes and `hp`'s), else SDPA;
+    returns the reason FA3 is not used on CUDA."""
     global ATTENTION_BACKEND
-    problem = fa3_problem(rt.device) if rt.device.type == "cuda" else None
+    heads = FA3_PROBE_HEADS
+    if hp is not None:
+        heads = tuple(dict.fromkeys([*heads, (hp.num_heads, hp.num_kv_heads, hp.head_dim)]))
+    problem = fa3_problem(rt.device, heads) if rt.device.type == "cuda" else None
     ATTENTION_BACKEND = "fa3" if rt.device.type == "cuda" and problem is None else "sdpa"
     return problem
 
@@ -1195,7 +1219,10 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def logits(self, ids: Tensor) -> Tensor:
-        h = self.hidden(ids)
+        return self.head(self.hidden(ids))
+
+    def head(self, h: Tensor) -> Tensor:
+        """Softcapped fp32 logits of final hidden states; scoring applies it to scored positions only."""
         raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.tied else self.lm_head(h)
         if self.head_lora is not None:  # per-document LoRA TTT adapter of the output head
             raw = raw + self.head_lora(h)
@@ -1466,7 +1493,7 @@ class QuantTensor:
 
 def fake_quantize(w: Tensor, bits: int) -> Tensor:
     """Late-QAT straight-through estimator: the forward sees per-row round-to-nearest intN weights,
-    the backward the identity (components.md 4.7)."""
+    the backward the identity."""
     scale = fp16_scales(w.detach().abs().amax(dim=1), bits)
     q = round_to_grid(w, scale, bits) * scale[:, None]
     return w + (q - w).detach()
@@ -1526,7 +1553,7 @@ def damped_upper_inverse(H: Tensor, damp: float) -> Tensor:
 
 
 def gptq_quantize(w: Tensor, H: Tensor, bits: int, hp: Hyperparameters, fracs=None) -> QuantTensor:
-    """Full GPTQ (Frantar et al. 2022; components.md 5.3): columns quantised in order (by descending
+    """Full GPTQ (Frantar et al. 2022): columns quantised in order (by descending
     Hessian diagonal with act-order), each one's error pushed onto the columns not yet quantised
     through the upper Cholesky factor of H^-1, lazily per block of GPTQ_BLOCK_SIZE columns."""
     W, H = w.detach().float().clone(), H.detach().float().clone()
@@ -1599,6 +1626,26 @@ def set_qat(model: GPT, plan: Mapping[str, int] | None) -> None:
 # ---------------------------------------------------------------- calibration
 
 
+def check_calibration_stream(loader: DistributedTokenLoader, hp: Hyperparameters) -> None:
+    """Calibration reads the training stream only: every file of the loader is one of DATA_PATH's
+    training shards. The challenge README: "You CANNOT access validation data during training", and
+    the artifact is produced inside the training clock."""
+    train = {p.resolve() for p in list_shards(hp.data_path, "train")}
+    files = getattr(getattr(loader, "stream", None), "files", None)
+    if files is None:
+        raise LegalityError(
+            f"GPTQ calibration got {type(loader).__name__}, not the training loader; pass the "
+            f"DistributedTokenLoader over DATA_PATH's fineweb_train_*.bin shards"
+        )
+    for f in files:
+        if Path(f).resolve() not in train:
+            raise LegalityError(
+                f"GPTQ calibration would read {f}, which is not a training shard of DATA_PATH="
+                f"{hp.data_path} (fineweb_train_*.bin): calibrating on validation or other tokens is not "
+                "allowed; pass the training loader"
+            )
+
+
 @torch.no_grad()
 def collect_hessians(
     model: GPT, loader: DistributedTokenLoader, hp: Hyperparameters, rt: Runtime, batches: int
@@ -1606,6 +1653,7 @@ def collect_hessians(
     """H = sum X^T X of each quantised linear's input over TRAINING batches (never validation), summed
     over ranks. Hooks sit on every CastedLinear, so looped blocks accumulate over their repeats; the
     tied embedding, read as the output head, gets the final hidden states (R0409 'GPTQ embeddings')."""
+    check_calibration_stream(loader, hp)
     plan = quant_plan(model, hp)
     linears = {
         n: m for n, m in model.named_modules() if isinstance(m, CastedLinear) and f"{n}.weight" in plan
@@ -2220,7 +2268,116 @@ def load_artifact_weights(model: GPT, qstate: Mapping[str, QuantTensor | Tensor]
         ) from None
 
 
+# ---------------------------------------------------------------- export
+
+
+def calibration_batches(hp: Hyperparameters, rt: Runtime) -> int:
+    return max(1, hp.gptq_calib_tokens // (hp.microbatch_tokens * rt.world_size))
+
+
+def produce_artifact(
+    model: GPT, loader, hp, rt, log, bytes_code: int, limit_fit: bool = True, prior: float | None = None
+) -> tuple[bytes, dict]:
+    """Hessians on every rank (disjoint training batches, summed), then GPTQ, the fit and compression
+    on rank 0; every rank gets the same artifact bytes (or the same error)."""
+    t0 = time.perf_counter()
+    hessians = (
+        collect_hessians(model, loader, hp, rt, calibration_batches(hp, rt))
+        if hp.quant_method == "gptq"
+        else {}
+    )
+    sync(rt)
+    calib_s = time.perf_counter() - t0
+    outcome: tuple = (b"", {}, None)
+    if rt.is_main:
+        try:
+            qz = Quantizer(model, hessians, hp)
+            t1 = time.perf_counter()
+            qz.qstate()  # the GPTQ pass itself, timed apart from compression
+            quant_s = time.perf_counter() - t1
+            cap = hp.artifact_cap_bytes if limit_fit else 1 << 62
+            blob, info = fit_artifact(qz, bytes_code, log, cap, prior)
+            outcome = (
+                blob,
+                dict(info, gptq_time_s=round(calib_s + quant_s, 3), calibration_s=round(calib_s, 3)),
+                None,
+            )
+        except ArtifactError as e:
+            outcome = (b"", {}, str(e))
+    blob, info, error = broadcast_object(outcome, rt.world_size)
+    if error:
+        raise ArtifactError(error)
+    return blob, info
+
+
+def measure_export_reserve(model: GPT, loader, hp, rt, log, bytes_code: int) -> tuple[float, float | None]:
+    """EXPORT_RESERVE_SECONDS=-1: a dry run of the whole export (calibration, GPTQ, compression) on the
+    initial weights, untimed like the compile warmup, sets the reserve: 1.25x its time plus 1 s. The
+    dry run's artifact is discarded and the data position restored. Returns (reserve, the dry run's
+    size_per_entropy: the final export plans any fit moves with it, so it compresses once)."""
+    if hp.export_reserve_seconds >= 0 or hp.max_wallclock_seconds <= 0:
+        return max(hp.export_reserve_seconds, 0.0), None  # explicit, or no clock to fit into
+    saved = loader.stream.state_dict()
+    t0 = time.perf_counter()
+    _, info = produce_artifact(model, loader, hp, rt, Logger(None), bytes_code, limit_fit=False)
+    seconds = max_over_ranks(time.perf_counter() - t0, rt)
+    loader.stream.load_state_dict(saved)
+    reserve = min(1.25 * seconds + 1.0, 0.5 * hp.max_wallclock_seconds)
+    log(kv(export_probe_s=round(seconds, 2), export_reserve_s=round(reserve, 2)))
+    return reserve, info["size_per_entropy"]
+
+
+def artifact_file(hp: Hyperparameters, rt: Runtime) -> Path:
+    return (
+        Path(hp.artifact_path) if hp.artifact_path else Path(hp.artifact_dir) / f"final_model_{rt.run_id}.ptz"
+    )
+
+
+def export(model: GPT, ema: EMA, loader, state: TrainState, hp, rt, log, code: tuple[int, int]) -> dict:
+    """EMA weights -> calibrated, quantised, fitted, compressed artifact, written (atomically) before
+    anything scores it, so an eval crash keeps it. The clock runs from the first training step."""
+    t0 = time.perf_counter()
+    set_qat(model, None)
+    ema.copy_to(model)
+    blob, info = produce_artifact(model, loader, hp, rt, log, code[1], prior=state.size_ratio)
+    path = artifact_file(hp, rt)
+    if rt.is_main:
+        write_atomic(path, blob)
+    sync(rt)
+    export_s = round(max_over_ranks(time.perf_counter() - t0, rt), 3)
+    # the sum of the two figures as logged (train_time_s, export_time_s), so it adds up exactly
+    production_s = round(round(state.train_ms / 1000, 3) + export_s, 3)
+    sizes = dict(bytes_code=code[1], bytes_model=len(blob), bytes_total=code[1] + len(blob))
+    sizes["headroom"] = hp.artifact_cap_bytes - sizes["bytes_total"]
+    log(kv(artifact_path=path))
+    log(kv(**sizes, code_bytes_raw=code[0], code_bytes_counted=code[1]))
+    over = max(hp.max_wallclock_seconds, 0) and production_s > hp.max_wallclock_seconds
+    log(
+        kv(
+            gptq_time_s=info["gptq_time_s"],
+            export_time_s=export_s,
+            artifact_production_wallclock_s=production_s,
+            within_wallclock="no (over MAX_WALLCLOCK_SECONDS: raise EXPORT_RESERVE_SECONDS)"
+            if over
+            else "yes",
+        )
+    )
+    return dict(
+        info,
+        **sizes,
+        blob=blob,
+        artifact_path=str(path),
+        code_bytes_raw=code[0],
+        code_bytes_counted=code[1],
+        export_time_s=export_s,
+        artifact_production_wallclock_s=production_s,
+    )
+
+
 # ============================================================================ evaluation
+
+
+# ---------------------------------------------------------------- data and byte accounting
 
 
 @dataclass
@@ -2230,47 +2387,6 @@ class ValData:
     has_space: Tensor
     is_boundary: Tensor
     total_bytes: int  # UTF-8 bytes of every scored target (all tokens but the first)
-
-
-@torch.no_grad()
-def val_rows(hp: Hyperparameters, rt: Runtime, seq_len: int) -> int:
-    """Sequences per eval forward per rank: VAL_BATCH_TOKENS spread over the ranks."""
-    return max(1, hp.val_batch_tokens // (seq_len * rt.world_size))
-
-
-def evaluate(model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime) -> tuple[float, float]:
-    """Flat eval: non-overlapping TRAIN_SEQ_LEN windows split across ranks; returns (val_loss, val_bpb).
-
-    val_bpb = sum of token NLL (nats) / ln 2 / UTF-8 bytes of exactly the scored tokens.
-    """
-    T = hp.train_seq_len
-    n_seqs = (len(val.tokens) - 1) // T
-    first, last = rank_span(n_seqs, rt)
-    per_batch = val_rows(hp, rt, T)
-    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, tokens, bytes
-    was_training = model.training
-    model.eval()
-    for s in range(first, last, per_batch):
-        e = min(s + per_batch, last)
-        chunk = torch.from_numpy(val.tokens[s * T : e * T + 1].astype(np.int64)).to(rt.device)
-        x, y = chunk[:-1].view(-1, T), chunk[1:].view(-1, T)
-        with autocast(rt):
-            nll = model.eval_forward(x, y, reduction="none")
-        sums[0] += nll.double().sum()
-        sums[1] += y.numel()
-        sums[2] += token_bytes(x, y, val).sum()
-    model.train(was_training)
-    nll, count, nbytes = all_reduce_sum(sums, rt).tolist()
-    return nll / count, nll / math.log(2) / nbytes
-
-
-def timed_evaluate(model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime) -> tuple[float, float, float]:
-    """(val_loss, val_bpb, seconds) with the GPU synchronised around the clock."""
-    sync(rt)
-    t0 = time.perf_counter()
-    val_loss, val_bpb = evaluate(model, val, hp, rt)
-    sync(rt)
-    return val_loss, val_bpb, time.perf_counter() - t0
 
 
 def token_bytes(prev: Tensor, tgt: Tensor, val: ValData) -> Tensor:
@@ -2306,13 +2422,90 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log: Logger) -> ValData
     return ValData(tokens, base, space, boundary, count_target_bytes(tokens, luts))
 
 
+# ---------------------------------------------------------------- flat
+
+
+def val_rows(hp: Hyperparameters, rt: Runtime, seq_len: int) -> int:
+    """Sequences per eval forward per rank: VAL_BATCH_TOKENS spread over the ranks."""
+    return max(1, hp.val_batch_tokens // (seq_len * rt.world_size))
+
+
+@torch.inference_mode()  # no graph: every batch's activations are freed at once
+def evaluate(model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime) -> tuple[float, float]:
+    """Flat eval: non-overlapping TRAIN_SEQ_LEN windows split across ranks; returns (val_loss, val_bpb).
+
+    val_bpb = sum of token NLL (nats) / ln 2 / UTF-8 bytes of exactly the scored tokens.
+    """
+    T = hp.train_seq_len
+    n_seqs = (len(val.tokens) - 1) // T
+    first, last = rank_span(n_seqs, rt)
+    per_batch = val_rows(hp, rt, T)
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, tokens, bytes
+    was_training = model.training
+    model.eval()
+    for s in range(first, last, per_batch):
+        e = min(s + per_batch, last)
+        chunk = torch.from_numpy(val.tokens[s * T : e * T + 1].astype(np.int64)).to(rt.device)
+        x, y = chunk[:-1].view(-1, T), chunk[1:].view(-1, T)
+        with autocast(rt):
+            nll = model.eval_forward(x, y, reduction="none")
+        sums[0] += nll.double().sum()
+        sums[1] += y.numel()
+        sums[2] += token_bytes(x, y, val).sum()
+    model.train(was_training)
+    nll, count, nbytes = all_reduce_sum(sums, rt).tolist()
+    return nll / count, nll / math.log(2) / nbytes
+
+
+def timed_evaluate(model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime) -> tuple[float, float, float]:
+    """(val_loss, val_bpb, seconds) with the GPU synchronised around the clock."""
+    sync(rt)
+    t0 = time.perf_counter()
+    val_loss, val_bpb = evaluate(model, val, hp, rt)
+    sync(rt)
+    return val_loss, val_bpb, time.perf_counter() - t0
+
+
+def compile_eval(model: GPT, hp: Hyperparameters, rt: Runtime) -> None:
+    """Evaluation gets its own graphs (no grad, per-token loss), compiled once with one shape."""
+    rows = val_rows(hp, rt, hp.train_seq_len)  # evaluate()'s batch: the one shape it compiles for
+    model.eval_forward = fixed_rows(compile_for_eval(model.forward, hp, rt), rows)
+
+
+def compile_for_eval(fn, hp: Hyperparameters, rt: Runtime):
+    """torch.compile for one static shape on GPU with COMPILE=1, else `fn` itself: the one place
+    evaluation compiles, so a CPU test can count its graphs and recompiles."""
+    if not (hp.compile and rt.device.type == "cuda"):
+        return fn
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+def fixed_rows(forward, rows: int):
+    """forward(x, y, reduction="none") with every batch padded to `rows` sequences (token 0) and
+    the padding's losses sliced off: a compiled eval sees one shape, the last batch included."""
+
+    def call(x: Tensor, y: Tensor, reduction: str = "none") -> Tensor:
+        if reduction != "none":
+            raise ValueError(f"fixed_rows needs reduction='none' (got {reduction!r}): padding changes a mean")
+        real = x.size(0)
+        if real < rows:
+            x, y = F.pad(x, (0, 0, 0, rows - real)), F.pad(y, (0, 0, 0, rows - real))
+        return forward(x, y, reduction="none")[:real]
+
+    return call
+
+
+# ---------------------------------------------------------------- score ledger
+
+
 class LegalityError(RuntimeError):
     """An evaluation step broke score-before-update or exactly-once scoring; the score is void."""
 
 
 class ScoreLedger:
-    """Evidence for "score first, then adapt" (issue #1017 condition 3), kept by the code that slices
-    the tokens. Positions are input indices i of the val stream (position i predicts token i+1).
+    """Evidence for "score first, then adapt" (openai/parameter-golf issue #1017, condition 3), kept
+    by the code that slices the tokens. Positions are input indices i of the val stream (position i
+    predicts token i+1).
 
     Spans are scored in order and each is recorded only after every rank's scores of it were
     counted exactly once; an adaptation (TTT step, count tables, mixer weights) may read only
@@ -2342,6 +2535,17 @@ class ScoreLedger:
     def held(self) -> bool:
         """True once every position was scored with the order checked throughout."""
         return self.scored_upto == self.n
+
+
+def check_span_once(scores: Scores, lo: int, hi: int, rt: Runtime) -> None:
+    """Every position of [lo, hi) was scored exactly once over all ranks (one sync per chunk)."""
+    hits = all_reduce_sum(scores.hits[lo:hi].clone(), rt)
+    bad = int((hits != 1).sum().item())
+    if bad:
+        raise LegalityError(f"{bad} positions of [{lo}, {hi}) scored other than exactly once")
+
+
+# ---------------------------------------------------------------- sliding
 
 
 def window_plan(n_positions: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -2412,110 +2616,12 @@ def score_windows(fwd, tokens: Tensor, plan, span: tuple[int, int], batch: int, 
         rows = torch.cat([st, st[-1:].expand(pad)]) if pad > 0 else st
         idx = rows[:, None] + torch.arange(T + 1, device=tokens.device)[None]
         window = tokens[idx]
-        logits = fwd(window[:, :-1])[: e - s, T - width :]
+        logits = fwd(window[:, :-1], e - s, width)
         y = window[: e - s, T - width + 1 :]
         mask = torch.arange(width, device=tokens.device)[None] >= (width - n)[:, None]
         nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         pos = (st[:, None] + torch.arange(T - width, T, device=tokens.device)[None]).flatten()
         scores.add(pos, nll, mask)
-
-
-def check_span_once(scores: Scores, lo: int, hi: int, rt: Runtime) -> None:
-    """Every position of [lo, hi) was scored exactly once over all ranks (one sync per chunk)."""
-    hits = all_reduce_sum(scores.hits[lo:hi].clone(), rt)
-    bad = int((hits != 1).sum().item())
-    if bad:
-        raise LegalityError(f"{bad} positions of [{lo}, {hi}) scored other than exactly once")
-
-
-def chunk_bounds(plan, chunk_tokens: int) -> list[tuple[int, int, int, int]]:
-    """Chunks of the stream (R0409: 32,768 tokens): each window joins the chunk holding its first
-    scored position, so chunk c scores exactly positions [lo, hi). Returns (w_lo, w_hi, lo, hi)."""
-    starts, n_scored, T = plan
-    first = starts + T - n_scored
-    ids = first // max(chunk_tokens, 1)
-    cuts = np.flatnonzero(np.diff(ids)) + 1
-    edges = [0, *cuts.tolist(), len(first)]
-    ends = first + n_scored
-    return [(a, b, int(first[a]), int(ends[b - 1])) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-
-
-class ChunkTTT:
-    """Score-first chunked TTT (PR #461 -> R0323/R0409): after chunk c was scored, train on it
-    (epochs over sequences cut from it, gradients averaged over ranks, clipped), with the LR on a
-    cosine over chunks. The last chunk is scored and never trained on."""
-
-    def __init__(self, model: GPT, hp: Hyperparameters, rt: Runtime, n_chunks: int, seq_len: int):
-        self.model, self.hp, self.rt, self.n_chunks, self.seq_len = model, hp, rt, n_chunks, seq_len
-        for i, block in enumerate(model.blocks):
-            block.requires_grad_(i >= hp.ttt_freeze_blocks)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if hp.ttt_optimizer == "sgd":
-            self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
-        else:
-            self.opt = torch.optim.AdamW(
-                self.params, lr=hp.ttt_lr, betas=(hp.ttt_momentum, 0.999), weight_decay=0
-            )
-        self.active, self.trained, self.train_s = True, 0, 0.0
-
-    def has_time(self, clock: EvalClock, windows_left: int, per_window_s: float, c: int, log: Logger) -> bool:
-        """Stop adapting, never scoring, when the clock runs short (components.md 6.9): the rest of
-        the windows at the measured scoring rate plus one more chunk of training must still fit."""
-        if self.active and not clock.fits(windows_left * per_window_s + self.train_s / max(self.trained, 1)):
-            self.active = False
-            log(
-                kv(
-                    ttt_stopped="eval_clock",
-                    chunk=c,
-                    chunks=self.n_chunks,
-                    elapsed_s=round(clock.elapsed(), 1),
-                )
-            )
-        return self.active
-
-    def train_chunk(self, tokens: Tensor, c: int, lo: int, hi: int, ledger: ScoreLedger) -> None:
-        ledger.adapted(lo, hi)
-        lr = self.hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(self.n_chunks - 1, 1)))
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        starts = list(range(lo, hi, self.seq_len))
-        per_batch = max(1, self.hp.ttt_batch_seqs)
-        t0 = time.perf_counter()
-        self.model.train()
-        for _ in range(self.hp.ttt_epochs):
-            for b in range(0, len(starts), per_batch):
-                self.step(tokens, starts[b : b + per_batch], hi)
-        self.model.eval()
-        sync(self.rt)
-        self.trained, self.train_s = self.trained + 1, self.train_s + time.perf_counter() - t0
-
-    def step(self, tokens: Tensor, starts: list[int], hi: int) -> None:
-        """One update on sequences [s, min(s+T, hi)] of the batch; this rank takes a contiguous share
-        and the summed loss over the global batch's tokens makes the all-reduced gradient its mean."""
-        T, rt = self.seq_len, self.rt
-        total = sum(min(s + T, hi) - s for s in starts)
-        a, b = rank_span(len(starts), rt)
-        full = [s for s in starts[a:b] if s + T <= hi]
-        rest = [s for s in starts[a:b] if s + T > hi]
-        self.opt.zero_grad(set_to_none=False)
-        groups = [
-            torch.tensor(full, device=tokens.device)[:, None] + torch.arange(T + 1, device=tokens.device)
-        ]
-        groups = (groups if full else []) + [
-            torch.arange(s, hi + 1, device=tokens.device)[None] for s in rest
-        ]
-        for idx in groups:
-            window = tokens[idx]
-            with autocast(rt):
-                loss = self.model(window[:, :-1], window[:, 1:], reduction="none").sum() / total
-            loss.backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = all_reduce_sum(torch.cat([g.flatten() for g in grads]), rt)
-        for p, g in zip(self.params, flat.split([p.numel() for p in self.params]), strict=True):
-            p.grad = g.view_as(p).to(p.dtype)
-        if self.hp.ttt_grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
-        self.opt.step()
 
 
 class EvalClock:
@@ -2553,19 +2659,62 @@ def eval_batch_seqs(hp: Hyperparameters, rt: Runtime, seq_len: int) -> int:
 
 
 def scoring_forward(model: GPT, hp: Hyperparameters, rt: Runtime, batch: int, seq_len: int, log: Logger):
-    """The logits function reused by every window batch: compiled once for the one padded batch
-    shape on GPU (no recompiles), then warmed up on random tokens, never on validation tokens."""
-    if not (hp.compile and rt.device.type == "cuda"):
-        return model.logits
-    fwd = torch.compile(model.logits, dynamic=False, fullgraph=True)
-    t0 = time.perf_counter()
-    gen = torch.Generator(device=rt.device).manual_seed(0)
-    fake = torch.randint(0, hp.vocab_size, (batch, seq_len), device=rt.device, generator=gen)
-    with torch.inference_mode(), autocast(rt):
-        fwd(fake)
-    sync(rt)
-    log(kv(eval_compile_warmup_s=round(time.perf_counter() - t0, 2), batch=batch, seq_len=seq_len))
+    """fwd(x, rows, width): logits of the last `width` positions of the first `rows` windows. The
+    trunk is compiled once for the one padded batch shape on GPU and warmed up on random tokens
+    (never validation tokens) laid out as the real batches are, slices of (batch, T+1) windows, so
+    no real batch recompiles; the head runs on the scored positions only (`stride` of T)."""
+    hidden = compile_for_eval(model.hidden, hp, rt)
+
+    def fwd(x: Tensor, rows: int, width: int) -> Tensor:
+        return model.head(hidden(x)[:rows, x.size(1) - width :])
+
+    if hidden is not model.hidden:
+        t0 = time.perf_counter()
+        gen = torch.Generator(device=rt.device).manual_seed(0)
+        with torch.inference_mode(), autocast(rt):  # made inside: an inference tensor, as real batches
+            fake = torch.randint(0, hp.vocab_size, (batch, seq_len + 1), device=rt.device, generator=gen)
+            fwd(fake[:, :-1], batch, seq_len)
+        sync(rt)
+        log(kv(eval_compile_warmup_s=round(time.perf_counter() - t0, 2), batch=batch, seq_len=seq_len))
     return fwd
+
+
+class ScoreRate:
+    """Scoring seconds and windows for the budget's projections, the first batch left out: it pays
+    one-time costs (allocations, kernel selection) that a projection must not multiply. A pass that
+    is one batch long has only that batch to go by."""
+
+    def __init__(self):
+        self.seconds, self.windows, self.warm_seconds, self.warm_windows = 0.0, 0, 0.0, 0
+
+    def measured(self) -> tuple[int, float]:
+        """(windows, seconds) this rank timed."""
+        if self.windows:
+            return self.windows, self.seconds
+        return self.warm_windows, self.warm_seconds
+
+    def per_window_s(self) -> float:
+        windows, seconds = self.measured()
+        return seconds / max(windows, 1)
+
+
+def score_chunk(fwd, stream: EvalStream, plan, span, batch: int, scores: Scores, rt: Runtime, rate):
+    """Scores this rank's windows `span` of one chunk (inference mode), timing it for `rate`."""
+    parts = [span]
+    if rate.warm_windows == 0 and span[1] > span[0]:  # this rank's first batch, timed apart
+        warm = batch_windows(*span, plan[1], batch)[0]
+        parts = [warm, (warm[1], span[1])]
+    for k, part in enumerate(parts):
+        sync(rt)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), autocast(rt):
+            score_windows(fwd, stream.tokens, plan, part, batch, scores)
+        sync(rt)
+        if len(parts) == 2 and k == 0:
+            rate.warm_seconds, rate.warm_windows = time.perf_counter() - t0, part[1] - part[0]
+        else:
+            rate.seconds += time.perf_counter() - t0
+            rate.windows += part[1] - part[0]
 
 
 def run_pass(model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime, clock: EvalClock, log: Logger) -> dict:
@@ -2577,28 +2726,30 @@ def run_pass(model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime, clock: Ev
     work.eval()
     for param in work.parameters() if p.ttt else []:
         param.grad = None  # the copy starts without the training run's last gradients
+    chunks = chunk_bounds(plan, hp.ttt_chunk_tokens) if p.ttt else [(0, len(plan[0]), 0, stream.n)]
+    # Before the compile warmup: TTT sets requires_grad, which the compiled graph's guards check.
+    ttt = ChunkTTT(work, hp, rt, len(chunks), plan[2]) if p.ttt else None
     fwd = scoring_forward(work, hp, rt, batch, plan[2], log)
     t0 = time.perf_counter()
-    chunks = chunk_bounds(plan, hp.ttt_chunk_tokens) if p.ttt else [(0, len(plan[0]), 0, stream.n)]
-    ttt = ChunkTTT(work, hp, rt, len(chunks), plan[2]) if p.ttt else None
-    scores, ledger, score_s = Scores(stream.n, rt.device), ScoreLedger(stream.n), 0.0
+    scores, ledger, rate = Scores(stream.n, rt.device), ScoreLedger(stream.n), ScoreRate()
     for c, (wa, wb, lo, hi) in enumerate(chunks):
         a, b = rank_span(wb - wa, rt)
-        t_chunk = time.perf_counter()
+        score_chunk(fwd, stream, plan, (wa + a, wa + b), batch, scores, rt, rate)
         with torch.inference_mode():
-            with autocast(rt):
-                score_windows(fwd, stream.tokens, plan, (wa + a, wa + b), batch, scores)
             check_span_once(scores, lo, hi, rt)
         ledger.scored(lo, hi)
-        score_s += time.perf_counter() - t_chunk
         if c == len(chunks) - 1:
             break
-        if ttt is not None and ttt.has_time(clock, len(plan[0]) - wb, score_s / wb, c, log):
+        windows_left = (len(plan[0]) - wb) / rt.world_size
+        if ttt is not None and ttt.has_time(clock, windows_left * rate.per_window_s(), c, log):
             ttt.train_chunk(stream.tokens, c, lo, hi, ledger)
     if not ledger.held:
         raise LegalityError(f"pass {p.name} scored [0, {ledger.scored_upto}) of [0, {stream.n})")
     extra = dict(ttt_chunks=len(chunks), ttt_chunks_trained=ttt.trained if ttt is not None else 0)
-    return pass_result(scores, stream, rt, t0, ledger.held, score_s, len(plan[0]) * plan[2], **extra)
+    windows, seconds = rate.measured()  # every rank scores its share at this rate
+    return pass_result(
+        scores, stream, rt, t0, ledger.held, seconds, windows * rt.world_size * plan[2], **extra
+    )
 
 
 def pass_result(
@@ -2626,6 +2777,104 @@ def pass_result(
     )
     out.update(extra)
     return out
+
+
+# ---------------------------------------------------------------- chunked TTT
+
+
+def chunk_bounds(plan, chunk_tokens: int) -> list[tuple[int, int, int, int]]:
+    """Chunks of the stream (R0409: 32,768 tokens): each window joins the chunk holding its first
+    scored position, so chunk c scores exactly positions [lo, hi). Returns (w_lo, w_hi, lo, hi)."""
+    starts, n_scored, T = plan
+    first = starts + T - n_scored
+    ids = first // max(chunk_tokens, 1)
+    cuts = np.flatnonzero(np.diff(ids)) + 1
+    edges = [0, *cuts.tolist(), len(first)]
+    ends = first + n_scored
+    return [(a, b, int(first[a]), int(ends[b - 1])) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+class ChunkTTT:
+    """Score-first chunked TTT (PR #461 -> R0323/R0409): after chunk c was scored, train on it
+    (epochs over sequences cut from it, gradients averaged over ranks, clipped), with the LR on a
+    cosine over chunks. The last chunk is scored and never trained on."""
+
+    def __init__(self, model: GPT, hp: Hyperparameters, rt: Runtime, n_chunks: int, seq_len: int):
+        self.model, self.hp, self.rt, self.n_chunks, self.seq_len = model, hp, rt, n_chunks, seq_len
+        for i, block in enumerate(model.blocks):
+            block.requires_grad_(i >= hp.ttt_freeze_blocks)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        # One flat gradient buffer, each parameter's .grad a view of it: backward accumulates in
+        # place and one all-reduce averages it, with no per-step concatenation.
+        self.flat_grad = torch.zeros(sum(p.numel() for p in self.params), device=self.params[0].device)
+        for p, g in zip(self.params, self.flat_grad.split([p.numel() for p in self.params]), strict=True):
+            p.grad = g.view_as(p)
+        if hp.ttt_optimizer == "sgd":
+            self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+        else:
+            self.opt = torch.optim.AdamW(
+                self.params, lr=hp.ttt_lr, betas=(hp.ttt_momentum, 0.999), weight_decay=0
+            )
+        self.active, self.trained, self.train_s = True, 0, 0.0
+
+    def has_time(self, clock: EvalClock, scoring_left_s: float, c: int, log: Logger) -> bool:
+        """Stop adapting, never scoring, when the clock runs short: scoring the rest of the windows at
+        the measured rate plus one more chunk of training must still fit."""
+        if self.active and not clock.fits(scoring_left_s + self.train_s / max(self.trained, 1)):
+            self.active = False
+            log(
+                kv(
+                    ttt_stopped="eval_clock",
+                    chunk=c,
+                    chunks=self.n_chunks,
+                    elapsed_s=round(clock.elapsed(), 1),
+                )
+            )
+        return self.active
+
+    def train_chunk(self, tokens: Tensor, c: int, lo: int, hi: int, ledger: ScoreLedger) -> None:
+        ledger.adapted(lo, hi)
+        lr = self.hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(self.n_chunks - 1, 1)))
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        starts = list(range(lo, hi, self.seq_len))
+        per_batch = max(1, self.hp.ttt_batch_seqs)
+        t0 = time.perf_counter()
+        self.model.train()
+        for _ in range(self.hp.ttt_epochs):
+            for b in range(0, len(starts), per_batch):
+                self.step(tokens, starts[b : b + per_batch], hi)
+        self.model.eval()
+        sync(self.rt)
+        self.trained, self.train_s = self.trained + 1, self.train_s + time.perf_counter() - t0
+
+    def step(self, tokens: Tensor, starts: list[int], hi: int) -> None:
+        """One update on sequences [s, min(s+T, hi)] of the batch; this rank takes a contiguous share
+        and the summed loss over the global batch's tokens makes the all-reduced gradient its mean."""
+        T, rt = self.seq_len, self.rt
+        total = sum(min(s + T, hi) - s for s in starts)
+        a, b = rank_span(len(starts), rt)
+        full = [s for s in starts[a:b] if s + T <= hi]
+        rest = [s for s in starts[a:b] if s + T > hi]
+        self.flat_grad.zero_()
+        dev = tokens.device
+        # starts are consecutive multiples of T: indices from scalars, no host-to-device copy
+        groups = [torch.arange(s, hi + 1, device=dev)[None] for s in rest]
+        if full:
+            rows = full[0] + T * torch.arange(len(full), device=dev)
+            groups.insert(0, rows[:, None] + torch.arange(T + 1, device=dev))
+        for idx in groups:
+            window = tokens[idx]
+            with autocast(rt):
+                loss = self.model(window[:, :-1], window[:, 1:], reduction="none").sum() / total
+            loss.backward()
+        all_reduce_sum(self.flat_grad, rt)
+        if self.hp.ttt_grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
+        self.opt.step()
+
+
+# ---------------------------------------------------------------- LoRA TTT
 
 
 class BatchedLoRA:
@@ -2679,46 +2928,44 @@ def deal_documents(spans: list[tuple[int, int]], rt: Runtime) -> list[tuple[int,
 
 
 def lora_batch(
-    model: GPT, tokens: Tensor, docs: list[tuple[int, int]], hp, rt: Runtime, scores: Scores
+    model: GPT, tokens: Tensor, docs: list[tuple[int, int]], hp, rt: Runtime, scores: Scores, may_adapt
 ) -> bool:
     """Per-document LoRA TTT of one batch: chunk k of every document is scored with up to
     EVAL_SEQ_LEN tokens of its own document as context, then one Adam step on that chunk's loss
-    (the same forward; its scores are recorded before the step). A document's last chunk is never
-    trained on. One ledger per document: its adapter is its own state."""
+    (the same forward; its scores are recorded before the step) while `may_adapt()` says the clock
+    allows. A document's last chunk is never trained on. One ledger per document: its adapter is
+    its own state. Window indices are built on the device from the documents' bounds (one copy a
+    batch), so a chunk costs no host sync."""
     T = hp.eval_window
     D, C = hp.ttt_lora_docs, min(hp.ttt_lora_chunk, T)  # a chunk must fit in its scoring window
     opt = torch.optim.Adam(
         attach_lora(model, D, hp.ttt_lora_rank, rt.device), lr=hp.ttt_lora_lr, betas=(0.9, 0.95)
     )
     ledgers = [ScoreLedger(hi - lo) for lo, hi in docs]
+    bounds = torch.tensor(docs + [(0, 0)] * (D - len(docs)), dtype=torch.int64).to(rt.device)
+    lo_t, hi_t = bounds[:, :1], bounds[:, 1:]
     for k in range(math.ceil(max(hi - lo for lo, hi in docs) / C)):
         rows = [
-            (j, lo, lo + k * C, min(lo + (k + 1) * C, hi))
-            for j, (lo, hi) in enumerate(docs)
-            if lo + k * C < hi
+            (j, lo + k * C, min(lo + (k + 1) * C, hi)) for j, (lo, hi) in enumerate(docs) if lo + k * C < hi
         ]
-        width = max(ce - max(lo, ce - T) for _, lo, _, ce in rows)
-        idx, bounds = torch.zeros(D, width + 1, dtype=torch.int64), torch.zeros(D, 2, dtype=torch.int64)
-        for j, lo, cs, ce in rows:  # the window [ws, ce] left-aligned, padded after it (causal)
-            ws = max(lo, ce - T)
-            idx[j] = torch.arange(ws, ws + width + 1).clamp_max(ce)
-            bounds[j] = torch.tensor([cs - ws, ce - ws])
-        idx, bounds = idx.to(rt.device), bounds.to(rt.device)
+        width = max(ce - max(docs[j][0], ce - T) for j, _, ce in rows)  # host ints: no sync
+        cs = torch.minimum(lo_t + k * C, hi_t)
+        ce = torch.minimum(cs + C, hi_t)
+        ws = torch.maximum(lo_t, ce - T)  # the window [ws, ce] left-aligned, padded after it (causal)
+        idx = (ws + torch.arange(width + 1, device=rt.device)).minimum(ce)
         local = torch.arange(width, device=rt.device)[None]
-        mask = (local >= bounds[:, :1]) & (local < bounds[:, 1:])
+        mask = (local >= cs - ws) & (local < ce - ws)
         window = tokens[idx]
         with autocast(rt):
             nll = model(window[:, :-1], window[:, 1:], reduction="none").float()
         scores.add(idx[:, :-1].clamp_max(len(scores.nll) - 1).flatten(), nll.detach(), mask)
-        for j, lo, cs, ce in rows:
-            ledgers[j].scored(cs - lo, ce - lo)
-        train = [j for j, lo, cs, ce in rows if ce < docs[j][1]]
-        if train:
-            for j, lo, cs, ce in rows:
-                if j in train:
-                    ledgers[j].adapted(cs - lo, ce - lo)
-            keep = torch.zeros(D, 1, device=rt.device)
-            keep[train] = 1.0
+        for j, a, b in rows:
+            ledgers[j].scored(a - docs[j][0], b - docs[j][0])
+        train = [(j, a, b) for j, a, b in rows if b < docs[j][1]]
+        if train and may_adapt():
+            for j, a, b in train:
+                ledgers[j].adapted(a - docs[j][0], b - docs[j][0])
+            keep = (ce < hi_t).float()  # rows whose chunk is not their document's last
             per_doc = (nll * mask * keep).sum(1) / mask.sum(1).clamp_min(1)
             opt.zero_grad(set_to_none=True)
             per_doc.sum().backward()
@@ -2736,21 +2983,39 @@ def lora_forward_tokens(spans: list[tuple[int, int]], chunk: int, seq_len: int) 
     )
 
 
-def run_lora_pass(model: GPT, stream: EvalStream, hp, rt: Runtime) -> dict:
-    """Per-document LoRA TTT over this rank's documents (dealt by length), on a frozen copy."""
+def run_lora_pass(model: GPT, stream: EvalStream, hp, rt: Runtime, clock: EvalClock, log: Logger) -> dict:
+    """Per-document LoRA TTT over this rank's documents (dealt by length), on a frozen copy. Scoring
+    always completes; adapting stops once the rest of the pass, at the rate so far, would overrun
+    the eval budget (a local decision: the pass has no collective until its end)."""
     t0 = time.perf_counter()
     work = copy.deepcopy(model)
     work.eval()
     work.requires_grad_(False)
     spans = deal_documents(document_spans(stream.tokens.cpu().numpy(), stream.n), rt)
     scores, held = Scores(stream.n, rt.device), True
+    total, done = max(sum(hi - lo for lo, hi in spans), 1), 0
+    state = dict(adapting=True)
+
+    def may_adapt() -> bool:
+        elapsed = time.perf_counter() - clock.t0
+        left = (time.perf_counter() - t0) * (total - done) / max(done, 1) if done else 0.0
+        if state["adapting"] and elapsed + left > clock.budget_s:
+            state["adapting"] = False
+            log(kv(ttt_stopped="eval_clock", mode="lora", documents_done=done, elapsed_s=round(elapsed, 1)))
+        return state["adapting"]
+
     for b in range(0, len(spans), hp.ttt_lora_docs):
-        held = lora_batch(work, stream.tokens, spans[b : b + hp.ttt_lora_docs], hp, rt, scores) and held
+        batch = spans[b : b + hp.ttt_lora_docs]
+        held = lora_batch(work, stream.tokens, batch, hp, rt, scores, may_adapt) and held
+        done += sum(hi - lo for lo, hi in batch)
     check_span_once(scores, 0, stream.n, rt)
     forwarded = lora_forward_tokens(spans, hp.ttt_lora_chunk, hp.eval_window)
     return pass_result(
         scores, stream, rt, t0, held, time.perf_counter() - t0, forwarded, documents=len(spans)
     )
+
+
+# ---------------------------------------------------------------- n-gram mixer
 
 
 class NgramMixer:
@@ -2762,7 +3027,9 @@ class NgramMixer:
     to 1, so p_mix(y) = sum_k w_k p_k(y) is normalised by construction: mixing needs each expert's
     probability of the target only, which lets the mixture run after any network pass (sliding,
     chunked or per-document LoRA TTT) on its per-position scores, in stream order. Counts and
-    weights change only in `adapt`, after a chunk was scored.
+    weights change only in `adapt`, after a chunk was scored. Counts are exact integers (int64) and
+    totals float64: a float32 total stops growing at 2^24 = 16,777,216 while its counts grow, and the
+    official val set has 62,021,632 tokens (the unigram expert would sum to about 62.0M / 2^24 = 3.7).
     """
 
     SMOOTH = (0.1, 0.1, 0.01)
@@ -2772,11 +3039,15 @@ class NgramMixer:
     ):
         self.vocab, self.buckets, self.lr, self.check_norm = vocab, buckets, lr, check_norm
         self.warmup_tokens, self.seen = warmup, 0
-        f32 = dict(dtype=torch.float32, device=device)
         # (counts[context, token], counts[context]) of each count expert: one context, prev, bucket
         self.tables = [
-            (torch.zeros(rows, vocab, **f32), torch.zeros(rows, **f32)) for rows in (1, vocab, buckets)
+            (
+                torch.zeros(rows, vocab, dtype=torch.int64, device=device),
+                torch.zeros(rows, dtype=torch.float64, device=device),
+            )
+            for rows in (1, vocab, buckets)
         ]
+        f32 = dict(dtype=torch.float32, device=device)
         self.log_w = torch.tensor([2.0, 0.0, 0.0, 0.0], **f32)  # network favoured at the start
         self.loss = torch.zeros(4, dtype=torch.float64, device=device)  # expert NLL sums since adapt
         self.count, self.norm_checks = 0, 0
@@ -2797,41 +3068,68 @@ class NgramMixer:
         return self.tables[k][1][row] + self.SMOOTH[k] * self.vocab
 
     def count_log_probs(self, rows: list[Tensor], tgt: Tensor) -> Tensor:
-        """(n, 3) log-probabilities of the targets under the count experts (rows: self.rows)."""
+        """(n, 3) float64 log-probabilities of the targets under the count experts (rows: self.rows)."""
         out = [
-            ((self.tables[k][0][rows[k], tgt] + self.SMOOTH[k]) / self.normaliser(k, rows[k])).log()
+            ((self.tables[k][0][rows[k], tgt].double() + self.SMOOTH[k]) / self.normaliser(k, rows[k])).log()
             for k in range(3)
         ]
         return torch.stack(out, -1)
 
-    def check(self, rows: list[Tensor], tgt: Tensor, logp: Tensor) -> None:
-        """NGRAM_CHECK_NORM (condition 2, components.md 6.7): every count expert's full distribution
-        at each position sums to 1 and holds the scored probability; the weights sum to 1."""
-        for k, row in enumerate(rows):
-            full = (self.tables[k][0][row] + self.SMOOTH[k]) / self.normaliser(k, row)[:, None]
+    def log_weights(self) -> Tensor:
+        """The log mixing weights the scores use: the network alone while the tables warm up (P687:
+        they are nearly empty), then softmax(log_w)."""
+        if self.seen < self.warmup_tokens:
+            return torch.log(torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64, device=self.loss.device))
+        return F.log_softmax(self.log_w.double(), 0)
+
+    def full_distributions(self, rows: list[Tensor], tgt: Tensor, logp: Tensor) -> list[Tensor]:
+        """Each expert's (n, V) distribution at each position. The network pass hands over only its
+        target probability; its softmax sums to 1 by construction, so the rest of its mass is spread
+        over the other tokens."""
+        p_net = logp[:, 0].exp()
+        net = ((1 - p_net) / (self.vocab - 1))[:, None].expand(-1, self.vocab).clone()
+        net.scatter_(1, tgt[:, None], p_net[:, None])
+        return [net] + [
+            (self.tables[k][0][row].double() + self.SMOOTH[k]) / self.normaliser(k, row)[:, None]
+            for k, row in enumerate(rows)
+        ]
+
+    def check(self, rows: list[Tensor], tgt: Tensor, logp: Tensor, log_w: Tensor, mixed: Tensor) -> None:
+        """NGRAM_CHECK_NORM (openai/parameter-golf issue #1017, condition 2), on what was scored:
+        every count expert's full distribution sums to 1 and holds the probability it gave the
+        target, and the mixture with the weights the scores used (log_w) sums to 1 over the whole
+        vocabulary at every position and holds each scored probability (exp(mixed)) at its target."""
+        experts = self.full_distributions(rows, tgt, logp)
+        for k, full in enumerate(experts[1:]):
             total = full.sum(-1)
-            if float((total - 1).abs().max()) > 1e-4:
+            if float((total - 1).abs().max()) > 1e-6:
                 span = f"{float(total.min()):.6f}..{float(total.max()):.6f}"
                 raise LegalityError(f"count expert {k} sums to {span}, not 1")
-            if not torch.allclose(full.gather(1, tgt[:, None]).log().squeeze(1), logp[:, k], atol=1e-5):
+            if not torch.allclose(full.gather(1, tgt[:, None]).log().squeeze(1), logp[:, k + 1], atol=1e-9):
                 raise LegalityError(f"count expert {k} scored a probability outside its distribution")
-        if abs(float(F.softmax(self.log_w, 0).sum()) - 1) > 1e-5:
-            raise LegalityError("mixer weights do not sum to 1")
+        mixture = sum(w * full for w, full in zip(log_w.exp(), experts, strict=True))
+        total = mixture.sum(-1)
+        if float((total - 1).abs().max()) > 1e-6:
+            span = f"{float(total.min()):.6f}..{float(total.max()):.6f}"
+            raise LegalityError(
+                f"the mixture sums to {span} over the vocabulary, not 1 (weights {log_w.exp()})"
+            )
+        if not torch.allclose(mixture.gather(1, tgt[:, None]).log().squeeze(1), mixed, atol=1e-9):
+            raise LegalityError("a scored probability is not the mixture's probability of the target")
         self.norm_checks += len(tgt)
 
     def score(self, net_logp: Tensor, tokens: Tensor, lo: int, hi: int) -> Tensor:
         """Mixed NLL of positions [lo, hi), from tables and weights that hold only earlier chunks."""
         prev2, prev, tgt = self.context(tokens, lo, hi)
         rows = self.rows(prev2, prev)
-        counted = self.count_log_probs(rows, tgt)
-        if self.check_norm:
-            self.check(rows, tgt, counted)
-        logp = torch.cat([net_logp[lo:hi, None], counted], -1)
-        self.loss -= logp.sum(0).double()
+        logp = torch.cat([net_logp[lo:hi, None].double(), self.count_log_probs(rows, tgt)], -1)
+        self.loss -= logp.sum(0)
         self.count += hi - lo
-        if self.seen < self.warmup_tokens:  # P687: the network alone while the tables are nearly empty
-            return -logp[:, 0]
-        return -torch.logsumexp(logp + F.log_softmax(self.log_w, 0), -1)
+        log_w = self.log_weights()
+        mixed = torch.logsumexp(logp + log_w, -1)
+        if self.check_norm:
+            self.check(rows, tgt, logp, log_w, mixed)
+        return -mixed.float()
 
     def adapt(self, tokens: Tensor, lo: int, hi: int, ledger: ScoreLedger) -> None:
         """Hedge step on the chunk's losses, then the chunk's tokens into the count tables."""
@@ -2840,10 +3138,10 @@ class NgramMixer:
         self.loss.zero_()
         self.count, self.seen = 0, self.seen + hi - lo
         prev2, prev, tgt = self.context(tokens, lo, hi)
-        ones = torch.ones_like(tgt, dtype=torch.float32)
+        ones = torch.ones_like(tgt, dtype=torch.int64)
         for (counts, totals), row in zip(self.tables, self.rows(prev2, prev), strict=True):
             counts.index_put_((row, tgt), ones, accumulate=True)
-            totals.index_add_(0, row, ones)
+            totals.index_add_(0, row, ones.double())
 
 
 def run_mixer_pass(net: dict, stream: EvalStream, hp: Hyperparameters, rt: Runtime) -> dict:
@@ -2869,7 +3167,7 @@ def run_mixer_pass(net: dict, stream: EvalStream, hp: Hyperparameters, rt: Runti
     return pass_result(scores, stream, rt, t0, ledger.held, seconds, stream.n, norm_checks=mixer.norm_checks)
 
 
-EVAL_MODE_NAMES = dict(flat="flat", sliding="sliding", ttt="ttt_score_first", lora="lora_ttt_score_first")
+# ---------------------------------------------------------------- budget
 
 
 def ttt_pass(hp: Hyperparameters, seq_len: int, stride: int) -> list[Pass]:
@@ -2877,7 +3175,7 @@ def ttt_pass(hp: Hyperparameters, seq_len: int, stride: int) -> list[Pass]:
     if hp.ttt_mode == "none":
         return []
     lora = hp.ttt_mode == "lora"
-    return [Pass("lora" if lora else "ttt", seq_len, stride, ttt=not lora, lora=lora)]
+    return [Pass(hp.ttt_mode, seq_len, stride, ttt=not lora, lora=lora)]
 
 
 def projected_s(p: Pass, stream: EvalStream, rate: float, hp: Hyperparameters) -> float:
@@ -2918,7 +3216,7 @@ def score_model(
             continue
         done.append((p, run_logged(model, stream, p, hp, rt, clock, log)))
         base = p
-    stages = ttt_pass(hp, base.seq_len, base.stride) + [Pass("ngram", 0, 0, ngram=True)] * hp.ngram_mix
+    stages = ttt_pass(hp, base.seq_len, base.stride) + [Pass("ngram_mix", 0, 0, ngram=True)] * hp.ngram_mix
     for p in stages:
         if fits_or_log(p, stream, done[-1][1], clock, hp, log):
             done.append((p, run_logged(model, stream, p, hp, rt, clock, log, done[-1][1])))
@@ -2950,7 +3248,7 @@ def run_logged(
     if p.ngram:
         r = run_mixer_pass(last, stream, hp, rt)
     elif p.lora:
-        r = run_lora_pass(model, stream, hp, rt)
+        r = run_lora_pass(model, stream, hp, rt, clock, log)
     else:
         r = run_pass(model, stream, p, hp, rt, clock, log)
     clock.phases[p.name] = round(r["seconds"], 3)
@@ -2975,7 +3273,7 @@ def eval_summary(done: list[tuple[Pass, dict]], clock: EvalClock, log: Logger) -
     return dict(
         val_loss=final["val_loss"],
         val_bpb=final["val_bpb"],
-        eval_mode=EVAL_MODE_NAMES[net.name] + ("+ngram_mix" if final_pass.ngram else ""),
+        eval_mode=net.name + ("+ngram_mix" if final_pass.ngram else ""),
         ttt_mode="lora" if net.lora else "chunked" if net.ttt else "none",
         ngram_mix=final_pass.ngram,
         scored_before_update=all(r["scored_before_update"] for _, r in done),
@@ -2985,6 +3283,97 @@ def eval_summary(done: list[tuple[Pass, dict]], clock: EvalClock, log: Logger) -
         scored_bytes=final["bytes"],
         ttt_chunks_trained=net_result["ttt_chunks_trained"],
         **{f"val_bpb_{p.name}": r["val_bpb"] for p, r in done},
+    )
+
+
+# ---------------------------------------------------------------- final evaluation
+
+
+def score_artifact(model: GPT, val: ValData, hp, rt, log, clock_start: float) -> dict:
+    """Every evaluation mode (score_model) on a model holding an artifact's dequantised weights, the
+    eval clock running from the artifact's load: in-process after export and in EVAL_ONLY alike (one
+    code path, so both give the same numbers). Its flat pass (val_bpb_flat) is the post-quantisation
+    score."""
+    return score_model(model, val, hp, rt, log, clock_start)
+
+
+def rtn_gap(model: GPT, val: ValData, int5_layers: list[int], hp, rt, log) -> float:
+    """QUANT_REPORT_RTN: the same bits by round-to-nearest, scored, so the log shows what GPTQ buys."""
+    qz = Quantizer(model, {}, hp)
+    qz.plan.update({n: 5 for n in qz.plan if block_index(n) in int5_layers})
+    saved = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    load_artifact_weights(model, qz.qstate(), "round-to-nearest")
+    val_loss, val_bpb, eval_s = timed_evaluate(model, val, hp, rt)
+    log(kv(final_eval="rtn", val_loss=val_loss, val_bpb=val_bpb, eval_time_ms=int(1000 * eval_s)))
+    model.load_state_dict(saved)
+    return val_bpb
+
+
+def final_evals(model: GPT, ema: EMA, val: ValData, state: TrainState, loader, hp, rt, log, code) -> dict:
+    """Raw (live weights) score; export; the EMA model's score before quantisation; then the artifact's
+    own weights, decoded from its bytes, scored: the run's val_bpb."""
+    raw_loss, raw_bpb, raw_s = run_validation(model, val, state, hp, rt, log)
+    log(kv(final_eval="raw", val_loss=raw_loss, val_bpb=raw_bpb, eval_time_ms=int(1000 * raw_s)))
+    exported = export(model, ema, loader, state, hp, rt, log, code)
+    blob = exported.pop("blob")
+    pre_loss, pre_bpb, pre_s = timed_evaluate(model, val, hp, rt)
+    log(kv(final_eval="pre_quant", val_loss=pre_loss, val_bpb=pre_bpb, eval_time_ms=int(1000 * pre_s)))
+    extra = {}
+    if hp.quant_report_rtn:
+        extra["rtn_quant_gap"] = rtn_gap(model, val, exported["fit_int5_layers"], hp, rt, log) - pre_bpb
+    loaded = time.perf_counter()
+    _, qstate = decode_artifact(blob, exported["artifact_path"])
+    load_artifact_weights(model, qstate, exported["artifact_path"])
+    scored = score_artifact(model, val, hp, rt, log, loaded)
+    log(kv(quant_gap=scored["val_bpb_flat"] - pre_bpb, **extra))
+    return dict(
+        exported,
+        **scored,
+        **extra,
+        raw_val_bpb=raw_bpb,
+        pre_quant_val_bpb=pre_bpb,
+        quant_gap=scored["val_bpb_flat"] - pre_bpb,
+        val_tokens=len(val.tokens) - 1,
+        val_bytes=val.total_bytes,
+    )
+
+
+def eval_only(hp: Hyperparameters, rt: Runtime, log: Logger, script: Path) -> dict:
+    """EVAL_ONLY=1: rebuild the model from ARTIFACT_PATH alone (settings and weights) and score it."""
+    t0 = time.perf_counter()
+    path = Path(hp.artifact_path)
+    if not path.is_file():
+        raise ArtifactError(f"ARTIFACT_PATH={path}: no such file; point it at the .ptz a training run wrote")
+    blob = path.read_bytes()
+    meta, qstate = decode_artifact(blob, str(path))
+    hp = hp.with_model_settings(meta["settings"])
+    model = GPT(hp).to(rt.device)
+    load_artifact_weights(model, qstate, str(path))
+    model.looping = bool(meta["looping"])
+    compiled = hp.compile and rt.device.type == "cuda"
+    if compiled:  # the same compiled eval as the training run's, so both give the same number
+        compile_eval(model, hp, rt)
+    log_header(hp, rt, log, script, compiled, select_attention_backend(rt, hp))
+    log(kv(artifact_path=path))
+    val = prepare_validation(hp, rt, log)
+    scored = score_artifact(model, val, hp, rt, log, t0)
+    bytes_code = code_bytes(script, hp.code_bytes_mode)[1]
+    return dict(
+        run_id=rt.run_id,
+        eval_only=True,
+        artifact_path=str(path),
+        artifact_sha256=hashlib.sha256(blob).hexdigest(),
+        bytes_code=bytes_code,
+        bytes_model=len(blob),
+        bytes_total=bytes_code + len(blob),
+        headroom=hp.artifact_cap_bytes - bytes_code - len(blob),
+        **scored,
+        eval_wallclock_s=round(time.perf_counter() - t0, 3),
+        val_tokens=len(val.tokens) - 1,
+        val_bytes=val.total_bytes,
+        hp_hash=hp.hash(),
+        device=rt.device.type,
+        gpus=gpu_names(),
     )
 
 
@@ -3124,7 +3513,7 @@ def run_validation(model: GPT, val: ValData, state: TrainState, hp, rt, log) -> 
 
 
 class TrainClock:
-    """The training clock, one for all ranks, without a blocking sync on every step (issue 10).
+    """The training clock, one for all ranks, without a blocking sync on every step.
 
     The LR/momentum schedule, the looping switch, the EMA horizon and the stop rule all read it, so
     every rank must read the same value (rank-local clocks let the replicas drift apart). Agreeing
@@ -3244,7 +3633,7 @@ def log_header(
     log(kv(preset=hp.preset_name, env_overrides=",".join(hp.overrides) or "none"))
     for line in hp.resolved_lines():
         log(f"hp:{line}")
-    log(kv(hp_hash=hp.hash()))
+    log(kv(hp_hash=hp.hash(), hp_unhashed=",".join(hp.unhashed)))
 
 
 def gpu_names() -> str:
@@ -3260,12 +3649,6 @@ def peak_mem_mib(rt: Runtime) -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def compile_eval(model: GPT, hp: Hyperparameters, rt: Runtime) -> None:
-    """Evaluation gets its own graphs (no grad, per-token loss), compiled once with one shape."""
-    rows = val_rows(hp, rt, hp.train_seq_len)  # evaluate()'s batch: the one shape it compiles for
-    model.eval_forward = fixed_rows(torch.compile(model.forward, dynamic=False), rows)
 
 
 def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module, bool]:
@@ -3288,212 +3671,6 @@ def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module, bool]
     return model, train_model, compiled
 
 
-def fixed_rows(forward, rows: int):
-    """forward(x, y, reduction="none") with every batch padded to `rows` sequences (token 0) and
-    the padding's losses sliced off: a compiled eval sees one shape, the last batch included."""
-
-    def call(x: Tensor, y: Tensor, reduction: str = "none") -> Tensor:
-        if reduction != "none":
-            raise ValueError(f"fixed_rows needs reduction='none' (got {reduction!r}): padding changes a mean")
-        real = x.size(0)
-        if real < rows:
-            x, y = F.pad(x, (0, 0, 0, rows - real)), F.pad(y, (0, 0, 0, rows - real))
-        return forward(x, y, reduction="none")[:real]
-
-    return call
-
-
-def calibration_batches(hp: Hyperparameters, rt: Runtime) -> int:
-    return max(1, hp.gptq_calib_tokens // (hp.microbatch_tokens * rt.world_size))
-
-
-def produce_artifact(
-    model: GPT, loader, hp, rt, log, bytes_code: int, limit_fit: bool = True, prior: float | None = None
-) -> tuple[bytes, dict]:
-    """Hessians on every rank (disjoint training batches, summed), then GPTQ, the fit and compression
-    on rank 0; every rank gets the same artifact bytes (or the same error)."""
-    t0 = time.perf_counter()
-    hessians = (
-        collect_hessians(model, loader, hp, rt, calibration_batches(hp, rt))
-        if hp.quant_method == "gptq"
-        else {}
-    )
-    sync(rt)
-    calib_s = time.perf_counter() - t0
-    outcome: tuple = (b"", {}, None)
-    if rt.is_main:
-        try:
-            qz = Quantizer(model, hessians, hp)
-            t1 = time.perf_counter()
-            qz.qstate()  # the GPTQ pass itself, timed apart from compression
-            quant_s = time.perf_counter() - t1
-            cap = hp.artifact_cap_bytes if limit_fit else 1 << 62
-            blob, info = fit_artifact(qz, bytes_code, log, cap, prior)
-            outcome = (
-                blob,
-                dict(info, gptq_time_s=round(calib_s + quant_s, 3), calibration_s=round(calib_s, 3)),
-                None,
-            )
-        except ArtifactError as e:
-            outcome = (b"", {}, str(e))
-    blob, info, error = broadcast_object(outcome, rt.world_size)
-    if error:
-        raise ArtifactError(error)
-    return blob, info
-
-
-def measure_export_reserve(model: GPT, loader, hp, rt, log, bytes_code: int) -> tuple[float, float | None]:
-    """EXPORT_RESERVE_SECONDS=-1: a dry run of the whole export (calibration, GPTQ, compression) on the
-    initial weights, untimed like the compile warmup, sets the reserve: 1.25x its time plus 1 s. The
-    dry run's artifact is discarded and the data position restored. Returns (reserve, the dry run's
-    size_per_entropy: the final export plans any fit moves with it, so it compresses once)."""
-    if hp.export_reserve_seconds >= 0 or hp.max_wallclock_seconds <= 0:
-        return max(hp.export_reserve_seconds, 0.0), None  # explicit, or no clock to fit into
-    saved = loader.stream.state_dict()
-    t0 = time.perf_counter()
-    _, info = produce_artifact(model, loader, hp, rt, Logger(None), bytes_code, limit_fit=False)
-    seconds = max_over_ranks(time.perf_counter() - t0, rt)
-    loader.stream.load_state_dict(saved)
-    reserve = min(1.25 * seconds + 1.0, 0.5 * hp.max_wallclock_seconds)
-    log(kv(export_probe_s=round(seconds, 2), export_reserve_s=round(reserve, 2)))
-    return reserve, info["size_per_entropy"]
-
-
-def artifact_file(hp: Hyperparameters, rt: Runtime) -> Path:
-    return (
-        Path(hp.artifact_path) if hp.artifact_path else Path(hp.artifact_dir) / f"final_model_{rt.run_id}.ptz"
-    )
-
-
-def export(model: GPT, ema: EMA, loader, state: TrainState, hp, rt, log, code: tuple[int, int]) -> dict:
-    """EMA weights -> calibrated, quantised, fitted, compressed artifact, written (atomically) before
-    anything scores it, so an eval crash keeps it. The clock runs from the first training step."""
-    t0 = time.perf_counter()
-    set_qat(model, None)
-    ema.copy_to(model)
-    blob, info = produce_artifact(model, loader, hp, rt, log, code[1], prior=state.size_ratio)
-    path = artifact_file(hp, rt)
-    if rt.is_main:
-        write_atomic(path, blob)
-    sync(rt)
-    export_s = round(max_over_ranks(time.perf_counter() - t0, rt), 3)
-    # the sum of the two figures as logged (train_time_s, export_time_s), so it adds up exactly
-    production_s = round(round(state.train_ms / 1000, 3) + export_s, 3)
-    sizes = dict(bytes_code=code[1], bytes_model=len(blob), bytes_total=code[1] + len(blob))
-    sizes["headroom"] = hp.artifact_cap_bytes - sizes["bytes_total"]
-    log(kv(artifact_path=path))
-    log(kv(**sizes, code_bytes_raw=code[0], code_bytes_counted=code[1]))
-    over = max(hp.max_wallclock_seconds, 0) and production_s > hp.max_wallclock_seconds
-    log(
-        kv(
-            gptq_time_s=info["gptq_time_s"],
-            export_time_s=export_s,
-            artifact_production_wallclock_s=production_s,
-            within_wallclock="no (over MAX_WALLCLOCK_SECONDS: raise EXPORT_RESERVE_SECONDS)"
-            if over
-            else "yes",
-        )
-    )
-    return dict(
-        info,
-        **sizes,
-        blob=blob,
-        artifact_path=str(path),
-        code_bytes_raw=code[0],
-        code_bytes_counted=code[1],
-        export_time_s=export_s,
-        artifact_production_wallclock_s=production_s,
-    )
-
-
-def score_artifact(model: GPT, val: ValData, hp, rt, log, clock_start: float) -> dict:
-    """Every evaluation mode (score_model) on a model holding an artifact's dequantised weights, the
-    eval clock running from the artifact's load: in-process after export and in EVAL_ONLY alike (one
-    code path, so both give the same numbers). Its flat pass is the post-quantisation score."""
-    scored = score_model(model, val, hp, rt, log, clock_start)
-    return dict(scored, post_quant_val_bpb=scored["val_bpb_flat"])
-
-
-def rtn_gap(model: GPT, val: ValData, int5_layers: list[int], hp, rt, log) -> float:
-    """QUANT_REPORT_RTN: the same bits by round-to-nearest, scored, so the log shows what GPTQ buys."""
-    qz = Quantizer(model, {}, hp)
-    qz.plan.update({n: 5 for n in qz.plan if block_index(n) in int5_layers})
-    saved = {n: t.detach().clone() for n, t in model.state_dict().items()}
-    load_artifact_weights(model, qz.qstate(), "round-to-nearest")
-    val_loss, val_bpb, eval_s = timed_evaluate(model, val, hp, rt)
-    log(kv(final_eval="rtn", val_loss=val_loss, val_bpb=val_bpb, eval_time_ms=int(1000 * eval_s)))
-    model.load_state_dict(saved)
-    return val_bpb
-
-
-def final_evals(model: GPT, ema: EMA, val: ValData, state: TrainState, loader, hp, rt, log, code) -> dict:
-    """Raw (live weights) score; export; the EMA model's score before quantisation; then the artifact's
-    own weights, decoded from its bytes, scored: the run's val_bpb."""
-    raw_loss, raw_bpb, raw_s = run_validation(model, val, state, hp, rt, log)
-    log(kv(final_eval="raw", val_loss=raw_loss, val_bpb=raw_bpb, eval_time_ms=int(1000 * raw_s)))
-    exported = export(model, ema, loader, state, hp, rt, log, code)
-    blob = exported.pop("blob")
-    pre_loss, pre_bpb, pre_s = timed_evaluate(model, val, hp, rt)
-    log(kv(final_eval="pre_quant", val_loss=pre_loss, val_bpb=pre_bpb, eval_time_ms=int(1000 * pre_s)))
-    extra = {}
-    if hp.quant_report_rtn:
-        extra["rtn_quant_gap"] = rtn_gap(model, val, exported["fit_int5_layers"], hp, rt, log) - pre_bpb
-    loaded = time.perf_counter()
-    _, qstate = decode_artifact(blob, exported["artifact_path"])
-    load_artifact_weights(model, qstate, exported["artifact_path"])
-    scored = score_artifact(model, val, hp, rt, log, loaded)
-    log(kv(quant_gap=scored["post_quant_val_bpb"] - pre_bpb, **extra))
-    return dict(
-        exported,
-        **scored,
-        **extra,
-        raw_val_bpb=raw_bpb,
-        pre_quant_val_bpb=pre_bpb,
-        quant_gap=scored["post_quant_val_bpb"] - pre_bpb,
-        val_tokens=len(val.tokens) - 1,
-        val_bytes=val.total_bytes,
-    )
-
-
-def eval_only(hp: Hyperparameters, rt: Runtime, log: Logger, script: Path) -> dict:
-    """EVAL_ONLY=1: rebuild the model from ARTIFACT_PATH alone (settings and weights) and score it."""
-    t0 = time.perf_counter()
-    path = Path(hp.artifact_path)
-    if not path.is_file():
-        raise ArtifactError(f"ARTIFACT_PATH={path}: no such file; point it at the .ptz a training run wrote")
-    blob = path.read_bytes()
-    meta, qstate = decode_artifact(blob, str(path))
-    hp = hp.with_model_settings(meta["settings"])
-    model = GPT(hp).to(rt.device)
-    load_artifact_weights(model, qstate, str(path))
-    model.looping = bool(meta["looping"])
-    compiled = hp.compile and rt.device.type == "cuda"
-    if compiled:  # the same compiled eval as the training run's, so both give the same number
-        compile_eval(model, hp, rt)
-    log_header(hp, rt, log, script, compiled, select_attention_backend(rt))
-    log(kv(artifact_path=path))
-    val = prepare_validation(hp, rt, log)
-    scored = score_artifact(model, val, hp, rt, log, t0)
-    bytes_code = code_bytes(script, hp.code_bytes_mode)[1]
-    return dict(
-        run_id=rt.run_id,
-        eval_only=True,
-        artifact_path=str(path),
-        artifact_sha256=hashlib.sha256(blob).hexdigest(),
-        bytes_code=bytes_code,
-        bytes_model=len(blob),
-        bytes_total=bytes_code + len(blob),
-        headroom=hp.artifact_cap_bytes - bytes_code - len(blob),
-        **scored,
-        eval_wallclock_s=round(time.perf_counter() - t0, 3),
-        val_tokens=len(val.tokens) - 1,
-        val_bytes=val.total_bytes,
-        hp_hash=hp.hash(),
-        device=rt.device.type,
-        gpus=gpu_names(),
-    )
-
-
 def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
     script = Path(__file__).resolve()
     if hp.eval_only:
@@ -3503,11 +3680,11 @@ def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
     if rt.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    attention_problem = select_attention_backend(rt)
+    attention_problem = select_attention_backend(rt, hp)
     model, train_model, compiled = build_model(hp, rt)
     log_header(hp, rt, log, script, compiled, attention_problem)
     val = prepare_validation(hp, rt, log)
-    log(kv(val_tokens=len(val.tokens) - 1, model_params=sum(p.numel() for p in model.parameters())))
+    log(kv(val_tokens=len(val.tokens) - 1, model_params=model_params(model)))
     train_files = find_shards(hp.data_path, "train")
     check_token_ids(train_files, hp.vocab_size, rt)
     loader = DistributedTokenLoader(train_files, rt)
@@ -3568,6 +3745,21 @@ def check_outputs_free(hp: Hyperparameters, rt: Runtime) -> Path:
     return log_path
 
 
+def model_params(model: nn.Module) -> int:
+    """The parameter count a run logs (`model_params:`) and --print-config prints."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def print_config(hp: Hyperparameters) -> None:
+    """`python train_gpt.py --print-config`: the resolved settings, hp_hash and the model's size.
+    The model is built on the meta device (shapes, no memory, no init cost): no data, no training,
+    no GPU, no log file."""
+    print("\n".join(hp.resolved_lines()))
+    print(kv(hp_hash=hp.hash(), hp_unhashed=",".join(hp.unhashed)))
+    with torch.device("meta"):
+        print(kv(model_params=model_params(GPT(hp))))
+
+
 ERROR_EXIT = {
     ConfigError: ("config error", 2),
     DataError: ("data error", 3),
@@ -3578,15 +3770,19 @@ ERROR_EXIT = {
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--pack"] and len(argv) == 2:
         return write_packed(argv[1])
-    if argv and argv[0] not in ("-h", "--help"):
+    if argv and argv[0] not in ("-h", "--help") and argv != ["--print-config"]:
         print(
             f"train_gpt.py takes no arguments (got {argv}); settings are env vars, see --help "
-            "(or --pack OUT to write the packed script)",
+            "(or --print-config for the settings, hp_hash and model_params; --pack OUT to write the "
+            "packed script)",
             file=sys.stderr,
         )
         return 2
     try:
         hp = Hyperparameters()
+        if argv == ["--print-config"]:
+            print_config(hp)
+            return 0
         if argv:  # --help: the resolved settings, nothing runs
             print(__doc__ + "\n".join(hp.resolved_lines()))
             return 0
@@ -3622,7 +3818,7 @@ def main(argv: list[str]) -> int:
 def exit_without_finalization(code: int) -> None:
     """Ends a finished distributed rank with os._exit, skipping interpreter finalization.
 
-    Why (issue 10: ~1 in 3 two-rank gloo runs aborted after the final JSON with "terminate
+    Why (~1 in 3 two-rank gloo runs aborted after the final JSON with "terminate
     called without an active exception"; a core dump shows the cause): DDP keeps references to
     the process group that destroy_process_group does not drop, so gloo's worker threads outlive
     it. A worker frees its last finished collective a moment after the caller has moved on; when

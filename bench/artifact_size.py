@@ -1,12 +1,12 @@
 """Artifact size by packing and compressor: fresh-init model, heavy-tailed stand-in, or a real artifact.
 
-    python bench/artifact_size.py                       # default model (env knobs apply), fresh init
-    python bench/artifact_size.py --weights heavy-tail  # matrices redrawn from a Student-t (nu=3)
-    python bench/artifact_size.py --weights heavy-tail --quant gptq   # GPTQ, Hessian-chosen clips
-    python bench/artifact_size.py --artifact final_model_<RUN_ID>.ptz   # a trained run's integers
-    python bench/artifact_size.py --tradeoff   # error vs entropy per clip choice and width (GPTQ)
-    COMPRESSOR=zstd python bench/artifact_size.py --fit-cut 1500000   # the fit ladder at full size
-    COMPRESSOR=brotli python bench/artifact_size.py --fit-cut 1000000 --prior   # planned, as in a run
+    python3 bench/artifact_size.py                       # default model (env knobs apply), fresh init
+    python3 bench/artifact_size.py --weights heavy-tail  # matrices redrawn from a Student-t (nu=3)
+    python3 bench/artifact_size.py --weights heavy-tail --quant gptq   # GPTQ, Hessian-chosen clips
+    python3 bench/artifact_size.py --artifact final_model_<RUN_ID>.ptz   # a trained run's integers
+    python3 bench/artifact_size.py --tradeoff   # error vs entropy per clip choice and width (GPTQ)
+    COMPRESSOR=zstd python3 bench/artifact_size.py --fit-cut 1500000   # the fit ladder at full size
+    COMPRESSOR=brotli python3 bench/artifact_size.py --fit-cut 1000000 --prior   # planned, as in a run
 
 Quantisation is round-to-nearest with each row's max |w| as its clip (no calibration data) unless
 `--quant gptq`: then GPTQ runs with the script's clip choice (GPTQ_CLIP_FRACS, or GPTQ_SDCLIP_K)

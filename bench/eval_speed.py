@@ -1,13 +1,14 @@
 """Times train_gpt.py's evaluation passes on random tokens (never validation data).
 
-    python bench/eval_speed.py --tokens 3000000 --passes flat,sliding          # 1 GPU or CPU
-    torchrun --standalone --nproc_per_node=8 bench/eval_speed.py --passes sliding,ttt,ngram
+    python3 bench/eval_speed.py --tokens 3000000 --passes flat,sliding          # 1 GPU or CPU
+    torchrun --standalone --nproc_per_node=8 bench/eval_speed.py --passes sliding,chunked,ngram_mix
 
 The model (random weights) and every evaluation knob come from the same env vars as train_gpt.py
 (EVAL_STRIDE, EVAL_SEQ_LEN, EVAL_BATCH_SEQS, TTT_*, COMPILE, ...). Random tokens carry BOS every
-`--doc-tokens` tokens so LoRA TTT sees documents; `ngram` mixes the pass listed before it.
-Prints one `key:value` line per pass; the speed target of issue 9 is sliding (stride 64, seq 2048)
-over 3M tokens in <= 30 s on one H100. Each line also projects the pass to the official val set
+`--doc-tokens` tokens so LoRA TTT sees documents; `ngram_mix` mixes the pass listed before it.
+Pass names are train_gpt.py's (`chunked` = TTT_MODE=chunked, `lora` = TTT_MODE=lora, `ngram_mix` =
+NGRAM_MIX=1); the older names `ttt` and `ngram` are still accepted.
+Prints one `key:value` line per pass. Each line also projects the pass to the official val set
 (62,021,632 sp1024 tokens) on `--project-gpus` GPUs, assuming time scales linearly with tokens and
 inversely with GPUs (the mixer, which every rank runs whole, with tokens only): a planning figure,
 not a measurement.
@@ -32,16 +33,21 @@ def passes(hp: tg.Hyperparameters) -> dict[str, tg.Pass]:
     return {
         "flat": tg.Pass("flat", flat, flat),
         "sliding": tg.Pass("sliding", seq, stride),
-        "ttt": tg.Pass("ttt", seq, stride, ttt=True),
+        "chunked": tg.Pass("chunked", seq, stride, ttt=True),
         "lora": tg.Pass("lora", seq, stride, lora=True),
-        "ngram": tg.Pass("ngram", 0, 0, ngram=True),
+        "ngram_mix": tg.Pass("ngram_mix", 0, 0, ngram=True),
     }
+
+
+OLD_NAMES = {"ttt": "chunked", "ngram": "ngram_mix"}  # as logged before the passes were renamed
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=3_000_000, help="scored positions (default 3,000,000)")
-    ap.add_argument("--passes", default="flat,sliding", help="comma list: flat,sliding,ttt,lora,ngram")
+    ap.add_argument(
+        "--passes", default="flat,sliding", help="comma list: flat,sliding,chunked,lora,ngram_mix"
+    )
     ap.add_argument("--doc-tokens", type=int, default=1200, help="a BOS every this many tokens")
     ap.add_argument("--project-tokens", type=int, default=62_021_632, help="val tokens to project to")
     ap.add_argument("--project-gpus", type=int, default=8, help="GPUs to project to")
@@ -49,12 +55,12 @@ def main() -> int:
     hp = tg.Hyperparameters()
     rt = tg.init_runtime(hp)
     known = passes(hp)
-    wanted = args.passes.split(",")
+    wanted = [OLD_NAMES.get(name, name) for name in args.passes.split(",")]
     unknown = [name for name in wanted if name not in known]
     if unknown:
         ap.error(f"unknown pass(es) {unknown}; choose from {sorted(known)}")
-    if wanted[0] == "ngram":
-        ap.error("ngram mixes the pass before it: list a network pass first (e.g. sliding,ngram)")
+    if wanted[0] == "ngram_mix":
+        ap.error("ngram_mix mixes the pass before it: list a network pass first (e.g. sliding,ngram_mix)")
     torch.manual_seed(hp.seed)
     model = tg.GPT(hp).to(rt.device)
     tokens = np.random.default_rng(hp.seed).integers(2, hp.vocab_size, args.tokens + 1)

@@ -1,7 +1,7 @@
 """Muon step time with Newton-Schulz split across ranks (Parallel Muon), on the model's matrices.
 
 Run from the repo root (model knobs are train_gpt.py's env vars):
-    python bench/parallel_muon.py --steps 5                                    (world size 1)
+    python3 bench/parallel_muon.py --steps 5                                    (world size 1)
     torchrun --standalone --nproc_per_node=2 bench/parallel_muon.py --steps 5  (gloo on CPU, NCCL on GPU)
 Prints world_size, matrices, banks and muon_step_ms (mean over timed steps, slowest rank).
 Gradients are random: only the time means anything.

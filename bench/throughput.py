@@ -1,16 +1,23 @@
 """Training throughput of train_gpt.py on synthetic tokens: warmup, then timed steps.
 
 Run from the repo root:
-    python bench/throughput.py                          (GPU: the default model, compiled)
-    RUN_PRESET=smoke python bench/throughput.py         (CPU: the tiny smoke model, seconds)
-    python bench/throughput.py --warmup 20 --steps 50   (more steps)
+    python3 bench/throughput.py                          (GPU: the default model, compiled)
+    RUN_PRESET=smoke python3 bench/throughput.py         (CPU: the tiny smoke model, seconds)
+    python3 bench/throughput.py --warmup 20 --steps 50   (more steps)
 Model, batch and optimizer settings are train_gpt.py's env knobs (unknown ones are refused).
 
-Prints key:value lines: ms_per_step and tokens_per_s of the real step (train_gpt.train_step then
-the EMA update, no syncs in between), mfu (model FLOPs per token from the config x tokens/s over
-the bf16 dense peak of the GPU found; n/a on CPU or an unknown GPU), peak_mem_mib, and a breakdown
-(fwd_bwd_ms, optimizer_ms, ema_ms) measured in extra steps with a device sync between the parts.
-Single process; the tokens are random ids, so the loss says nothing.
+Prints key:value lines as it goes: the device and settings first, then one line per step as soon
+as that step is done (`warmup_step:i/N step_ms:...`: the first one includes torch.compile;
+`timed_step:i/N step_ms:...`), so a run cut short still shows how far it got. Then ms_per_step and
+tokens_per_s of the real step (train_gpt.train_step then the EMA update) over all timed steps, mfu
+(model FLOPs per token from the config x tokens/s over the bf16 dense peak of the GPU found; n/a
+on CPU or an unknown GPU), peak_mem_mib, and a breakdown (fwd_bwd_ms, optimizer_ms, ema_ms)
+measured in extra steps with a device sync between the parts. Single process; the tokens are
+random ids, so the loss says nothing.
+
+Per-step times on GPU are CUDA event times between the ends of consecutive steps. To print step
+i-1 the host waits for it while step i is already queued, so the GPU never idles for the printing;
+the host can then run at most one step ahead, which a GPU-bound step does not notice.
 """
 
 from __future__ import annotations
@@ -73,6 +80,56 @@ class SyntheticLoader:
         return self.x, self.y
 
 
+class StepMarks:
+    """Step-end marks: CUDA events on GPU (read one step late, never draining the queue), host
+    clock readings on CPU (where every op is synchronous)."""
+
+    def __init__(self, rt: tg.Runtime):
+        self.cuda = rt.device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def step_ms(self, i: int) -> float:
+        """Milliseconds of step i (1-based): from mark i-1 to mark i; waits for mark i on GPU."""
+        a, b = self.marks[i - 1], self.marks[i]
+        if self.cuda:
+            b.synchronize()
+            return a.elapsed_time(b)
+        return 1000 * (b - a)
+
+
+def run_steps(rt: tg.Runtime, step, n: int, label: str, eager: bool = False) -> float:
+    """Runs n steps, printing `<label>:i/n step_ms:...` for each as soon as it is known; returns
+    the mean ms per step over the whole loop (host clock, device synced at both ends). eager
+    (warmup) prints each step when it ends; otherwise a step's line waits until the next step is
+    queued, so the wait never leaves the GPU idle."""
+    marks = StepMarks(rt)
+    tg.sync(rt)
+    t0 = time.perf_counter()
+    marks.mark()
+
+    def report(i: int) -> None:
+        print(tg.kv(**{label: f"{i}/{n}"}, step_ms=round(marks.step_ms(i), 2)), flush=True)
+
+    for i in range(1, n + 1):
+        step()
+        marks.mark()
+        if eager or i >= 2:
+            report(i if eager else i - 1)
+    tg.sync(rt)
+    elapsed_ms = 1000 * (time.perf_counter() - t0)
+    if n and not eager:
+        report(n)
+    return elapsed_ms / max(n, 1)
+
+
 def timed(rt: tg.Runtime, fn) -> float:
     tg.sync(rt)
     t0 = time.perf_counter()
@@ -123,7 +180,7 @@ def main(argv: list[str]) -> int:
     torch.manual_seed(hp.seed)
     attention_problem = tg.select_attention_backend(rt)
     if attention_problem:
-        print(f"WARNING attention_backend:sdpa, not FlashAttention-3: {attention_problem}")
+        print(f"WARNING attention_backend:sdpa, not FlashAttention-3: {attention_problem}", flush=True)
     model, train_model, compiled = tg.build_model(hp, rt)
     optimizers = tg.build_optimizers(model, hp, rt)
     ema = tg.EMA(model, hp.ema_decay, hp.ema_window_frac)
@@ -133,14 +190,7 @@ def main(argv: list[str]) -> int:
         tg.train_step(train_model, model, loader, optimizers, hp, rt)
         ema.update(model, 1e9)
 
-    for _ in range(args.warmup):
-        step()
-    ms = timed(rt, lambda: [step() for _ in range(args.steps)]) / args.steps
-    parts = breakdown(model, train_model, loader, optimizers, ema, hp, rt, max(1, args.steps // 2))
-    tokens_per_s = hp.train_batch_tokens / (ms / 1000)
     name, peak = gpu_peak_flops()
-    flops = flops_per_token(model, hp)
-    mfu = f"{100 * flops * tokens_per_s / peak:.1f}%" if peak else "n/a"
     print(tg.kv(device=name.replace(" ", "_"), compile=int(compiled), attention_backend=tg.ATTENTION_BACKEND))
     print(
         tg.kv(
@@ -148,11 +198,21 @@ def main(argv: list[str]) -> int:
             batch_tokens=hp.train_batch_tokens,
             seq_len=hp.train_seq_len,
             grad_accum_steps=rt.grad_accum_steps,
-        )
+        ),
+        flush=True,
     )
-    print(tg.kv(warmup_steps=args.warmup, timed_steps=args.steps, ms_per_step=round(ms, 2)))
-    print(tg.kv(tokens_per_s=int(tokens_per_s), model_gflops_per_token=round(flops / 1e9, 4), mfu=mfu))
-    print(tg.kv(peak_mem_mib=tg.peak_mem_mib(rt), **parts))
+    run_steps(rt, step, args.warmup, "warmup_step", eager=True)
+    ms = run_steps(rt, step, args.steps, "timed_step")
+    print(tg.kv(warmup_steps=args.warmup, timed_steps=args.steps, ms_per_step=round(ms, 2)), flush=True)
+    tokens_per_s = hp.train_batch_tokens / (ms / 1000)
+    flops = flops_per_token(model, hp)
+    mfu = f"{100 * flops * tokens_per_s / peak:.1f}%" if peak else "n/a"
+    print(
+        tg.kv(tokens_per_s=int(tokens_per_s), model_gflops_per_token=round(flops / 1e9, 4), mfu=mfu),
+        flush=True,
+    )
+    parts = breakdown(model, train_model, loader, optimizers, ema, hp, rt, max(1, args.steps // 2))
+    print(tg.kv(peak_mem_mib=tg.peak_mem_mib(rt), **parts), flush=True)
     return 0
 
 

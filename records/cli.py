@@ -35,10 +35,11 @@ def _parser_new(sub) -> None:
         "new",
         help="create records/track_*/YYYY-MM-DD_Name/ from a run's logs",
         description="Create a record folder from the logs of one run (one log per seed): copies the exact "
-        "script (its sha256 must equal the logs' script_sha256) and the logs, and writes submission.json "
-        "and a README skeleton whose numbers are computed from the logs. Refuses (exit 2, nothing "
-        "written) when a log is incomplete, the logs disagree, or the script does not match. Exit 1 "
-        "when the folder was written but does not validate under --track.",
+        "script (its sha256 must equal the logs' script_sha256; runs that counted its packed form get "
+        "that as train_gpt.py and the script as train_gpt_source.py) and the logs, and writes "
+        "submission.json and a README skeleton whose numbers are computed from the logs. Refuses "
+        "(exit 2, nothing written) when a log is incomplete, the logs disagree, or the script does "
+        "not match. Exit 1 when the folder was written but does not validate under --track.",
     )
     p.add_argument("logs", nargs="+", help="run logs, e.g. logs/<RUN_ID>.txt, one per seed")
     p.add_argument("--name", required=True, help="submission name (submission.json name, README title)")

@@ -109,7 +109,7 @@ def _load_folder(side: Side, path: Path) -> None:
         side.notes.extend(f"{path.name}: {n}" for n in notes)
         sub, _ = dialects.load_submission(path)
         if sub is not None:
-            side.notes.extend(f"{path.name}: {d}" for d in dialects.disagreements(runs, sub))
+            side.notes.extend(f"{path.name}: {d.message}" for d in dialects.disagreements(runs, sub))
         return
     subs = _runs_from_submission(path)
     if not subs:

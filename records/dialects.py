@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
-from . import summary
+from . import rules, summary
 from .logparse import parse_log
 
 # Stage classes of a final evaluation: the score a submission stands on is the last evaluation of
@@ -28,6 +28,8 @@ from .logparse import parse_log
 PRE_QUANT, ROUNDTRIP, SLIDING, TTT = 0, 1, 2, 3
 # (label regex, class), first match wins; the label is the text before " val_loss:".
 STAGE_TABLE = (
+    (r"^(chunked|lora|ngram_mix|ngram)$", TTT),  # our final_eval passes (logparse.py) after the flat one
+    (r"^flat$", ROUNDTRIP),
     (r"(?i)^(?!.*pre[_ -]?ttt).*ttt", TTT),
     (r"(?i).*sliding.*", SLIDING),
     (
@@ -269,8 +271,10 @@ LINE_PATTERNS = (
         _production,
     ),
     _p("total_eval_time", r"^total_eval_time: ?(?P<s>[\d.]+)s", _total_eval),
-    _p("seed", r"^ {0,2}seed: ?(?P<v>\d+)\s*$", _set_seed),
-    _p("world_size", r"^ {0,2}world_size: ?(?P<v>\d+)", _set_world),
+    # Indented in Hyperparameters blocks (by two spaces, or more after a unix-time prefix); a number
+    # right after the colon, so a script dumped into the log (`seed: int = ...`) cannot set them.
+    _p("seed", r"^\s*seed: ?(?P<v>\d+)\s*$", _set_seed),
+    _p("world_size", r"^\s*world_size: ?(?P<v>\d+)\b", _set_world),
     _p("model_params", r"^model_params: ?(?P<v>\d+)", _set_params),
     _p("val_tokens", r"^(?:val_tokens: ?|val_loader:shards .* tokens:)(?P<v>\d+)\s*$", _set_val_tokens),
     _p("hyperparameter", r"^  (?P<k>[a-z_][a-z0-9_]*): (?P<v>.*)$", _hparam, "Hyperparameters block"),
@@ -462,10 +466,27 @@ def _agrees(entry: dict, claim: Eval) -> bool:
     return bpb is not None and abs(bpb - claim.val_bpb) <= 5e-5
 
 
+def _references(runs: list[Run], sub: dict | None) -> dict[str, dict]:
+    """submission.json's score per seed key; where every log states one seed and there are no
+    per-seed results (several runs of seed 1337, say), the headline is that seed's score."""
+    if not sub:
+        return {}
+    per_seed = submission_seeds(sub)
+    keys = {_key(run) for run in runs}
+    headline = submission_score(sub, "val_bpb")
+    if not per_seed and len(keys) == 1 and headline is not None:
+        return {keys.pop(): {"val_bpb": headline}}
+    return per_seed
+
+
+def _key(run: Run) -> str:
+    return str(run.seed) if run.seed is not None else run.name
+
+
 def folder_runs(folder) -> tuple[list[Run], list[str]]:
     """One run per seed from a record folder's logs (any dialect), plus notes. Where several logs
-    state the same seed (a copy as train.log, or an original and a rerun), the one whose score
-    agrees with submission.json's per-seed value is used, else the first by name; the others are
+    state the same seed (a copy as train.log, an original and a rerun, repeated runs of one seed),
+    the one whose score agrees with submission.json is used, else the first by name; the others are
     named in a note."""
     folder = Path(folder)
     notes, runs = [], []
@@ -475,24 +496,39 @@ def folder_runs(folder) -> tuple[list[Run], list[str]]:
         except (OSError, UnicodeError, ValueError) as exc:
             notes.append(f"{path.name}: unreadable ({exc})")
     sub, _ = load_submission(folder)
-    per_seed = submission_seeds(sub) if sub else {}
-    chosen: dict[str, Run] = {}
+    per_seed = _references(runs, sub)
+    groups: dict[str, list[Run]] = {}
     for run in runs:
-        key = str(run.seed) if run.seed is not None else run.name
-        if key not in chosen:
-            chosen[key] = run
-            continue
-        keep, other = chosen[key], run
-        claim = run.claim()
-        if claim is not None and key in per_seed and _agrees(per_seed[key], claim):
-            if keep.claim() is None or not _agrees(per_seed[key], keep.claim()):
-                keep, other = run, keep
-        chosen[key] = keep
-        notes.append(f"seed {key}: {other.name} also states this seed; {keep.name} is used")
-    return list(chosen.values()), notes
+        groups.setdefault(_key(run), []).append(run)
+    chosen = []
+    for key, group in groups.items():
+        agreeing = [
+            r
+            for r in group
+            if r.claim() is not None and key in per_seed and _agrees(per_seed[key], r.claim())
+        ]
+        keep = (agreeing or group)[0]
+        chosen.append(keep)
+        others = [r.name for r in group if r is not keep]
+        if others:
+            why = "its score agrees with submission.json" if agreeing else "the first by name"
+            notes.append(
+                f"seed {key}: {', '.join(others)} also state(s) this seed; {keep.name} is used ({why})"
+            )
+    return chosen, notes
 
 
-def disagreements(runs: list[Run], sub: dict) -> list[str]:
+@dataclass(frozen=True)
+class Disagreement:
+    """A submission.json score against the logs. kind: `mismatch`; `rounding` (equal to within one
+    unit of the last digit it states, e.g. a mean of per-seed values rounded first); `one_run` (the
+    headline is one log's score, not the mean of all)."""
+
+    kind: str
+    message: str
+
+
+def disagreements(runs: list[Run], sub: dict) -> list[Disagreement]:
     """Where submission.json's scores differ from the logs' final evaluations, to the digits printed
     (per seed under whatever key, then the headline mean)."""
     out = []
@@ -503,9 +539,10 @@ def disagreements(runs: list[Run], sub: dict) -> list[str]:
             continue
         for key in ("val_bpb", "val_loss"):
             printed, actual = _printed(entry.get(key)), getattr(claim, key)
-            if printed is not None and not summary.matches(printed, actual):
-                source = score_source(run)
-                out.append(f"submission.json seed {run.seed} {key} is {printed} but {source} says {actual}")
+            if printed is None or summary.matches(printed, actual):
+                continue
+            said = f"submission.json seed {run.seed} {key} is {printed} but {score_source(run)} says {actual}"
+            out.append(_judged(said, printed, actual))
     claims = [(r, r.claim()) for r in runs if r.claim() is not None]
     for key in ("val_bpb", "val_loss"):
         printed = _printed(submission_score(sub, key))
@@ -514,13 +551,24 @@ def disagreements(runs: list[Run], sub: dict) -> list[str]:
         mean, _ = summary.mean_std(getattr(c, key) for _, c in claims)
         if summary.matches(printed, mean):
             continue
-        same = [r.name for r, c in claims if summary.matches(printed, getattr(c, key))]
-        which = f" (it is {same[0]}'s score alone)" if same and len(claims) > 1 else ""
-        out.append(
+        said = (
             f"submission.json {key} is {printed} but the mean of the logs' final scores "
-            f"({len(claims)} seed(s)) is {mean:.8f}{which}"
+            f"({len(claims)} seed(s)) is {mean:.8f}"
         )
+        same = [r.name for r, c in claims if summary.matches(printed, getattr(c, key))]
+        if same and len(claims) > 1:
+            out.append(Disagreement("one_run", f"{said} (it is {same[0]}'s score alone)"))
+        else:
+            out.append(_judged(said, printed, mean))
     return out
+
+
+def _judged(said: str, printed: Decimal, actual: float) -> Disagreement:
+    """A rounding note only for a value precise enough to check (a 1.2 is not 1.25 rounded twice)."""
+    precise = summary.decimals(printed) >= rules.MIN_SCORE_DECIMALS
+    if precise and summary.within_last_digit(printed, actual):
+        return Disagreement("rounding", f"{said}: equal to within one unit of its last digit (rounding)")
+    return Disagreement("mismatch", said)
 
 
 def _printed(value) -> Decimal | None:

@@ -8,7 +8,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import scripts
+from . import packed, scripts
 from .logparse import describe_problems, find_logs, looks_like_log, parse_log
 
 
@@ -37,10 +37,11 @@ def _read_script(side: Side) -> None:
 
 
 def folder_script(folder: Path, notes: list[str]) -> Path | None:
-    """train_gpt.py, else the one train_gpt*.py some records ship instead (e.g. train_gpt_v5.py)."""
-    script = folder / "train_gpt.py"
-    if script.is_file():
-        return script
+    """The readable source of a packed submission (train_gpt_source.py, the script its logs name),
+    else train_gpt.py, else the one train_gpt*.py some records ship instead (e.g. train_gpt_v5.py)."""
+    for name in (packed.SOURCE_NAME, "train_gpt.py"):
+        if (folder / name).is_file():
+            return folder / name
     others = sorted(folder.glob("train_gpt*.py"))
     if len(others) == 1:
         notes.append(f"no train_gpt.py; using {others[0].name}")
@@ -69,7 +70,9 @@ def load_side(raw: str) -> Side:
     if side.script is not None and side.logs:
         sha = hashlib.sha256(side.script.read_bytes()).hexdigest()
         if any(log["script_sha256"] != sha for log in side.logs):
-            side.notes.append("the logs were not produced by this train_gpt.py (script_sha256 differs)")
+            side.notes.append(
+                f"the logs were not produced by this {side.script.name} (script_sha256 differs)"
+            )
     return side
 
 

@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+from . import rules
+
 # Stable lines a complete log must contain, keyed by the name used in `missing`.
 REQUIRED_LINES = (
     "run_id",
@@ -88,6 +90,7 @@ def empty_log(path: str) -> dict:
         "preset": None,
         "hp": {},
         "hp_hash": None,
+        "hp_unhashed": [],
         "steps": [],
         "vals": [],
         "final_evals": [],
@@ -175,7 +178,9 @@ def _set_preset(log, pairs):
 
 
 def _set_hp_hash(log, pairs):
+    """hp_hash:<8 hex>, and since 2026-12 hp_unhashed:<NAME,...> (the knobs the hash leaves out)."""
     log["hp_hash"] = pairs["hp_hash"]
+    log["hp_unhashed"] = [n for n in pairs.get("hp_unhashed", "").split(",") if n]
 
 
 def _set_stopping(log, pairs):
@@ -184,7 +189,7 @@ def _set_stopping(log, pairs):
 
 def _add_final_eval(log, pairs):
     fields = _typed(pairs)
-    fields["stage"] = str(fields.pop("final_eval"))
+    fields["stage"] = rules.pass_name(str(fields.pop("final_eval")))  # ttt -> chunked, ...
     log["final_evals"].append(fields)
 
 
@@ -225,6 +230,8 @@ def _finish(log: dict) -> dict:
         if log["final"] is not None and not isinstance(log["final"], dict):
             log["errors"].append("final JSON line is not an object")
             log["final"] = None
+        if log["final"] is not None:
+            add_current_names(log["final"])
     counts = log["counts"]
     log["missing"] = [name for name in REQUIRED_LINES if not counts.get(name)]
     if log["final"] is None and "final_json" not in log["missing"]:
@@ -241,6 +248,17 @@ def _finish(log: dict) -> dict:
     return log
 
 
+def add_current_names(final: dict) -> None:
+    """Give a final JSON written before the pass renaming its current keys too (val_bpb_flat for
+    post_quant_val_bpb, val_bpb_chunked for val_bpb_ttt, ...); the keys as logged stay."""
+    if "post_quant_val_bpb" in final:
+        final.setdefault("val_bpb_flat", final["post_quant_val_bpb"])
+    for key in list(final):
+        name = key.removeprefix("val_bpb_")
+        if key.startswith("val_bpb_") and name in rules.FORMER_PASS_NAMES:
+            final.setdefault(f"val_bpb_{rules.pass_name(name)}", final[key])
+
+
 def parse_text(text: str, path: str = "<text>") -> dict:
     """Parse the text of a run log; see parse_log."""
     log = empty_log(path)
@@ -255,9 +273,10 @@ def parse_log(path) -> dict:
     """Parse one run log file into a dict.
 
     Keys: path, run_id, script_sha256, header (code_bytes_raw = script size, script, device, gpus, ...),
-    versions, preset, hp {NAME: raw string}, hp_hash, steps (train lines), vals (validation lines),
-    final_evals, stopping_early, artifact, final (the final JSON object or None), other (unrecognised
-    lines), errors, missing (required stable lines absent), truncated, complete.
+    versions, preset, hp {NAME: raw string}, hp_hash, hp_unhashed [NAME, ...], steps (train lines),
+    vals (validation lines), final_evals, stopping_early, artifact, final (the final JSON object or
+    None), other (unrecognised lines), errors, missing (required stable lines absent), truncated,
+    complete.
     """
     path = Path(path)
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -283,11 +302,19 @@ def find_logs(folder) -> list[Path]:
     return [p for p in candidates if looks_like_log(p)]
 
 
-def hp_hash(hp: dict[str, str]) -> str:
-    """train_gpt.py's hp_hash: sha256 of the sorted `NAME=value` lines joined by newlines, 8 hex.
-    Recomputing it shows the hp lines were not edited after the run."""
-    lines = "\n".join(f"{name}={value}" for name, value in sorted(hp.items()))
+def hp_hash(hp: dict[str, str], leave_out=frozenset()) -> str:
+    """train_gpt.py's hp_hash: sha256 of the sorted `NAME=value` lines joined by newlines, 8 hex,
+    without the names in `leave_out`. Recomputing it shows the hp lines were not edited after the run."""
+    lines = "\n".join(f"{name}={value}" for name, value in sorted(hp.items()) if name not in leave_out)
     return hashlib.sha256(lines.encode()).hexdigest()[:8]
+
+
+def hp_hash_matches(log: dict) -> bool:
+    """The logged hp_hash is the hash of the log's hp lines: without the knobs its `hp_unhashed` line
+    lists, or without the run-naming knobs, or over every line as older logs did."""
+    listed = set(log.get("hp_unhashed") or ())  # logged by the script since it left knobs out
+    candidates = [hp_hash(log["hp"], listed)] if listed else []
+    return log["hp_hash"] in (*candidates, hp_hash(log["hp"], rules.RUN_NAMING_HP), hp_hash(log["hp"]))
 
 
 def describe_problems(log: dict) -> list[str]:

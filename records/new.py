@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import importlib.util
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
-from . import rules, summary
+from . import packed, rules, summary
 from .logparse import describe_problems, parse_log
 from .validate import disagreements
 
@@ -59,38 +57,32 @@ def check_script(script: Path, logs: list[dict]) -> bytes:
     return data
 
 
-def submitted_script(script: Path, data: bytes, logs: list[dict]) -> bytes:
-    """What goes in the folder as train_gpt.py: the script itself, or, when the runs counted its
-    self-extracting form (CODE_BYTES_MODE=packed), that form, made by the script's own pack_source
-    (importing train_gpt has no side effects) and checked against the bytes the runs counted."""
-    counted = {log["final"].get("bytes_code") for log in logs}
+def submitted_script(script: Path, data: bytes, logs: list[dict]) -> bytes | None:
+    """The packed form to submit as train_gpt.py, or None when the runs counted the script itself.
+    A run with CODE_BYTES_MODE=packed counted the output of the script's own pack_source (see
+    packed.py); it is made here the same way and checked against the bytes the runs counted."""
+    counted = {log["final"].get("code_bytes_counted", log["final"].get("bytes_code")) for log in logs}
     if counted == {len(data)}:
-        return data
-    name = "records_submitted_train_gpt"
-    spec = importlib.util.spec_from_file_location(name, script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses look their module up while it executes
-    try:
-        spec.loader.exec_module(module)
-        packed = module.pack_source(data.decode("utf-8")).encode()
-    finally:
-        del sys.modules[name]
-    if counted != {len(packed)}:
+        return None
+    form = packed.packed_form(script)
+    if counted != {len(form)}:
         raise RefusedError(
-            f"the runs counted {sorted(counted)} bytes of code, but {script} is {len(data)} bytes and "
-            f"its packed form {len(packed)}: the logs do not say which file to submit"
+            f"the runs counted {sorted(counted, key=str)} bytes of code, but {script} is {len(data)} "
+            f"bytes and its packed form {len(form)}: the logs do not say which file to submit"
         )
-    return packed
+    return form
 
 
-def render_readme(meta: dict, logs: list[dict], rows: list[dict], packed: bool = False) -> str:
+def render_readme(meta: dict, logs: list[dict], rows: list[dict], packed_form: bool = False) -> str:
     first = logs[0]
+    sha = first["script_sha256"]
     script = (
-        "the self-extracting (lzma + base85) form of the script that produced the logs, as the runs "
-        f"counted it (CODE_BYTES_MODE=packed); it unpacks to sha256 `{first['script_sha256']}`, and "
-        "`python -m records diff` reads it unpacked"
-        if packed
-        else f"the exact script that produced the logs (sha256 `{first['script_sha256']}`)"
+        "the self-extracting form of the script, made by its own `pack_source` (CODE_BYTES_MODE=packed): "
+        f"the file that runs and that the 16,000,000-byte cap counts\n- `{packed.SOURCE_NAME}`: its "
+        f"readable source, the script the logs name (sha256 `{sha}`); it is not run, it is here to be "
+        "read and diffed (`python -m records diff` reads it)"
+        if packed_form
+        else f"the exact script that produced the logs (sha256 `{sha}`)"
     )
     block = summary.render_results_block(rows, rows[0]["eval_mode"], summary.hardware(first))
     files = "\n".join(f"- `{log['dest']}`: run log, seed {log['final']['seed']}" for log in logs)
@@ -98,7 +90,7 @@ def render_readme(meta: dict, logs: list[dict], rows: list[dict], packed: bool =
     run_env = f"RUN_PRESET={preset} " if preset not in (None, "none") else ""
     world = first["header"].get("world_size") or 1
     launcher = f"torchrun --standalone --nproc_per_node={world}" if world > 1 else "python"
-    settings = "\n".join(f"{k}={v}" for k, v in sorted(first["hp"].items()) if k not in rules.PER_RUN_HP)
+    settings = "\n".join(f"{k}={v}" for k, v in sorted(first["hp"].items()) if k not in rules.RUN_NAMING_HP)
     return f"""# {meta["name"]}
 
 {meta["blurb"]}
@@ -159,12 +151,15 @@ def check_extras(extras: list[Path], taken: set[str]) -> None:
 def make_record(args) -> Path:
     """Create the folder; returns its path. Raises RefusedError instead of writing anything dubious."""
     logs = load_logs(args.logs)
-    data = submitted_script(Path(args.script), check_script(Path(args.script), logs), logs)
+    source = check_script(Path(args.script), logs)
+    form = submitted_script(Path(args.script), source, logs)
+    data = source if form is None else form
     date = record_date(args.date)
     for log in logs:
         log["dest"] = f"train_seed{log['final']['seed']}.log"
     extras = [Path(e) for e in args.extra or []]
-    check_extras(extras, {"train_gpt.py", "submission.json", "README.md", *(log["dest"] for log in logs)})
+    own = {"train_gpt.py", packed.SOURCE_NAME, "submission.json", "README.md", *(log["dest"] for log in logs)}
+    check_extras(extras, own)
     slug = slugify(args.slug or args.name)
     root = Path(args.root) / f"track_{args.track}"
     folder = Path(args.out) if args.out else root / f"{date}_{slug}"
@@ -172,6 +167,8 @@ def make_record(args) -> Path:
         raise RefusedError(f"{folder} already exists and is not empty (use --force to overwrite)")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train_gpt.py").write_bytes(data)
+    if form is not None:
+        (folder / packed.SOURCE_NAME).write_bytes(source)
     for log in logs:
         shutil.copyfile(log["path"], folder / log["dest"])
     for extra in extras:
@@ -190,6 +187,5 @@ def make_record(args) -> Path:
     }
     sub = summary.build_submission(meta, logs, rows, len(data))
     (folder / "submission.json").write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
-    packed = hashlib.sha256(data).hexdigest() != logs[0]["script_sha256"]
-    (folder / "README.md").write_text(render_readme(meta, logs, rows, packed), encoding="utf-8")
+    (folder / "README.md").write_text(render_readme(meta, logs, rows, form is not None), encoding="utf-8")
     return folder

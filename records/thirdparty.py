@@ -2,11 +2,14 @@
 checked from whatever its logs state, and a figure the log does not state is reported as such.
 
 Flags (short names, also shown by `rank`): train>600s, production>600s, eval>600s, bytes>16MB,
-seeds<3, score!=submission, no-score.
+seeds<3, score!=submission, no-score. A record dated before the three-seed rule (rules.MIN_SEEDS_FROM)
+with fewer seeds, or whose headline is one run's score, gets a warning instead; so does a score
+equal to the logs' to within one unit of its last digit (rounding).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from . import dialects, rules
@@ -105,10 +108,44 @@ def facts(run: dialects.Run) -> list[str]:
     return lines
 
 
-def cross_check(rep, runs: list[dialects.Run], sub: dict) -> None:
-    """submission.json's numbers against the scores the logs claim, to the digits printed."""
-    for message in dialects.disagreements(runs, sub):
-        _flag(rep, "score!=submission", message)
+def record_date(folder: Path, sub: dict | None) -> str | None:
+    """YYYY-MM-DD of a record: its folder name's, else submission.json's date; None if neither."""
+    for text in (folder.name, str((sub or {}).get("date", ""))):
+        match = re.match(r"^(\d{4}-\d{2}-\d{2})", text)
+        if match:
+            return match[1]
+    return None
+
+
+def before_seed_rule(date: str | None) -> bool:
+    return date is not None and date < rules.MIN_SEEDS_FROM
+
+
+def check_seeds(rep, runs: list[dialects.Run], date: str | None) -> None:
+    seeds = {r.seed for r in runs}
+    if rep.track != rules.RECORD_TRACK or len(seeds) >= rules.MIN_SEEDS:
+        return
+    message = f"{len(seeds)} seed(s); a record claim needs {rules.MIN_SEEDS}"
+    if before_seed_rule(date):
+        rep.warnings.append(
+            f"{message} from {rules.MIN_SEEDS_FROM} on; this record is dated {date}, when the challenge "
+            "README asked for a train log"
+        )
+    else:
+        _flag(rep, "seeds<3", message)
+
+
+def cross_check(rep, runs: list[dialects.Run], sub: dict, date: str | None) -> None:
+    """submission.json's numbers against the scores the logs claim, to the digits printed. Rounding
+    is a note; so is a headline that is one run's score in a record from before the three-seed rule
+    (it stood on that run)."""
+    for found in dialects.disagreements(runs, sub):
+        if found.kind == "rounding":
+            rep.warnings.append(found.message)
+        elif found.kind == "one_run" and before_seed_rule(date):
+            rep.warnings.append(f"{found.message}; this record is dated {date}, before the three-seed rule")
+        else:
+            _flag(rep, "score!=submission", found.message)
     for seed in sorted(set(dialects.submission_seeds(sub)) - {str(r.seed) for r in runs}):
         rep.warnings.append(f"submission.json has seed {seed} with no log in the folder")
 
@@ -126,7 +163,7 @@ def validate(rep) -> None:
     runs, notes = dialects.folder_runs(folder)
     rep.runs = runs
     rep.warnings.extend(notes)
-    read = {run.path for run in runs} | set(folder.glob("logs/*"))
+    read = set(dialects.find_run_files(folder)) | set(folder.glob("logs/*"))
     for stray in sorted(set(folder.glob("*.log")) - read):
         rep.warnings.append(f"{stray.name}: not a run log in any known dialect (no step or final eval lines)")
     if not runs:
@@ -137,10 +174,9 @@ def validate(rep) -> None:
             _flag(rep, "no-score", f"{run.name}: no final evaluation line, so no score")
         check_times(rep, run)
         check_bytes(rep, run, None if rep.script is None else len(rep.script))
-    seeds = {r.seed for r in runs}
-    if rep.track == rules.RECORD_TRACK and len(seeds) < rules.MIN_SEEDS:
-        _flag(rep, "seeds<3", f"{len(seeds)} seed(s); a record claim needs {rules.MIN_SEEDS}")
     sub, why = dialects.load_submission(folder)
+    date = record_date(folder, sub)
+    check_seeds(rep, runs, date)
     if sub is None:
         rep.warnings.append(f"submission.json: {why}")
         return
@@ -149,4 +185,4 @@ def validate(rep) -> None:
         missing.remove("val_loss")
     if missing:
         rep.warnings.append(f"submission.json lacks optional metadata: {', '.join(missing)}")
-    cross_check(rep, runs, sub)
+    cross_check(rep, runs, sub, date)

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
-from . import rules, scripts, summary, thirdparty
-from .logparse import describe_problems, find_logs, hp_hash, parse_log
+from . import packed, rules, scripts, summary, thirdparty
+from .logparse import describe_problems, find_logs, hp_hash, hp_hash_matches, parse_log
 
 REQUIRED_FILES = ("README.md", "submission.json", "train_gpt.py")
 # Final-JSON keys the checks below read; a log without them cannot be reviewed.
@@ -113,10 +113,6 @@ def check_log_consistency(rep: Report, log: dict) -> None:
             rep.problems.append(
                 f"{name}: final JSON {key}={final[key]!r} but the log line says {line_value!r}"
             )
-    if log["hp_hash"] != hp_hash(log["hp"]):
-        rep.problems.append(
-            f"{name}: hp_hash {log['hp_hash']} does not match the hp lines ({hp_hash(log['hp'])})"
-        )
     seed = log["hp"].get("SEED")
     if seed is not None and "seed" in final and str(final["seed"]) != seed:
         rep.problems.append(f"{name}: final JSON seed={final['seed']} but hp:SEED={seed}")
@@ -163,18 +159,27 @@ def check_logs_agree(rep: Report) -> None:
 
 def disagreements(logs: list[dict]) -> list[str]:
     """Why these logs cannot be one submission (empty list when they can). Shared with `new`."""
-    out = []
+    out = [
+        f"{_name(log)}: hp_hash {log['hp_hash']} does not match its hp lines "
+        f"({hp_hash(log['hp'], set(log.get('hp_unhashed') or ()) or rules.RUN_NAMING_HP)}): "
+        "they were edited after the run"
+        for log in logs
+        if not hp_hash_matches(log)
+    ]
     if not logs:
         return out
     first = logs[0]
     for log in logs[1:]:
         if log["script_sha256"] != first["script_sha256"]:
             out.append(f"{_name(log)}: script_sha256 differs from {_name(first)}")
-        keys = (set(log["hp"]) | set(first["hp"])) - rules.PER_RUN_HP
-        diff = sorted(k for k in keys if log["hp"].get(k) != first["hp"].get(k))
-        if diff:
-            shown = ", ".join(f"{k}={first['hp'].get(k)}->{log['hp'].get(k)}" for k in diff[:6])
-            out.append(f"{_name(log)}: settings differ from {_name(first)}: {shown}")
+        differ = differing_settings(first["hp"], log["hp"], set(first.get("hp_unhashed") or ()))
+        if differ:
+            shown = ", ".join(f"{k}={first['hp'].get(k)}->{log['hp'].get(k)}" for k in differ[:6])
+            more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
+            out.append(
+                f"{_name(log)}: hp_hash {log['hp_hash']} differs from {_name(first)}'s {first['hp_hash']}; "
+                f"settings differ: {shown}{more}"
+            )
     seeds = [log["final"].get("seed") for log in logs]
     dupes = sorted({str(s) for s in seeds if seeds.count(s) > 1})
     if dupes:
@@ -182,19 +187,32 @@ def disagreements(logs: list[dict]) -> list[str]:
     return out
 
 
+def differing_settings(a: dict[str, str], b: dict[str, str], unhashed=frozenset()) -> list[str]:
+    """Names whose hp: lines differ between two logs, the run-naming knobs left out (they differ
+    between seeds by design; logs that hashed them differ in hp_hash for that reason alone)."""
+    names = (set(a) | set(b)) - rules.RUN_NAMING_HP - unhashed
+    return sorted(k for k in names if a.get(k) != b.get(k))
+
+
 # ---- rules ---------------------------------------------------------------------------------------
 
 
 def check_script(rep: Report) -> None:
-    """The logs were made by train_gpt.py in the folder, or by the script it unpacks to (a
-    CODE_BYTES_MODE=packed submission); code_bytes_raw is the size of the script that ran."""
+    """The logs were made by the script in the folder: train_gpt_source.py next to its packed form
+    (CODE_BYTES_MODE=packed, see packed.py), else train_gpt.py itself or the script it unpacks to (a
+    packed submission made before the source was kept beside it). code_bytes_raw is the size of the
+    script that ran."""
     if rep.script is None:
+        return
+    source = rep.folder / packed.SOURCE_NAME
+    if source.is_file():
+        check_packed_source(rep, source)
         return
     sha = hashlib.sha256(rep.script).hexdigest()
     ran = {sha: len(rep.script)}
-    source, _ = scripts.unpack(rep.script.decode("utf-8", errors="replace"), rep.folder / "train_gpt.py")
-    if source.encode() != rep.script:
-        ran[hashlib.sha256(source.encode()).hexdigest()] = len(source.encode())
+    unpacked, _ = scripts.unpack(rep.script.decode("utf-8", errors="replace"), rep.folder / "train_gpt.py")
+    if unpacked.encode() != rep.script:
+        ran[hashlib.sha256(unpacked.encode()).hexdigest()] = len(unpacked.encode())
     for log in rep.good_logs():
         if log["script_sha256"] not in ran:
             rep.problems.append(
@@ -207,6 +225,41 @@ def check_script(rep: Report) -> None:
                 f"{_name(log)}: code_bytes_raw {log['header'].get('code_bytes_raw')} != the size of "
                 f"the script that ran ({ran[log['script_sha256']]})"
             )
+
+
+def check_packed_source(rep: Report, source: Path) -> None:
+    """train_gpt_source.py made the logs, train_gpt.py is exactly its own pack_source's output, and
+    the runs counted that file's size as code."""
+    text = source.read_bytes()
+    sha = hashlib.sha256(text).hexdigest()
+    for log in rep.good_logs():
+        name, final = _name(log), log["final"]
+        if log["script_sha256"] != sha:
+            rep.problems.append(
+                f"{name}: script_sha256 {log['script_sha256'][:12]}… but {source.name} has sha256 "
+                f"{sha[:12]}…: the logs were not made by this source"
+            )
+        elif log["header"].get("code_bytes_raw") != len(text):
+            rep.problems.append(
+                f"{name}: code_bytes_raw {log['header'].get('code_bytes_raw')} != the size of "
+                f"{source.name} ({len(text)})"
+            )
+        counted = final.get("code_bytes_counted", final.get("bytes_code"))
+        if counted != len(rep.script):
+            rep.problems.append(
+                f"{name}: code_bytes_counted {counted} != the size of train_gpt.py in the folder "
+                f"({len(rep.script)}): the runs counted another file"
+            )
+    try:
+        made = packed.packed_form(source)
+    except Exception as exc:  # noqa: BLE001 (the folder's own code: any failure is a finding)
+        rep.problems.append(f"{source.name}: its pack_source could not make the packed form ({exc!r})")
+        return
+    if made != rep.script:
+        rep.problems.append(
+            f"train_gpt.py ({len(rep.script):,} bytes) is not what pack_source of {source.name} makes "
+            f"({len(made):,} bytes): rebuild the folder with `python -m records new`"
+        )
 
 
 def check_bytes(rep: Report) -> None:
@@ -241,7 +294,7 @@ def _is_seconds(value) -> bool:
 
 
 TIME_KEYS = ("train_time_s", "export_time_s", "eval_time_s")
-# Training start to artifact on disk, GPTQ calibration included (train_gpt.py, issue 8); when the log
+# Training start to artifact on disk, GPTQ calibration included, as train_gpt.py logs it; when the log
 # states it, it is the figure the 600 s rule is checked on.
 PRODUCTION_KEY = "artifact_production_wallclock_s"
 
@@ -291,9 +344,10 @@ def check_legality(rep: Report) -> None:
     for log in rep.good_logs():
         final, name = log["final"], _name(log)
         mode = final.get("eval_mode")
-        if mode not in rules.LEGAL_EVAL_MODES:
+        if rules.eval_passes(mode) is None:
             rep.problems.append(
-                f"{name}: eval_mode {mode!r} is not a legal one ({', '.join(rules.LEGAL_EVAL_MODES)})"
+                f"{name}: eval_mode {mode!r} is not a legal one (one or more of "
+                f"{', '.join(rules.EVAL_PASSES)} joined by +)"
             )
         if final.get("scored_before_update") is not True:
             rep.problems.append(f"{name}: scored_before_update is {final.get('scored_before_update')!r}")
@@ -344,7 +398,8 @@ SEED_RESULT_KEYS = {
     "val_loss": "val_loss",
     "val_bpb": "val_bpb",
     "pre_quant_val_bpb": "pre_quant_val_bpb",
-    "post_quant_val_bpb": "post_quant_val_bpb",
+    "val_bpb_flat": "val_bpb_flat",
+    "post_quant_val_bpb": "val_bpb_flat",  # its name in folders made before the pass renaming
     "artifact_bytes": "bytes_total",
     "steps": "steps",
     "step_avg_ms": "step_avg_ms",

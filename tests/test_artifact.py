@@ -330,16 +330,36 @@ def test_fake_quantize_is_the_round_to_nearest_grid_with_identity_gradient():
     torch.testing.assert_close(w.grad, torch.ones_like(w))
 
 
-def test_calibration_uses_training_tokens_only(tmp_path, monkeypatch, bundled_sp, cpu_runtime):
-    """A val-only token marks validation data: calibration must never see it nor open a val shard."""
-    marker = bundled_sp.piece_to_id("\u2581the")
-    train = token_stream(bundled_sp, DOCS * 8)
-    train = train[train != marker]
-    val = token_stream(bundled_sp, DOCS)
+def marked_shards(tmp_path: Path, sp) -> int:
+    """Train and val shards in tmp_path; a token found only in val marks validation data."""
+    marker = sp.piece_to_id("\u2581the")
+    train = token_stream(sp, DOCS * 8)
+    val = token_stream(sp, DOCS)
     assert (val == marker).any()
-    tg.write_shard(tmp_path / "fineweb_train_000000.bin", train)
+    tg.write_shard(tmp_path / "fineweb_train_000000.bin", train[train != marker])
     tg.write_shard(tmp_path / "fineweb_val_000000.bin", val)
-    hp = make_hp(VOCAB_SIZE=1024, DATA_PATH=str(tmp_path), GPTQ_CALIB_TOKENS=256, COMPRESSOR="zstd")
+    return marker
+
+
+def export_with(loader_split: str, tmp_path: Path, rt: tg.Runtime) -> dict:
+    """The real export (EMA weights -> calibration -> GPTQ -> artifact file) with a loader over one
+    split of tmp_path's shards."""
+    hp = make_hp(
+        VOCAB_SIZE=1024,
+        DATA_PATH=str(tmp_path),
+        GPTQ_CALIB_TOKENS=256,
+        COMPRESSOR="zstd",
+        ARTIFACT_PATH=str(tmp_path / "model.ptz"),
+    )
+    model = tg.GPT(hp)
+    ema = tg.EMA(model, hp.ema_decay, hp.ema_window_frac)
+    loader = tg.DistributedTokenLoader(tg.find_shards(hp.data_path, loader_split), rt)
+    return tg.export(model, ema, loader, tg.TrainState(), hp, rt, [].append, (100, 100))
+
+
+def test_calibration_uses_training_tokens_only(tmp_path, monkeypatch, bundled_sp, cpu_runtime):
+    """Through export: calibration never sees the val-only token nor opens a val shard."""
+    marker = marked_shards(tmp_path, bundled_sp)
     opened, seen = [], []
     real_load, real_hidden = tg.load_shard, tg.GPT.hidden
     monkeypatch.setattr(
@@ -348,11 +368,18 @@ def test_calibration_uses_training_tokens_only(tmp_path, monkeypatch, bundled_sp
     monkeypatch.setattr(
         tg.GPT, "hidden", lambda self, ids: seen.append(ids.clone()) or real_hidden(self, ids)
     )
-    loader = tg.DistributedTokenLoader(tg.find_shards(hp.data_path, "train"), cpu_runtime)
-    blob, info = tg.produce_artifact(tg.GPT(hp), loader, hp, cpu_runtime, [].append, 100)
+    info = export_with("train", tmp_path, cpu_runtime)
     assert len(seen) == 8 and info["gptq_time_s"] >= info["calibration_s"] >= 0
+    assert Path(info["artifact_path"]).stat().st_size == info["bytes_model"]
     assert not any("val" in name for name in opened)
     assert all((ids != marker).all() for ids in seen)
+
+
+def test_export_refuses_to_calibrate_on_validation_shards(tmp_path, bundled_sp, cpu_runtime):
+    marked_shards(tmp_path, bundled_sp)
+    with pytest.raises(tg.LegalityError, match="fineweb_val_000000.bin, which is not a training shard"):
+        export_with("val", tmp_path, cpu_runtime)
+    assert not (tmp_path / "model.ptz").exists()
 
 
 def test_packed_script_runs_and_counts_its_own_bytes(tmp_path):

@@ -1,9 +1,13 @@
-"""bench/throughput.py stays runnable on CPU (the smoke model, a few steps) and counts FLOPs right."""
+"""The bench scripts stay runnable on CPU: throughput.py (the smoke model, a few steps, per-step
+lines as it goes, FLOPs counted right) and gpu_evidence.sh (its CPU rehearsal, and a stage cut by
+its timeout keeping what it printed)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +40,13 @@ def test_smoke_benchmark_prints_every_figure(tmp_path):
     assert fields["mfu"] == "n/a" and fields["device"] == "cpu"  # no GPU peak to divide by
     assert fields["batch_tokens"] == "1024" and fields["timed_steps"] == "2"
     assert not list(tmp_path.iterdir())  # writes nothing
+    # one line per step, in order, before the totals: a run cut short shows how far it got
+    steps = [line.split()[0] for line in proc.stdout.splitlines() if "step_ms:" in line]
+    assert steps == ["warmup_step:1/1", "timed_step:1/2", "timed_step:2/2"]
+    lines = proc.stdout.splitlines()
+    assert lines.index(next(x for x in lines if x.startswith("timed_step:2/2"))) < lines.index(
+        next(x for x in lines if x.startswith("warmup_steps:"))
+    )
 
 
 def test_flops_per_token_counts_repeated_blocks_and_attention():
@@ -58,3 +69,130 @@ def test_parallel_muon_benchmark_runs_on_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     fields = dict(item.split(":", 1) for line in proc.stdout.splitlines() for item in line.split())
     assert fields["world_size"] == "1" and int(fields["matrices"]) == 12 and float(fields["muon_step_ms"]) > 0
+
+
+EVIDENCE = ROOT / "bench" / "gpu_evidence.sh"
+
+
+def evidence_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A clean environment (no train_gpt knobs, no bench settings) plus the test's settings."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not tg._looks_like_ours(k, set()) and not k.startswith("EVIDENCE_") and k not in ("OUT", "PYTHON")
+    }
+    env.update(OMP_NUM_THREADS="1", OUT=str(tmp_path / "out"), EVIDENCE_WORK=str(tmp_path / "work"), **extra)
+    return env
+
+
+def check_out_folder(out: Path) -> None:
+    """What the device tool brings back: at most 8 plain files, names of letters, digits, . _ -."""
+    files = list(out.iterdir())
+    assert len(files) <= 8 and all(f.is_file() for f in files), files
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f.name) for f in files), files
+
+
+def test_gpu_evidence_smoke_prints_results_and_keeps_them_in_out(tmp_path):
+    # EVIDENCE_VAL_DOCS looks like a train_gpt knob (VAL): the run only passes if the script unsets it
+    assert tg._looks_like_ours("EVIDENCE_VAL_DOCS", set())
+    env = evidence_env(tmp_path, EVIDENCE_SMOKE="1", EVIDENCE_VAL_DOCS="4", PYTHON=sys.executable)
+    before = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+    cmd = ["bash", str(EVIDENCE)]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    log = (out / "evidence.log").read_text()
+    summary = (out / "summary.txt").read_text()
+    expected = [
+        "stage:tokenize rc:0",
+        "data:sample val_docs:4",
+        "step:1/6",
+        "bytes_total:",
+        "final_eval:flat",
+        "final_eval:sliding",
+        "stage:train rc:0",
+        "timed_step:2/2",
+        "ms_per_step:",
+        "stage:throughput rc:0",
+        "evidence:done",
+    ]
+    per_step = ("timed_step:2/2",)  # step lines stay out of the summary
+    for text, keys in (
+        (proc.stdout, expected),
+        (log, expected),
+        (summary, [k for k in expected if k not in per_step]),
+    ):
+        positions = [text.find(key) for key in keys]
+        assert -1 not in positions and positions == sorted(positions), list(zip(keys, positions, strict=True))
+        assert re.search(r"^final_eval:(chunked|ttt) ", text, re.M)  # the default TTT pass ran
+    assert all(line in proc.stdout for line in log.splitlines())  # every logged line was printed
+    assert summary.splitlines()[-1].startswith("{")  # the final JSON
+    assert len(list(out.glob("final_model_*.ptz"))) == 1 and len(list(out.glob("evidence_p1_*.txt"))) == 1
+    assert (out / "manifest.json").is_file()
+    check_out_folder(out)
+    after = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert after == before  # nothing written into the repository
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# stands in for python: canned version lines, and a train_gpt.py that prints, then hangs
+case "$1" in
+  -c) echo "python:fake torch:none cuda:None"; echo "gpus:0 gpu:none"; echo "compressors:lzma" ;;
+  train_gpt.py)
+    echo "step:1/20000 train_loss:6.9 train_time_ms:900"
+    echo "bytes_code:1 bytes_model:2 bytes_total:3 headroom:4"
+    echo "final_eval:flat val_loss:6.0 val_bpb:3.5"
+    exec sleep 600 ;;
+  *) echo "unexpected: $*" >&2; exit 9 ;;
+esac
+"""
+
+
+def test_gpu_evidence_timeout_keeps_printed_lines(tmp_path):
+    """A stage cut by its timeout: its lines stay in the log and the summary, the script goes on to
+    the summary within its budget and fails with the timeout's status; no throughput without time."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "fineweb_val_000000.bin").write_bytes(b"")
+    env = evidence_env(
+        tmp_path, EVIDENCE_SMOKE="1", EVIDENCE_SHARDS=str(shards), EVIDENCE_BUDGET_S="25", PYTHON=str(fake)
+    )
+    proc = subprocess.run(
+        ["bash", str(EVIDENCE)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 124, proc.stdout + proc.stderr
+    out = tmp_path / "out"
+    for text in (proc.stdout, (out / "evidence.log").read_text(), (out / "summary.txt").read_text()):
+        for key in (
+            "step:1/20000",
+            "bytes_total:3",
+            "final_eval:flat",
+            "timed_out:yes",
+            "evidence:incomplete",
+        ):
+            assert key in text, key
+        assert "NOTE !!! zstandard/brotli not importable" in text  # the lzma fallback is loud
+        assert "stage:throughput skipped" in text
+    assert re.search(r"^stage:train rc:124 ", proc.stdout, re.M)
+    check_out_folder(out)
+
+
+def test_bench_scripts_never_call_bare_python():
+    """A bare GPU image may have only python3: shell scripts use ${PYTHON:-python3}, usage lines
+    python3, Python code sys.executable."""
+    bare = re.compile(r"(^|[\s;&|(`$])python(?![\w.])(?!:)")
+    for path in sorted((ROOT / "bench").glob("*.sh")) + sorted((ROOT / "bench").glob("*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            assert not bare.search(line), f"{path.name}:{n}: {line}"
+
+
+def test_p1_knobs_agree_between_scripts():
+    """bench/p1.sh and bench/gpu_evidence.sh run the same protocol."""
+    p1 = (ROOT / "bench" / "p1.sh").read_text()
+    evidence = EVIDENCE.read_text()
+    for knob in ("MAX_WALLCLOCK_SECONDS=240", "TRAIN_BATCH_TOKENS=196608", "fineweb_1024_bpe.model"):
+        assert knob in p1 and knob in evidence, knob
+    assert "--val-docs 4194" in p1 and "VAL_DOCS:-4194" in evidence

@@ -1,4 +1,4 @@
-"""Compile cleanliness (issue 10): the model forward traces as one graph (no graph breaks) and
+"""Compile cleanliness: the model forward traces as one graph (no graph breaks) and
 never recompiles after warmup, across the depth-recurrence switch, train/eval mode and repeated
 steps. CPU with the aot_eager backend (forward + backward graphs through AOTAutograd)."""
 

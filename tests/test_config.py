@@ -1,16 +1,20 @@
 """Hyperparameters: typed parsing, unknown-variable refusal, presets, resolved lines and hash,
-cross-knob validation, and where train_gpt.py may read the process environment."""
+declared bounds and cross-knob validation, --print-config, and where train_gpt.py may read the
+process environment."""
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import inspect
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, TINY_ENV
 
 import train_gpt
 from train_gpt import ConfigError, Hyperparameters
@@ -131,7 +135,7 @@ def test_knob_of_an_unimplemented_technique_is_refused(name):
 
 @pytest.mark.parametrize("name", ["NUM_LOOP", "ROW_NORMALIZE", "POLAR_EXPRESS_NS", "BETA2"])
 def test_anchor_record_knob_is_refused(name):
-    # All four appear in the recommended-defaults command line of the design digest (section 9).
+    # Knob names of other submissions' scripts that this one does not have: refused, never ignored.
     with pytest.raises(ConfigError, match=f"unknown setting {name}="):
         Hyperparameters({name: "1"})
 
@@ -242,11 +246,24 @@ def test_resolved_lines_are_sorted_and_complete():
     assert "MODEL_DIM=256" in lines and "SMEAR_GATE=False" in lines and "RUN_PRESET=" in lines
 
 
-def test_hash_is_eight_hex_digits_of_the_resolved_lines():
+def test_hash_is_eight_hex_digits_of_the_hashed_resolved_lines():
     hp = Hyperparameters({})
     assert re.fullmatch(r"[0-9a-f]{8}", hp.hash())
-    # records/logparse.py recomputes it from the logged hp: lines
-    assert hp.hash() == hashlib.sha256("\n".join(hp.resolved_lines()).encode()).hexdigest()[:8]
+    hashed = [line for line in hp.resolved_lines() if line.split("=", 1)[0] not in hp.unhashed]
+    assert len(hashed) == len(hp.knobs) - len(hp.unhashed)
+    assert hp.hash() == hashlib.sha256("\n".join(hashed).encode()).hexdigest()[:8]
+
+
+def test_records_recomputes_the_hash_from_the_logged_lines():
+    """records/logparse.py checks hp_hash against the log's hp: lines and hp_unhashed: list."""
+    from records.logparse import hp_hash, parse_text
+
+    hp = Hyperparameters({"RUN_PRESET": "smoke", "SEED": "7", "RUN_ID": "r"})
+    header = [f"hp:{line}" for line in hp.resolved_lines()]
+    header.append(train_gpt.kv(hp_hash=hp.hash(), hp_unhashed=",".join(hp.unhashed)))
+    log = parse_text("\n".join(header))
+    assert log["hp_unhashed"] == hp.unhashed and log["hp_hash"] == hp.hash()
+    assert hp_hash(log["hp"], log["hp_unhashed"]) == hp.hash()
 
 
 def test_hash_is_stable_and_changes_with_a_value():
@@ -257,13 +274,51 @@ def test_hash_is_stable_and_changes_with_a_value():
     assert Hyperparameters({}).hash() != Hyperparameters({"MATRIX_LR": "0.026"}).hash()
 
 
+def test_hp_hash_names_the_configuration_not_the_run():
+    """The seeds of one submission share hp_hash; it used to change with RUN_ID, SEED, ARTIFACT_PATH
+    and IGNORE_ENV, so no two runs ever shared it."""
+    base = {"RUN_PRESET": "smoke"}
+    runs = [
+        base,
+        {**base, "RUN_ID": "seed2", "SEED": "2", "ARTIFACT_PATH": "/tmp/seed2.ptz"},
+        {**base, "RUN_ID": "seed3", "SEED": "3", "LOG_DIR": "elsewhere", "ARTIFACT_DIR": "out"},
+        {**base, "IGNORE_ENV": "MYCLOUD_*", "MYCLOUD_JOB": "1"},
+        {**base, "EVAL_ONLY": "1", "ARTIFACT_PATH": "final_model_x.ptz"},
+        {**train_gpt.PRESETS["smoke"]},  # the preset's values without its name
+    ]
+    assert len({Hyperparameters(env).hash() for env in runs}) == 1
+    for model_change in ({"NUM_LAYERS": "3", "XSA_LAST_N": "3"}, {"MATRIX_LR": "0.02"}, {"DATA_PATH": "d"}):
+        assert Hyperparameters({**base, **model_change}).hash() != Hyperparameters(base).hash()
+
+
+def test_only_run_naming_and_io_knobs_are_unhashed():
+    assert Hyperparameters({}).unhashed == [
+        "ARTIFACT_DIR",
+        "ARTIFACT_PATH",
+        "EVAL_ONLY",
+        "IGNORE_ENV",
+        "LOG_DIR",
+        "RUN_ID",
+        "RUN_PRESET",
+        "SEED",
+    ]
+
+
+def test_readme_marks_exactly_the_unhashed_knobs():
+    readme = (REPO / "README.md").read_text()
+    hp = Hyperparameters({})
+    for name in hp.knobs:
+        row = re.search(rf"^\| `{name}` \|.*$", readme, re.M).group(0)
+        assert ("not in `hp_hash`" in row) == (name in hp.unhashed), name
+
+
 def test_same_value_from_preset_or_env_resolves_identically():
     via_preset = Hyperparameters({"RUN_PRESET": "smoke"})
     explicit = Hyperparameters({"RUN_PRESET": "smoke", **train_gpt.PRESETS["smoke"]})
     assert via_preset.resolved_lines() == explicit.resolved_lines()
 
 
-# ----------------------------------------------------------------------------- cross-knob validation
+# ----------------------------------------------------------------------------- bounds & cross-knob validation
 
 
 @pytest.mark.parametrize(
@@ -274,14 +329,26 @@ def test_same_value_from_preset_or_env_resolves_identically():
         ({"ROPE_DIMS": "7"}, "ROPE_DIMS must be even"),
         ({"ROPE_DIMS": "66"}, "ROPE_DIMS must be even and at most"),
         ({"ROPE_DIMS": "-2"}, "ROPE_DIMS"),
-        ({"XSA_LAST_N": "-1"}, "XSA_LAST_N must be >= 0"),
-        ({"XSA_LAST_N": "-1"}, "XSA_LAST_N"),
+        ({"XSA_LAST_N": "-1"}, "XSA_LAST_N must be >= 0 (got -1)"),
         ({"BIGRAM_BUCKETS": "1"}, "BIGRAM_BUCKETS must be 0 (off) or >= 2"),
-        ({"VOCAB_SIZE": "65537"}, "VOCAB_SIZE"),
-        ({"VOCAB_SIZE": "0"}, "VOCAB_SIZE"),
-        ({"WARMDOWN_FRAC": "1.5"}, "schedule fractions"),
-        ({"LR_WARMUP_FRAC": "1"}, "schedule fractions"),
-        ({"ITERATIONS": "0"}, "ITERATIONS must be positive"),
+        ({"BIGRAM_BUCKETS": "-1"}, "BIGRAM_BUCKETS must be >= 0 (got -1)"),
+        ({"VOCAB_SIZE": "65537"}, "VOCAB_SIZE must be in (0, 65536] (got 65537)"),
+        ({"VOCAB_SIZE": "0"}, "VOCAB_SIZE must be in (0, 65536] (got 0)"),
+        ({"WARMDOWN_FRAC": "1.5"}, "WARMDOWN_FRAC must be in [0, 1] (got 1.5)"),
+        ({"LR_WARMUP_FRAC": "1"}, "LR_WARMUP_FRAC must be in [0, 1) (got 1.0)"),
+        ({"ITERATIONS": "0"}, "ITERATIONS must be > 0 (got 0)"),
+        ({"TTT_MODE": "ttt"}, "TTT_MODE must be none, chunked or lora (got 'ttt')"),
+        ({"GPTQ_DAMP": "nan"}, "GPTQ_DAMP must be > 0 (got nan)"),
+        ({"NUM_LOOPS": "1", "LOOP_END": "11"}, "NUM_LOOPS > 0 needs 0 <= LOOP_START <= LOOP_END"),
+        ({"TTT_FREEZE_BLOCKS": "12"}, "TTT_FREEZE_BLOCKS must be at most NUM_LAYERS"),
+        ({"QUANT_INT5_LAYERS": "10,11"}, "QUANT_INT5_LAYERS must list block indices < NUM_LAYERS"),
+        ({"GPTQ_CLIP_FRACS": "1.0,1.5"}, "GPTQ_CLIP_FRACS must be a comma list of fractions in (0, 1]"),
+        ({"GPTQ_CLIP_FRACS": ","}, "GPTQ_CLIP_FRACS must be a comma list of fractions in (0, 1]"),
+        ({"EVAL_ONLY": "1"}, "EVAL_ONLY=1 needs ARTIFACT_PATH"),
+        (
+            {"EXPORT_RESERVE_SECONDS": "600"},
+            "EXPORT_RESERVE_SECONDS must be -1 (measured) or in [0, MAX_WALLCLOCK_SECONDS)",
+        ),
         ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN"),
         ({"MICROBATCH_TOKENS": "3000"}, "MICROBATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN"),
         ({"SMEAR_GATE_INPUTS": "513"}, "SMEAR_GATE_INPUTS must be at most MODEL_DIM"),
@@ -308,10 +375,87 @@ def test_inconsistent_knobs_are_refused(env, fragment):
         {"WARMDOWN_FRAC": "0"},
         {"WARMDOWN_FRAC": "1"},
         {"SMEAR_GATE_INPUTS": "512"},
+        {"LR_WARMUP_FRAC": "0.999"},
+        {"QUANT_BITS": "2", "QUANT_EMBED_BITS": "8"},
+        {"VOCAB_SIZE": "1"},
+        {"GPTQ_DAMP": "1e-12"},
+        {"TTT_EPOCHS": "0", "EVAL_SEQ_LEN": "0", "EVAL_BATCH_SEQS": "0", "TTT_FREEZE_BLOCKS": "11"},
+        {"NUM_LOOPS": "1", "LOOP_START": "0", "LOOP_END": "10"},
+        {"LOOP_START": "-1", "LOOP_END": "99"},  # NUM_LOOPS=0: the segment is never used
+        {"MAX_WALLCLOCK_SECONDS": "0", "EXPORT_RESERVE_SECONDS": "-5"},  # no budget to reserve from
+        {"COMPRESSOR": "lzma", "QUANT_METHOD": "rtn", "TTT_MODE": "none", "EVAL_MODE": "flat"},
     ],
 )
 def test_boundary_values_are_accepted(env):
     Hyperparameters(env)
+
+
+BOUNDED = sorted(Hyperparameters({}).bounds.items())
+
+
+def outside_values(bounds: train_gpt.Bounds, kind: type) -> list[str]:
+    """Values just past each declared bound (or not among the choices)."""
+    if bounds.choices:
+        return ["nope", bounds.choices[0].upper()]
+    step = 1 if kind is int else 0.5
+    values = []
+    if bounds.ge is not None or bounds.gt is not None:
+        values.append(bounds.ge - step if bounds.ge is not None else bounds.gt)
+    if bounds.le is not None or bounds.lt is not None:
+        values.append(bounds.le + step if bounds.le is not None else bounds.lt)
+    return [str(v) for v in values]
+
+
+@pytest.mark.parametrize(("name", "bounds"), BOUNDED, ids=[name for name, _ in BOUNDED])
+def test_value_outside_declared_bounds_names_knob_value_and_range(name, bounds):
+    kind = type(Hyperparameters({}).knobs[name])
+    for raw in outside_values(bounds, kind):
+        with pytest.raises(ConfigError) as err:
+            Hyperparameters({name: raw})
+        value = train_gpt._parse(name, raw, kind)
+        assert str(err.value) == f"{name} must be {bounds.describe()} (got {value!r})"
+
+
+@pytest.mark.parametrize(
+    "name", [n for n, b in BOUNDED if not b.choices and type(Hyperparameters({}).knobs[n]) is float]
+)
+def test_nan_is_outside_every_float_range(name):
+    with pytest.raises(ConfigError, match=f"{name} must be .* \\(got nan\\)"):
+        Hyperparameters({name: "nan"})
+
+
+@pytest.mark.parametrize(
+    ("bounds", "text", "inside", "outside"),
+    [
+        (train_gpt.Bounds(gt=0), "> 0", [1, 1e-9, float("inf")], [0, -1, float("nan")]),
+        (train_gpt.Bounds(ge=0), ">= 0", [0, 3], [-1, float("nan")]),
+        (train_gpt.Bounds(le=8), "<= 8", [8, -9], [9]),
+        (train_gpt.Bounds(lt=1), "< 1", [0.99], [1]),
+        (train_gpt.Bounds(ge=2, le=8), "in [2, 8]", [2, 8], [1, 9]),
+        (train_gpt.Bounds(ge=0, lt=1), "in [0, 1)", [0, 0.5], [1, -0.1]),
+        (train_gpt.Bounds(gt=0, le=65536), "in (0, 65536]", [1, 65536], [0, 65537]),
+        (train_gpt.Bounds(choices=("a", "b", "c")), "a, b or c", ["a", "c"], ["d", "A", ""]),
+        (train_gpt.Bounds(choices=("raw", "packed")), "raw or packed", ["raw"], ["Raw"]),
+        (train_gpt.Bounds(choices=("only",)), "only", ["only"], ["other"]),
+    ],
+)
+def test_bounds_allow_and_describe(bounds, text, inside, outside):
+    assert bounds.describe() == text
+    assert all(bounds.allows(v) for v in inside)
+    assert not any(bounds.allows(v) for v in outside)
+
+
+def test_readme_range_column_is_each_knobs_declared_bounds():
+    readme = (REPO / "README.md").read_text()
+    hp = Hyperparameters({})
+    for name in hp.knobs:
+        row = re.search(rf"^\| `{name}` \| \w+ \| `[^`]*` \| ([^|]*) \|", readme, re.M)
+        assert row, f"{name} has no README row with a range column"
+        bounds = hp.bounds.get(name)
+        expected = f"`{bounds.describe()}`" if bounds else "any"
+        if name == "RUN_PRESET":  # checked against PRESETS before any knob is read
+            expected = "a preset or empty"
+        assert row.group(1) == expected, name
 
 
 @pytest.mark.parametrize("name", ["NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN"])
@@ -337,6 +481,56 @@ def test_init_runtime_single_process(monkeypatch):
     assert (rt.rank, rt.world_size, rt.grad_accum_steps, rt.run_id) == (0, 1, 4, "x")
     assert rt.is_main and not rt.distributed
     assert rt.device == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- --print-config
+
+
+@pytest.mark.parametrize("env", [{"RUN_PRESET": "smoke"}, TINY_ENV], ids=["smoke", "tiny"])
+def test_print_config_prints_settings_hash_and_model_params(env, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os, "environ", dict(env))
+    assert train_gpt.main(["--print-config"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    hp = Hyperparameters(env)
+    assert out[:-2] == hp.resolved_lines()
+    assert out[-2] == f"hp_hash:{hp.hash()} hp_unhashed:{','.join(hp.unhashed)}"
+    built = train_gpt.GPT(hp)  # on CPU, as training builds it before moving it to the device
+    assert out[-1] == f"model_params:{sum(p.numel() for p in built.parameters())}"
+    assert os.listdir(tmp_path) == []  # no log, no artifact
+
+
+def test_training_logs_model_params_as_print_config_counts():
+    assert "model_params=model_params(model)" in inspect.getsource(train_gpt.run)
+
+
+def test_print_config_reads_no_data_and_writes_nothing(tmp_path):
+    """A fresh process in a folder without data: the smoke preset's DATA_PATH does not exist here."""
+    script = str(REPO / "train_gpt.py")
+    env = {k: v for k, v in os.environ.items() if not train_gpt._looks_like_ours(k, set())}
+    env.update(RUN_PRESET="smoke", SEED="5", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, script, "--print-config"], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "SEED=5" in lines and "NUM_LAYERS=4" in lines
+    assert lines[-2].startswith(f"hp_hash:{Hyperparameters({'RUN_PRESET': 'smoke'}).hash()} ")
+    assert re.fullmatch(r"model_params:\d+", lines[-1])
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("args", [["--print-config", "extra"], ["--print-configs"], ["--iterations=5"]])
+def test_unknown_arguments_are_still_refused(args, monkeypatch, capsys):
+    monkeypatch.setattr(os, "environ", {})
+    assert train_gpt.main(args) == 2
+    assert "settings are env vars" in capsys.readouterr().err
+
+
+def test_print_config_refuses_a_bad_setting(monkeypatch, capsys):
+    monkeypatch.setattr(os, "environ", {"QUANT_BITS": "9"})
+    assert train_gpt.main(["--print-config"]) == 2
+    assert "config error: QUANT_BITS must be in [2, 8] (got 9)" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- environment access
@@ -401,7 +595,7 @@ def test_xsa_last_n_beyond_the_depth_means_every_layer():
 
 # ------------------------------------------------------------------ platform variables & IGNORE_ENV
 
-# Set by cloud images and build tools (issue 10): each once stopped every rank with a config error.
+# Set by cloud images and build tools: each once stopped every rank with a config error.
 PLATFORM_ENV = [
     "FLASH_ATTENTION_SKIP_CUDA_BUILD",
     "CMAKE_BUILD_PARALLEL_LEVEL",

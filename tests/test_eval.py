@@ -69,7 +69,7 @@ def run_mode(mode: str, tokens: np.ndarray, **knobs) -> dict:
     clock = tg.EvalClock(600.0, rt)
     ngram = spec.pop("ngram")
     if spec.get("lora"):
-        net = tg.run_lora_pass(model, stream, hp, rt)
+        net = tg.run_lora_pass(model, stream, hp, rt, clock, lambda _: None)
     else:
         net = tg.run_pass(model, stream, tg.Pass(mode, seq, stride, **spec), hp, rt, clock, lambda _: None)
     return dict(tg.run_mixer_pass(net, stream, hp, rt), net=net) if ngram else net
@@ -138,6 +138,84 @@ def test_every_mode_is_causal(mode, torch_single_thread):
         nll = run_mode(mode, changed)["nll"]
         torch.testing.assert_close(nll[:t], base[:t], rtol=0, atol=1e-6)
         assert not torch.allclose(nll[t:], base[t:])  # the check can see a change
+
+
+ADAPTIVE = ["ttt", "lora", "ngram", "ttt_ngram", "lora_ngram"]
+T = 16  # the window of every pass run_mode runs (TTT training sequences, LoRA scoring windows)
+
+
+def chunk_ends(mode: str, tokens: np.ndarray, per_part: int = 2) -> list[int]:
+    """The last target token (hi: the chunk is positions [lo, hi)) of the first `per_part` chunks
+    each adaptive part of the mode adapts on after scoring them (one code path serves every chunk)."""
+    n, spec, chunk = len(tokens) - 1, MODES[mode], EVAL_KNOBS["TTT_CHUNK_TOKENS"]
+    parts = []
+    if spec["ttt"]:
+        parts.append(
+            [hi for *_, hi in tg.chunk_bounds(tg.window_plan(n, T, EVAL_KNOBS["EVAL_STRIDE"]), chunk)]
+        )
+    if spec["ngram"]:
+        parts.append(list(range(chunk, n, chunk)))
+    if spec.get("lora"):  # within a document: its adapter carries over to the next chunk
+        c = min(EVAL_KNOBS["TTT_LORA_CHUNK"], T)
+        parts.append([k for lo, hi in tg.document_spans(tokens, n) for k in range(lo + c, hi, c)])
+    return sorted({e for ends in parts for e in ends[:per_part] if e < n})
+
+
+def boundary_leaks(mode: str, tokens: np.ndarray, first: bool = False) -> list[int]:
+    """Probes just past each chunk end hi of chunk_ends: the tokens from hi+1 (the next chunk's
+    first target), from hi+2 and from hi+T-1 (as far as a T-token window from inside the chunk
+    reaches) on are changed. Returns the first changed token p of each probe that changed the score
+    of a position whose target comes before p: the chunk's, any earlier chunk's or the next chunk's
+    first p-1-hi (a chunk's own scores come before its adaptation; a read past its end shows in the
+    next chunk). `first`: stop at the first leak."""
+    base, leaks = run_mode(mode, tokens)["nll"], []
+    probes = sorted({p for hi in chunk_ends(mode, tokens) for p in (hi + 1, hi + 2, hi + T - 1)})
+    for p in (p for p in probes if p < len(tokens)):
+        changed = tokens.copy()
+        changed[p:] = random_tokens(len(tokens), seed=p)[p:]  # BOS stays where it was
+        nll = run_mode(mode, changed)["nll"]
+        assert not torch.allclose(nll[p - 1 :], base[p - 1 :])  # the probe can see a change
+        if not torch.allclose(nll[: p - 1], base[: p - 1], rtol=0, atol=1e-6):
+            leaks.append(p)
+            if first:
+                break
+    return leaks
+
+
+@pytest.mark.parametrize("mode", ADAPTIVE)
+def test_every_adaptive_mode_is_causal_just_past_each_chunk_end(mode, torch_single_thread):
+    assert boundary_leaks(mode, random_tokens()) == []
+
+
+def read_past_chunk_end(real):
+    """A TTT step whose training sequences run a full T tokens from their start, up to T-1 tokens
+    past the scored chunk's end (the ledger still sees the chunk's own span)."""
+
+    def wrapped(self, tokens, starts, hi):
+        return real(self, tokens, starts, min(hi + self.seq_len - 1, len(tokens) - 1))
+
+    return wrapped
+
+
+def count_past_chunk_end(real):
+    """A mixer that counts up to T-1 tokens past the chunk it adapts on."""
+
+    def wrapped(self, tokens, lo, hi, ledger):
+        ledger.adapted(lo, hi)
+        silent = tg.ScoreLedger(len(tokens))
+        silent.scored_upto = len(tokens)
+        return real(self, tokens, lo, min(hi + T - 1, len(tokens) - 1), silent)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("mode", ["ttt", "ngram"])
+def test_boundary_probes_see_an_adaptation_that_reads_past_its_chunk(mode, monkeypatch, torch_single_thread):
+    """Control for the boundary probes: a chunk's training window (TTT) or counts (mixer) reading
+    past the chunk's end leaks into the next chunk's scores, and the probes see it."""
+    monkeypatch.setattr(tg.ChunkTTT, "step", read_past_chunk_end(tg.ChunkTTT.step))
+    monkeypatch.setattr(tg.NgramMixer, "adapt", count_past_chunk_end(tg.NgramMixer.adapt))
+    assert boundary_leaks(mode, random_tokens(), first=True) != []
 
 
 def train_ahead(real):
@@ -209,8 +287,8 @@ def test_score_before_update_check_fires_when_the_order_is_broken(monkeypatch, t
 
 
 def test_mixture_is_a_normalised_distribution(torch_single_thread):
-    """Each count expert is a distribution over all V tokens at every context, the weights sum to
-    1, so the mixture of these with the network's softmax is one (components.md 6.7)."""
+    """Each count expert is a distribution over all V tokens at every context, the weights the
+    scores use sum to 1, so the mixture of these with the network's softmax is one."""
     mixer = tg.NgramMixer(V, 32, 0.1, True, torch.device("cpu"))
     tokens = torch.from_numpy(random_tokens().astype(np.int64))
     ledger = tg.ScoreLedger(len(tokens) - 1)
@@ -219,14 +297,69 @@ def test_mixture_is_a_normalised_distribution(torch_single_thread):
     mixer.adapt(tokens, 0, 100, ledger)
     assert [int(counts.sum()) for counts, _ in mixer.tables] == [100, 100, 100]
     prev2, prev = torch.randint(0, V, (50,)), torch.randint(0, V, (50,))
-    rows = mixer.rows(prev2, prev)
-    every = torch.stack([mixer.count_log_probs(rows, torch.full((50,), v)) for v in range(V)])
-    torch.testing.assert_close(every.exp().sum(0), torch.ones(50, 3), rtol=0, atol=1e-4)
-    net = torch.log_softmax(torch.randn(50, V) * 4, -1)
-    w = torch.softmax(mixer.log_w, 0)
-    mixed = w[0] * net.exp().T + every.exp() @ w[1:]  # p_mix(v) at 50 positions, (V, 50)
-    torch.testing.assert_close(mixed.sum(0), torch.ones(50), rtol=0, atol=1e-4)
+    every = every_count_prob(mixer, mixer.rows(prev2, prev))
+    torch.testing.assert_close(every.sum(0), torch.ones(50, 3, dtype=torch.float64), rtol=0, atol=1e-9)
+    net = torch.log_softmax(torch.randn(50, V, dtype=torch.float64) * 4, -1)
+    w = mixer.log_weights().exp()
+    mixed = w[0] * net.exp().T + every @ w[1:]  # p_mix(v) at 50 positions, (V, 50)
+    torch.testing.assert_close(mixed.sum(0), torch.ones(50, dtype=torch.float64), rtol=0, atol=1e-9)
     assert mixer.norm_checks == 100
+
+
+def every_count_prob(mixer: tg.NgramMixer, rows: list[torch.Tensor]) -> torch.Tensor:
+    """(V, n, 3): each count expert's probability of every token at the positions of `rows`."""
+    n = len(rows[0])
+    return torch.stack([mixer.count_log_probs(rows, torch.full((n,), v)) for v in range(V)]).exp()
+
+
+def test_count_experts_stay_distributions_past_2_24_tokens(torch_single_thread):
+    """A float32 total stops growing at 2^24 = 16,777,216 while its counts grow (the official 62M val
+    tokens would take the unigram expert's sum to about 3.7). Here the tables count 2^20 tokens, are
+    multiplied by 16 in bulk (as if that chunk had been counted 16 times: 2^24 tokens), and count
+    the chunk once more through `adapt`: every expert still sums to 1 at every context, the counts
+    are exact, and the NGRAM_CHECK_NORM check passes."""
+    chunk = 1 << 20
+    mixer = tg.NgramMixer(V, 32, 0.1, True, torch.device("cpu"))
+    tokens = torch.from_numpy(random_tokens(chunk + 1, seed=3).astype(np.int64))
+    for repeat in (16, 1):
+        ledger = tg.ScoreLedger(chunk)
+        ledger.scored(0, chunk)
+        mixer.adapt(tokens, 0, chunk, ledger)
+        for counts, totals in mixer.tables:
+            counts *= repeat
+            totals *= repeat
+    contexts = [torch.zeros(V, dtype=torch.int64), torch.arange(V), torch.arange(V) % 32]  # every row
+    every = every_count_prob(mixer, contexts)
+    torch.testing.assert_close(every.sum(0), torch.ones(V, 3, dtype=torch.float64), rtol=0, atol=1e-9)
+    assert [int(totals.sum()) for _, totals in mixer.tables] == [17 * chunk] * 3
+    assert [int(counts.sum()) for counts, _ in mixer.tables] == [17 * chunk] * 3
+    mixer.score(torch.full((chunk,), -float(np.log(V))), tokens, 0, 1000)  # the run-time check
+    assert mixer.norm_checks == 1000
+
+
+def test_runtime_check_fires_on_weights_the_scores_use_unnormalised(monkeypatch, torch_single_thread):
+    """NGRAM_CHECK_NORM checks the mixture that is scored: weights exp(log_w) used without the
+    softmax make it sum to other than 1 over the vocabulary."""
+    monkeypatch.setattr(tg.NgramMixer, "log_weights", lambda self: self.log_w.double())
+    run_mode("ngram", random_tokens())  # the debug check is off by default
+    with pytest.raises(tg.LegalityError, match="the mixture sums to"):
+        run_mode("ngram", random_tokens(), NGRAM_CHECK_NORM=True)
+
+
+def test_runtime_check_fires_on_a_score_that_is_not_the_mixtures(torch_single_thread):
+    """A scored probability that is not the mixture's entry at the target (e.g. mixed with other
+    weights than the ones checked) is refused."""
+    mixer = tg.NgramMixer(V, 32, 0.1, True, torch.device("cpu"))
+    tokens = torch.from_numpy(random_tokens().astype(np.int64))
+    net_logp = torch.log_softmax(torch.randn(len(tokens) - 1, V), -1)[:, 0]
+    prev2, prev, tgt = mixer.context(tokens, 0, 50)
+    rows = mixer.rows(prev2, prev)
+    logp = torch.cat([net_logp[:50, None].double(), mixer.count_log_probs(rows, tgt)], -1)
+    log_w = mixer.log_weights()
+    mixer.check(rows, tgt, logp, log_w, torch.logsumexp(logp + log_w, -1))  # what `score` scores
+    wrong = torch.logsumexp(logp + torch.log_softmax(torch.zeros(4, dtype=torch.float64), 0), -1)
+    with pytest.raises(tg.LegalityError, match="not the mixture's probability"):
+        mixer.check(rows, tgt, logp, log_w, wrong)
 
 
 def test_runtime_normalisation_check_fires_on_an_improper_expert(monkeypatch, torch_single_thread):
@@ -250,8 +383,8 @@ def test_ttt_leaves_the_callers_model_unchanged(cpu_runtime, torch_single_thread
     model = randomize_(tg.GPT(hp))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = tg.score_model(model, val_data(random_tokens()), hp, cpu_runtime, lambda _: None)
-    assert out["ttt_mode"] == "chunked" and out["eval_mode"] == "ttt_score_first"
-    assert out["val_bpb"] == out["val_bpb_ttt"] and {"val_bpb_flat", "val_bpb_sliding"} <= set(out)
+    assert out["ttt_mode"] == "chunked" and out["eval_mode"] == "chunked"
+    assert out["val_bpb"] == out["val_bpb_chunked"] and {"val_bpb_flat", "val_bpb_sliding"} <= set(out)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
@@ -264,7 +397,7 @@ def test_budget_falls_back_to_cheaper_modes_and_logs_why(cpu_runtime, torch_sing
     assert out["eval_mode"] == "flat" and out["ttt_mode"] == "none"  # flat always runs: every token scored
     fallbacks = [line for line in lines if line.startswith("eval_fallback:")]
     names = [f.split()[0].split(":")[1] for f in fallbacks]
-    assert names == ["sliding", "ttt", "ngram"]
+    assert names == ["sliding", "chunked", "ngram_mix"]
     assert all("reason:over_budget" in f for f in fallbacks)
 
 
@@ -293,12 +426,12 @@ def test_every_mode_scores_each_val_token_once_on_1_to_3_ranks(nproc, ttt_mode, 
     )
     final, log = run_script(env, tmp_path, nproc=nproc)
     assert final["world_size"] == nproc
-    net = "lora" if lora else "ttt"
-    assert final["eval_mode"] == ("lora_ttt_score_first" if lora else "ttt_score_first") + "+ngram_mix"
-    assert final["ttt_mode"] == ttt_mode and final["val_bpb"] == final["val_bpb_ngram"]
+    net = ttt_mode
+    assert final["eval_mode"] == ttt_mode + "+ngram_mix"
+    assert final["ttt_mode"] == ttt_mode and final["val_bpb"] == final["val_bpb_ngram_mix"]
     assert final["scored_before_update"] is True
     assert final["scored_tokens"] == final["val_tokens"] and final["scored_bytes"] == final["val_bytes"]
-    for stage in ("flat", "sliding", net, "ngram"):
+    for stage in ("flat", "sliding", net, "ngram_mix"):
         assert f"final_eval:{stage} " in log
     if not lora:
         assert final["ttt_chunks_trained"] == 2  # 16,256 val tokens: 3 chunks, the last never trained on

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 
 import pytest
 import torch
@@ -725,7 +726,7 @@ def test_build_optimizers_gives_muon_only_matrices(cpu_runtime):
 
 
 def test_fa3_is_chosen_only_after_its_probe_passes(monkeypatch):
-    """Issue 10: an FA3 build that breaks fullgraph compilation must give SDPA and a reason, not a crash."""
+    """An FA3 build that breaks fullgraph compilation must give SDPA and a reason, not a crash."""
     cuda = train_gpt.Runtime(0, 1, 0, torch.device("cuda", 0), 1, "t")
     monkeypatch.setattr(train_gpt, "flash_attn_func", None)
     assert "not importable" in train_gpt.select_attention_backend(cuda)
@@ -742,9 +743,65 @@ def test_fa3_is_chosen_only_after_its_probe_passes(monkeypatch):
 
     def working_fa3(q, k, v, causal):  # registered-op builds trace like any torch function
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True
         )
         return y.transpose(1, 2)
 
     monkeypatch.setattr(train_gpt, "flash_attn_func", working_fa3)
     assert train_gpt.fa3_problem(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("error", ["OSError", "RuntimeError"])
+def test_a_broken_fa3_import_falls_back_to_sdpa_with_the_reason(error, tmp_path, monkeypatch):
+    """A build for another CUDA or torch fails on loading its extension, not with ImportError: the
+    run must still start, on SDPA, and the warning must say why."""
+    fake = tmp_path / "flash_attn_interface.py"
+    fake.write_text(f"raise {error}('libflash_attn_3.so: undefined symbol _ZN3c10')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn_interface", raising=False)
+    fa3, why = train_gpt.import_fa3()
+    assert fa3 is None and why.startswith(error) and "undefined symbol" in why
+    monkeypatch.setattr(train_gpt, "flash_attn_func", fa3)
+    monkeypatch.setattr(train_gpt, "FA3_IMPORT_ERROR", why)
+    cuda = train_gpt.Runtime(0, 1, 0, torch.device("cuda", 0), 1, "t")
+    problem = train_gpt.select_attention_backend(cuda, make_hp())
+    assert "not importable" in problem and error in problem and "undefined symbol" in problem
+    assert train_gpt.ATTENTION_BACKEND == "sdpa"
+
+
+def test_the_fa3_probe_runs_the_models_gqa_head_shapes(monkeypatch):
+    """An FA3 build can pass on equal query/KV heads and fail on GQA: the probe must call it as the
+    model does, 8 query / 4 KV heads of 64 dims (the default) and the configured model's heads."""
+    torch._dynamo.reset()  # the probe's graph guards on the fake; start from an empty cache
+    calls = []
+
+    def recording_fa3(q, k, v, causal):
+        calls.append((q.size(2), k.size(2), v.size(2), q.size(3)))
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True
+        )
+        return y.transpose(1, 2)
+
+    def no_gqa_fa3(q, k, v, causal):  # a build that only handles equal head counts
+        if q.size(2) != k.size(2):
+            raise RuntimeError("Number of heads in key/value must divide number of heads in query")
+        return recording_fa3(q, k, v, causal)
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train_gpt, "flash_attn_func", recording_fa3)
+    assert train_gpt.fa3_problem(cpu) is None and set(calls) == {(8, 4, 4, 64)}
+    calls.clear()
+    assert train_gpt.fa3_problem(cpu, ((8, 4, 64), (6, 2, 16))) is None
+    assert set(calls) == {(8, 4, 4, 64), (6, 2, 2, 16)}
+    monkeypatch.setattr(train_gpt, "flash_attn_func", no_gqa_fa3)
+    problem = train_gpt.fa3_problem(cpu)
+    assert "8 query / 4 KV heads of dim 64" in problem and "must divide" in problem
+    torch._dynamo.reset()
+
+    probed = []
+    monkeypatch.setattr(train_gpt, "fa3_problem", lambda device, heads: probed.append(heads))
+    monkeypatch.setattr(train_gpt, "ATTENTION_BACKEND", "sdpa")  # restored after the test
+    cuda = train_gpt.Runtime(0, 1, 0, torch.device("cuda", 0), 1, "t")
+    train_gpt.select_attention_backend(cuda, make_hp(MODEL_DIM=96, NUM_HEADS=6, NUM_KV_HEADS=2))
+    train_gpt.select_attention_backend(cuda, make_hp(MODEL_DIM=512, NUM_HEADS=8, NUM_KV_HEADS=4))
+    assert probed == [((8, 4, 64), (6, 2, 16)), ((8, 4, 64),)]  # the default heads probed once

@@ -4,6 +4,7 @@ they were made). Failure cases are made by editing copies of those logs, never b
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 import shutil
@@ -133,9 +134,13 @@ def test_parse_log_reads_every_part(path):
     assert log["steps"] and log["vals"]
     assert log["steps"][-1]["step"] <= data["steps"] == log["vals"][-1]["step"]
     stages = {fe["stage"] for fe in log["final_evals"]}
-    assert {"raw", "pre_quant", "flat", "sliding", "ttt", "ngram"} <= stages
+    # the fixtures log the former pass names (ttt, ngram); they read as the current ones
+    assert {"raw", "pre_quant", "flat", "sliding", "chunked", "ngram_mix"} <= stages
     assert log["artifact"]["bytes_total"] == data["bytes_total"]
-    assert log["final"] == data
+    assert log["final"].items() >= data.items()  # as logged, plus the current names
+    assert log["final"]["val_bpb_flat"] == data["post_quant_val_bpb"]
+    assert log["final"]["val_bpb_chunked"] == data["val_bpb_ttt"]
+    assert log["final"]["val_bpb_ngram_mix"] == data["val_bpb_ngram"]
 
 
 @pytest.mark.parametrize("cut", ["last_line", "mid_json", "before_artifact"])
@@ -442,6 +447,25 @@ def test_validate_hp_lines_edited_after_the_run(base_folder, capsys):
     assert "hp_hash" in out and "settings differ" in out
 
 
+def test_validate_recomputes_hp_hash_without_the_knobs_the_log_lists_as_unhashed(base_folder, capsys):
+    """Logs written since hp_hash names the configuration carry `hp_unhashed:` (the run-naming and
+    I/O knobs the hash leaves out), so the seeds of one submission share one hash."""
+    unhashed = "ARTIFACT_DIR,ARTIFACT_PATH,EVAL_ONLY,IGNORE_ENV,LOG_DIR,RUN_ID,RUN_PRESET,SEED".split(",")
+    hashes = set()
+    for path in sorted(base_folder.glob("*.log")):
+        new = hp_hash(parse_log(path)["hp"], unhashed)
+        edit_text(path, r"hp_hash:\w+", f"hp_hash:{new} hp_unhashed:{','.join(unhashed)}")
+        edit_final_json(path, hp_hash=new)
+        log = parse_log(path)
+        assert log["hp_unhashed"] == unhashed and log["hp_hash"] == new
+        hashes.add(new)
+    assert len(hashes) == 1  # three seeds, one configuration
+    _, out = run_cli(capsys, "validate", base_folder, *NON_RECORD)
+    assert "hp_hash" not in out
+    edit_text(base_folder / "train_seed1.log", r"hp:MATRIX_LR=[^\n]+", "hp:MATRIX_LR=0.5")
+    assert "hp_hash" in validate_problems(capsys, base_folder)
+
+
 def test_validate_submission_json_must_match_the_logs(base_folder, capsys):
     path = base_folder / "submission.json"
     sub = json.loads(path.read_text())
@@ -620,8 +644,9 @@ def test_python_dash_m_entry_point():
 
 def test_a_packed_code_run_submits_its_packed_script(tmp_path, capsys, sample_shards):  # noqa: F811
     """CODE_BYTES_MODE=packed counts the self-extracting form of the script: `new` must put that
-    form in the folder (the readable one is 100+ KB more code than the runs counted), and
-    `validate` accepts it and refuses the readable one in its place."""
+    form in the folder as train_gpt.py (the readable one is 100+ KB more code than the runs counted)
+    and the readable source beside it, and `validate` accepts it and refuses the readable one in its
+    place."""
     env = tiny_env(
         sample_shards,
         RUN_ID="packed",
@@ -637,11 +662,277 @@ def test_a_packed_code_run_submits_its_packed_script(tmp_path, capsys, sample_sh
     assert final["bytes_code"] == final["code_bytes_counted"] < final["code_bytes_raw"]
     log = tmp_path / "run" / "logs" / "packed.txt"
     folder = make_folder(tmp_path, REPO / "train_gpt.py", [log], "P", capsys)
+    source = (REPO / "train_gpt.py").read_bytes()
     submitted = (folder / "train_gpt.py").read_bytes()
-    assert submitted.startswith(b"import base64,lzma;exec(") and len(submitted) == final["bytes_code"]
-    assert "self-extracting" in (folder / "README.md").read_text()
+    assert submitted == own_pack_source(REPO / "train_gpt.py")(source.decode()).encode()
+    assert len(submitted) == final["bytes_code"]
+    assert (folder / "train_gpt_source.py").read_bytes() == source
     _, out = run_cli(capsys, "validate", folder)
     assert not [line for line in out.splitlines() if re.search("script_sha256|bytes_total|code_bytes", line)]
     shutil.copyfile(REPO / "train_gpt.py", folder / "train_gpt.py")  # the readable script instead
     code, out = run_cli(capsys, "validate", folder)
-    assert code != 0 and "!= recomputed" in out
+    assert code != 0 and "is not what pack_source of train_gpt_source.py makes" in out
+
+
+# ---- the 16,000,000-byte cap ---------------------------------------------------------------------
+
+
+def set_bytes(path: Path, code: int, model: int, raw: int | None = None, sha: str | None = None) -> None:
+    """A log's byte counts (and, for another script, its sha256 and size) changed consistently on
+    the stable lines and in the final JSON, as train_gpt.py would have logged them."""
+    total = code + model
+    changes = dict(bytes_code=code, code_bytes_counted=code, bytes_model=model, bytes_total=total)
+    changes["headroom"] = 16_000_000 - total
+    if raw is not None:
+        changes.update(code_bytes_raw=raw, script_sha256=sha)
+    for key, value in changes.items():
+        edit_text(path, rf"\b{key}:[-\w]+", f"{key}:{value}")
+    edit_final_json(path, **changes)
+
+
+def copy_logs(tmp_path: Path, logs, name: str) -> list[Path]:
+    out = tmp_path / name
+    out.mkdir()
+    for log in logs:
+        shutil.copyfile(log, out / log.name)
+    return sorted(out.iterdir())
+
+
+@pytest.mark.parametrize(("total", "legal"), [(16_000_000, True), (16_000_001, False)])
+def test_the_cap_is_inclusive(tmp_path, script, capsys, total, legal):
+    """An artifact of exactly 16,000,000 bytes (code + model) is legal, one byte more is not: in
+    validate's recount and in submission.json's compliance block."""
+    logs = copy_logs(tmp_path, BASE_LOGS, "logs")
+    code_bytes = len(script.read_bytes())
+    set_bytes(logs[0], code_bytes, total - code_bytes)
+    out_dir = tmp_path / "rec" / "2026-01-04_Cap"
+    code, out = run_cli(capsys, "new", *logs, "--script", script, *META, "--out", out_dir, *NON_RECORD)
+    assert code == (0 if legal else 1), out
+    assert ("exceeds 16,000,000" in out) == (not legal)
+    sub = json.loads((out_dir / "submission.json").read_text())
+    assert sub["bytes_total"] == total and sub["compliance"]["artifact_under_16mb"] is legal
+
+
+# ---- hp_hash: the seeds of one submission share it -------------------------------------------------
+
+RUN_NAMING = ("RUN_ID", "SEED", "ARTIFACT_PATH", "IGNORE_ENV", "LOG_DIR")
+
+
+def rehash(path: Path, **hp: str) -> str:
+    """Set hp lines and log hp_hash as train_gpt.py does once it leaves the run-naming knobs out
+    (sha256 of the sorted NAME=value lines without them, 8 hex), in the hp_hash line and the JSON."""
+    for name, value in hp.items():
+        edit_text(path, rf"(?m)^hp:{name}=.*$", f"hp:{name}={value}")
+    pairs = [ln[3:].partition("=") for ln in path.read_text().splitlines() if ln.startswith("hp:")]
+    kept = sorted((n, v) for n, _, v in pairs if n not in RUN_NAMING)
+    digest = hashlib.sha256("\n".join(f"{n}={v}" for n, v in kept).encode()).hexdigest()[:8]
+    edit_text(path, r"(?m)^hp_hash:\w+$", f"hp_hash:{digest}")
+    edit_final_json(path, hp_hash=digest)
+    return digest
+
+
+def test_seeds_share_an_hp_hash_without_the_run_naming_knobs(tmp_path, script, capsys):
+    """Logs whose hp_hash leaves out RUN_ID, SEED, ARTIFACT_PATH, IGNORE_ENV and LOG_DIR: one hash
+    for all seeds, even with different IGNORE_ENV and LOG_DIR, and the folder validates."""
+    logs = copy_logs(tmp_path, BASE_LOGS, "logs")
+    hashes = {rehash(log, IGNORE_ENV=f"PLATFORM_{i}_*", LOG_DIR=f"/runs/{i}") for i, log in enumerate(logs)}
+    assert len(hashes) == 1
+    out_dir = tmp_path / "rec" / "2026-01-04_Hash"
+    code, out = run_cli(capsys, "new", *logs, "--script", script, *META, "--out", out_dir, *NON_RECORD)
+    assert code == 0, out
+
+
+def test_a_differing_hp_hash_names_the_knobs(tmp_path, script, capsys):
+    """A seed run with another setting has another hp_hash; the finding names that setting and not
+    the run-naming knobs that differ too."""
+    logs = copy_logs(tmp_path, BASE_LOGS, "logs")
+    for log in logs:
+        rehash(log)
+    out_dir = tmp_path / "rec" / "2026-01-04_Hash"
+    code, out = run_cli(capsys, "new", *logs, "--script", script, *META, "--out", out_dir, *NON_RECORD)
+    assert code == 0, out
+    odd = out_dir / "train_seed2.log"
+    changed = rehash(odd, MATRIX_LR="0.05", QK_GAIN_INIT="4.0", IGNORE_ENV="X*", LOG_DIR="/elsewhere")
+    out = validate_problems(capsys, out_dir)
+    first = final_json(out_dir / "train_seed1.log")["hp_hash"]
+    assert f"train_seed2.log: hp_hash {changed} differs from train_seed1.log's {first}" in out
+    finding = next(line for line in out.splitlines() if "differs from train_seed1.log's" in line)
+    assert "settings differ: MATRIX_LR=0.03->0.05, QK_GAIN_INIT=5.0->4.0" in finding
+    assert not re.search("IGNORE_ENV|LOG_DIR|SEED|RUN_ID", finding)
+    code, out = run_cli(capsys, "new", *logs[:1], odd, "--script", script, *META, "--out", tmp_path / "x")
+    assert code == 2 and "settings differ: MATRIX_LR=0.03->0.05" in out
+
+
+# ---- evaluation pass names, current and former ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "legal"),
+    [
+        ("chunked", True),
+        ("lora", True),
+        ("chunked+ngram_mix", True),
+        ("lora+ngram_mix", True),
+        ("sliding+ngram_mix", True),
+        ("flat", True),
+        ("ttt_score_first+ngram_mix", True),  # the names logs used before the renaming
+        ("lora_ttt_score_first", True),
+        ("ngram_mix", True),
+        ("prequant_ttt", False),
+        ("chunked+chunked", False),
+        ("chunked+prequant_ttt", False),
+        ("", False),
+    ],
+)
+def test_eval_mode_names(base_folder, capsys, mode, legal):
+    edit_final_json(base_folder / "train_seed3.log", eval_mode=mode)
+    code, out = run_cli(capsys, "validate", base_folder, *NON_RECORD)
+    assert (code == 0) == legal, out
+    assert ("is not a legal one" in out) == (not legal)
+
+
+def renamed(path: Path) -> None:
+    """A fixture log as train_gpt.py writes it after the pass renaming: final_eval:chunked and
+    final_eval:ngram_mix lines, eval_mode chunked+ngram_mix, val_bpb_<pass> keys and no
+    post_quant_val_bpb (val_bpb_flat is that number)."""
+    edit_text(path, r"(?m)^final_eval:ttt ", "final_eval:chunked ")
+    edit_text(path, r"(?m)^final_eval:ngram ", "final_eval:ngram_mix ")
+    data = final_json(path)
+    data["val_bpb_chunked"], data["val_bpb_ngram_mix"] = data.pop("val_bpb_ttt"), data.pop("val_bpb_ngram")
+    del data["post_quant_val_bpb"]
+    data["eval_mode"] = "chunked+ngram_mix"
+    lines = path.read_text().splitlines()
+    lines[-1] = json.dumps(data, sort_keys=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_logs_with_the_current_pass_names(tmp_path, script, capsys):
+    logs = copy_logs(tmp_path, BASE_LOGS, "logs")
+    for log in logs:
+        renamed(log)
+    out_dir = tmp_path / "rec" / "2026-01-04_Names"
+    code, out = run_cli(capsys, "new", *logs, "--script", script, *META, "--out", out_dir, *NON_RECORD)
+    assert code == 0, out
+    flat = final_json(logs[0])["val_bpb_flat"]
+    sub = json.loads((out_dir / "submission.json").read_text())
+    assert sub["seed_results"]["1"]["val_bpb_flat"] == round(flat, 8)
+    assert sub["eval_mode"] == "chunked+ngram_mix" and sub["compliance"]["eval_mode_legal"] is True
+    readme = (out_dir / "README.md").read_text()
+    assert "| Flat val_bpb |" in readme and f"| {flat:.5f} |" in readme
+
+
+def test_a_folder_made_before_the_renaming_still_validates(base_folder, capsys):
+    """README column `Post-quant val_bpb` and seed_results `post_quant_val_bpb`, as `new` wrote them
+    before the flat pass got its name: read as val_bpb_flat, and still checked."""
+    readme = base_folder / "README.md"
+    readme.write_text(readme.read_text().replace("| Flat val_bpb |", "| Post-quant val_bpb |"))
+    path = base_folder / "submission.json"
+    sub = json.loads(path.read_text())
+    for entry in sub["seed_results"].values():
+        entry["post_quant_val_bpb"] = entry.pop("val_bpb_flat")
+    path.write_text(json.dumps(sub, indent=2))
+    code, out = run_cli(capsys, "validate", base_folder, *NON_RECORD)
+    assert code == 0, out
+    sub["seed_results"]["2"]["post_quant_val_bpb"] += 0.001
+    path.write_text(json.dumps(sub, indent=2))
+    assert "seed_results[2].post_quant_val_bpb" in validate_problems(capsys, base_folder)
+
+
+# ---- packed submissions: train_gpt.py packed, train_gpt_source.py readable -------------------------
+
+
+def own_pack_source(source: Path):
+    """The script's own pack_source, imported from its file (the packed bytes are never typed in)."""
+    spec = importlib.util.spec_from_file_location("test_records_packer", source)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module.pack_source
+
+
+def packed_run(tmp_path: Path, source: Path, name: str) -> list[Path]:
+    """Copies of the fixture logs as runs of `source` with CODE_BYTES_MODE=packed would log them:
+    its sha256 and size, code counted as its own pack_source's output."""
+    text = source.read_bytes()
+    form = own_pack_source(source)(text.decode()).encode()
+    logs = copy_logs(tmp_path, BASE_LOGS, name)
+    for log in logs:
+        model = final_json(log)["bytes_model"]
+        set_bytes(log, len(form), model, raw=len(text), sha=hashlib.sha256(text).hexdigest())
+        rehash(log, CODE_BYTES_MODE="packed")
+    return logs
+
+
+def make_packed(tmp_path: Path, source: Path, capsys, name="Packed") -> Path:
+    logs = packed_run(tmp_path, source, f"logs_{name}")
+    out_dir = tmp_path / "rec" / f"2026-01-04_{name}"
+    code, out = run_cli(capsys, "new", *logs, "--script", source, *META, "--out", out_dir, *NON_RECORD)
+    assert code == 0, out
+    return out_dir
+
+
+# pack_source as the packing change makes it: comment lines stripped before packing, so the packed
+# form no longer unpacks to the readable source.
+STRIPPING = """def pack_source(source: str) -> str:
+    source = "".join(ln for ln in source.splitlines(keepends=True) if not ln.lstrip().startswith("#"))
+"""
+
+
+@pytest.fixture(scope="module")
+def stripping_source(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("stripping") / "train_gpt.py"
+    text = SCRIPT.read_text()
+    signature = "def pack_source(source: str) -> str:\n"
+    assert text.count(signature) == 1
+    path.write_text(text.replace(signature, STRIPPING))
+    return path
+
+
+def test_new_puts_the_packed_form_and_the_source_in_the_folder(tmp_path, stripping_source, capsys):
+    folder = make_packed(tmp_path, stripping_source, capsys)
+    source = stripping_source.read_bytes()
+    packed = (folder / "train_gpt.py").read_bytes()
+    assert packed == own_pack_source(stripping_source)(source.decode()).encode() != source
+    assert (folder / "train_gpt_source.py").read_bytes() == source
+    readme = (folder / "README.md").read_text()
+    assert "- `train_gpt_source.py`: its readable source" in readme and "it is not run" in readme
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["bytes_code"] == len(packed)
+    code, out = run_cli(capsys, "validate", folder, *NON_RECORD)
+    assert code == 0, out
+    code, out = run_cli(capsys, "diff", folder, stripping_source, "--code-only")
+    assert "(scripts are identical)" in out  # the readable source is what diff reads
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("source_edited", "the logs were not made by this source"),
+        ("packed_edited", "is not what pack_source of train_gpt_source.py makes"),
+        ("counted_other", "code_bytes_counted 1234 != the size of train_gpt.py in the folder"),
+    ],
+)
+def test_validate_checks_a_packed_folder(tmp_path, stripping_source, capsys, case, message):
+    folder = make_packed(tmp_path, stripping_source, capsys)
+    if case == "source_edited":
+        path = folder / "train_gpt_source.py"
+        path.write_bytes(path.read_bytes() + b"# edited after the runs\n")
+    elif case == "packed_edited":
+        path = folder / "train_gpt.py"
+        other = own_pack_source(stripping_source)(stripping_source.read_text() + "X = 1\n")
+        path.write_text(other)
+    else:
+        edit_final_json(folder / "train_seed2.log", code_bytes_counted=1234)
+    assert message in validate_problems(capsys, folder)
+
+
+def test_old_style_packed_folder_still_validates(tmp_path, script, capsys):
+    """A packed train_gpt.py without train_gpt_source.py beside it, as `new` made them when the
+    packed form unpacked to the exact source: checked through what it unpacks to."""
+    folder = make_packed(tmp_path, script, capsys)
+    (folder / "train_gpt_source.py").unlink()
+    code, out = run_cli(capsys, "validate", folder, *NON_RECORD)
+    assert code == 0, out

@@ -67,7 +67,7 @@ def test_april_dialect_with_unix_time_prefix(track):
 
 
 def test_first_baseline_dialect_and_our_own(track):
-    old = dialects.read_run(track / "2026-01-03_OneSeedOverCap" / "train.log")
+    old = dialects.read_run(track / "2026-04-03_OneSeedOverCap" / "train.log")
     assert old.claim().label == "final_int8_zlib_roundtrip_exact"
     assert old.train_time_s == 599.9 and old.production_seconds()[0] is None  # not stated
     ours = dialects.read_run(OURS / "smoke_base_s1.txt")
@@ -125,7 +125,7 @@ def test_validate_third_party_ok_and_not_stated(track, capsys):
     code, out = run_cli(capsys, "validate", track / "2026-01-02_V2Dialect")
     assert code == 0 and out.startswith("OK")
     assert "submission.json lacks optional metadata" in out  # a warning for a folder not ours
-    code, out = run_cli(capsys, "validate", track / "2026-01-03_OneSeedOverCap")
+    code, out = run_cli(capsys, "validate", track / "2026-04-03_OneSeedOverCap")
     assert code == 1
     assert "artifact production: not stated" in out
     assert "code + model 16,037,000 bytes exceeds 16,000,000" in out
@@ -171,7 +171,7 @@ def test_rank_markdown_and_csv(track, capsys):
     assert "bytes>16MB seeds<3 score!=submission" in lines[3]
     code, out = run_cli(capsys, "rank", track, "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert [r["date"] for r in rows] == ["2026-01-02", "2026-01-01", "2026-01-03"]
+    assert [r["date"] for r in rows] == ["2026-01-02", "2026-01-01", "2026-04-03"]
     assert rows[0]["bytes"] == "15931000" and rows[2]["flags"] == "bytes>16MB seeds<3 score!=submission"
     assert rows[2]["std"] == ""  # one seed: no std, an empty cell rather than a dash
 
@@ -262,3 +262,166 @@ def test_official_curve_points(track):
     assert log["final"]["val_bpb"] == 1.108  # the phased TTT line, the score the run stands on
     v1 = official_log(track / "2026-01-01_V1Dialect" / "train_seed1.log")
     assert [p["train_time_ms"] for p in v1["steps"]] == [90.0, 599000.0]
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["    seed: 1234", "\tseed: 1234", "1776142360.714     seed: 1234", "  seed: 1234  "],
+    ids=["four_spaces", "tab", "unix_time_then_spaces", "two_spaces"],
+)
+def test_seed_line_with_leading_spaces(tmp_path, line):
+    """A Hyperparameters block may indent `seed:` by more than two spaces (or a tab); the seed is
+    read from the line, not guessed from the file name (train.log names none)."""
+    log = tmp_path / "train.log"
+    lines = (
+        "Hyperparameters:",
+        line,
+        "    world_size: 8",
+        "    seed: int = 7",
+        "quantized val_loss:2.0 val_bpb:1.2",
+    )
+    log.write_text("\n".join(lines) + "\n")
+    run = dialects.read_run(log)
+    assert (run.seed, run.world_size) == (1234, 8)
+    assert not run.notes
+
+
+def test_dumped_script_lines_set_no_seed(tmp_path):
+    log = tmp_path / "train.log"
+    lines = (
+        '    seed = int(os.environ.get("SEED", 1337))',
+        "    seed: int = 7",
+        "quantized val_loss:2.0 val_bpb:1.2",
+    )
+    log.write_text("\n".join(lines) + "\n")
+    assert dialects.read_run(log).seed is None
+
+
+def set_total(log: Path, total: int, model: int | None = None) -> None:
+    """The V2 dialect's stated byte counts: total (and the compressed model)."""
+    text = log.read_text()
+    text, n = re.subn(
+        r"Total submission size quantized\+brotli: \d+ bytes",
+        f"Total submission size quantized+brotli: {total} bytes",
+        text,
+    )
+    assert n == 1
+    if model is not None:
+        text, n = re.subn(
+            r"Serialized model quantized\+brotli: \d+ bytes",
+            f"Serialized model quantized+brotli: {model} bytes",
+            text,
+        )
+        assert n == 1
+    log.write_text(text)
+
+
+@pytest.mark.parametrize(("total", "legal"), [(16_000_000, True), (16_000_001, False)])
+def test_official_cap_is_inclusive(track, capsys, total, legal):
+    """Exactly 16,000,000 bytes is legal (the cap is `>`-exclusive), one byte more is not."""
+    folder = track / "2026-01-02_V2Dialect"
+    set_total(folder / "train_seed7.log", total)
+    code, out = run_cli(capsys, "validate", folder)
+    assert (code == 0) == legal
+    assert ("exceeds 16,000,000" in out) == (not legal)
+    code, out = run_cli(capsys, "rank", track, "--format", "csv")
+    flags = {r["name"]: r["flags"] for r in csv.DictReader(io.StringIO(out))}
+    assert ("bytes>16MB" in flags["V2 dialect record"]) == (not legal)
+
+
+@pytest.mark.parametrize(("mine", "warned"), [(16_000_000, False), (16_000_001, True)])
+def test_folder_script_plus_model_cap_is_inclusive(track, capsys, mine, warned):
+    """The folder's train_gpt.py + the logged model at exactly the cap is no warning; one byte over is
+    (the log counted its code as fewer bytes than the file in the folder)."""
+    folder = track / "2026-01-02_V2Dialect"
+    script = folder / "train_gpt.py"
+    script.write_bytes(script.read_bytes() + b"#" * 99_000 + b"\n")  # larger than the 31,000 counted
+    model = mine - len(script.read_bytes())
+    set_total(folder / "train_seed7.log", 31_000 + model, model)
+    code, out = run_cli(capsys, "validate", folder)
+    assert code == 0
+    assert ("train_seed7.log: train_gpt.py in the folder" in out) == warned
+
+
+def write_submission(folder: Path, **changes) -> None:
+    path = folder / "submission.json"
+    sub = json.loads(path.read_text())
+    sub.update(changes)
+    path.write_text(json.dumps(sub))
+
+
+@pytest.mark.parametrize(
+    ("headline", "verdict"),
+    [
+        ("1.1081", "ok"),
+        ("1.1082", "rounding"),
+        ("1.10814", "rounding"),
+        ("1.10815", "problem"),
+        ("1.1083", "problem"),
+        ("1.12", "problem"),
+    ],
+)
+def test_headline_one_unit_off_is_a_rounding_note(track, capsys, headline, verdict):
+    """The logs' mean is 1.10813333: a headline one unit of its last (4th or later) digit away is a
+    rounding note (a mean of rounded per-seed values, as 2026-04-05_SP8192_GPTQ-Embeddings_SDClip_Loop45x2
+    states 1.08563 for a mean of 1.08562480); further away, or too coarse to tell, it is a problem."""
+    folder = track / "2026-01-02_V2Dialect"
+    text = (folder / "submission.json").read_text().replace('"val_bpb": 1.1081,', f'"val_bpb": {headline},')
+    (folder / "submission.json").write_text(text)
+    code, out = run_cli(capsys, "validate", folder)
+    assert (code == 0) == (verdict != "problem")
+    assert ("equal to within one unit of its last digit (rounding)" in out) == (verdict == "rounding")
+    assert ("score!=submission" in run_cli(capsys, "rank", track)[1].splitlines()[2]) == (
+        verdict == "problem"
+    )
+
+
+def one_seed_copy(track: Path, name: str) -> Path:
+    """The V2 record with seed 7 only, under another folder name (its date)."""
+    folder = track / name
+    shutil.copytree(track / "2026-01-02_V2Dialect", folder)
+    for log in ("train_seed8.log", "train_seed9.log"):
+        (folder / log).unlink()
+    sub = json.loads((folder / "submission.json").read_text())
+    write_submission(folder, val_bpb=1.108, seeds={"7": sub["seeds"]["7"]})
+    return folder
+
+
+@pytest.mark.parametrize(("date", "legal"), [("2026-03-19", True), ("2026-03-20", False)])
+def test_single_seed_before_the_three_seed_rule_is_a_warning(track, capsys, date, legal):
+    """The challenge README asked for 3 runs from 2026-03-19 on (openai/parameter-golf d2bd760); a
+    record dated up to that day with one seed followed the rules of its day."""
+    folder = one_seed_copy(track, f"{date}_OneSeed")
+    code, out = run_cli(capsys, "validate", folder)
+    assert (code == 0) == legal
+    assert "1 seed(s); a record claim needs 3" in out
+    problems = out.split("warnings:")[0]
+    assert ("1 seed(s); a record claim needs 3" in problems) == (not legal)
+
+
+@pytest.mark.parametrize(("date", "legal"), [("2026-03-18", True), ("2026-03-20", False)])
+def test_headline_of_one_run_before_the_three_seed_rule_is_a_warning(track, capsys, date, legal):
+    """Before the rule a submission stood on one run (2026-03-18_LongContextSeq2048's headline is its
+    train.log's score, with two more seeds beside it); after it the headline is the mean."""
+    folder = track / f"{date}_ThreeSeeds"
+    shutil.copytree(track / "2026-01-02_V2Dialect", folder)
+    write_submission(folder, val_bpb=1.1087)  # seed 8's score, not the 1.10813 mean
+    code, out = run_cli(capsys, "validate", folder)
+    assert "(it is train_seed8.log's score alone)" in out
+    assert (code == 0) == legal
+
+
+def test_repeated_runs_of_one_seed_use_the_one_the_headline_states(track, capsys):
+    """Several logs of one seed and no per-seed results (2026-03-17_LoRA_TTT: four runs of seed 1337):
+    the run whose score is the headline is used; the others are named, not called unreadable."""
+    folder = one_seed_copy(track, "2026-01-05_Repeats")
+    second = folder / "train_v2.log"
+    second.write_text(
+        (folder / "train_seed7.log").read_text().replace("val_bpb:1.10800000", "val_bpb:1.10500000")
+    )
+    (folder / "train_seed7.log").rename(folder / "train_v1.log")
+    write_submission(folder, val_bpb=1.105, seeds=None)
+    code, out = run_cli(capsys, "validate", folder)
+    assert code == 0, out
+    assert "train_v1.log also state(s) this seed; train_v2.log is used (its score agrees" in out
+    assert "not a run log" not in out

@@ -32,9 +32,9 @@ def test_readme_documents_every_knob_with_its_default():
 def test_readme_starts_with_the_two_commands_ci_uses():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
-    assert "RUN_PRESET=smoke python train_gpt.py" in blocks[0]
+    assert "RUN_PRESET=smoke python3 train_gpt.py" in blocks[0]
     ci = (ROOT / ".ci" / "run").read_text()
-    assert blocks[1].split("&&")[-1].strip() == ci.strip().splitlines()[-1].replace("python3", "python")
+    assert blocks[1].split("&&")[-1].strip() == ci.strip().splitlines()[-1]
 
 
 def test_import_has_no_side_effects(tmp_path):

@@ -1,4 +1,4 @@
-"""The timed loop never waits for the device on ordinary steps (issue 10): losses stay on the
+"""The timed loop never waits for the device on ordinary steps: losses stay on the
 device and are read only on logging steps, and the cross-rank clock is agreed every
 CLOCK_SYNC_EVERY steps (every step near the end of the budget), extrapolated identically between."""
 

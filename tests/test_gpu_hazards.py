@@ -50,14 +50,10 @@ def test_no_evaluation_forward_runs_with_autograd(forwards, cpu_runtime, ttt_mod
 
 
 def test_calibration_forwards_run_without_autograd(forwards, cpu_runtime, tmp_path):
-    hp, model = tiny_model()
-
-    class Loader:
-        def next_batch(self, tokens, seq_len):
-            x = torch.randint(0, V, (tokens // seq_len, seq_len))
-            return x, x
-
-    tg.collect_hessians(model, Loader(), hp, cpu_runtime, 2)
+    tg.write_shard(tmp_path / "fineweb_train_000000.bin", random_tokens(4096))
+    hp, model = tiny_model(DATA_PATH=str(tmp_path))
+    loader = tg.DistributedTokenLoader(tg.find_shards(hp.data_path, "train"), cpu_runtime)
+    tg.collect_hessians(model, loader, hp, cpu_runtime, 2)
     assert forwards and not any(c[0] for c in forwards)
 
 

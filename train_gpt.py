@@ -5,13 +5,15 @@ Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py      (GPU, NCCL)
       python3 train_gpt.py --help                                  (resolved settings; runs nothing)
       python3 train_gpt.py --print-config                          (settings, hp_hash, model_params)
 Every knob is an environment variable read by `Hyperparameters` below; unknown ones are refused.
-Component notes cite the public sources they come from, in openai/parameter-golf:
-  R0323 = records/track_10min_16mb/2026-03-23_LeakyReLU_LegalTTT_ParallelMuon (PR #549)
-  R0325 = records/track_10min_16mb/2026-03-25_ValCalib_GPTQ_XSA_BigramHash3072 (PR #1019)
-  R0409 = records/track_10min_16mb/2026-04-09_SP8192_3LayerRecur_ParResid_QK525_LegalTTT (PR #1493)
-  R0427 = records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611 (PR #1855)
-  P2, P638, P687, P1125, P1485 = pull requests #2, #638, #687, #1125, #1485; BASE = the naive baseline.
 """
+
+# Comments cite the public sources they come from, in openai/parameter-golf:
+#   R0323 = records/track_10min_16mb/2026-03-23_LeakyReLU_LegalTTT_ParallelMuon (PR #549)
+#   R0325 = records/track_10min_16mb/2026-03-25_ValCalib_GPTQ_XSA_BigramHash3072 (PR #1019)
+#   R0409 = records/track_10min_16mb/2026-04-09_SP8192_3LayerRecur_ParResid_QK525_LegalTTT (PR #1493)
+#   R0427 = records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611
+#           (PR #1855)
+#   P2, P638, P687, P1125, P1485 = pull requests #2, #638, #687, #1125, #1485; BASE = the naive baseline.
 
 from __future__ import annotations
 
@@ -1911,19 +1913,29 @@ def strip_edits(source: str, tree: ast.Module) -> list[tuple[int, int, str]]:
     return sorted(edits)
 
 
-def string_rows(tree: ast.Module) -> set[int]:
-    """Rows whose line ends inside a string literal: their trailing spaces are part of a value."""
-    rows = set()
+def string_rows(tree: ast.Module) -> tuple[set[int], set[int]]:
+    """Rows whose line ends inside a string literal (their trailing spaces are part of a value), and
+    rows that start inside one (their leading spaces are)."""
+    ends, starts = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant | ast.JoinedStr) and node.end_lineno > node.lineno:
-            rows.update(range(node.lineno, node.end_lineno))
-    return rows
+            ends.update(range(node.lineno, node.end_lineno))
+            starts.update(range(node.lineno + 1, node.end_lineno + 1))
+    return ends, starts
+
+
+def tab_indent(row: str) -> str:
+    """Leading spaces in fours as tabs (the packed form only: it compresses better, and Python reads
+    an all-tab indentation the same way)."""
+    body = row.lstrip(" ")
+    width = len(row) - len(body)
+    return "\t" * (width // 4) + body if width % 4 == 0 else row
 
 
 def strip_source(source: str) -> str:
-    """The script without comments, class/function docstrings and trailing spaces, LINE FOR LINE:
-    a traceback from the packed script names the readable script's line. The module docstring
-    stays (--help prints it). Checked to be the same program (syntax tree) as the source."""
+    """The script without comments, class/function docstrings and trailing spaces, indented with
+    tabs, LINE FOR LINE: a traceback from the packed script names the readable script's line. The
+    module docstring stays (--help prints it). Checked to be the same program (syntax tree)."""
     tree = ast.parse(source)
     pieces, pos = [], 0
     for start, end, text in strip_edits(source, tree):
@@ -1931,13 +1943,14 @@ def strip_source(source: str) -> str:
         pos = end
     stripped = "".join(pieces) + source[pos:]
     with contextlib.suppress(SyntaxError):
-        stripped_tree = ast.parse(stripped)
-        keep = string_rows(stripped_tree)
+        ends, starts = string_rows(ast.parse(stripped))
         rows = stripped.split("\n")
-        stripped = "\n".join(row if i in keep else row.rstrip() for i, row in enumerate(rows, 1))
+        rows = [row if i in ends else row.rstrip() for i, row in enumerate(rows, 1)]
+        stripped = "\n".join(row if i in starts else tab_indent(row) for i, row in enumerate(rows, 1))
         for node in documented(tree):
             node.body = ([ast.Pass()] if needs_pass(node) else []) + node.body[1:]
-        if stripped.count("\n") == source.count("\n") and ast.dump(tree) == ast.dump(stripped_tree):
+        same = ast.dump(tree) == ast.dump(ast.parse(stripped))  # the program that runs is the source's
+        if stripped.count("\n") == source.count("\n") and same:
             return stripped
     raise ConfigError(
         "stripping comments and docstrings changed this script's program (a construct "

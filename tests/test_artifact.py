@@ -136,9 +136,10 @@ def test_fit_ladder_moves_blocks_to_int5_then_prunes_until_it_fits():
     assert any(line.startswith("fit_step:prune") for line in lines)
 
 
-def heavy_tailed_quantizer(**knobs) -> tg.Quantizer:
+def heavy_tailed_quantizer(loudness: dict[int, float] | None = None, **knobs) -> tg.Quantizer:
     """A 3-block model with heavy-tailed (Student-t) matrices and non-identity Hessians, so GPTQ's
-    clip search picks clips finer than max |w|, as on trained weights."""
+    clip search picks clips finer than max |w|, as on trained weights; `loudness` scales each
+    block's Hessian."""
     hp = make_hp(NUM_LAYERS=3, MODEL_DIM=128, BIGRAM_BUCKETS=64, COMPRESSOR="zstd", **knobs)
     torch.manual_seed(0)
     model = tg.GPT(hp)
@@ -151,7 +152,7 @@ def heavy_tailed_quantizer(**knobs) -> tg.Quantizer:
             if tg.block_index(name) is not None:
                 cols = p.size(1)
                 x = torch.randn(4 * cols, cols, generator=gen) * torch.rand(cols, generator=gen)
-                hessians[name] = x.T @ x
+                hessians[name] = (x.T @ x) * (loudness or {}).get(tg.block_index(name), 1.0)
     return tg.Quantizer(model, hessians, hp)
 
 

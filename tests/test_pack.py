@@ -52,37 +52,36 @@ SOURCE = textwrap.dedent(
     '''
 )
 
-STRIPPED = textwrap.dedent(
-    '''\
-    """Module docstring: kept, --help prints it."""
-    import sys
-
-
-    class Empty(Exception):
-        pass
-
-
-    def one_liner(): pass; return 1
-
-
-    def f(x):
-
-
-        text = """trailing spaces inside a string stay\x20\x20
-    # not a comment"""
-        return (x,
-                "#", text)
-
-
-    def fail():
-        raise ValueError("the traceback names this line")
-
-
-    if __name__ == "__main__":
-        print(one_liner(), f(1), __doc__)
-        fail()
-    '''
+# Indentation becomes tabs, except where a line starts inside a string (its spaces are a value).
+STRIPPED = (
+    '"""Module docstring: kept, --help prints it."""\n'
+    "import sys\n"
+    "\n\n"
+    "class Empty(Exception):\n"
+    "\tpass\n"
+    "\n\n"
+    "def one_liner(): pass; return 1\n"
+    "\n\n"
+    "def f(x):\n"
+    "\n\n"
+    '\ttext = """trailing spaces inside a string stay  \n'
+    '# not a comment"""\n'
+    "\treturn (x,\n"
+    '\t\t\t"#", text)\n'
+    "\n\n"
+    "def fail():\n"
+    '\traise ValueError("the traceback names this line")\n'
+    "\n\n"
+    'if __name__ == "__main__":\n'
+    "\tprint(one_liner(), f(1), __doc__)\n"
+    "\tfail()\n"
 )
+
+
+def untabbed(row: str) -> str:
+    """A stripped row with its leading tabs read back as four spaces each."""
+    body = row.lstrip("\t")
+    return "    " * (len(row) - len(body)) + body
 
 
 def statement_lines(tree: ast.Module) -> list[tuple[str, int, int]]:
@@ -105,9 +104,10 @@ def test_stripped_script_keeps_every_code_line_at_its_line_number():
     source = SCRIPT.read_text(encoding="utf-8")
     stripped = tg.strip_source(source)
     assert stripped.count("\n") == source.count("\n")
-    assert statement_lines(ast.parse(stripped)) == statement_lines(ast.parse(source))
+    untabbed_text = "\n".join(untabbed(row) for row in stripped.split("\n"))
+    assert statement_lines(ast.parse(untabbed_text)) == statement_lines(ast.parse(source))
     for old, new in zip(source.split("\n"), stripped.split("\n"), strict=True):
-        assert old.startswith(new) or new.strip() == "pass", (old, new)
+        assert old.startswith(untabbed(new)) or new.strip() == "pass", (old, new)
     assert len(stripped.encode()) < 0.8 * len(source.encode())
 
 
@@ -136,7 +136,9 @@ def test_packing_picks_the_smaller_compressor_and_is_deterministic():
     packed = tg.pack_source(SCRIPT.read_text(encoding="utf-8"))  # packed again: the same bytes
     assert packed == forms[winner] and packed.startswith(tg.PACKED_PREFIX.format(winner))
     assert tg.is_packed(packed) and tg.pack_source(packed) == packed
-    assert len(packed.encode()) <= 40_000  # 38,800 bytes (brotli) at this commit, of 171,274 readable
+    # Stripping comments and docstrings is worth more than any compressor setting: the packed form
+    # is under a quarter of the readable script (a plain lzma wrapper of it is about a third).
+    assert len(packed.encode()) < 0.25 * SCRIPT.stat().st_size
 
 
 @pytest.mark.parametrize("method", ["lzma", "brotli"])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_hp, randomize_
+from test_artifact import heavy_tailed_quantizer
 
 import train_gpt as tg
 
@@ -25,20 +26,7 @@ def loudness_quantizer(**knobs) -> tg.Quantizer:
     """3 blocks of heavy-tailed (Student-t) weights, like trained ones, with the same Hessian shape
     on every block scaled by BLOCK_LOUDNESS. A power-of-4 scale multiplies every output error
     exactly and changes no clip choice, so block 2 costs the least error per byte, block 1 the most."""
-    hp = make_hp(NUM_LAYERS=3, MODEL_DIM=128, BIGRAM_BUCKETS=64, COMPRESSOR="zstd", **knobs)
-    torch.manual_seed(0)
-    model = tg.GPT(hp)
-    gen = torch.Generator().manual_seed(1)
-    hessians = {}
-    with torch.no_grad():
-        for name in tg.quant_plan(model, hp):
-            p = model.get_parameter(name)
-            p.copy_(torch.distributions.StudentT(3.0).sample(p.shape) * 0.02)
-            if tg.block_index(name) is not None:
-                cols = p.size(1)
-                x = torch.randn(4 * cols, cols, generator=gen) * torch.rand(cols, generator=gen)
-                hessians[name] = (x.T @ x) * BLOCK_LOUDNESS[tg.block_index(name)]
-    return tg.Quantizer(model, hessians, hp)
+    return heavy_tailed_quantizer(BLOCK_LOUDNESS, **knobs)
 
 
 def fit_with_overshoot(overshoot: int, **knobs) -> tuple[tg.Quantizer, dict, list[str]]:
@@ -150,7 +138,9 @@ def test_the_export_dry_run_leaves_the_training_data_order_unchanged(tmp_path, c
     for i in range(2):  # calibration (4 x 33 tokens) runs past the first shard's 100
         tg.write_shard(tmp_path / f"fineweb_train_00000{i}.bin", rng.integers(0, 64, 100 + 50 * i))
     files = tg.find_shards(str(tmp_path), "train")
-    hp = make_hp(MAX_WALLCLOCK_SECONDS=100, EXPORT_RESERVE_SECONDS=-1, GPTQ_CALIB_TOKENS=128)
+    hp = make_hp(
+        MAX_WALLCLOCK_SECONDS=100, EXPORT_RESERVE_SECONDS=-1, GPTQ_CALIB_TOKENS=128, DATA_PATH=str(tmp_path)
+    )
     assert tg.calibration_batches(hp, cpu_runtime) == 4
     torch.manual_seed(0)
     model = tg.GPT(hp)

@@ -351,7 +351,10 @@ def test_smoke_run_end_to_end(sample_shards, tmp_path):
     cmd += ["--track", "non_record_16mb", "--script", str(ROOT / "train_gpt.py")]
     made = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert made.returncode == 0, made.stdout + made.stderr
-    assert (folder / "train_gpt.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
+    # packed code bytes (the default): the packed form is submitted, the readable source beside it
+    packed = tg.pack_source((ROOT / "train_gpt.py").read_text())
+    assert (folder / "train_gpt.py").read_bytes() == packed.encode()
+    assert (folder / "train_gpt_source.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
 
 
 def test_missing_data_stops_with_the_command_to_build_it(tmp_path):

@@ -89,6 +89,198 @@ PRESETS: dict[str, dict[str, str]] = {
         "NGRAM_MIX": "1",
         "NGRAM_BUCKETS": "4096",
     },
+    # R0323's architecture and logged settings (README run command + code defaults): model_params
+    # 26,928,220. Its Rotary was built for 1024 tokens and NTK-rescales at 2048: base
+    # 10000 * 2**(16/14), written out here. Not ours: PRESET_MISSING.
+    "record_0323": {
+        "VOCAB_SIZE": "1024",
+        "NUM_LAYERS": "11",
+        "MODEL_DIM": "512",
+        "NUM_HEADS": "8",
+        "NUM_KV_HEADS": "4",
+        "MLP_MULT": "3.0",
+        "XSA_LAST_N": "4",
+        "QK_GAIN_INIT": "1.5",
+        "ROPE_DIMS": "16",
+        "ROPE_BASE": "22081.790273476247",
+        "LN_SCALE": "1",
+        "VALUE_RESIDUAL": "0",
+        "GATED_ATTN": "0",
+        "SMEAR_GATE": "1",
+        "SMEAR_GATE_FORM": "channel",
+        "BIGRAM_BUCKETS": "1536",
+        "BIGRAM_DIM": "128",
+        "VE_ENABLED": "1",
+        "VE_DIM": "128",
+        "VE_LAYERS": "9,10",
+        "MATRIX_LR": "0.025",
+        "SCALAR_LR": "0.025",
+        "TIED_EMBED_LR": "0.035",
+        "MUON_MOMENTUM": "0.99",
+        "MUON_MOMENTUM_WARMUP_START": "0.92",
+        "MUON_ROW_NORMALIZE": "0",
+        "MUON_WD": "0.04",
+        "EMBED_WD": "0.04",
+        "SCALAR_WD": "0.04",
+        "EMA_DECAY": "0.997",
+        "EMA_WINDOW_FRAC": "1.0",  # the records' decay is fixed: no window cap
+        "ITERATIONS": "9000",
+        "QAT_START_LR_SCALE": "0.15",
+        "QUANT_BITS": "6",
+        "COMPRESSOR": "lzma",
+        "TTT_MODE": "chunked",
+        "TTT_LR": "0.002",
+        "TTT_EPOCHS": "3",
+        "TTT_CHUNK_TOKENS": "32768",
+        "TTT_FREEZE_BLOCKS": "0",
+        "TTT_MOMENTUM": "0.9",
+        "TTT_BATCH_SEQS": "32",
+        "TTT_GRAD_CLIP": "1.0",
+    },
+    # R0409's logged hyperparameters (train_seed42.log): model_params 35,944,536. SP8192 data and
+    # tokenizer at data/'s usual places; one-lane parallel residual on blocks 7-10; blocks 3-5 run
+    # three times from 35 % of training; sigmoid-gated skips.
+    "record_0409": {
+        "DATA_PATH": "./data/datasets/fineweb10B_sp8192",
+        "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
+        "VOCAB_SIZE": "8192",
+        "NUM_LAYERS": "11",
+        "MODEL_DIM": "512",
+        "NUM_HEADS": "8",
+        "NUM_KV_HEADS": "4",
+        "MLP_MULT": "4.0",
+        "XSA_LAST_N": "11",
+        "QK_GAIN_INIT": "5.25",
+        "ROPE_DIMS": "16",
+        "ROPE_BASE": "10000",
+        "LN_SCALE": "1",
+        "VALUE_RESIDUAL": "0",
+        "GATED_ATTN": "0",
+        "SMEAR_GATE": "0",
+        "BIGRAM_BUCKETS": "0",
+        "PARALLEL_RESIDUAL_LAST_N": "4",
+        "NUM_LOOPS": "2",
+        "LOOP_START": "3",
+        "LOOP_END": "5",
+        "ENABLE_LOOPING_AT": "0.35",
+        "SKIP_GATES_ENABLED": "1",
+        "MATRIX_LR": "0.022",
+        "SCALAR_LR": "0.02",
+        "TIED_EMBED_LR": "0.03",
+        "MUON_MOMENTUM": "0.99",
+        "MUON_MOMENTUM_WARMUP_START": "0.92",
+        "MUON_ROW_NORMALIZE": "1",
+        "MUON_WD": "0.095",
+        "EMBED_WD": "0.085",
+        "SCALAR_WD": "0.02",
+        "ADAM_BETA2": "0.95",
+        "EMA_DECAY": "0.9965",
+        "EMA_WINDOW_FRAC": "1.0",  # the records' decay is fixed: no window cap
+        "WARMDOWN_FRAC": "0.72",
+        "MIN_LR": "0.0",
+        "QUANT_BITS": "6",
+        "QUANT_EMBED_BITS": "8",
+        "QUANT_EMBED_GPTQ": "1",
+        "GPTQ_SDCLIP_K": "12.85",
+        "GPTQ_CALIB_TOKENS": "50331648",
+        "COMPRESSOR": "brotli",
+        "TTT_MODE": "chunked",
+        "TTT_LR": "0.005",
+        "TTT_EPOCHS": "3",
+        "TTT_MOMENTUM": "0.9",
+        "TTT_CHUNK_TOKENS": "32768",
+    },
+    # R0427's logged hyperparameters (train_seed42.log): model_params 35,945,671. As record_0409 plus
+    # two-lane parallel residual from block 8, the sparse attention gate (scale 0.5), BOS-masked
+    # SmearGate, the MIN_LR floor and the 9-knob retune. Not ours: PRESET_MISSING.
+    "record_0427": {
+        "DATA_PATH": "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+        "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+        "VOCAB_SIZE": "8192",
+        "NUM_LAYERS": "11",
+        "MODEL_DIM": "512",
+        "NUM_HEADS": "8",
+        "NUM_KV_HEADS": "4",
+        "MLP_MULT": "4.0",
+        "XSA_LAST_N": "11",
+        "QK_GAIN_INIT": "5.0",
+        "ROPE_DIMS": "16",
+        "ROPE_BASE": "10000",
+        "LN_SCALE": "1",
+        "VALUE_RESIDUAL": "0",
+        "GATED_ATTN": "0",
+        "SMEAR_GATE": "1",
+        "SMEAR_GATE_FORM": "input",
+        "SMEAR_GATE_INPUTS": "12",
+        "BIGRAM_BUCKETS": "0",
+        "NUM_LOOPS": "2",
+        "LOOP_START": "3",
+        "LOOP_END": "5",
+        "ENABLE_LOOPING_AT": "0.35",
+        "SKIP_GATES_ENABLED": "1",
+        "PARALLEL_START_LAYER": "8",
+        "PARALLEL_FINAL_LANE": "mean",
+        "SPARSE_ATTN_GATE_ENABLED": "1",
+        "SPARSE_ATTN_GATE_INPUTS": "12",
+        "SPARSE_ATTN_GATE_SCALE": "0.5",
+        "SPARSE_ATTN_GATE_INIT_STD": "0.0",
+        "MATRIX_LR": "0.026",
+        "SCALAR_LR": "0.02",
+        "TIED_EMBED_LR": "0.03",
+        "MUON_MOMENTUM": "0.97",
+        "MUON_MOMENTUM_WARMUP_START": "0.92",
+        "MUON_ROW_NORMALIZE": "1",
+        "MUON_WD": "0.095",
+        "EMBED_WD": "0.085",
+        "SCALAR_WD": "0.02",
+        "ADAM_BETA2": "0.99",
+        "EMA_DECAY": "0.9965",
+        "EMA_WINDOW_FRAC": "1.0",  # the records' decay is fixed: no window cap
+        "WARMDOWN_FRAC": "0.85",
+        "MIN_LR": "0.1",
+        "QUANT_BITS": "6",
+        "QUANT_EMBED_BITS": "7",
+        "QUANT_EMBED_GPTQ": "1",
+        "GPTQ_CALIB_TOKENS": "12582912",
+        "TTT_MODE": "lora",
+        "TTT_LORA_RANK": "80",
+        "TTT_LORA_LR": "0.0001",
+        "TTT_LORA_CHUNK": "48",
+    },
+}
+
+# What a record preset's record runs that this script does not (yet): --print-config and the run
+# header print `preset_missing:` with it, so a preset never passes for the record itself.
+PRESET_MISSING: dict[str, tuple[str, ...]] = {
+    "record_0323": (
+        "parameter_banking_parallel_muon",  # PR #399: banked matrices, batched Newton-Schulz
+        "muon_momentum_warmup_steps=1500",  # ours warms up over MUON_MOMENTUM_WARMUP_FRAC of the run
+        "warmdown_iters=3500",  # ours: WARMDOWN_FRAC of the wallclock budget
+        "swa_every=50",  # tight SWA over the warmdown, on top of EMA
+        "gptq_lite",  # per-row clip-percentile search without Hessians (ours: full GPTQ)
+        "bigram_zero_init_no_bos_bucket",  # R0323's table and projection both start at zero
+        "ema_fixed_decay",  # ours starts as a plain mean (n/(n+1)) until that reaches EMA_DECAY
+    ),
+    "record_0409": (
+        "muon_momentum_warmup_steps=1500",
+        "embed_clip_sigmas=20.0",  # SDClip of the embeddings at 20 std (ours: GPTQ_SDCLIP_K for all)
+        "ema_fixed_decay",
+    ),
+    "record_0427": (
+        "caseops_tokenizer",  # lossless-caps CaseOps SP8192 data and its byte sidecar (PR #1729)
+        "polar_express_ns",  # Muon with Polar Express per-step coefficients (PR #1344)
+        "muon_momentum_warmup_steps=1500",
+        "doc_masked_varlen_attention",  # flash_attn_varlen over packed documents in training
+        "fused_softcap_ce",  # Triton softcapped cross-entropy (speed)
+        "fused_leaky_relu_square_mlp",  # Triton MLP up-projection kernel (speed)
+        "per_class_sdclip(attn=13.0/mlp=11.5/embed=14.0)",
+        "lqer_asym(rank=4/factor_bits=4/group=64/top_k=3)",  # low-rank quantisation error repair
+        "int8_attn_gate",  # R0427 stores attn_gate_w int8 (GATED_ATTN_QUANT_GATE)
+        "pergroup_lrzip_compressor",
+        "phased_ttt(phases=3/prefix_docs=2500)",  # global SGD phases between LoRA TTT passes
+        "lora_ttt_k_mlp_o(beta1=0/beta2=0.99/wd=0.5/batch=64)",
+        "ema_fixed_decay",
+    ),
 }
 
 # fmt: off
@@ -281,6 +473,17 @@ class Hyperparameters:
         k("LOOP_END", int, 5)  # last physical block of the repeated segment (inclusive)
         k("ENABLE_LOOPING_AT", float, 0.35, ge=0, le=1)  # schedule fraction from which the segment repeats
         k("UNET_SKIPS", bool, True)  # encoder->decoder skip connections with learned weights
+        k("SKIP_GATES_ENABLED", bool, False)  # U-Net skips lerp with a per-channel sigmoid gate (R0409)
+        k("PARALLEL_START_LAYER", int, 0, ge=0)  # two-lane parallel residual from this block on (0 = off)
+        k("PARALLEL_FINAL_LANE", str, "mean", choices=("mean", "attn", "mlp"))  # two-lane output read
+        k("SPARSE_ATTN_GATE_ENABLED", bool, False)  # per-head sigmoid gate fed by a few channels (R0427)
+        k("SPARSE_ATTN_GATE_INPUTS", int, 12, gt=0)  # leading channels feeding it (R0427's GATE_WINDOW)
+        k("SPARSE_ATTN_GATE_SCALE", float, 1.0)  # gate = sigmoid(scale * W x[:inputs])
+        k("SPARSE_ATTN_GATE_INIT_STD", float, 0.0, ge=0)  # init std of W (0 = zeros: gate 0.5)
+        k("SMEAR_GATE_FORM", str, "input", choices=("input", "channel"))  # channel: R0323's per-channel lerp
+        k("VE_ENABLED", bool, False)  # shared value embedding added to V on VE_LAYERS (R0323)
+        k("VE_DIM", int, 128, gt=0)  # value embedding width before projection to the KV width
+        k("VE_LAYERS", str, "9,10")  # comma list of blocks whose values get it
         # fmt: on
 
     def _optimizer_knobs(self, k: _KnobReader) -> None:
@@ -410,6 +613,31 @@ class Hyperparameters:
                 "MICROBATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN",
             ),
             (self.smear_gate_inputs <= self.model_dim, "SMEAR_GATE_INPUTS must be at most MODEL_DIM"),
+            (self.unet_skips or not self.skip_gates_enabled, "SKIP_GATES_ENABLED needs UNET_SKIPS=1"),
+            (
+                not (self.parallel_start_layer and self.parallel_residual_last_n),
+                "PARALLEL_START_LAYER (two lanes) and PARALLEL_RESIDUAL_LAST_N (one lane) exclude each other",
+            ),
+            (
+                # R0427 starts the lanes at the first decoder block at or past the start layer and
+                # keeps them; a repeated block below it after that would read a stale stream.
+                not self.parallel_start_layer
+                or self.num_loops == 0
+                or not self.loop_start < self.parallel_start_layer <= self.loop_end,
+                "PARALLEL_START_LAYER must not fall inside LOOP_START+1..LOOP_END when NUM_LOOPS > 0",
+            ),
+            (
+                not (self.sparse_attn_gate_enabled and self.gated_attn),
+                "SPARSE_ATTN_GATE_ENABLED and GATED_ATTN exclude each other (R0427)",
+            ),
+            (
+                self.sparse_attn_gate_inputs <= self.model_dim,
+                "SPARSE_ATTN_GATE_INPUTS must be at most MODEL_DIM",
+            ),
+            (
+                all(0 <= i < self.num_layers for i in self.ve_layer_ids),
+                "VE_LAYERS must list block indices < NUM_LAYERS",
+            ),
             (self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS must be at most NUM_LAYERS"),
             (not self.eval_only or self.artifact_path, "EVAL_ONLY=1 needs ARTIFACT_PATH=<artifact file>"),
             (
@@ -434,6 +662,10 @@ class Hyperparameters:
     @property
     def int5_layers(self) -> tuple[int, ...]:
         return _parse_list("QUANT_INT5_LAYERS", self.quant_int5_layers, int)
+
+    @property
+    def ve_layer_ids(self) -> tuple[int, ...]:
+        return _parse_list("VE_LAYERS", self.ve_layers, int) if self.ve_enabled else ()
 
     @property
     def clip_fracs(self) -> tuple[float, ...]:
@@ -1039,12 +1271,28 @@ class Attention(nn.Module):
             self.gate = CastedLinear(d, hp.num_heads, True)
             self.gate.zero_init = True
             nn.init.constant_(self.gate.bias, hp.gated_attn_bias_init)
+        # Sparse attention output gate (R0427, modded-nanogpt): the same per-head gate fed by only the
+        # first SPARSE_ATTN_GATE_INPUTS channels, no bias; zero init opens every head half-way.
+        self.attn_gate_w = None
+        if hp.sparse_attn_gate_enabled:
+            self.attn_gate_w = nn.Parameter(torch.zeros(hp.num_heads, hp.sparse_attn_gate_inputs))
+            if hp.sparse_attn_gate_init_std > 0:
+                nn.init.normal_(self.attn_gate_w, std=hp.sparse_attn_gate_init_std)
+            self.sparse_scale = hp.sparse_attn_gate_scale
 
-    def forward(self, x: Tensor, v0: Tensor | None) -> tuple[Tensor, Tensor]:
+    def sparse_gate(self, x: Tensor) -> Tensor:
+        """(B,T,H) head gates sigmoid(scale * W x[:inputs]) of the sparse attention output gate."""
+        gate_in = x[..., : self.attn_gate_w.size(1)].contiguous()
+        return torch.sigmoid(self.sparse_scale * F.linear(gate_in, self.attn_gate_w.to(x.dtype)))
+
+    def forward(self, x: Tensor, v0: Tensor | None, ve: Tensor | None = None) -> tuple[Tensor, Tensor]:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x)
+        if ve is not None:  # value embedding (R0323), before the value residual mixes it in
+            v = v + ve
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         v_raw = v
         if self.vr_lambda is not None and v0 is not None:
             v = self.vr_lambda[0].to(v.dtype) * v0 + self.vr_lambda[1].to(v.dtype) * v
@@ -1055,6 +1303,8 @@ class Attention(nn.Module):
             y = exclusive_self_attention(y, v)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x)).unsqueeze(-1)
+        if self.attn_gate_w is not None:
+            y = y * self.sparse_gate(x)[..., None]
         return self.proj(y.reshape(B, T, -1)), v_raw
 
 
@@ -1097,13 +1347,29 @@ class Block(nn.Module):
         # GPT-J parallel residual (R0409, last layers): attention and MLP read the same input.
         self.parallel = layer >= hp.num_layers - hp.parallel_residual_last_n
 
-    def forward(self, x: Tensor, x0: Tensor, v0: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, x0: Tensor, v0: Tensor | None, ve: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        a, v = self.attn(rms_norm(x) * self.ln_scale, v0)
+        a, v = self.attn(rms_norm(x) * self.ln_scale, v0, ve)
         mlp_in = x if self.parallel else x + self.attn_scale.to(x.dtype) * a
         m = self.mlp(rms_norm(mlp_in) * self.ln_scale)
         return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * m, v
+
+    def two_lane(self, lanes: tuple[Tensor, Tensor], x0: Tensor, v0, ve, post: Tensor, resid: Tensor):
+        """Two-lane parallel residual (R0427, from PR #1529): attention reads lane 0 (mixed with x0),
+        the MLP reads lane 1; each lane keeps resid[lane] of itself and adds post[src, lane] of
+        both outputs. Returns the new lanes and this block's values."""
+        lane0, lane1 = lanes
+        mix = self.resid_mix.to(lane0.dtype)
+        a, v = self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.ln_scale, v0, ve)
+        a = self.attn_scale.to(a.dtype) * a
+        m = self.mlp_scale.to(lane1.dtype) * self.mlp(rms_norm(lane1) * self.ln_scale)
+        post, resid = post.to(lane0.dtype), resid.to(lane0.dtype)
+        lane0 = resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m
+        lane1 = resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m
+        return (lane0, lane1), v
 
 
 class SmearGate(nn.Module):
@@ -1112,6 +1378,8 @@ class SmearGate(nn.Module):
     Identity at init (lambda = 0). The BOS mask stops the last token of one document from leaking
     into the next document's BOS position in packed streams.
     """
+
+    after_norm = False
 
     def __init__(self, inputs: int):
         super().__init__()
@@ -1125,6 +1393,40 @@ class SmearGate(nn.Module):
         keep = (ids != BOS_ID).unsqueeze(-1).to(x.dtype)
         g = torch.sigmoid(self.gate(x[..., : self.inputs].contiguous()))
         return x + self.smear_lambda.to(x.dtype) * g * prev * keep
+
+
+class ChannelSmear(nn.Module):
+    """x_t <- (1 - g) x_t + g x_{t-1}, g = sigmoid(per-channel parameter), after the embedding norm
+    (R0323's SmearGate). No BOS mask: it mixes across documents. Half-open at init (g = 0.5)."""
+
+    after_norm = True
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate.to(x.dtype))
+        return (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+
+
+class ValueEmbedding(nn.Module):
+    """Token identity re-injected into the values (R0323, VE128): one table projected to the KV
+    width, shared by VE_LAYERS, each scaling it by its own learned scalar."""
+
+    def __init__(self, vocab_size: int, dim: int, kv_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.embed.weight, std=0.01)
+        self.proj = CastedLinear(dim, kv_dim, False) if dim != kv_dim else None
+        if self.proj is not None:
+            self.proj.zero_init = True
+        self.scale = nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.embed(ids)
+        h = self.proj(h) if self.proj is not None else h
+        return h * self.scale.to(h.dtype)
 
 
 class BigramHash(nn.Module):
@@ -1167,8 +1469,15 @@ class GPT(nn.Module):
         self.bigram = (
             BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim) if hp.bigram_buckets else None
         )
-        self.smear = SmearGate(hp.smear_gate_inputs) if hp.smear_gate else None
+        self.smear = None
+        if hp.smear_gate:
+            form = hp.smear_gate_form
+            self.smear = SmearGate(hp.smear_gate_inputs) if form == "input" else ChannelSmear(hp.model_dim)
         self.blocks = nn.ModuleList(Block(hp, i) for i in range(hp.num_layers))
+        self.ve_layers = hp.ve_layer_ids
+        if self.ve_layers:
+            self.ve_shared = ValueEmbedding(hp.vocab_size, hp.ve_dim, hp.num_kv_heads * hp.head_dim)
+            self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_layers)
         self.num_loops, self.loop_span = hp.num_loops, (hp.loop_start, hp.loop_end)
         self.looping = False  # depth recurrence is switched on by the schedule (ENABLE_LOOPING_AT)
         self.qat = False  # late QAT, switched on by the schedule (QAT_START_LR_SCALE)
@@ -1177,6 +1486,15 @@ class GPT(nn.Module):
         longest = len(self.layer_order(looping=True))
         num_skips = min(longest // 2, longest - longest // 2) if hp.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(num_skips, hp.model_dim)) if num_skips else None
+        # Sigmoid-gated skips (R0409, R0427): x <- lerp(w * skip, x, sigmoid(g)); g = 0 mixes half-half.
+        gated = hp.skip_gates_enabled and num_skips
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, hp.model_dim)) if gated else None
+        # Two-lane parallel residual (R0427): per block [src, lane] output weights and per-lane
+        # residual weights, for every block as the record has them.
+        self.parallel_start, self.final_lane = hp.parallel_start_layer, hp.parallel_final_lane
+        if self.parallel_start:
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(hp.num_layers, 2, 2))
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((hp.num_layers, 2), 1.1))
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, False)
         self.eval_forward = self.forward  # what evaluation calls; build_model compiles it on GPU
         self._init_weights(hp)
@@ -1201,24 +1519,58 @@ class GPT(nn.Module):
         start, end = self.loop_span
         return order[:start] + order[start : end + 1] * (1 + self.num_loops) + order[end + 1 :]
 
-    def hidden(self, ids: Tensor) -> Tensor:
+    def add_skip(self, x: Tensor, skip: Tensor, j: int) -> Tensor:
+        scaled = self.skip_weights[j].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + scaled
+        return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
+
+    def layer_ve(self, ve: Tensor | None, layer: int) -> Tensor | None:
+        if ve is None or layer not in self.ve_layers:
+            return None
+        return ve * self.ve_layer_scales[self.ve_layers.index(layer)].to(ve.dtype)
+
+    def embed(self, ids: Tensor) -> Tensor:
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids)
-        if self.smear is not None:
+        if self.smear is not None and not self.smear.after_norm:
             x = self.smear(x, ids)
-        x = x0 = rms_norm(x)
+        x = rms_norm(x)
+        if self.smear is not None and self.smear.after_norm:
+            x = self.smear(x, ids)
+        return x
+
+    def hidden(self, ids: Tensor) -> Tensor:
+        x = x0 = self.embed(ids)
         order = self.layer_order(self.looping)
         num_encoder = len(order) // 2
-        v0, skips = None, []
+        ve = self.ve_shared(ids) if self.ve_layers else None
+        v0, skips, lanes = None, [], None
         for i, layer in enumerate(order):
+            if i >= num_encoder and lanes is None and 0 < self.parallel_start <= layer:
+                lanes = (x, x)  # R0427: both lanes start from the stream at the first parallel block
             if i >= num_encoder and skips and self.skip_weights is not None:
-                x = x + self.skip_weights[i - num_encoder].to(x.dtype) * skips.pop()
-            x, v = self.blocks[layer](x, x0, v0)
+                if lanes is None:
+                    x = self.add_skip(x, skips.pop(), i - num_encoder)
+                else:  # the skip feeds lane 0 (attention's)
+                    lanes = (self.add_skip(lanes[0], skips.pop(), i - num_encoder), lanes[1])
+            block, layer_ve = self.blocks[layer], self.layer_ve(ve, layer)
+            if lanes is None:
+                x, v = block(x, x0, v0, layer_ve)
+            else:
+                post, resid = self.parallel_post_lambdas[layer], self.parallel_resid_lambdas[layer]
+                lanes, v = block.two_lane(lanes, x0, v0, layer_ve, post, resid)
             v0 = v if v0 is None else v0  # value residual: the first executed block's values
             if i < num_encoder:
                 skips.append(x)
-        return rms_norm(x)
+        return rms_norm(x if lanes is None else self.lane_output(lanes))
+
+    def lane_output(self, lanes: tuple[Tensor, Tensor]) -> Tensor:
+        """PARALLEL_FINAL_LANE: the lanes' mean, or the attention (0) or MLP (1) lane alone."""
+        if self.final_lane == "mean":
+            return 0.5 * (lanes[0] + lanes[1])
+        return lanes[0] if self.final_lane == "attn" else lanes[1]
 
     def logits(self, ids: Tensor) -> Tensor:
         return self.head(self.hidden(ids))
@@ -1352,14 +1704,16 @@ class Muon(torch.optim.Optimizer):
 
 # Small control tensors (gates, scales, mixes): scalar Adam whatever their shape, never Muon,
 # and (with quantisation) stored unquantised. The BigramHash projection joins them (R0323/R0325).
-CONTROL_TENSOR_PATTERNS = ("gate", "scale", "resid_mix", "lambda", "q_gain", "skip_weights", "bigram.proj")
+CONTROL_TENSOR_PATTERNS = (
+    "gate", "scale", "resid_mix", "lambda", "q_gain", "skip_weights", "bigram.proj", "ve_shared.proj"
+)  # fmt: skip
 
 
 def split_params(model: GPT) -> dict[str, list[nn.Parameter]]:
     """Matrices -> Muon; embeddings -> Adam (embed LR); untied head; control tensors -> scalar Adam."""
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embed": [], "head": [], "scalar": []}
     for name, p in model.named_parameters():
-        if name in ("tok_emb.weight", "bigram.embed.weight"):
+        if name in ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight"):
             groups["embed"].append(p)
         elif name == "lm_head.weight":
             groups["head"].append(p)
@@ -3641,6 +3995,8 @@ def log_header(
             compile=int(compiled),
         )
     )
+    if PRESET_MISSING.get(hp.preset_name):  # a record preset: what of the record this run lacks
+        log(kv(preset_missing=",".join(PRESET_MISSING[hp.preset_name])))
     if attention_problem:  # loud: the fastest kernel is worth several percent of every step
         log(f"WARNING attention_backend:sdpa, not FlashAttention-3: {attention_problem}")
     log(kv(preset=hp.preset_name, env_overrides=",".join(hp.overrides) or "none"))
@@ -3769,6 +4125,8 @@ def print_config(hp: Hyperparameters) -> None:
     no GPU, no log file."""
     print("\n".join(hp.resolved_lines()))
     print(kv(hp_hash=hp.hash(), hp_unhashed=",".join(hp.unhashed)))
+    if PRESET_MISSING.get(hp.preset_name):
+        print(kv(preset_missing=",".join(PRESET_MISSING[hp.preset_name])))
     with torch.device("meta"):
         print(kv(model_params=model_params(GPT(hp))))
 

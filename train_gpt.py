@@ -247,6 +247,35 @@ PRESETS: dict[str, dict[str, str]] = {
         "TTT_LORA_LR": "0.0001",
         "TTT_LORA_CHUNK": "48",
     },
+    # PR #638's stack: 11 layers, XSA on all, LeakyReLU(0.5)^2, value residual, gated attention.
+    "seed_638": {
+        "NUM_LAYERS": "11",
+        "XSA_LAST_N": "11",
+        "LEAKY_RELU_SLOPE": "0.5",
+        "VALUE_RESIDUAL": "1",
+        "GATED_ATTN": "1",
+    },
+    # PR #1125's stack: XSA on all layers, QK gain 4, LN scale.
+    "seed_1125": {
+        "XSA_LAST_N": "11",
+        "QK_GAIN_INIT": "4.0",
+        "LN_SCALE": "1",
+    },
+    # PR #1485's legal stack: SP8192, 3-layer recurrence and one-lane parallel residuals (blocks and
+    # schedule as R0409 runs them: 3-5 looped twice from 35 %, parallel from block 7), QK gain 5,
+    # score-first chunked TTT.
+    "seed_1485_legal": {
+        "DATA_PATH": "./data/datasets/fineweb10B_sp8192",
+        "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
+        "VOCAB_SIZE": "8192",
+        "NUM_LOOPS": "2",
+        "LOOP_START": "3",
+        "LOOP_END": "5",
+        "ENABLE_LOOPING_AT": "0.35",
+        "PARALLEL_RESIDUAL_LAST_N": "4",
+        "QK_GAIN_INIT": "5.0",
+        "TTT_MODE": "chunked",
+    },
 }
 
 # What a record preset's record runs that this script does not (yet): --print-config and the run
@@ -484,6 +513,7 @@ class Hyperparameters:
         k("VE_ENABLED", bool, False)  # shared value embedding added to V on VE_LAYERS (R0323)
         k("VE_DIM", int, 128, gt=0)  # value embedding width before projection to the KV width
         k("VE_LAYERS", str, "9,10")  # comma list of blocks whose values get it
+        k("ASYM_LOGIT_RESCALE", bool, False)  # learned softcaps for positive/negative logits (PR #1923)
         # fmt: on
 
     def _optimizer_knobs(self, k: _KnobReader) -> None:
@@ -1496,6 +1526,15 @@ class GPT(nn.Module):
             self.parallel_post_lambdas = nn.Parameter(torch.ones(hp.num_layers, 2, 2))
             self.parallel_resid_lambdas = nn.Parameter(torch.full((hp.num_layers, 2), 1.1))
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, False)
+        # Asymmetric logit rescale (PR #1923, modded-nanogpt PR #181): separate learned caps for
+        # positive and negative logits, both LOGIT_SOFTCAP at init (the plain softcap). PR #1923
+        # keeps them out of the training loss and lets test-time training move them: they are
+        # created frozen (requires_grad=False, so DDP and the optimizers skip them); a TTT that
+        # adapts them turns requires_grad on.
+        self.softcap_pos = self.softcap_neg = None
+        if hp.asym_logit_rescale:
+            self.softcap_pos = nn.Parameter(torch.tensor(hp.logit_softcap), requires_grad=False)
+            self.softcap_neg = nn.Parameter(torch.tensor(hp.logit_softcap), requires_grad=False)
         self.eval_forward = self.forward  # what evaluation calls; build_model compiles it on GPU
         self._init_weights(hp)
 
@@ -1580,7 +1619,10 @@ class GPT(nn.Module):
         raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.tied else self.lm_head(h)
         if self.head_lora is not None:  # per-document LoRA TTT adapter of the output head
             raw = raw + self.head_lora(h)
-        return self.softcap * torch.tanh(raw.float() / self.softcap)
+        if self.softcap_pos is None:
+            return self.softcap * torch.tanh(raw.float() / self.softcap)
+        p, n, raw = self.softcap_pos, self.softcap_neg, raw.float()  # PR #1923's rescale
+        return torch.where(raw > 0, p * torch.tanh(raw / p), n * torch.tanh(raw / n))
 
     def forward(self, ids: Tensor, targets: Tensor | None = None, reduction: str = "mean") -> Tensor:
         """Logits (B,T,V) without targets; else the mean loss, or per-token NLL (B,T) with 'none'."""

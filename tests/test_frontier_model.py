@@ -356,3 +356,76 @@ def test_frontier_model_compiles_once_per_looping_graph():
     assert backend.compiles == 2, "recompiled after warmup"
     assert not torch._dynamo.utils.counters["graph_break"]
     torch.testing.assert_close(loss, F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()))
+
+
+# ---------------------------------------------------------------- asymmetric logit rescale
+
+
+def test_asym_logit_rescale_is_the_plain_softcap_at_init_and_frozen_in_training():
+    off, on = build(), build(ASYM_LOGIT_RESCALE=True)
+    assert tg.model_params(on) == tg.model_params(off) + 2
+    assert on.softcap_pos.item() == on.softcap_neg.item() == 30.0
+    on.load_state_dict(off.state_dict(), strict=False)
+    ids = ids_for(make_hp())
+    loss = on(ids, ids)
+    assert torch.equal(loss, off(ids, ids))
+    loss.backward()  # PR #1923: the training loss leaves both caps where they are
+    assert on.softcap_pos.grad is None and on.softcap_neg.grad is None
+
+
+def test_asym_logit_rescale_caps_each_sign_with_its_own_scalar():
+    model = build(ASYM_LOGIT_RESCALE=True)
+    with torch.no_grad():
+        model.softcap_pos.fill_(5.0)
+        model.softcap_neg.fill_(2.0)
+    h = torch.randn(2, 8, 32)
+    raw = F.linear(h, model.tok_emb.weight) * 200  # well past both caps
+    logits = model.head(h * 200)
+    assert torch.all(logits <= 5.0) and torch.all(logits >= -2.0)
+    want = torch.where(raw > 0, 5.0 * torch.tanh(raw / 5.0), 2.0 * torch.tanh(raw / 2.0))
+    torch.testing.assert_close(logits, want)
+    model.softcap_pos.requires_grad_(True)  # what a TTT that adapts them does
+    model.head(h).sum().backward()
+    assert model.softcap_pos.grad is not None and model.softcap_neg.grad is None
+
+
+# ---------------------------------------------------------------- depth recurrence as the records run it
+
+
+@pytest.mark.parametrize("preset", ["record_0409", "record_0427"])
+def test_recurrence_runs_the_records_encoder_and_decoder(preset):
+    """train_seed42.log of both records: `encoder:[0, 1, 2, 3, 4, 5, 3, 4]
+    decoder:[5, 3, 4, 5, 6, 7, 8, 9, 10]`, switched on at 35 % of training."""
+    hp = tg.Hyperparameters({"RUN_PRESET": preset})
+    with torch.device("meta"):
+        order = tg.GPT(hp).layer_order(looping=True)
+    half = len(order) // 2
+    assert order[:half] == [0, 1, 2, 3, 4, 5, 3, 4]
+    assert order[half:] == [5, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert hp.enable_looping_at == 0.35
+
+
+# ---------------------------------------------------------------- seed presets
+
+
+@pytest.mark.parametrize(
+    "preset, want",
+    [
+        (
+            "seed_638",
+            dict(num_layers=11, xsa_last_n=11, leaky_relu_slope=0.5, value_residual=True, gated_attn=True),
+        ),
+        ("seed_1125", dict(xsa_last_n=11, qk_gain_init=4.0, ln_scale=True)),
+        (
+            "seed_1485_legal",
+            dict(
+                vocab_size=8192, num_loops=2, parallel_residual_last_n=4, qk_gain_init=5.0, ttt_mode="chunked"
+            ),
+        ),
+    ],
+)
+def test_seed_presets_state_their_stacks(preset, want):
+    hp = tg.Hyperparameters({"RUN_PRESET": preset})
+    assert {name: getattr(hp, name) for name in want} == want
+    with torch.device("meta"):
+        assert tg.model_params(tg.GPT(hp)) > 0

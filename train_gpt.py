@@ -307,7 +307,7 @@ PRESET_MISSING: dict[str, tuple[str, ...]] = {
         "int8_attn_gate",  # R0427 stores attn_gate_w int8 (GATED_ATTN_QUANT_GATE)
         "pergroup_lrzip_compressor",
         "phased_ttt(phases=3/prefix_docs=2500)",  # global SGD phases between LoRA TTT passes
-        "lora_ttt_k_mlp_o(beta1=0/beta2=0.99/wd=0.5/batch=64)",
+        "lora_ttt_k_mlp_o(beta1=0/beta2=0.99/wd=0.5)",
         "ema_fixed_decay",
     ),
 }

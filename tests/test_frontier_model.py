@@ -59,6 +59,17 @@ def test_print_config_names_what_the_preset_lacks(preset, capsys):
     assert missing == [f"preset_missing:{','.join(tg.PRESET_MISSING[preset])}"]
 
 
+def test_record_0323_rope_base_is_its_ntk_rescaled_base():
+    """R0323 builds Rotary for 1024 tokens and trains at 2048: base * (2048/1024)**(16/(16-2))."""
+    hp = tg.Hyperparameters({"RUN_PRESET": "record_0323"})
+    assert hp.rope_base == 10000.0 * (2048 / 1024) ** (16 / (16 - 2)) and hp.train_seq_len == 2048
+
+
+def test_every_missing_list_names_a_preset():
+    assert set(tg.PRESET_MISSING) <= set(tg.PRESETS)
+    assert all("," not in item for items in tg.PRESET_MISSING.values() for item in items)
+
+
 def test_presets_without_missing_work_print_no_missing_line(capsys):
     tg.print_config(tg.Hyperparameters({"RUN_PRESET": "smoke"}))
     assert "preset_missing" not in capsys.readouterr().out

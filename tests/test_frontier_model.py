@@ -342,11 +342,11 @@ def test_frontier_model_compiles_once_per_looping_graph():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = build(
-        NUM_LAYERS=5,
+        NUM_LAYERS=3,
         NUM_LOOPS=1,
-        LOOP_START=1,
-        LOOP_END=2,
-        PARALLEL_START_LAYER=3,
+        LOOP_START=0,
+        LOOP_END=0,
+        PARALLEL_START_LAYER=2,
         SKIP_GATES_ENABLED=True,
         SPARSE_ATTN_GATE_ENABLED=True,
         GATED_ATTN=False,
@@ -360,7 +360,7 @@ def test_frontier_model_compiles_once_per_looping_graph():
         model.looping = looping
         compiled(ids, ids).backward()
     assert backend.compiles == 2
-    for looping in (False, True, False, True):
+    for looping in (False, True):
         model.looping = looping
         loss = compiled(ids, ids)
         loss.backward()

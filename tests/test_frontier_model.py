@@ -440,3 +440,44 @@ def test_seed_presets_state_their_stacks(preset, want):
     assert {name: getattr(hp, name) for name in want} == want
     with torch.device("meta"):
         assert tg.model_params(tg.GPT(hp)) > 0
+
+
+# ---------------------------------------------------------------- test-time training on the new paths
+
+FRONTIER_KNOBS = dict(
+    NUM_LOOPS=1,
+    LOOP_START=0,
+    LOOP_END=0,
+    PARALLEL_START_LAYER=1,
+    SKIP_GATES_ENABLED=True,
+    SPARSE_ATTN_GATE_ENABLED=True,
+    GATED_ATTN=False,
+    VE_ENABLED=True,
+    VE_DIM=8,
+    VE_LAYERS="1",
+)
+
+
+def test_lora_ttt_keeps_first_chunks_untouched_on_the_frontier_model():
+    """LoRA TTT through two lanes, the sparse gate, gated skips and value embeddings: a document's
+    first chunk scores as the plain model, later chunks see the trained adapter."""
+    from test_eval import random_tokens, run_mode
+
+    tokens = random_tokens()
+    trained = run_mode("lora", tokens, **FRONTIER_KNOBS)["nll"]
+    untrained = run_mode("lora", tokens, TTT_LORA_LR=0.0, **FRONTIER_KNOBS)["nll"]
+    spans = tg.document_spans(tokens, len(tokens) - 1)
+    firsts = torch.tensor([i for lo, hi in spans for i in range(lo, min(lo + 16, hi))])
+    torch.testing.assert_close(trained[firsts], untrained[firsts], rtol=0, atol=1e-6)
+    assert torch.isfinite(trained).all() and not torch.allclose(trained, untrained)
+
+
+def test_chunked_ttt_scores_the_first_chunk_before_adapting_on_the_frontier_model():
+    from test_eval import random_tokens, run_mode
+
+    tokens = random_tokens()
+    adapted = run_mode("ttt", tokens, **FRONTIER_KNOBS)["nll"]
+    plain = run_mode("sliding", tokens, **FRONTIER_KNOBS)["nll"]
+    first_chunk = 40  # TTT_CHUNK_TOKENS of test_eval's knobs
+    torch.testing.assert_close(adapted[:first_chunk], plain[:first_chunk], rtol=0, atol=1e-5)
+    assert torch.isfinite(adapted).all() and not torch.allclose(adapted, plain)

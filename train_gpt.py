@@ -114,7 +114,7 @@ KNOB_FAMILIES = {
     "UNET", "SKIP", "LOOP", "PARALLEL", "QUANT", "SLIDING", "ADAM", "WARMDOWN", "WARMUP", "LR",
     "VAL", "EVAL", "TRAIN", "MODEL", "VOCAB", "LOGIT", "MLP", "ATTN", "EMBED", "HEADS", "LAYERS",
     "SEED", "PRESET", "VE", "VR", "MATRIX", "SCALAR", "SOFTCAP", "WALLCLOCK", "BETA", "POLAR", "NS",
-    "NORMALIZE", "ROW", "SWA", "PRUNE", "LQER", "HEDGE", "NGRAM", "ITERATIONS", "COMPRESS",
+    "NORMALIZE", "ROW", "SWA", "PRUNE", "LQER", "HEDGE", "NGRAM", "ITERATIONS", "COMPRESS", "WD",
 }
 # fmt: on
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -303,6 +303,10 @@ class Hyperparameters:
         k("GRAD_CLIP_NORM", float, 0.3)  # global gradient-norm clip (0 = off)
         k("EMA_DECAY", float, 0.997)  # largest EMA decay of the exported weights
         k("EMA_WINDOW_FRAC", float, 0.05)  # EMA horizon as a fraction of the run's steps (0 = no EMA)
+        k("MUON_POLAR_EXPRESS", bool, False)  # Polar Express per-iteration Newton-Schulz coefficients
+        k("MUON_MOMENTUM_WARMUP_STEPS", int, 0, ge=0)  # > 0: momentum warms up over N steps, not the FRAC
+        k("WD_TAPER_START_FRAC", float, 1.0, ge=0, le=1)  # Muon WD tapers linearly from here (1 = off)
+        k("WD_TAPER_FINAL_MULT", float, 0.5, ge=0)  # Muon WD multiplier at the end of the taper
         # fmt: on
 
     def _schedule_knobs(self, k: _KnobReader) -> None:
@@ -395,6 +399,10 @@ class Hyperparameters:
                 "NUM_LOOPS > 0 needs 0 <= LOOP_START <= LOOP_END < NUM_LAYERS",
             ),
             (self.bigram_buckets != 1, "BIGRAM_BUCKETS must be 0 (off) or >= 2"),  # two ranges
+            (
+                not self.muon_polar_express or self.muon_ns_steps <= len(POLAR_EXPRESS_COEFFS),
+                f"MUON_POLAR_EXPRESS has {len(POLAR_EXPRESS_COEFFS)} coefficient tuples: MUON_NS_STEPS <= 5",
+            ),
             (
                 self.max_wallclock_seconds <= 0
                 or self.export_reserve_seconds == -1
@@ -1243,20 +1251,29 @@ class GPT(nn.Module):
 
 # Quintic Newton-Schulz coefficients from modded-nanogpt (Keller Jordan), used by BASE..R0409.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express (PR #1344, as R0423/R0427 run it): one minimax-optimised (a, b, c) per iteration,
+# five iterations at most; the same Frobenius normalisation as the fixed coefficients.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 
 
-def newton_schulz(G: Tensor, steps: int) -> Tensor:
+def newton_schulz(G: Tensor, steps: int, polar_express: bool = False) -> Tensor:
     """Approximately orthogonalise a (batched) matrix: singular values pushed towards ~1.
 
     bf16 on GPU (fast, and the iteration tolerates it); fp32 on CPU where bf16 matmuls are slow.
     """
-    a, b, c = NS_COEFFS
+    coeffs = POLAR_EXPRESS_COEFFS[:steps] if polar_express else (NS_COEFFS,) * steps
     X = G.bfloat16() if G.is_cuda else G.float()
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for a, b, c in coeffs:
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if transposed else X
@@ -1288,10 +1305,12 @@ class Muon(torch.optim.Optimizer):
         row_normalize: bool,
         rank: int = 0,
         world_size: int = 1,
+        polar_express: bool = False,
     ):
         defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.row_normalize, self.rank, self.world_size = row_normalize, rank, world_size
+        self.polar_express = polar_express
 
     @torch.no_grad()
     def step(self) -> None:
@@ -1330,7 +1349,7 @@ class Muon(torch.optim.Optimizer):
             U = torch.stack(torch._foreach_add(grads, bufs, alpha=mu))  # Nesterov
             if self.row_normalize:  # MuonEq-R (R0409): equalise row norms before orthogonalising
                 U = U / (U.norm(dim=-1, keepdim=True) + 1e-7)
-            U = newton_schulz(U, group["ns_steps"])
+            U = newton_schulz(U, group["ns_steps"], self.polar_express)
         if self.world_size == 1:
             return None, U
         # bf16 on GPU (what Newton-Schulz produced; half the bytes to send), fp32 on CPU.
@@ -1390,11 +1409,12 @@ def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch
         hp.muon_row_normalize,
         rank=rt.rank,
         world_size=rt.world_size,
+        polar_express=hp.muon_polar_express,
     )
     optimizers: list[torch.optim.Optimizer] = [adam, muon]
     for opt in optimizers:
         for group in opt.param_groups:
-            group["base_lr"] = group["lr"]
+            group["base_lr"], group["base_weight_decay"] = group["lr"], group["weight_decay"]
     return optimizers
 
 
@@ -1407,19 +1427,37 @@ def lr_multiplier(frac: float, hp: Hyperparameters) -> float:
     return 1.0
 
 
-def muon_momentum(frac: float, hp: Hyperparameters) -> float:
-    """Momentum warmed up from MUON_MOMENTUM_WARMUP_START over the first fraction of the run."""
-    t = min(frac / hp.muon_momentum_warmup_frac, 1.0) if hp.muon_momentum_warmup_frac > 0 else 1.0
+def muon_momentum(frac: float, hp: Hyperparameters, step: int = 0) -> float:
+    """Momentum warmed up linearly from MUON_MOMENTUM_WARMUP_START over the first
+    MUON_MOMENTUM_WARMUP_STEPS steps (the records' rule, R0410..R0427: 0.92 -> 0.97 over 1500), or
+    without it over the first MUON_MOMENTUM_WARMUP_FRAC of the run."""
+    if hp.muon_momentum_warmup_steps > 0:
+        t = min(step / hp.muon_momentum_warmup_steps, 1.0)
+    else:
+        t = min(frac / hp.muon_momentum_warmup_frac, 1.0) if hp.muon_momentum_warmup_frac > 0 else 1.0
     return (1 - t) * hp.muon_momentum_warmup_start + t * hp.muon_momentum
 
 
-def apply_schedule(optimizers: list[torch.optim.Optimizer], frac: float, hp: Hyperparameters) -> float:
+def wd_multiplier(frac: float, hp: Hyperparameters) -> float:
+    """Muon weight-decay taper (PR #1729, R0418): 1 until WD_TAPER_START_FRAC, then linear to
+    WD_TAPER_FINAL_MULT at the end. High WD keeps weights compressible early; late, less WD lets
+    the settled weights optimise. WD_TAPER_START_FRAC=1 (default) is no taper."""
+    start = hp.wd_taper_start_frac
+    if frac <= start or start >= 1:
+        return 1.0
+    return 1 + (hp.wd_taper_final_mult - 1) * min((frac - start) / (1 - start), 1.0)
+
+
+def apply_schedule(
+    optimizers: list[torch.optim.Optimizer], frac: float, hp: Hyperparameters, step: int = 0
+) -> float:
     mult = lr_multiplier(frac, hp)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * mult
             if isinstance(opt, Muon):
-                group["momentum"] = muon_momentum(frac, hp)
+                group["momentum"] = muon_momentum(frac, hp, step)
+                group["weight_decay"] = group["base_weight_decay"] * wd_multiplier(frac, hp)
     return mult
 
 
@@ -3590,7 +3628,7 @@ def train(
             clock.start(state)
         frac = progress(state, hp)
         set_looping(model, frac, hp, log)
-        mult = apply_schedule(optimizers, frac, hp)
+        mult = apply_schedule(optimizers, frac, hp, state.step)
         start_qat(model, mult, hp, log)
         loss = train_step(ddp_model, model, loader, optimizers, hp, rt)
         ema.update(model, expected_steps(state, hp))

@@ -281,6 +281,7 @@ class Hyperparameters:
         k("LOOP_END", int, 5)  # last physical block of the repeated segment (inclusive)
         k("ENABLE_LOOPING_AT", float, 0.35, ge=0, le=1)  # schedule fraction from which the segment repeats
         k("UNET_SKIPS", bool, True)  # encoder->decoder skip connections with learned weights
+        k("VARLEN_ATTN", bool, False)  # attention only within documents (a BOS starts one); FA3 varlen
         # fmt: on
 
     def _optimizer_knobs(self, k: _KnobReader) -> None:
@@ -939,8 +940,18 @@ def import_fa3():
     return fa3, None
 
 
+def import_fa3_varlen():
+    """FA3's variable-length entry point (VARLEN_ATTN), or None; same guard as import_fa3."""
+    try:
+        from flash_attn_interface import flash_attn_varlen_func as fa3_varlen
+    except Exception:
+        return None
+    return fa3_varlen
+
+
 # FlashAttention-3 (Hopper) when installed; imported here so torch.compile sees no import.
 flash_attn_func, FA3_IMPORT_ERROR = import_fa3()
+flash_attn_varlen_func = import_fa3_varlen()
 
 ATTENTION_BACKEND = "sdpa"  # set once per process by select_attention_backend()
 FA3_PROBE_HEADS = ((8, 4, 64),)  # (query heads, KV heads, head dim) of the default model: GQA
@@ -982,19 +993,84 @@ def select_attention_backend(rt: Runtime, hp: Hyperparameters | None = None) -> 
     if hp is not None:
         heads = tuple(dict.fromkeys([*heads, (hp.num_heads, hp.num_kv_heads, hp.head_dim)]))
     problem = fa3_problem(rt.device, heads) if rt.device.type == "cuda" else None
+    if problem is None and rt.device.type == "cuda" and hp is not None and hp.varlen_attn:
+        problem = fa3_varlen_problem(rt.device, hp.num_heads, hp.num_kv_heads, hp.head_dim)
     ATTENTION_BACKEND = "fa3" if rt.device.type == "cuda" and problem is None else "sdpa"
     return problem
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """(B,T,H,D) queries, (B,T,Hk,D) keys/values -> (B,T,H,D). FA3 when importable, else SDPA."""
+def fa3_varlen_problem(device: torch.device, h: int, hk: int, d: int) -> str | None:
+    """Why FA3's varlen function cannot serve VARLEN_ATTN here (see fa3_problem), or None."""
+    if flash_attn_varlen_func is None:
+        return "VARLEN_ATTN=1 needs flash_attn_varlen_func from flash_attn_interface (FlashAttention-3)"
+    probe = torch.compile(varlen_attention, dynamic=False, fullgraph=True, backend="aot_eager")
+    try:
+        q, k, v = (
+            torch.randn(2, 128, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+            for n in (h, hk, hk)
+        )
+        cu = torch.tensor([0, 50, 128, 200, 256, 256], dtype=torch.int32, device=device)
+        probe(q, k, v, cu).float().sum().backward()
+    except Exception as e:
+        return f"FlashAttention-3 varlen failed a compiled forward+backward ({type(e).__name__}: {e})"
+    return None
+
+
+# Document-masked attention (VARLEN_ATTN; R0410 from PR #1354, kept by R0427): a BOS token, or a
+# row's first token, starts a segment; a token attends only inside its own segment. On FA3 the
+# segments are cu_seqlens of the flattened batch, padded to a static length (one compiled shape)
+# of B + B*T/VARLEN_TOKENS_PER_SEGMENT entries; a batch with more segments than that keeps the
+# first ones and its tail attends across documents (still causal), as without VARLEN_ATTN.
+VARLEN_TOKENS_PER_SEGMENT = 64
+
+
+def document_layout(ids: Tensor) -> Tensor:
+    """What causal_attention needs to keep (B,T) rows' tokens inside their documents: FA3, the
+    int32 cu_seqlens of the flattened batch; SDPA, the (B,1,T,T) causal same-document mask."""
+    B, T = ids.shape
+    starts = (ids == BOS_ID) | (torch.arange(T, device=ids.device) == 0)
+    if ATTENTION_BACKEND == "fa3":
+        size = B + B * T // VARLEN_TOKENS_PER_SEGMENT
+        first = torch.nonzero_static(starts.flatten(), size=size, fill_value=B * T).squeeze(1)
+        return torch.cat((first, first.new_full((1,), B * T))).int()
+    doc = starts.cumsum(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """FA3 causal attention within the segments cu_seqlens cuts the flattened (B*T) batch into."""
+    B, T = q.shape[:2]
+    out = flash_attn_varlen_func(
+        q.flatten(0, 1),
+        k.flatten(0, 1),
+        v.flatten(0, 1),
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
+        max_seqlen_q=T,
+        max_seqlen_k=T,
+        causal=True,
+    )
+    return (out[0] if isinstance(out, tuple) else out).unflatten(0, (B, T))
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, docs: Tensor | None = None) -> Tensor:
+    """(B,T,H,D) queries, (B,T,Hk,D) keys/values -> (B,T,H,D). FA3 when importable, else SDPA.
+    `docs` (document_layout of the ids, VARLEN_ATTN) keeps attention inside documents."""
     if ATTENTION_BACKEND == "fa3":
         # CUDA autocast runs rms_norm in fp32, so the normed q/k arrive fp32 while v is bf16.
         # SDPA is autocast-aware and casts all three; FA3 is not and needs one 16-bit dtype.
+        if docs is not None:
+            return varlen_attention(q.to(v.dtype), k.to(v.dtype), v, docs)
         out = flash_attn_func(q.to(v.dtype), k.to(v.dtype), v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     y = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=docs,
+        is_causal=docs is None,
+        enable_gqa=True,
     )
     return y.transpose(1, 2)
 
@@ -1048,7 +1124,7 @@ class Attention(nn.Module):
             self.gate.zero_init = True
             nn.init.constant_(self.gate.bias, hp.gated_attn_bias_init)
 
-    def forward(self, x: Tensor, v0: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, v0: Tensor | None, docs: Tensor | None = None) -> tuple[Tensor, Tensor]:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -1058,7 +1134,7 @@ class Attention(nn.Module):
             v = self.vr_lambda[0].to(v.dtype) * v0 + self.vr_lambda[1].to(v.dtype) * v
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, docs)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.gate is not None:
@@ -1105,10 +1181,12 @@ class Block(nn.Module):
         # GPT-J parallel residual (R0409, last layers): attention and MLP read the same input.
         self.parallel = layer >= hp.num_layers - hp.parallel_residual_last_n
 
-    def forward(self, x: Tensor, x0: Tensor, v0: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, x0: Tensor, v0: Tensor | None, docs: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        a, v = self.attn(rms_norm(x) * self.ln_scale, v0)
+        a, v = self.attn(rms_norm(x) * self.ln_scale, v0, docs)
         mlp_in = x if self.parallel else x + self.attn_scale.to(x.dtype) * a
         m = self.mlp(rms_norm(mlp_in) * self.ln_scale)
         return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * m, v
@@ -1171,6 +1249,7 @@ class GPT(nn.Module):
     def __init__(self, hp: Hyperparameters):
         super().__init__()
         self.softcap, self.tied = hp.logit_softcap, hp.tie_embeddings
+        self.varlen_attn = hp.varlen_attn  # attention stays inside documents (document_layout)
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         self.bigram = (
             BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim) if hp.bigram_buckets else None
@@ -1219,10 +1298,11 @@ class GPT(nn.Module):
         order = self.layer_order(self.looping)
         num_encoder = len(order) // 2
         v0, skips = None, []
+        docs = document_layout(ids) if self.varlen_attn else None
         for i, layer in enumerate(order):
             if i >= num_encoder and skips and self.skip_weights is not None:
                 x = x + self.skip_weights[i - num_encoder].to(x.dtype) * skips.pop()
-            x, v = self.blocks[layer](x, x0, v0)
+            x, v = self.blocks[layer](x, x0, v0, docs)
             v0 = v if v0 is None else v0  # value residual: the first executed block's values
             if i < num_encoder:
                 skips.append(x)

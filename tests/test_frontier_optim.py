@@ -170,3 +170,132 @@ def test_default_schedule_keeps_weight_decay_and_momentum(cpu_runtime):
         tg.apply_schedule(optimizers, frac, hp, step=int(frac * 1e4))
         assert muon.param_groups[0]["weight_decay"] == hp.muon_wd
         assert muon.param_groups[0]["momentum"] == tg.muon_momentum(frac, hp)
+
+
+# ----------------------------------------------------------------------------- document-masked attention
+
+V = 64  # TINY_ENV vocabulary
+
+
+def doc(seed: int, length: int) -> torch.Tensor:
+    """One document: BOS, then random non-BOS ids."""
+    ids = torch.randint(2, V, (length,), generator=torch.Generator().manual_seed(seed))
+    ids[0] = tg.BOS_ID
+    return ids
+
+
+def tiny_model(**overrides) -> tg.GPT:
+    torch.manual_seed(0)
+    model = tg.GPT(make_hp(**overrides)).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # noise everywhere: zero-initialised projections and gates would hide paths
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+def twin_models():
+    """The same weights with and without VARLEN_ATTN (the knob adds no parameter)."""
+    masked = tiny_model(VARLEN_ATTN=True)
+    plain = tiny_model(VARLEN_ATTN=False)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(masked.state_dict().values(), plain.state_dict().values(), strict=True)
+    )
+    return masked, plain
+
+
+@torch.no_grad()
+def test_a_document_scores_the_same_alone_or_packed_after_others():
+    masked, plain = twin_models()
+    a, b, c = doc(1, 9), doc(2, 12), doc(3, 5)
+    packed = torch.cat((a, b, c))[None]
+    got = masked(packed)
+    # RoPE is relative, so a document's logits do not depend on where it sits in the row
+    for start, d in ((0, a), (9, b), (21, c)):
+        alone = plain(d[None])
+        torch.testing.assert_close(got[0, start : start + len(d)], alone[0], atol=1e-5, rtol=1e-5)
+    # without the mask the later documents see the earlier ones: the test can tell them apart
+    assert not torch.allclose(plain(packed)[0, 9:21], plain(b[None])[0], atol=1e-3)
+
+
+@torch.no_grad()
+def test_a_row_of_one_document_is_unchanged_by_the_mask():
+    masked, plain = twin_models()
+    one = doc(4, 16)[None]
+    torch.testing.assert_close(masked(one), plain(one), atol=1e-6, rtol=1e-6)
+    no_bos = torch.randint(2, V, (2, 16), generator=torch.Generator().manual_seed(5))  # a row's tail of a doc
+    torch.testing.assert_close(masked(no_bos), plain(no_bos), atol=1e-6, rtol=1e-6)
+
+
+def test_the_masked_training_loss_has_gradients_only_within_documents():
+    masked, _ = twin_models()
+    emb = masked.tok_emb
+    packed = torch.cat((doc(1, 8), doc(2, 8)))[None]
+    x = emb(packed).detach().requires_grad_(True)
+    emb.forward = lambda ids: x  # feed the embedding output we differentiate against
+    logits = masked(packed)
+    logits[0, 12].sum().backward()  # a position of the second document
+    assert x.grad[0, :8].abs().max() == 0 and x.grad[0, 8:13].abs().max() > 0
+
+
+def test_sdpa_document_mask():
+    ids = torch.tensor([[1, 5, 6, 1, 7], [3, 4, 1, 4, 4]])
+    mask = tg.document_layout(ids)
+    assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
+    expected_row0 = torch.tensor(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]],
+        dtype=torch.bool,
+    )
+    expected_row1 = torch.tensor(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]],
+        dtype=torch.bool,
+    )
+    assert torch.equal(mask[0, 0], expected_row0) and torch.equal(mask[1, 0], expected_row1)
+
+
+def reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+    """flash_attn_varlen_func in plain torch: causal attention inside each [cu[i], cu[i+1])."""
+    assert torch.equal(cu_seqlens_q, cu_seqlens_k) and causal and cu_seqlens_q.dtype == torch.int32
+    out = torch.zeros_like(q)
+    bounds = cu_seqlens_q.tolist()
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        assert hi - lo <= max_seqlen_q
+        if hi > lo:
+            seg = [t[lo:hi].transpose(0, 1)[None] for t in (q, k, v)]
+            y = torch.nn.functional.scaled_dot_product_attention(*seg, is_causal=True, enable_gqa=True)
+            out[lo:hi] = y[0].transpose(0, 1)
+    return out
+
+
+def test_fa3_cu_seqlens_cut_rows_at_bos_and_row_starts(monkeypatch):
+    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "fa3")
+    ids = torch.tensor([[1, 5, 6, 1, 7, 7, 7, 7], [3, 4, 1, 4, 4, 1, 1, 2]])
+    cu = tg.document_layout(ids)
+    assert cu.dtype == torch.int32 and cu.shape == (2 + 16 // 64 + 1,)  # static: one compiled shape
+    # 6 segments, room for B + B*T/64 = 2: the first two are kept, the rest attends as one (causal)
+    assert cu.tolist() == [0, 3, 16]
+    monkeypatch.setattr(tg, "VARLEN_TOKENS_PER_SEGMENT", 1)  # room for 2 + 16 segments
+    assert tg.document_layout(ids).tolist() == [0, 3, 8, 10, 13, 14] + [16] * 13
+
+
+@torch.no_grad()
+def test_fa3_varlen_path_equals_the_sdpa_mask(monkeypatch):
+    masked, _ = twin_models()
+    packed = torch.stack((torch.cat((doc(1, 9), doc(2, 7))), torch.cat((doc(3, 3), doc(4, 13)))))
+    expected = masked(packed)
+    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "fa3")
+    monkeypatch.setattr(tg, "flash_attn_varlen_func", reference_varlen)
+    monkeypatch.setattr(tg, "VARLEN_TOKENS_PER_SEGMENT", 8)  # 2 + 32/8 = 6 >= the 4 segments
+    torch.testing.assert_close(masked(packed), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_attn_needs_the_fa3_varlen_function(monkeypatch):
+    monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")  # restored after the test
+    monkeypatch.setattr(tg, "flash_attn_func", lambda q, k, v, causal: q)
+    monkeypatch.setattr(tg, "fa3_problem", lambda device, heads: None)  # FA3 itself works
+    monkeypatch.setattr(tg, "flash_attn_varlen_func", None)
+    cuda = tg.Runtime(0, 1, 0, torch.device("cuda", 0), 1, "t")
+    problem = tg.select_attention_backend(cuda, make_hp(VARLEN_ATTN=True))
+    assert "flash_attn_varlen_func" in problem and tg.ATTENTION_BACKEND == "sdpa"
+    assert tg.select_attention_backend(cuda, make_hp()) is None and tg.ATTENTION_BACKEND == "fa3"

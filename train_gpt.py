@@ -114,7 +114,7 @@ KNOB_FAMILIES = {
     "UNET", "SKIP", "LOOP", "PARALLEL", "QUANT", "SLIDING", "ADAM", "WARMDOWN", "WARMUP", "LR",
     "VAL", "EVAL", "TRAIN", "MODEL", "VOCAB", "LOGIT", "MLP", "ATTN", "EMBED", "HEADS", "LAYERS",
     "SEED", "PRESET", "VE", "VR", "MATRIX", "SCALAR", "SOFTCAP", "WALLCLOCK", "BETA", "POLAR", "NS",
-    "NORMALIZE", "ROW", "SWA", "PRUNE", "LQER", "HEDGE", "NGRAM", "ITERATIONS", "COMPRESS", "WD",
+    "NORMALIZE", "ROW", "SWA", "PRUNE", "LQER", "HEDGE", "NGRAM", "ITERATIONS", "COMPRESS", "WD", "FUSED",
 }
 # fmt: on
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -282,6 +282,8 @@ class Hyperparameters:
         k("ENABLE_LOOPING_AT", float, 0.35, ge=0, le=1)  # schedule fraction from which the segment repeats
         k("UNET_SKIPS", bool, True)  # encoder->decoder skip connections with learned weights
         k("VARLEN_ATTN", bool, False)  # attention only within documents (a BOS starts one); FA3 varlen
+        k("FUSED_MLP_ENABLED", bool, False)  # CUDA+Triton: LeakyReLU^2 fused into the MLP matmuls (training)
+        k("FUSED_CE_ENABLED", bool, False)  # CUDA+Triton: one-pass softcapped cross-entropy (training loss)
         # fmt: on
 
     def _optimizer_knobs(self, k: _KnobReader) -> None:
@@ -1152,6 +1154,228 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     return y.view(B, T, H, D)
 
 
+def import_triton():
+    """(triton, triton.language, TensorDescriptor), or Nones: the fused kernels are CUDA extras."""
+    try:
+        import triton
+        import triton.language as tl
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except Exception:
+        return None, None, None
+    return triton, tl, TensorDescriptor
+
+
+triton, tl, TensorDescriptor = import_triton()
+
+if triton is not None:
+    # FUSED_MLP_ENABLED (R0410 from PR #1354, after modded-nanogpt): a persistent TMA matmul whose
+    # epilogue applies the activation. Forward: c = a @ b^T and aux = leaky(c)^2. Backward
+    # (FORWARD=False): c = (a @ b^T) * d/dpre leaky(pre)^2 with pre read from aux.
+    @triton.jit
+    def _leaky_relu_sq_epilogue(c_desc, aux_desc, m, n, acc, SLOPE: tl.constexpr, FORWARD: tl.constexpr):
+        c = acc.to(c_desc.dtype)  # bf16 in training; fp32 where the interpreter tests it
+        if FORWARD:
+            c_desc.store([m, n], c)
+            act = tl.where(c > 0, c, SLOPE * c)
+            aux_desc.store([m, n], (act * act).to(aux_desc.dtype))
+        else:
+            pre = aux_desc.load([m, n])
+            c_desc.store(
+                [m, n], (c * tl.where(pre > 0, 2.0 * pre, 2.0 * SLOPE * SLOPE * pre)).to(c_desc.dtype)
+            )
+
+    @triton.jit
+    def _leaky_relu_sq_mm_kernel(
+        a_desc, b_desc, c_desc, aux_desc, M, N, K,
+        SLOPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        NUM_SMS: tl.constexpr, FORWARD: tl.constexpr,
+    ):  # fmt: skip
+        tiles_n = tl.cdiv(N, BN)
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tiles_n, NUM_SMS, flatten=True):
+            m, n = (tile // tiles_n) * BM, (tile % tiles_n) * BN
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, K, BK):
+                acc = tl.dot(a_desc.load([m, k]), b_desc.load([n, k]).T, acc)
+            # stored as two half-width tiles, as the record does (the epilogue's shared memory)
+            lo, hi = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+            _leaky_relu_sq_epilogue(c_desc, aux_desc, m, n, lo, SLOPE, FORWARD)
+            _leaky_relu_sq_epilogue(c_desc, aux_desc, m, n + BN // 2, hi, SLOPE, FORWARD)
+
+    # FUSED_CE_ENABLED (R0423/R0427, PR #1787): softcapped cross-entropy in one pass over each
+    # row of raw logits; 2c*sigmoid(2x/c) = c*tanh(x/c) + c, a shift the loss does not see.
+    @triton.jit
+    def _softcapped_ce_fwd_kernel(raw, targets, losses, lse_out, V, softcap, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        top, total = -float("inf"), 0.0
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(raw + row * V + cols, mask=cols < V, other=0.0).to(tl.float32)
+            z = tl.where(cols < V, 2 * softcap * tl.sigmoid(2 * x / softcap), -float("inf"))
+            new_top = tl.maximum(top, tl.max(z, 0))
+            total = total * tl.exp(top - new_top) + tl.sum(tl.exp(z - new_top), 0)
+            top = new_top
+        lse = top + tl.log(total)
+        x_target = tl.load(raw + row * V + tl.load(targets + row)).to(tl.float32)
+        tl.store(lse_out + row, lse)
+        tl.store(losses + row, lse - 2 * softcap * tl.sigmoid(2 * x_target / softcap))
+
+    @triton.jit
+    def _softcapped_ce_bwd_kernel(
+        raw, targets, lse_in, grad_losses, grad_raw, V, softcap, BLOCK: tl.constexpr
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        lse, g, target = tl.load(lse_in + row), tl.load(grad_losses + row), tl.load(targets + row)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(raw + row * V + cols, mask=cols < V, other=0.0).to(tl.float32)
+            s = tl.sigmoid(2 * x / softcap)
+            dz = g * (tl.exp(2 * softcap * s - lse) - tl.where(cols == target, 1.0, 0.0))
+            tl.store(grad_raw + row * V + cols, dz * 4 * s * (1 - s), mask=cols < V)
+
+
+def leaky_relu_sq_mm(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None):
+    """The kernel: forward (pre None) (a @ b^T, leaky(a @ b^T)^2); backward (a @ b^T) * d/dpre
+    leaky(pre)^2. 2-D contiguous, 16-byte-aligned rows; bf16 on Hopper (TMA), or the interpreter."""
+    (M, K), N = a.shape, b.shape[0]
+    BM, BN, BK = 256, 128, 64
+    c = a.new_empty(M, N)
+    aux = torch.empty_like(c) if pre is None else pre
+    shapes = ((a, [BM, BK]), (b, [BN, BK]), (c, [BM, BN // 2]), (aux, [BM, BN // 2]))
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 2
+    grid = (min(sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
+    forward = pre is None
+    _leaky_relu_sq_mm_kernel[grid](
+        *(TensorDescriptor.from_tensor(t, block) for t, block in shapes), M, N, K,
+        SLOPE=slope, BM=BM, BN=BN, BK=BK, NUM_SMS=sms, FORWARD=forward,
+        num_stages=4 if forward else 3, num_warps=8,
+    )  # fmt: skip
+    return (c, aux) if forward else c
+
+
+def leaky_relu_sq_mm_reference(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None):
+    """leaky_relu_sq_mm in torch: its fallback where the kernel cannot run, and its CPU test."""
+    c = a @ b.T
+    if pre is None:
+        return c, F.leaky_relu(c, slope).square()
+    return c * torch.where(pre > 0, 2 * pre, 2 * slope * slope * pre)
+
+
+def tma_ready(t: Tensor) -> bool:
+    """Triton's TMA descriptors (the fused MLP kernel) need a Hopper or newer GPU."""
+    return triton is not None and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+# Custom ops: torch.compile keeps them opaque (the kernels are never traced) and knows their shapes.
+@torch.library.custom_op("pgolf::leaky_relu_sq_linear", mutates_args=())
+def leaky_relu_sq_linear(x: Tensor, w: Tensor, slope: float) -> tuple[Tensor, Tensor]:
+    return (leaky_relu_sq_mm if tma_ready(x) else leaky_relu_sq_mm_reference)(x, w, slope)
+
+
+@leaky_relu_sq_linear.register_fake
+def _(x: Tensor, w: Tensor, slope: float) -> tuple[Tensor, Tensor]:
+    pre = x.new_empty(x.size(0), w.size(0))
+    return pre, torch.empty_like(pre)
+
+
+@torch.library.custom_op("pgolf::leaky_relu_sq_linear_grad", mutates_args=())
+def leaky_relu_sq_linear_grad(g: Tensor, w2: Tensor, pre: Tensor, slope: float) -> Tensor:
+    mm = leaky_relu_sq_mm if tma_ready(g) else leaky_relu_sq_mm_reference
+    return mm(g, w2.T.contiguous(), slope, pre)
+
+
+@leaky_relu_sq_linear_grad.register_fake
+def _(g: Tensor, w2: Tensor, pre: Tensor, slope: float) -> Tensor:
+    return torch.empty_like(pre)
+
+
+class FusedLeakyReLUSqMLP(torch.autograd.Function):
+    """w2 @ leaky(w1 @ x)^2 in bf16, the activation fused into both matmuls (FUSED_MLP_ENABLED)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, slope: float) -> Tensor:
+        x2 = x.reshape(-1, x.size(-1)).contiguous()
+        pre, post = torch.ops.pgolf.leaky_relu_sq_linear(x2, w1, slope)
+        ctx.save_for_backward(x2, w1, w2, pre, post)
+        ctx.slope = slope
+        return F.linear(post, w2).view(*x.shape[:-1], w2.size(0))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x2, w1, w2, pre, post = ctx.saved_tensors
+        g = grad.reshape(-1, grad.size(-1)).contiguous()
+        dpre = torch.ops.pgolf.leaky_relu_sq_linear_grad(g, w2, pre, ctx.slope)
+        return (dpre @ w1).view(*grad.shape[:-1], w1.size(1)), dpre.T @ x2, g.T @ post, None
+
+
+def softcapped_ce_launch(raw: Tensor, targets: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
+    """The forward kernel: per-row loss and log-sum-exp; raw (N, V) contiguous."""
+    losses, lse = (raw.new_empty(raw.size(0), dtype=torch.float32) for _ in range(2))
+    _softcapped_ce_fwd_kernel[(raw.size(0),)](raw, targets, losses, lse, raw.size(1), softcap, BLOCK=1024)
+    return losses, lse
+
+
+def softcapped_ce_grad_launch(
+    raw: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, softcap: float
+) -> Tensor:
+    grad_raw = torch.empty_like(raw)
+    _softcapped_ce_bwd_kernel[(raw.size(0),)](
+        raw, targets, lse, grad, grad_raw, raw.size(1), softcap, BLOCK=1024
+    )
+    return grad_raw
+
+
+def softcapped_ce_reference(raw: Tensor, targets: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
+    """The kernels' math in torch (their fallback and CPU test): z = 2c*sigmoid(2x/c)."""
+    z = 2 * softcap * torch.sigmoid(2 * raw.float() / softcap)
+    lse = torch.logsumexp(z, -1)
+    return lse - z.gather(-1, targets[:, None]).squeeze(-1), lse
+
+
+def softcapped_ce_grad_reference(
+    raw: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, softcap: float
+) -> Tensor:
+    s = torch.sigmoid(2 * raw.float() / softcap)
+    dz = grad[:, None] * (torch.exp(2 * softcap * s - lse[:, None]) - F.one_hot(targets, raw.size(-1)))
+    return (dz * 4 * s * (1 - s)).to(raw.dtype)
+
+
+@torch.library.custom_op("pgolf::softcapped_ce", mutates_args=())
+def softcapped_ce(raw: Tensor, targets: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
+    """Per-row loss and log-sum-exp of c*tanh(raw/c) against targets, in one pass over raw."""
+    kernel = triton is not None and raw.is_cuda
+    return (softcapped_ce_launch if kernel else softcapped_ce_reference)(raw.contiguous(), targets, softcap)
+
+
+@softcapped_ce.register_fake
+def _(raw: Tensor, targets: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
+    return raw.new_empty(raw.size(0), dtype=torch.float32), raw.new_empty(raw.size(0), dtype=torch.float32)
+
+
+@torch.library.custom_op("pgolf::softcapped_ce_grad", mutates_args=())
+def softcapped_ce_grad(raw: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, softcap: float) -> Tensor:
+    kernel = triton is not None and raw.is_cuda
+    grad_fn = softcapped_ce_grad_launch if kernel else softcapped_ce_grad_reference
+    return grad_fn(raw.contiguous(), targets, lse, grad.float().contiguous(), softcap)
+
+
+@softcapped_ce_grad.register_fake
+def _(raw: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, softcap: float) -> Tensor:
+    return torch.empty_like(raw)
+
+
+def _softcapped_ce_setup(ctx, inputs, output) -> None:
+    raw, targets, ctx.softcap = inputs
+    ctx.save_for_backward(raw, targets, output[1])
+
+
+def _softcapped_ce_backward(ctx, grad_losses: Tensor, _grad_lse: Tensor):
+    raw, targets, lse = ctx.saved_tensors
+    return torch.ops.pgolf.softcapped_ce_grad(raw, targets, lse, grad_losses, ctx.softcap), None, None
+
+
+softcapped_ce.register_autograd(_softcapped_ce_backward, setup_context=_softcapped_ce_setup)
+
+
 class MLP(nn.Module):
     """LeakyReLU(0.5)^2 (PR #493): W_down(leaky_relu(W_up x)^2)."""
 
@@ -1164,9 +1388,18 @@ class MLP(nn.Module):
         )
         self.proj.zero_init = True
         self.slope = hp.leaky_relu_slope
+        self.fused = hp.fused_mlp_enabled
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused and self.training and x.is_cuda and triton is not None and self.plain():
+            w1, w2 = self.fc.weight.bfloat16(), self.proj.weight.bfloat16()
+            return FusedLeakyReLUSqMLP.apply(x.bfloat16(), w1, w2, self.slope)
         return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+
+    def plain(self) -> bool:
+        """No fake quantisation or adapter on either layer: what the fused kernel computes."""
+        layers = (self.fc, self.proj)
+        return not any(layer.qat_bits or layer.lora is not None for layer in layers)
 
 
 class Block(nn.Module):
@@ -1250,6 +1483,7 @@ class GPT(nn.Module):
         super().__init__()
         self.softcap, self.tied = hp.logit_softcap, hp.tie_embeddings
         self.varlen_attn = hp.varlen_attn  # attention stays inside documents (document_layout)
+        self.fused_ce_enabled = hp.fused_ce_enabled
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         self.bigram = (
             BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim) if hp.bigram_buckets else None
@@ -1313,13 +1547,20 @@ class GPT(nn.Module):
 
     def head(self, h: Tensor) -> Tensor:
         """Softcapped fp32 logits of final hidden states; scoring applies it to scored positions only."""
+        return self.softcap * torch.tanh(self.raw_logits(h).float() / self.softcap)
+
+    def raw_logits(self, h: Tensor) -> Tensor:
         raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.tied else self.lm_head(h)
         if self.head_lora is not None:  # per-document LoRA TTT adapter of the output head
             raw = raw + self.head_lora(h)
-        return self.softcap * torch.tanh(raw.float() / self.softcap)
+        return raw
 
     def forward(self, ids: Tensor, targets: Tensor | None = None, reduction: str = "mean") -> Tensor:
         """Logits (B,T,V) without targets; else the mean loss, or per-token NLL (B,T) with 'none'."""
+        if targets is not None and reduction == "mean" and self.fused_ce_enabled and self.training:
+            if ids.is_cuda and triton is not None:  # training loss without fp32 logits (FUSED_CE_ENABLED)
+                raw = self.raw_logits(self.hidden(ids)).flatten(0, 1).contiguous()
+                return torch.ops.pgolf.softcapped_ce(raw, targets.flatten(), self.softcap)[0].mean()
         logits = self.logits(ids)
         if targets is None:
             return logits

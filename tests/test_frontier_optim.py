@@ -3,6 +3,10 @@ Polar Express Newton-Schulz, momentum warmup in steps, Muon weight-decay taper."
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import make_hp
@@ -299,3 +303,116 @@ def test_varlen_attn_needs_the_fa3_varlen_function(monkeypatch):
     problem = tg.select_attention_backend(cuda, make_hp(VARLEN_ATTN=True))
     assert "flash_attn_varlen_func" in problem and tg.ATTENTION_BACKEND == "sdpa"
     assert tg.select_attention_backend(cuda, make_hp()) is None and tg.ATTENTION_BACKEND == "fa3"
+
+
+# ----------------------------------------------------------------------------- fused kernels
+# The kernels run on CUDA only; on CPU the custom ops run their torch references (the same math),
+# so these tests check the fused paths' formulas, forward and backward, against the eager ones.
+# The kernels themselves are checked against the references under Triton's interpreter when
+# Triton is installed (test_kernels_match_their_references_under_the_triton_interpreter).
+
+
+def eager_softcapped_ce(raw: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(
+        softcap * torch.tanh(raw.float() / softcap), targets, reduction="none"
+    )
+
+
+@pytest.mark.parametrize("softcap", [30.0, 5.0])
+def test_fused_ce_matches_the_eager_loss_and_gradient(softcap):
+    gen = torch.Generator().manual_seed(5)
+    raw = (torch.randn(40, 1100, generator=gen) * 20).requires_grad_(True)  # V not a multiple of the block
+    targets = torch.randint(0, 1100, (40,), generator=gen)
+    weights = torch.rand(40, generator=gen)
+    expected = eager_softcapped_ce(raw, targets, softcap)
+    (expected * weights).sum().backward()
+    expected_grad, raw.grad = raw.grad, None
+    losses, lse = torch.ops.pgolf.softcapped_ce(raw, targets, softcap)
+    torch.testing.assert_close(losses, expected, atol=1e-5, rtol=1e-5)
+    (losses * weights).sum().backward()
+    torch.testing.assert_close(raw.grad, expected_grad, atol=1e-6, rtol=1e-5)
+    # lse is of the shifted logits 2c*sigmoid(2x/c) = c*tanh(x/c) + c
+    shifted = softcap * torch.tanh(raw.detach() / softcap) + softcap
+    torch.testing.assert_close(lse, torch.logsumexp(shifted, -1), atol=1e-5, rtol=1e-5)
+
+
+def eager_mlp(x, w1, w2, slope):
+    return torch.nn.functional.leaky_relu(x @ w1.T, slope).square() @ w2.T
+
+
+@pytest.mark.parametrize("slope", [0.5, 0.3])
+def test_fused_mlp_matches_the_eager_mlp_and_its_gradients(slope):
+    gen = torch.Generator().manual_seed(6)
+    x, w1, w2 = (
+        torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((2, 7, 16), (48, 16), (16, 48))
+    )
+    grad = torch.randn(2, 7, 16, generator=gen, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w1, w2)]
+    eager_mlp(*leaves, slope).backward(grad)
+    expected = [t.grad for t in leaves]
+    fused = [t.clone().requires_grad_(True) for t in (x, w1, w2)]
+    out = tg.FusedLeakyReLUSqMLP.apply(*fused, slope)
+    torch.testing.assert_close(out, eager_mlp(x, w1, w2, slope))
+    out.backward(grad)
+    for got, want, name in zip([t.grad for t in fused], expected, ("x", "w1", "w2"), strict=True):
+        torch.testing.assert_close(got, want, msg=name)
+
+
+@torch.no_grad()
+def test_fused_knobs_leave_cpu_runs_and_evaluation_unchanged():
+    ids = torch.cat((doc(1, 9), doc(2, 7)))[None]
+    targets = torch.roll(ids, -1, 1)
+    plain = tiny_model().train()
+    fused = tiny_model(FUSED_MLP_ENABLED=True, FUSED_CE_ENABLED=True).train()
+    assert fused.fused_ce_enabled and all(block.mlp.fused for block in fused.blocks)
+    assert torch.equal(fused(ids, targets), plain(ids, targets))  # CPU: the eager formulas, bit for bit
+
+
+def test_fused_mlp_is_used_only_on_plain_layers():
+    mlp = tiny_model(FUSED_MLP_ENABLED=True).blocks[0].mlp
+    assert mlp.plain()
+    mlp.fc.qat_bits = 6  # late QAT fake-quantises the weights: the kernel does not
+    assert not mlp.plain()
+
+
+KERNEL_CHECK = """
+import torch, train_gpt as tg
+torch.manual_seed(0)
+slope = 0.3  # not 0.5, where the derivative 2*slope^2*x would equal slope*x
+a, b = torch.randn(300, 96), torch.randn(200, 96) * 0.1  # fp32: the interpreter mishandles bf16 TMA
+pre, post = tg.leaky_relu_sq_mm(a, b, slope)
+ref_pre, ref_post = tg.leaky_relu_sq_mm_reference(a, b, slope)
+torch.testing.assert_close(pre, ref_pre, atol=1e-4, rtol=1e-4)
+torch.testing.assert_close(post, ref_post, atol=1e-4, rtol=1e-4)
+g, w2t = torch.randn(300, 64), torch.randn(200, 64)
+want = tg.leaky_relu_sq_mm_reference(g, w2t, slope, pre)
+torch.testing.assert_close(tg.leaky_relu_sq_mm(g, w2t, slope, pre), want, atol=1e-4, rtol=1e-4)
+raw, t = torch.randn(37, 1500) * 20, torch.randint(0, 1500, (37,))
+for dtype in (torch.float32, torch.bfloat16):
+    losses, lse = tg.softcapped_ce_launch(raw.to(dtype), t, 30.0)
+    ref_losses, ref_lse = tg.softcapped_ce_reference(raw.to(dtype), t, 30.0)
+    torch.testing.assert_close(losses, ref_losses, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
+    grad = torch.rand(37)
+    got = tg.softcapped_ce_grad_launch(raw.to(dtype), t, lse, grad, 30.0)
+    want = tg.softcapped_ce_grad_reference(raw.to(dtype), t, ref_lse, grad, 30.0)
+    atol = 1e-5 if dtype == torch.float32 else 4e-3  # bf16 gradients: one rounding apart
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=1e-2)
+print("kernels ok")
+"""
+
+
+def test_kernels_match_their_references_under_the_triton_interpreter(tmp_path):
+    pytest.importorskip("triton.tools.tensor_descriptor")
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=str(tg.Path(tg.__file__).parent)
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", KERNEL_CHECK],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0 and "kernels ok" in run.stdout, run.stderr[-3000:]

@@ -11,6 +11,10 @@ Every knob is an environment variable read by `Hyperparameters` below; unknown o
 #   R0323 = records/track_10min_16mb/2026-03-23_LeakyReLU_LegalTTT_ParallelMuon (PR #549)
 #   R0325 = records/track_10min_16mb/2026-03-25_ValCalib_GPTQ_XSA_BigramHash3072 (PR #1019)
 #   R0409 = records/track_10min_16mb/2026-04-09_SP8192_3LayerRecur_ParResid_QK525_LegalTTT (PR #1493)
+#   R0410 = records/track_10min_16mb/2026-04-10_VarLenAttn (PR #1530)
+#   R0418 = records/track_10min_16mb/2026-04-18_PR1626_CaseOps_Taper
+#   R0423 = records/track_10min_16mb/2026-04-23_SP8192_CaseOps_SparseGate_QuantGate_Loop45_PhasedTTT_
+#           PolarNS_MinLR_FusedCE (PR #1787)
 #   R0427 = records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611
 #           (PR #1855)
 #   P2, P638, P687, P1125, P1485 = pull requests #2, #638, #687, #1125, #1485; BASE = the naive baseline.
@@ -1018,7 +1022,7 @@ def fa3_varlen_problem(device: torch.device, h: int, hk: int, d: int) -> str | N
     return None
 
 
-# Document-masked attention (VARLEN_ATTN; R0410 from PR #1354, kept by R0427): a BOS token, or a
+# Document-masked attention (VARLEN_ATTN; R0410, PR #1530, kept by R0427): a BOS token, or a
 # row's first token, starts a segment; a token attends only inside its own segment. On FA3 the
 # segments are cu_seqlens of the flattened batch, padded to a static length (one compiled shape)
 # of B + B*T/VARLEN_TOKENS_PER_SEGMENT entries; a batch with more segments than that keeps the
@@ -1168,7 +1172,7 @@ def import_triton():
 triton, tl, TensorDescriptor = import_triton()
 
 if triton is not None:
-    # FUSED_MLP_ENABLED (R0410 from PR #1354, after modded-nanogpt): a persistent TMA matmul whose
+    # FUSED_MLP_ENABLED (R0410, PR #1530, after modded-nanogpt): a persistent TMA matmul whose
     # epilogue applies the activation. Forward: c = a @ b^T and aux = leaky(c)^2. Backward
     # (FORWARD=False): c = (a @ b^T) * d/dpre leaky(pre)^2 with pre read from aux.
     @triton.jit
@@ -1760,7 +1764,7 @@ def muon_momentum(frac: float, hp: Hyperparameters, step: int = 0) -> float:
 
 
 def wd_multiplier(frac: float, hp: Hyperparameters) -> float:
-    """Muon weight-decay taper (PR #1729, R0418): 1 until WD_TAPER_START_FRAC, then linear to
+    """Muon weight-decay taper (R0418): 1 until WD_TAPER_START_FRAC, then linear to
     WD_TAPER_FINAL_MULT at the end. High WD keeps weights compressible early; late, less WD lets
     the settled weights optimise. WD_TAPER_START_FRAC=1 (default) is no taper."""
     start = hp.wd_taper_start_frac

@@ -416,3 +416,47 @@ def test_kernels_match_their_references_under_the_triton_interpreter(tmp_path):
         timeout=300,
     )
     assert run.returncode == 0 and "kernels ok" in run.stdout, run.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- under torch.compile
+# The model is compiled with fullgraph=True on GPU: the new pieces must trace without graph breaks.
+# aot_eager runs dynamo and autograd tracing (where breaks and missing fake kernels show) cheaply.
+
+
+def compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend="aot_eager")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "fa3"])
+def test_document_layout_traces_in_one_graph(backend, monkeypatch):
+    monkeypatch.setattr(tg, "ATTENTION_BACKEND", backend)
+    ids = torch.tensor([[1, 5, 6, 1, 7, 7, 7, 7], [3, 4, 1, 4, 4, 1, 1, 2]])
+    assert torch.equal(compiled(tg.document_layout)(ids), tg.document_layout(ids))
+
+
+def test_fused_ops_trace_in_one_graph_forward_and_backward():
+    gen = torch.Generator().manual_seed(7)
+    x, w1, w2 = (torch.randn(*s, generator=gen) for s in ((3, 5, 16), (32, 16), (16, 32)))
+    raw, targets = torch.randn(15, 50, generator=gen), torch.randint(0, 50, (15,), generator=gen)
+
+    def loss(x, w1, w2, raw):
+        out = tg.FusedLeakyReLUSqMLP.apply(x, w1, w2, 0.5)
+        return out.square().mean() + torch.ops.pgolf.softcapped_ce(raw, targets, 30.0)[0].mean()
+
+    leaves = [t.clone().requires_grad_(True) for t in (x, w1, w2, raw)]
+    loss(*leaves).backward()
+    expected = [t.grad for t in leaves]
+    leaves = [t.clone().requires_grad_(True) for t in (x, w1, w2, raw)]
+    compiled(loss)(*leaves).backward()
+    for got, want in zip([t.grad for t in leaves], expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_failing_fa3_varlen_build_falls_back_to_sdpa_with_the_reason(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("varlen kernel not built for this GPU")
+
+    monkeypatch.setattr(tg, "flash_attn_varlen_func", broken)
+    problem = tg.fa3_varlen_problem(torch.device("cpu"), 4, 2, 8)
+    assert "varlen failed a compiled forward+backward" in problem and "not built" in problem

@@ -1264,15 +1264,19 @@ def leaky_relu_sq_mm_reference(a: Tensor, b: Tensor, slope: float, pre: Tensor |
     return c * torch.where(pre > 0, 2 * pre, 2 * slope * slope * pre)
 
 
-def tma_ready(t: Tensor) -> bool:
-    """Triton's TMA descriptors (the fused MLP kernel) need a Hopper or newer GPU."""
-    return triton is not None and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+def tma_ready(*tensors: Tensor) -> bool:
+    """Triton's TMA descriptors (the fused MLP kernel) need a Hopper or newer GPU and rows of a
+    multiple of 16 bytes."""
+    t = tensors[0]
+    if triton is None or not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False
+    return all(u.size(-1) * u.element_size() % 16 == 0 for u in tensors)
 
 
 # Custom ops: torch.compile keeps them opaque (the kernels are never traced) and knows their shapes.
 @torch.library.custom_op("pgolf::leaky_relu_sq_linear", mutates_args=())
 def leaky_relu_sq_linear(x: Tensor, w: Tensor, slope: float) -> tuple[Tensor, Tensor]:
-    return (leaky_relu_sq_mm if tma_ready(x) else leaky_relu_sq_mm_reference)(x, w, slope)
+    return (leaky_relu_sq_mm if tma_ready(x, w) else leaky_relu_sq_mm_reference)(x, w, slope)
 
 
 @leaky_relu_sq_linear.register_fake
@@ -1283,8 +1287,8 @@ def _(x: Tensor, w: Tensor, slope: float) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("pgolf::leaky_relu_sq_linear_grad", mutates_args=())
 def leaky_relu_sq_linear_grad(g: Tensor, w2: Tensor, pre: Tensor, slope: float) -> Tensor:
-    mm = leaky_relu_sq_mm if tma_ready(g) else leaky_relu_sq_mm_reference
-    return mm(g, w2.T.contiguous(), slope, pre)
+    w2t = w2.T.contiguous()
+    return (leaky_relu_sq_mm if tma_ready(g, w2t) else leaky_relu_sq_mm_reference)(g, w2t, slope, pre)
 
 
 @leaky_relu_sq_linear_grad.register_fake
@@ -1347,7 +1351,8 @@ def softcapped_ce_grad_reference(
 def softcapped_ce(raw: Tensor, targets: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
     """Per-row loss and log-sum-exp of c*tanh(raw/c) against targets, in one pass over raw."""
     kernel = triton is not None and raw.is_cuda
-    return (softcapped_ce_launch if kernel else softcapped_ce_reference)(raw.contiguous(), targets, softcap)
+    ce = softcapped_ce_launch if kernel else softcapped_ce_reference
+    return ce(raw.contiguous(), targets.contiguous(), softcap)
 
 
 @softcapped_ce.register_fake
@@ -1359,7 +1364,7 @@ def _(raw: Tensor, targets: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
 def softcapped_ce_grad(raw: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, softcap: float) -> Tensor:
     kernel = triton is not None and raw.is_cuda
     grad_fn = softcapped_ce_grad_launch if kernel else softcapped_ce_grad_reference
-    return grad_fn(raw.contiguous(), targets, lse, grad.float().contiguous(), softcap)
+    return grad_fn(raw.contiguous(), targets.contiguous(), lse, grad.float().contiguous(), softcap)
 
 
 @softcapped_ce_grad.register_fake

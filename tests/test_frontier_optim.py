@@ -460,3 +460,11 @@ def test_a_failing_fa3_varlen_build_falls_back_to_sdpa_with_the_reason(monkeypat
     monkeypatch.setattr(tg, "flash_attn_varlen_func", broken)
     problem = tg.fa3_varlen_problem(torch.device("cpu"), 4, 2, 8)
     assert "varlen failed a compiled forward+backward" in problem and "not built" in problem
+
+
+def test_the_document_masked_model_compiles_in_one_graph():
+    model = tiny_model(VARLEN_ATTN=True).train()
+    packed = torch.cat((doc(1, 9), doc(2, 7)))[None].repeat(2, 1)
+    targets = torch.roll(packed, -1, 1)
+    expected = model(packed, targets)
+    torch.testing.assert_close(compiled(model)(packed, targets), expected)

@@ -286,8 +286,6 @@ class Hyperparameters:
         k("ENABLE_LOOPING_AT", float, 0.35, ge=0, le=1)  # schedule fraction from which the segment repeats
         k("UNET_SKIPS", bool, True)  # encoder->decoder skip connections with learned weights
         k("VARLEN_ATTN", bool, False)  # attention only within documents (a BOS starts one); FA3 varlen
-        k("FUSED_MLP_ENABLED", bool, False)  # CUDA+Triton: LeakyReLU^2 fused into the MLP matmuls (training)
-        k("FUSED_CE_ENABLED", bool, False)  # CUDA+Triton: one-pass softcapped cross-entropy (training loss)
         # fmt: on
 
     def _optimizer_knobs(self, k: _KnobReader) -> None:
@@ -330,6 +328,8 @@ class Hyperparameters:
         k("MICROBATCH_TOKENS", int, 98304, gt=0)  # tokens per rank per forward; accumulation does the rest
         k("COMPILE", bool, True)  # torch.compile the model on GPU
         k("CLOCK_SYNC_EVERY", int, 10, gt=0)  # agree the clock over ranks every N steps (each, near the end)
+        k("FUSED_MLP_ENABLED", bool, False)  # CUDA+Triton: LeakyReLU^2 fused into the MLP matmuls (training)
+        k("FUSED_CE_ENABLED", bool, False)  # CUDA+Triton: one-pass softcapped cross-entropy (training loss)
         # fmt: on
 
     def _evaluation_knobs(self, k: _KnobReader) -> None:

@@ -468,3 +468,11 @@ def test_the_document_masked_model_compiles_in_one_graph():
     targets = torch.roll(packed, -1, 1)
     expected = model(packed, targets)
     torch.testing.assert_close(compiled(model)(packed, targets), expected)
+
+
+def test_varlen_attn_travels_with_the_artifact_and_the_kernel_switches_do_not():
+    # VARLEN_ATTN changes what the model computes, so an EVAL_ONLY rebuild must use the artifact's
+    # value; the fused kernels compute the same function and may differ between training and scoring.
+    names = make_hp().model_knob_names
+    assert "VARLEN_ATTN" in names
+    assert "FUSED_MLP_ENABLED" not in names and "FUSED_CE_ENABLED" not in names

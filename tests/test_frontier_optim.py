@@ -476,3 +476,32 @@ def test_varlen_attn_travels_with_the_artifact_and_the_kernel_switches_do_not():
     names = make_hp().model_knob_names
     assert "VARLEN_ATTN" in names
     assert "FUSED_MLP_ENABLED" not in names and "FUSED_CE_ENABLED" not in names
+
+
+# ------------------------------------------------- document masking on the R0427 model stack
+
+R0427_STACK = dict(  # two lanes from block 3, looping, gated skips, sparse gate, value embeddings
+    NUM_LAYERS=5,
+    NUM_LOOPS=1,
+    LOOP_START=1,
+    LOOP_END=2,
+    PARALLEL_START_LAYER=3,
+    SKIP_GATES_ENABLED=True,
+    SPARSE_ATTN_GATE_ENABLED=True,
+    GATED_ATTN=False,
+    VE_ENABLED=True,
+    VE_LAYERS="1,4",
+    VE_DIM=8,
+    ASYM_LOGIT_RESCALE=True,
+)
+
+
+@torch.no_grad()
+def test_documents_stay_separate_in_one_and_two_lane_blocks_of_the_record_stack():
+    masked, plain = tiny_model(VARLEN_ATTN=True, **R0427_STACK), tiny_model(**R0427_STACK)
+    masked.looping = plain.looping = True
+    a, b = doc(1, 9), doc(2, 12)
+    got = masked(torch.cat((a, b))[None])
+    torch.testing.assert_close(got[0, :9], plain(a[None])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0, 9:], plain(b[None])[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain(torch.cat((a, b))[None])[0, 9:], plain(b[None])[0], atol=1e-3)

@@ -11,6 +11,10 @@ Every knob is an environment variable read by `Hyperparameters` below; unknown o
 #   R0323 = records/track_10min_16mb/2026-03-23_LeakyReLU_LegalTTT_ParallelMuon (PR #549)
 #   R0325 = records/track_10min_16mb/2026-03-25_ValCalib_GPTQ_XSA_BigramHash3072 (PR #1019)
 #   R0409 = records/track_10min_16mb/2026-04-09_SP8192_3LayerRecur_ParResid_QK525_LegalTTT (PR #1493)
+#   R0410 = records/track_10min_16mb/2026-04-10_VarLenAttn (PR #1530)
+#   R0418 = records/track_10min_16mb/2026-04-18_PR1626_CaseOps_Taper
+#   R0423 = records/track_10min_16mb/2026-04-23_SP8192_CaseOps_SparseGate_QuantGate_Loop45_PhasedTTT_
+#           PolarNS_MinLR_FusedCE (PR #1787)
 #   R0427 = records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611
 #           (PR #1855)
 #   P2, P638, P687, P1125, P1485 = pull requests #2, #638, #687, #1125, #1485; BASE = the naive baseline.
@@ -89,6 +93,229 @@ PRESETS: dict[str, dict[str, str]] = {
         "NGRAM_MIX": "1",
         "NGRAM_BUCKETS": "4096",
     },
+    # R0323's architecture and logged settings (README run command + code defaults): model_params
+    # 26,928,220. Its Rotary was built for 1024 tokens and NTK-rescales at 2048: base
+    # 10000 * 2**(16/14), written out here. Not ours: PRESET_MISSING.
+    "record_0323": {
+        "VOCAB_SIZE": "1024",
+        "NUM_LAYERS": "11",
+        "MODEL_DIM": "512",
+        "NUM_HEADS": "8",
+        "NUM_KV_HEADS": "4",
+        "MLP_MULT": "3.0",
+        "XSA_LAST_N": "4",
+        "QK_GAIN_INIT": "1.5",
+        "ROPE_DIMS": "16",
+        "ROPE_BASE": "22081.790273476247",
+        "LN_SCALE": "1",
+        "VALUE_RESIDUAL": "0",
+        "GATED_ATTN": "0",
+        "SMEAR_GATE": "1",
+        "SMEAR_GATE_FORM": "channel",
+        "BIGRAM_BUCKETS": "1536",
+        "BIGRAM_DIM": "128",
+        "VE_ENABLED": "1",
+        "VE_DIM": "128",
+        "VE_LAYERS": "9,10",
+        "MATRIX_LR": "0.025",
+        "SCALAR_LR": "0.025",
+        "TIED_EMBED_LR": "0.035",
+        "MUON_MOMENTUM": "0.99",
+        "MUON_MOMENTUM_WARMUP_START": "0.92",
+        "MUON_MOMENTUM_WARMUP_STEPS": "1500",
+        "MUON_ROW_NORMALIZE": "0",
+        "MUON_WD": "0.04",
+        "EMBED_WD": "0.04",
+        "SCALAR_WD": "0.04",
+        "EMA_DECAY": "0.997",
+        "EMA_WINDOW_FRAC": "1.0",  # the records' decay is fixed: no window cap
+        "ITERATIONS": "9000",
+        "QAT_START_LR_SCALE": "0.15",
+        "QUANT_BITS": "6",
+        "COMPRESSOR": "lzma",
+        "TTT_MODE": "chunked",
+        "TTT_LR": "0.002",
+        "TTT_EPOCHS": "3",
+        "TTT_CHUNK_TOKENS": "32768",
+        "TTT_FREEZE_BLOCKS": "0",
+        "TTT_MOMENTUM": "0.9",
+        "TTT_BATCH_SEQS": "32",
+        "TTT_GRAD_CLIP": "1.0",
+    },
+    # R0409's logged hyperparameters (train_seed42.log): model_params 35,944,536. SP8192 data and
+    # tokenizer at data/'s usual places; one-lane parallel residual on blocks 7-10; blocks 3-5 run
+    # three times from 35 % of training; sigmoid-gated skips.
+    "record_0409": {
+        "DATA_PATH": "./data/datasets/fineweb10B_sp8192",
+        "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
+        "VOCAB_SIZE": "8192",
+        "NUM_LAYERS": "11",
+        "MODEL_DIM": "512",
+        "NUM_HEADS": "8",
+        "NUM_KV_HEADS": "4",
+        "MLP_MULT": "4.0",
+        "XSA_LAST_N": "11",
+        "QK_GAIN_INIT": "5.25",
+        "ROPE_DIMS": "16",
+        "ROPE_BASE": "10000",
+        "LN_SCALE": "1",
+        "VALUE_RESIDUAL": "0",
+        "GATED_ATTN": "0",
+        "SMEAR_GATE": "0",
+        "BIGRAM_BUCKETS": "0",
+        "PARALLEL_RESIDUAL_LAST_N": "4",
+        "NUM_LOOPS": "2",
+        "LOOP_START": "3",
+        "LOOP_END": "5",
+        "ENABLE_LOOPING_AT": "0.35",
+        "SKIP_GATES_ENABLED": "1",
+        "MATRIX_LR": "0.022",
+        "SCALAR_LR": "0.02",
+        "TIED_EMBED_LR": "0.03",
+        "MUON_MOMENTUM": "0.99",
+        "MUON_MOMENTUM_WARMUP_START": "0.92",
+        "MUON_MOMENTUM_WARMUP_STEPS": "1500",
+        "MUON_ROW_NORMALIZE": "1",
+        "MUON_WD": "0.095",
+        "EMBED_WD": "0.085",
+        "SCALAR_WD": "0.02",
+        "ADAM_BETA2": "0.95",
+        "EMA_DECAY": "0.9965",
+        "EMA_WINDOW_FRAC": "1.0",  # the records' decay is fixed: no window cap
+        "WARMDOWN_FRAC": "0.72",
+        "MIN_LR": "0.0",
+        "QUANT_BITS": "6",
+        "QUANT_EMBED_BITS": "8",
+        "QUANT_EMBED_GPTQ": "1",
+        "GPTQ_SDCLIP_K": "12.85",
+        "GPTQ_CALIB_TOKENS": "50331648",
+        "COMPRESSOR": "brotli",
+        "TTT_MODE": "chunked",
+        "TTT_LR": "0.005",
+        "TTT_EPOCHS": "3",
+        "TTT_MOMENTUM": "0.9",
+        "TTT_CHUNK_TOKENS": "32768",
+    },
+    # R0427's logged hyperparameters (train_seed42.log): model_params 35,945,671. As record_0409 plus
+    # two-lane parallel residual from block 8, the sparse attention gate (scale 0.5), BOS-masked
+    # SmearGate, the MIN_LR floor and the 9-knob retune; Polar Express Muon, document-masked
+    # attention and the fused MLP/CE kernels its code always runs. Not ours: PRESET_MISSING.
+    "record_0427": {
+        "DATA_PATH": "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+        "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+        "VOCAB_SIZE": "8192",
+        "NUM_LAYERS": "11",
+        "MODEL_DIM": "512",
+        "NUM_HEADS": "8",
+        "NUM_KV_HEADS": "4",
+        "MLP_MULT": "4.0",
+        "XSA_LAST_N": "11",
+        "QK_GAIN_INIT": "5.0",
+        "ROPE_DIMS": "16",
+        "ROPE_BASE": "10000",
+        "LN_SCALE": "1",
+        "VALUE_RESIDUAL": "0",
+        "GATED_ATTN": "0",
+        "SMEAR_GATE": "1",
+        "SMEAR_GATE_FORM": "input",
+        "SMEAR_GATE_INPUTS": "12",
+        "BIGRAM_BUCKETS": "0",
+        "NUM_LOOPS": "2",
+        "LOOP_START": "3",
+        "LOOP_END": "5",
+        "ENABLE_LOOPING_AT": "0.35",
+        "SKIP_GATES_ENABLED": "1",
+        "PARALLEL_START_LAYER": "8",
+        "PARALLEL_FINAL_LANE": "mean",
+        "SPARSE_ATTN_GATE_ENABLED": "1",
+        "SPARSE_ATTN_GATE_INPUTS": "12",
+        "SPARSE_ATTN_GATE_SCALE": "0.5",
+        "SPARSE_ATTN_GATE_INIT_STD": "0.0",
+        "VARLEN_ATTN": "1",
+        "MATRIX_LR": "0.026",
+        "SCALAR_LR": "0.02",
+        "TIED_EMBED_LR": "0.03",
+        "MUON_MOMENTUM": "0.97",
+        "MUON_MOMENTUM_WARMUP_START": "0.92",
+        "MUON_MOMENTUM_WARMUP_STEPS": "1500",
+        "MUON_NS_STEPS": "5",
+        "MUON_POLAR_EXPRESS": "1",
+        "MUON_ROW_NORMALIZE": "1",
+        "MUON_WD": "0.095",
+        "EMBED_WD": "0.085",
+        "SCALAR_WD": "0.02",
+        "ADAM_BETA2": "0.99",
+        "EMA_DECAY": "0.9965",
+        "EMA_WINDOW_FRAC": "1.0",  # the records' decay is fixed: no window cap
+        "WARMDOWN_FRAC": "0.85",
+        "MIN_LR": "0.1",
+        "FUSED_MLP_ENABLED": "1",
+        "FUSED_CE_ENABLED": "1",
+        "QUANT_BITS": "6",
+        "QUANT_EMBED_BITS": "7",
+        "QUANT_EMBED_GPTQ": "1",
+        "GPTQ_CALIB_TOKENS": "12582912",
+        "TTT_MODE": "lora",
+        "TTT_LORA_RANK": "80",
+        "TTT_LORA_LR": "0.0001",
+        "TTT_LORA_CHUNK": "48",
+    },
+    # PR #638's stack: 11 layers, XSA on all, LeakyReLU(0.5)^2, value residual, gated attention.
+    "seed_638": {
+        "NUM_LAYERS": "11",
+        "XSA_LAST_N": "11",
+        "LEAKY_RELU_SLOPE": "0.5",
+        "VALUE_RESIDUAL": "1",
+        "GATED_ATTN": "1",
+    },
+    # PR #1125's stack: XSA on all layers, QK gain 4, LN scale.
+    "seed_1125": {
+        "XSA_LAST_N": "11",
+        "QK_GAIN_INIT": "4.0",
+        "LN_SCALE": "1",
+    },
+    # PR #1485's legal stack: SP8192, 3-layer recurrence and one-lane parallel residuals (blocks and
+    # schedule as R0409 runs them: 3-5 looped twice from 35 %, parallel from block 7), QK gain 5,
+    # score-first chunked TTT.
+    "seed_1485_legal": {
+        "DATA_PATH": "./data/datasets/fineweb10B_sp8192",
+        "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
+        "VOCAB_SIZE": "8192",
+        "NUM_LOOPS": "2",
+        "LOOP_START": "3",
+        "LOOP_END": "5",
+        "ENABLE_LOOPING_AT": "0.35",
+        "PARALLEL_RESIDUAL_LAST_N": "4",
+        "QK_GAIN_INIT": "5.0",
+        "TTT_MODE": "chunked",
+    },
+}
+
+# What a record preset's record runs that this script does not (yet): --print-config and the run
+# header print `preset_missing:` with it, so a preset never passes for the record itself.
+PRESET_MISSING: dict[str, tuple[str, ...]] = {
+    "record_0323": (
+        "parameter_banking_parallel_muon",  # PR #399: banked matrices, batched Newton-Schulz
+        "warmdown_iters=3500",  # ours: WARMDOWN_FRAC of the wallclock budget
+        "swa_every=50",  # tight SWA over the warmdown, on top of EMA
+        "gptq_lite",  # per-row clip-percentile search without Hessians (ours: full GPTQ)
+        "bigram_zero_init_no_bos_bucket",  # R0323's table and projection both start at zero
+        "ema_fixed_decay",  # ours starts as a plain mean (n/(n+1)) until that reaches EMA_DECAY
+    ),
+    "record_0409": (
+        "embed_clip_sigmas=20.0",  # SDClip of the embeddings at 20 std (ours: GPTQ_SDCLIP_K for all)
+        "ema_fixed_decay",
+    ),
+    "record_0427": (
+        "caseops_tokenizer",  # lossless-caps CaseOps SP8192 data and its byte sidecar (PR #1729)
+        "per_class_sdclip(attn=13.0/mlp=11.5/embed=14.0)",
+        "lqer_asym(rank=4/factor_bits=4/group=64/top_k=3)",  # low-rank quantisation error repair
+        "int8_attn_gate",  # R0427 stores attn_gate_w int8 (GATED_ATTN_QUANT_GATE)
+        "pergroup_lrzip_compressor",
+        "phased_ttt(phases=3/prefix_docs=2500)",  # global SGD phases between LoRA TTT passes
+        "lora_ttt_k_mlp_o(beta1=0/beta2=0.99/wd=0.5)",
+        "ema_fixed_decay",
+    ),
 }
 
 # fmt: off
@@ -114,7 +341,7 @@ KNOB_FAMILIES = {
     "UNET", "SKIP", "LOOP", "PARALLEL", "QUANT", "SLIDING", "ADAM", "WARMDOWN", "WARMUP", "LR",
     "VAL", "EVAL", "TRAIN", "MODEL", "VOCAB", "LOGIT", "MLP", "ATTN", "EMBED", "HEADS", "LAYERS",
     "SEED", "PRESET", "VE", "VR", "MATRIX", "SCALAR", "SOFTCAP", "WALLCLOCK", "BETA", "POLAR", "NS",
-    "NORMALIZE", "ROW", "SWA", "PRUNE", "LQER", "HEDGE", "NGRAM", "ITERATIONS", "COMPRESS",
+    "NORMALIZE", "ROW", "SWA", "PRUNE", "LQER", "HEDGE", "NGRAM", "ITERATIONS", "COMPRESS", "WD", "FUSED",
 }
 # fmt: on
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -281,6 +508,19 @@ class Hyperparameters:
         k("LOOP_END", int, 5)  # last physical block of the repeated segment (inclusive)
         k("ENABLE_LOOPING_AT", float, 0.35, ge=0, le=1)  # schedule fraction from which the segment repeats
         k("UNET_SKIPS", bool, True)  # encoder->decoder skip connections with learned weights
+        k("SKIP_GATES_ENABLED", bool, False)  # U-Net skips lerp with a per-channel sigmoid gate (R0409)
+        k("PARALLEL_START_LAYER", int, 0, ge=0)  # two-lane parallel residual from this block on (0 = off)
+        k("PARALLEL_FINAL_LANE", str, "mean", choices=("mean", "attn", "mlp"))  # two-lane output read
+        k("SPARSE_ATTN_GATE_ENABLED", bool, False)  # per-head sigmoid gate fed by a few channels (R0427)
+        k("SPARSE_ATTN_GATE_INPUTS", int, 12, gt=0)  # leading channels feeding it (R0427's GATE_WINDOW)
+        k("SPARSE_ATTN_GATE_SCALE", float, 1.0)  # gate = sigmoid(scale * W x[:inputs])
+        k("SPARSE_ATTN_GATE_INIT_STD", float, 0.0, ge=0)  # init std of W (0 = zeros: gate 0.5)
+        k("SMEAR_GATE_FORM", str, "input", choices=("input", "channel"))  # channel: R0323's per-channel lerp
+        k("VE_ENABLED", bool, False)  # shared value embedding added to V on VE_LAYERS (R0323)
+        k("VE_DIM", int, 128, gt=0)  # value embedding width before projection to the KV width
+        k("VE_LAYERS", str, "9,10")  # comma list of blocks whose values get it
+        k("ASYM_LOGIT_RESCALE", bool, False)  # learned softcaps for positive/negative logits (PR #1923)
+        k("VARLEN_ATTN", bool, False)  # attention only within documents (a BOS starts one); FA3 varlen
         # fmt: on
 
     def _optimizer_knobs(self, k: _KnobReader) -> None:
@@ -303,6 +543,10 @@ class Hyperparameters:
         k("GRAD_CLIP_NORM", float, 0.3)  # global gradient-norm clip (0 = off)
         k("EMA_DECAY", float, 0.997)  # largest EMA decay of the exported weights
         k("EMA_WINDOW_FRAC", float, 0.05)  # EMA horizon as a fraction of the run's steps (0 = no EMA)
+        k("MUON_POLAR_EXPRESS", bool, False)  # Polar Express per-iteration Newton-Schulz coefficients
+        k("MUON_MOMENTUM_WARMUP_STEPS", int, 0, ge=0)  # > 0: momentum warms up over N steps, not the FRAC
+        k("WD_TAPER_START_FRAC", float, 1.0, ge=0, le=1)  # Muon WD tapers linearly from here (1 = off)
+        k("WD_TAPER_FINAL_MULT", float, 0.5, ge=0)  # Muon WD multiplier at the end of the taper
         # fmt: on
 
     def _schedule_knobs(self, k: _KnobReader) -> None:
@@ -319,6 +563,8 @@ class Hyperparameters:
         k("MICROBATCH_TOKENS", int, 98304, gt=0)  # tokens per rank per forward; accumulation does the rest
         k("COMPILE", bool, True)  # torch.compile the model on GPU
         k("CLOCK_SYNC_EVERY", int, 10, gt=0)  # agree the clock over ranks every N steps (each, near the end)
+        k("FUSED_MLP_ENABLED", bool, False)  # CUDA+Triton: LeakyReLU^2 fused into the MLP matmuls (training)
+        k("FUSED_CE_ENABLED", bool, False)  # CUDA+Triton: one-pass softcapped cross-entropy (training loss)
         # fmt: on
 
     def _evaluation_knobs(self, k: _KnobReader) -> None:
@@ -396,6 +642,10 @@ class Hyperparameters:
             ),
             (self.bigram_buckets != 1, "BIGRAM_BUCKETS must be 0 (off) or >= 2"),  # two ranges
             (
+                not self.muon_polar_express or self.muon_ns_steps <= len(POLAR_EXPRESS_COEFFS),
+                f"MUON_POLAR_EXPRESS has {len(POLAR_EXPRESS_COEFFS)} coefficient tuples: MUON_NS_STEPS <= 5",
+            ),
+            (
                 self.max_wallclock_seconds <= 0
                 or self.export_reserve_seconds == -1
                 or 0 <= self.export_reserve_seconds < self.max_wallclock_seconds,
@@ -410,6 +660,31 @@ class Hyperparameters:
                 "MICROBATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN",
             ),
             (self.smear_gate_inputs <= self.model_dim, "SMEAR_GATE_INPUTS must be at most MODEL_DIM"),
+            (self.unet_skips or not self.skip_gates_enabled, "SKIP_GATES_ENABLED needs UNET_SKIPS=1"),
+            (
+                not (self.parallel_start_layer and self.parallel_residual_last_n),
+                "PARALLEL_START_LAYER (two lanes) and PARALLEL_RESIDUAL_LAST_N (one lane) exclude each other",
+            ),
+            (
+                # R0427 starts the lanes at the first decoder block at or past the start layer and
+                # keeps them; a repeated block below it after that would read a stale stream.
+                not self.parallel_start_layer
+                or self.num_loops == 0
+                or not self.loop_start < self.parallel_start_layer <= self.loop_end,
+                "PARALLEL_START_LAYER must not fall inside LOOP_START+1..LOOP_END when NUM_LOOPS > 0",
+            ),
+            (
+                not (self.sparse_attn_gate_enabled and self.gated_attn),
+                "SPARSE_ATTN_GATE_ENABLED and GATED_ATTN exclude each other (R0427)",
+            ),
+            (
+                self.sparse_attn_gate_inputs <= self.model_dim,
+                "SPARSE_ATTN_GATE_INPUTS must be at most MODEL_DIM",
+            ),
+            (
+                all(0 <= i < self.num_layers for i in self.ve_layer_ids),
+                "VE_LAYERS must list block indices < NUM_LAYERS",
+            ),
             (self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS must be at most NUM_LAYERS"),
             (not self.eval_only or self.artifact_path, "EVAL_ONLY=1 needs ARTIFACT_PATH=<artifact file>"),
             (
@@ -434,6 +709,10 @@ class Hyperparameters:
     @property
     def int5_layers(self) -> tuple[int, ...]:
         return _parse_list("QUANT_INT5_LAYERS", self.quant_int5_layers, int)
+
+    @property
+    def ve_layer_ids(self) -> tuple[int, ...]:
+        return _parse_list("VE_LAYERS", self.ve_layers, int) if self.ve_enabled else ()
 
     @property
     def clip_fracs(self) -> tuple[float, ...]:
@@ -931,8 +1210,18 @@ def import_fa3():
     return fa3, None
 
 
+def import_fa3_varlen():
+    """FA3's variable-length entry point (VARLEN_ATTN), or None; same guard as import_fa3."""
+    try:
+        from flash_attn_interface import flash_attn_varlen_func as fa3_varlen
+    except Exception:
+        return None
+    return fa3_varlen
+
+
 # FlashAttention-3 (Hopper) when installed; imported here so torch.compile sees no import.
 flash_attn_func, FA3_IMPORT_ERROR = import_fa3()
+flash_attn_varlen_func = import_fa3_varlen()
 
 ATTENTION_BACKEND = "sdpa"  # set once per process by select_attention_backend()
 FA3_PROBE_HEADS = ((8, 4, 64),)  # (query heads, KV heads, head dim) of the default model: GQA
@@ -974,19 +1263,84 @@ def select_attention_backend(rt: Runtime, hp: Hyperparameters | None = None) -> 
     if hp is not None:
         heads = tuple(dict.fromkeys([*heads, (hp.num_heads, hp.num_kv_heads, hp.head_dim)]))
     problem = fa3_problem(rt.device, heads) if rt.device.type == "cuda" else None
+    if problem is None and rt.device.type == "cuda" and hp is not None and hp.varlen_attn:
+        problem = fa3_varlen_problem(rt.device, hp.num_heads, hp.num_kv_heads, hp.head_dim)
     ATTENTION_BACKEND = "fa3" if rt.device.type == "cuda" and problem is None else "sdpa"
     return problem
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """(B,T,H,D) queries, (B,T,Hk,D) keys/values -> (B,T,H,D). FA3 when importable, else SDPA."""
+def fa3_varlen_problem(device: torch.device, h: int, hk: int, d: int) -> str | None:
+    """Why FA3's varlen function cannot serve VARLEN_ATTN here (see fa3_problem), or None."""
+    if flash_attn_varlen_func is None:
+        return "VARLEN_ATTN=1 needs flash_attn_varlen_func from flash_attn_interface (FlashAttention-3)"
+    probe = torch.compile(varlen_attention, dynamic=False, fullgraph=True, backend="aot_eager")
+    try:
+        q, k, v = (
+            torch.randn(2, 128, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+            for n in (h, hk, hk)
+        )
+        cu = torch.tensor([0, 50, 128, 200, 256, 256], dtype=torch.int32, device=device)
+        probe(q, k, v, cu).float().sum().backward()
+    except Exception as e:
+        return f"FlashAttention-3 varlen failed a compiled forward+backward ({type(e).__name__}: {e})"
+    return None
+
+
+# Document-masked attention (VARLEN_ATTN; R0410, PR #1530, kept by R0427): a BOS token, or a
+# row's first token, starts a segment; a token attends only inside its own segment. On FA3 the
+# segments are cu_seqlens of the flattened batch, padded to a static length (one compiled shape)
+# of B + B*T/VARLEN_TOKENS_PER_SEGMENT entries; a batch with more segments than that keeps the
+# first ones and its tail attends across documents (still causal), as without VARLEN_ATTN.
+VARLEN_TOKENS_PER_SEGMENT = 64
+
+
+def document_layout(ids: Tensor) -> Tensor:
+    """What causal_attention needs to keep (B,T) rows' tokens inside their documents: FA3, the
+    int32 cu_seqlens of the flattened batch; SDPA, the (B,1,T,T) causal same-document mask."""
+    B, T = ids.shape
+    starts = (ids == BOS_ID) | (torch.arange(T, device=ids.device) == 0)
+    if ATTENTION_BACKEND == "fa3":
+        size = B + B * T // VARLEN_TOKENS_PER_SEGMENT
+        first = torch.nonzero_static(starts.flatten(), size=size, fill_value=B * T).squeeze(1)
+        return torch.cat((first, first.new_full((1,), B * T))).int()
+    doc = starts.cumsum(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """FA3 causal attention within the segments cu_seqlens cuts the flattened (B*T) batch into."""
+    B, T = q.shape[:2]
+    out = flash_attn_varlen_func(
+        q.flatten(0, 1),
+        k.flatten(0, 1),
+        v.flatten(0, 1),
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
+        max_seqlen_q=T,
+        max_seqlen_k=T,
+        causal=True,
+    )
+    return (out[0] if isinstance(out, tuple) else out).unflatten(0, (B, T))
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, docs: Tensor | None = None) -> Tensor:
+    """(B,T,H,D) queries, (B,T,Hk,D) keys/values -> (B,T,H,D). FA3 when importable, else SDPA.
+    `docs` (document_layout of the ids, VARLEN_ATTN) keeps attention inside documents."""
     if ATTENTION_BACKEND == "fa3":
         # CUDA autocast runs rms_norm in fp32, so the normed q/k arrive fp32 while v is bf16.
         # SDPA is autocast-aware and casts all three; FA3 is not and needs one 16-bit dtype.
+        if docs is not None:
+            return varlen_attention(q.to(v.dtype), k.to(v.dtype), v, docs)
         out = flash_attn_func(q.to(v.dtype), k.to(v.dtype), v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     y = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=docs,
+        is_causal=docs is None,
+        enable_gqa=True,
     )
     return y.transpose(1, 2)
 
@@ -1039,22 +1393,42 @@ class Attention(nn.Module):
             self.gate = CastedLinear(d, hp.num_heads, True)
             self.gate.zero_init = True
             nn.init.constant_(self.gate.bias, hp.gated_attn_bias_init)
+        # Sparse attention output gate (R0427, modded-nanogpt): the same per-head gate fed by only the
+        # first SPARSE_ATTN_GATE_INPUTS channels, no bias; zero init opens every head half-way.
+        self.attn_gate_w = None
+        if hp.sparse_attn_gate_enabled:
+            self.attn_gate_w = nn.Parameter(torch.zeros(hp.num_heads, hp.sparse_attn_gate_inputs))
+            if hp.sparse_attn_gate_init_std > 0:
+                nn.init.normal_(self.attn_gate_w, std=hp.sparse_attn_gate_init_std)
+            self.sparse_scale = hp.sparse_attn_gate_scale
 
-    def forward(self, x: Tensor, v0: Tensor | None) -> tuple[Tensor, Tensor]:
+    def sparse_gate(self, x: Tensor) -> Tensor:
+        """(B,T,H) head gates sigmoid(scale * W x[:inputs]) of the sparse attention output gate."""
+        gate_in = x[..., : self.attn_gate_w.size(1)].contiguous()
+        return torch.sigmoid(self.sparse_scale * F.linear(gate_in, self.attn_gate_w.to(x.dtype)))
+
+    def forward(
+        self, x: Tensor, v0: Tensor | None, ve: Tensor | None = None, docs: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x)
+        if ve is not None:  # value embedding (R0323), before the value residual mixes it in
+            v = v + ve
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         v_raw = v
         if self.vr_lambda is not None and v0 is not None:
             v = self.vr_lambda[0].to(v.dtype) * v0 + self.vr_lambda[1].to(v.dtype) * v
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, docs)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x)).unsqueeze(-1)
+        if self.attn_gate_w is not None:
+            y = y * self.sparse_gate(x)[..., None]
         return self.proj(y.reshape(B, T, -1)), v_raw
 
 
@@ -1066,6 +1440,233 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     v_hat = F.normalize(v, dim=-1).unsqueeze(3)
     y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
     return y.view(B, T, H, D)
+
+
+def import_triton():
+    """(triton, triton.language, TensorDescriptor), or Nones: the fused kernels are CUDA extras."""
+    try:
+        import triton
+        import triton.language as tl
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except Exception:
+        return None, None, None
+    return triton, tl, TensorDescriptor
+
+
+triton, tl, TensorDescriptor = import_triton()
+
+if triton is not None:
+    # FUSED_MLP_ENABLED (R0410, PR #1530, after modded-nanogpt): a persistent TMA matmul whose
+    # epilogue applies the activation. Forward: c = a @ b^T and aux = leaky(c)^2. Backward
+    # (FORWARD=False): c = (a @ b^T) * d/dpre leaky(pre)^2 with pre read from aux.
+    @triton.jit
+    def _leaky_relu_sq_epilogue(c_desc, aux_desc, m, n, acc, SLOPE: tl.constexpr, FORWARD: tl.constexpr):
+        c = acc.to(c_desc.dtype)  # bf16 in training; fp32 where the interpreter tests it
+        if FORWARD:
+            c_desc.store([m, n], c)
+            act = tl.where(c > 0, c, SLOPE * c)
+            aux_desc.store([m, n], (act * act).to(aux_desc.dtype))
+        else:
+            pre = aux_desc.load([m, n])
+            c_desc.store(
+                [m, n], (c * tl.where(pre > 0, 2.0 * pre, 2.0 * SLOPE * SLOPE * pre)).to(c_desc.dtype)
+            )
+
+    @triton.jit
+    def _leaky_relu_sq_mm_kernel(
+        a_desc, b_desc, c_desc, aux_desc, M, N, K,
+        SLOPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        NUM_SMS: tl.constexpr, FORWARD: tl.constexpr,
+    ):  # fmt: skip
+        tiles_n = tl.cdiv(N, BN)
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tiles_n, NUM_SMS, flatten=True):
+            m, n = (tile // tiles_n) * BM, (tile % tiles_n) * BN
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, K, BK):
+                acc = tl.dot(a_desc.load([m, k]), b_desc.load([n, k]).T, acc)
+            # stored as two half-width tiles, as the record does (the epilogue's shared memory)
+            lo, hi = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+            _leaky_relu_sq_epilogue(c_desc, aux_desc, m, n, lo, SLOPE, FORWARD)
+            _leaky_relu_sq_epilogue(c_desc, aux_desc, m, n + BN // 2, hi, SLOPE, FORWARD)
+
+    # FUSED_CE_ENABLED (R0423/R0427, PR #1787): softcapped cross-entropy in one pass over each
+    # row of raw logits; 2c*sigmoid(2x/c) = c*tanh(x/c) + c, a shift the loss does not see.
+    @triton.jit
+    def _softcapped_ce_fwd_kernel(raw, targets, losses, lse_out, V, softcap, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        top, total = -float("inf"), 0.0
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(raw + row * V + cols, mask=cols < V, other=0.0).to(tl.float32)
+            z = tl.where(cols < V, 2 * softcap * tl.sigmoid(2 * x / softcap), -float("inf"))
+            new_top = tl.maximum(top, tl.max(z, 0))
+            total = total * tl.exp(top - new_top) + tl.sum(tl.exp(z - new_top), 0)
+            top = new_top
+        lse = top + tl.log(total)
+        x_target = tl.load(raw + row * V + tl.load(targets + row)).to(tl.float32)
+        tl.store(lse_out + row, lse)
+        tl.store(losses + row, lse - 2 * softcap * tl.sigmoid(2 * x_target / softcap))
+
+    @triton.jit
+    def _softcapped_ce_bwd_kernel(
+        raw, targets, lse_in, grad_losses, grad_raw, V, softcap, BLOCK: tl.constexpr
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        lse, g, target = tl.load(lse_in + row), tl.load(grad_losses + row), tl.load(targets + row)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(raw + row * V + cols, mask=cols < V, other=0.0).to(tl.float32)
+            s = tl.sigmoid(2 * x / softcap)
+            dz = g * (tl.exp(2 * softcap * s - lse) - tl.where(cols == target, 1.0, 0.0))
+            tl.store(grad_raw + row * V + cols, dz * 4 * s * (1 - s), mask=cols < V)
+
+
+def leaky_relu_sq_mm(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None):
+    """The kernel: forward (pre None) (a @ b^T, leaky(a @ b^T)^2); backward (a @ b^T) * d/dpre
+    leaky(pre)^2. 2-D contiguous, 16-byte-aligned rows; bf16 on Hopper (TMA), or the interpreter."""
+    (M, K), N = a.shape, b.shape[0]
+    BM, BN, BK = 256, 128, 64
+    c = a.new_empty(M, N)
+    aux = torch.empty_like(c) if pre is None else pre
+    shapes = ((a, [BM, BK]), (b, [BN, BK]), (c, [BM, BN // 2]), (aux, [BM, BN // 2]))
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 2
+    grid = (min(sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
+    forward = pre is None
+    _leaky_relu_sq_mm_kernel[grid](
+        *(TensorDescriptor.from_tensor(t, block) for t, block in shapes), M, N, K,
+        SLOPE=slope, BM=BM, BN=BN, BK=BK, NUM_SMS=sms, FORWARD=forward,
+        num_stages=4 if forward else 3, num_warps=8,
+    )  # fmt: skip
+    return (c, aux) if forward else c
+
+
+def leaky_relu_sq_mm_reference(a: Tensor, b: Tensor, slope: float, pre: Tensor | None = None):
+    """leaky_relu_sq_mm in torch: its fallback where the kernel cannot run, and its CPU test."""
+    c = a @ b.T
+    if pre is None:
+        return c, F.leaky_relu(c, slope).square()
+    return c * torch.where(pre > 0, 2 * pre, 2 * slope * slope * pre)
+
+
+def tma_ready(*tensors: Tensor) -> bool:
+    """Triton's TMA descriptors (the fused MLP kernel) need a Hopper or newer GPU and rows of a
+    multiple of 16 bytes."""
+    t = tensors[0]
+    if triton is None or not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False
+    return all(u.size(-1) * u.element_size() % 16 == 0 for u in tensors)
+
+
+# Custom ops: torch.compile keeps them opaque (the kernels are never traced) and knows their shapes.
+@torch.library.custom_op("pgolf::leaky_relu_sq_linear", mutates_args=())
+def leaky_relu_sq_linear(x: Tensor, w: Tensor, slope: float) -> tuple[Tensor, Tensor]:
+    return (leaky_relu_sq_mm if tma_ready(x, w) else leaky_relu_sq_mm_reference)(x, w, slope)
+
+
+@leaky_relu_sq_linear.register_fake
+def _(x: Tensor, w: Tensor, slope: float) -> tuple[Tensor, Tensor]:
+    pre = x.new_empty(x.size(0), w.size(0))
+    return pre, torch.empty_like(pre)
+
+
+@torch.library.custom_op("pgolf::leaky_relu_sq_linear_grad", mutates_args=())
+def leaky_relu_sq_linear_grad(g: Tensor, w2: Tensor, pre: Tensor, slope: float) -> Tensor:
+    w2t = w2.T.contiguous()
+    return (leaky_relu_sq_mm if tma_ready(g, w2t) else leaky_relu_sq_mm_reference)(g, w2t, slope, pre)
+
+
+@leaky_relu_sq_linear_grad.register_fake
+def _(g: Tensor, w2: Tensor, pre: Tensor, slope: float) -> Tensor:
+    return torch.empty_like(pre)
+
+
+class FusedLeakyReLUSqMLP(torch.autograd.Function):
+    """w2 @ leaky(w1 @ x)^2 in bf16, the activation fused into both matmuls (FUSED_MLP_ENABLED)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, slope: float) -> Tensor:
+        x2 = x.reshape(-1, x.size(-1)).contiguous()
+        pre, post = torch.ops.pgolf.leaky_relu_sq_linear(x2, w1, slope)
+        ctx.save_for_backward(x2, w1, w2, pre, post)
+        ctx.slope = slope
+        return F.linear(post, w2).view(*x.shape[:-1], w2.size(0))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x2, w1, w2, pre, post = ctx.saved_tensors
+        g = grad.reshape(-1, grad.size(-1)).contiguous()
+        dpre = torch.ops.pgolf.leaky_relu_sq_linear_grad(g, w2, pre, ctx.slope)
+        return (dpre @ w1).view(*grad.shape[:-1], w1.size(1)), dpre.T @ x2, g.T @ post, None
+
+
+def softcapped_ce_launch(raw: Tensor, targets: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
+    """The forward kernel: per-row loss and log-sum-exp; raw (N, V) contiguous."""
+    losses, lse = (raw.new_empty(raw.size(0), dtype=torch.float32) for _ in range(2))
+    _softcapped_ce_fwd_kernel[(raw.size(0),)](raw, targets, losses, lse, raw.size(1), softcap, BLOCK=1024)
+    return losses, lse
+
+
+def softcapped_ce_grad_launch(
+    raw: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, softcap: float
+) -> Tensor:
+    grad_raw = torch.empty_like(raw)
+    _softcapped_ce_bwd_kernel[(raw.size(0),)](
+        raw, targets, lse, grad, grad_raw, raw.size(1), softcap, BLOCK=1024
+    )
+    return grad_raw
+
+
+def softcapped_ce_reference(raw: Tensor, targets: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
+    """The kernels' math in torch (their fallback and CPU test): z = 2c*sigmoid(2x/c)."""
+    z = 2 * softcap * torch.sigmoid(2 * raw.float() / softcap)
+    lse = torch.logsumexp(z, -1)
+    return lse - z.gather(-1, targets[:, None]).squeeze(-1), lse
+
+
+def softcapped_ce_grad_reference(
+    raw: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, softcap: float
+) -> Tensor:
+    s = torch.sigmoid(2 * raw.float() / softcap)
+    dz = grad[:, None] * (torch.exp(2 * softcap * s - lse[:, None]) - F.one_hot(targets, raw.size(-1)))
+    return (dz * 4 * s * (1 - s)).to(raw.dtype)
+
+
+@torch.library.custom_op("pgolf::softcapped_ce", mutates_args=())
+def softcapped_ce(raw: Tensor, targets: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
+    """Per-row loss and log-sum-exp of c*tanh(raw/c) against targets, in one pass over raw."""
+    kernel = triton is not None and raw.is_cuda
+    ce = softcapped_ce_launch if kernel else softcapped_ce_reference
+    return ce(raw.contiguous(), targets.contiguous(), softcap)
+
+
+@softcapped_ce.register_fake
+def _(raw: Tensor, targets: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
+    return raw.new_empty(raw.size(0), dtype=torch.float32), raw.new_empty(raw.size(0), dtype=torch.float32)
+
+
+@torch.library.custom_op("pgolf::softcapped_ce_grad", mutates_args=())
+def softcapped_ce_grad(raw: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, softcap: float) -> Tensor:
+    kernel = triton is not None and raw.is_cuda
+    grad_fn = softcapped_ce_grad_launch if kernel else softcapped_ce_grad_reference
+    return grad_fn(raw.contiguous(), targets.contiguous(), lse, grad.float().contiguous(), softcap)
+
+
+@softcapped_ce_grad.register_fake
+def _(raw: Tensor, targets: Tensor, lse: Tensor, grad: Tensor, softcap: float) -> Tensor:
+    return torch.empty_like(raw)
+
+
+def _softcapped_ce_setup(ctx, inputs, output) -> None:
+    raw, targets, ctx.softcap = inputs
+    ctx.save_for_backward(raw, targets, output[1])
+
+
+def _softcapped_ce_backward(ctx, grad_losses: Tensor, _grad_lse: Tensor):
+    raw, targets, lse = ctx.saved_tensors
+    return torch.ops.pgolf.softcapped_ce_grad(raw, targets, lse, grad_losses, ctx.softcap), None, None
+
+
+softcapped_ce.register_autograd(_softcapped_ce_backward, setup_context=_softcapped_ce_setup)
 
 
 class MLP(nn.Module):
@@ -1080,9 +1681,18 @@ class MLP(nn.Module):
         )
         self.proj.zero_init = True
         self.slope = hp.leaky_relu_slope
+        self.fused = hp.fused_mlp_enabled
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused and self.training and x.is_cuda and triton is not None and self.plain():
+            w1, w2 = self.fc.weight.bfloat16(), self.proj.weight.bfloat16()
+            return FusedLeakyReLUSqMLP.apply(x.bfloat16(), w1, w2, self.slope)
         return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+
+    def plain(self) -> bool:
+        """No fake quantisation or adapter on either layer: what the fused kernel computes."""
+        layers = (self.fc, self.proj)
+        return not any(layer.qat_bits or layer.lora is not None for layer in layers)
 
 
 class Block(nn.Module):
@@ -1097,13 +1707,31 @@ class Block(nn.Module):
         # GPT-J parallel residual (R0409, last layers): attention and MLP read the same input.
         self.parallel = layer >= hp.num_layers - hp.parallel_residual_last_n
 
-    def forward(self, x: Tensor, x0: Tensor, v0: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, x0: Tensor, v0: Tensor | None, ve: Tensor | None = None, docs: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        a, v = self.attn(rms_norm(x) * self.ln_scale, v0)
+        a, v = self.attn(rms_norm(x) * self.ln_scale, v0, ve, docs)
         mlp_in = x if self.parallel else x + self.attn_scale.to(x.dtype) * a
         m = self.mlp(rms_norm(mlp_in) * self.ln_scale)
         return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * m, v
+
+    def two_lane(
+        self, lanes: tuple[Tensor, Tensor], x0: Tensor, v0, ve, post: Tensor, resid: Tensor, docs=None
+    ):
+        """Two-lane parallel residual (R0427, from PR #1529): attention reads lane 0 (mixed with x0),
+        the MLP reads lane 1; each lane keeps resid[lane] of itself and adds post[src, lane] of
+        both outputs. Returns the new lanes and this block's values."""
+        lane0, lane1 = lanes
+        mix = self.resid_mix.to(lane0.dtype)
+        a, v = self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.ln_scale, v0, ve, docs)
+        a = self.attn_scale.to(a.dtype) * a
+        m = self.mlp_scale.to(lane1.dtype) * self.mlp(rms_norm(lane1) * self.ln_scale)
+        post, resid = post.to(lane0.dtype), resid.to(lane0.dtype)
+        lane0 = resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m
+        lane1 = resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m
+        return (lane0, lane1), v
 
 
 class SmearGate(nn.Module):
@@ -1112,6 +1740,8 @@ class SmearGate(nn.Module):
     Identity at init (lambda = 0). The BOS mask stops the last token of one document from leaking
     into the next document's BOS position in packed streams.
     """
+
+    after_norm = False
 
     def __init__(self, inputs: int):
         super().__init__()
@@ -1125,6 +1755,40 @@ class SmearGate(nn.Module):
         keep = (ids != BOS_ID).unsqueeze(-1).to(x.dtype)
         g = torch.sigmoid(self.gate(x[..., : self.inputs].contiguous()))
         return x + self.smear_lambda.to(x.dtype) * g * prev * keep
+
+
+class ChannelSmear(nn.Module):
+    """x_t <- (1 - g) x_t + g x_{t-1}, g = sigmoid(per-channel parameter), after the embedding norm
+    (R0323's SmearGate). No BOS mask: it mixes across documents. Half-open at init (g = 0.5)."""
+
+    after_norm = True
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate.to(x.dtype))
+        return (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+
+
+class ValueEmbedding(nn.Module):
+    """Token identity re-injected into the values (R0323, VE128): one table projected to the KV
+    width, shared by VE_LAYERS, each scaling it by its own learned scalar."""
+
+    def __init__(self, vocab_size: int, dim: int, kv_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.embed.weight, std=0.01)
+        self.proj = CastedLinear(dim, kv_dim, False) if dim != kv_dim else None
+        if self.proj is not None:
+            self.proj.zero_init = True
+        self.scale = nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.embed(ids)
+        h = self.proj(h) if self.proj is not None else h
+        return h * self.scale.to(h.dtype)
 
 
 class BigramHash(nn.Module):
@@ -1163,12 +1827,21 @@ class GPT(nn.Module):
     def __init__(self, hp: Hyperparameters):
         super().__init__()
         self.softcap, self.tied = hp.logit_softcap, hp.tie_embeddings
+        self.varlen_attn = hp.varlen_attn  # attention stays inside documents (document_layout)
+        self.fused_ce_enabled = hp.fused_ce_enabled
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         self.bigram = (
             BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim) if hp.bigram_buckets else None
         )
-        self.smear = SmearGate(hp.smear_gate_inputs) if hp.smear_gate else None
+        self.smear = None
+        if hp.smear_gate:
+            form = hp.smear_gate_form
+            self.smear = SmearGate(hp.smear_gate_inputs) if form == "input" else ChannelSmear(hp.model_dim)
         self.blocks = nn.ModuleList(Block(hp, i) for i in range(hp.num_layers))
+        self.ve_layers = hp.ve_layer_ids
+        if self.ve_layers:
+            self.ve_shared = ValueEmbedding(hp.vocab_size, hp.ve_dim, hp.num_kv_heads * hp.head_dim)
+            self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_layers)
         self.num_loops, self.loop_span = hp.num_loops, (hp.loop_start, hp.loop_end)
         self.looping = False  # depth recurrence is switched on by the schedule (ENABLE_LOOPING_AT)
         self.qat = False  # late QAT, switched on by the schedule (QAT_START_LR_SCALE)
@@ -1177,7 +1850,25 @@ class GPT(nn.Module):
         longest = len(self.layer_order(looping=True))
         num_skips = min(longest // 2, longest - longest // 2) if hp.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(num_skips, hp.model_dim)) if num_skips else None
+        # Sigmoid-gated skips (R0409, R0427): x <- lerp(w * skip, x, sigmoid(g)); g = 0 mixes half-half.
+        gated = hp.skip_gates_enabled and num_skips
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, hp.model_dim)) if gated else None
+        # Two-lane parallel residual (R0427): per block [src, lane] output weights and per-lane
+        # residual weights, for every block as the record has them.
+        self.parallel_start, self.final_lane = hp.parallel_start_layer, hp.parallel_final_lane
+        if self.parallel_start:
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(hp.num_layers, 2, 2))
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((hp.num_layers, 2), 1.1))
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, False)
+        # Asymmetric logit rescale (PR #1923, modded-nanogpt PR #181): separate learned caps for
+        # positive and negative logits, both LOGIT_SOFTCAP at init (the plain softcap). PR #1923
+        # keeps them out of the training loss and lets test-time training move them: they are
+        # created frozen (requires_grad=False, so DDP and the optimizers skip them); a TTT that
+        # adapts them turns requires_grad on.
+        self.softcap_pos = self.softcap_neg = None
+        if hp.asym_logit_rescale:
+            self.softcap_pos = nn.Parameter(torch.tensor(hp.logit_softcap), requires_grad=False)
+            self.softcap_neg = nn.Parameter(torch.tensor(hp.logit_softcap), requires_grad=False)
         self.eval_forward = self.forward  # what evaluation calls; build_model compiles it on GPU
         self._init_weights(hp)
 
@@ -1201,37 +1892,86 @@ class GPT(nn.Module):
         start, end = self.loop_span
         return order[:start] + order[start : end + 1] * (1 + self.num_loops) + order[end + 1 :]
 
-    def hidden(self, ids: Tensor) -> Tensor:
+    def add_skip(self, x: Tensor, skip: Tensor, j: int) -> Tensor:
+        scaled = self.skip_weights[j].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + scaled
+        return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
+
+    def layer_ve(self, ve: Tensor | None, layer: int) -> Tensor | None:
+        if ve is None or layer not in self.ve_layers:
+            return None
+        return ve * self.ve_layer_scales[self.ve_layers.index(layer)].to(ve.dtype)
+
+    def embed(self, ids: Tensor) -> Tensor:
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids)
-        if self.smear is not None:
+        if self.smear is not None and not self.smear.after_norm:
             x = self.smear(x, ids)
-        x = x0 = rms_norm(x)
+        x = rms_norm(x)
+        if self.smear is not None and self.smear.after_norm:
+            x = self.smear(x, ids)
+        return x
+
+    def hidden(self, ids: Tensor) -> Tensor:
+        x = x0 = self.embed(ids)
         order = self.layer_order(self.looping)
         num_encoder = len(order) // 2
-        v0, skips = None, []
+        ve = self.ve_shared(ids) if self.ve_layers else None
+        docs = document_layout(ids) if self.varlen_attn else None
+        v0, skips, lanes = None, [], None
         for i, layer in enumerate(order):
+            if i >= num_encoder and lanes is None and 0 < self.parallel_start <= layer:
+                lanes = (x, x)  # R0427: both lanes start from the stream at the first parallel block
             if i >= num_encoder and skips and self.skip_weights is not None:
-                x = x + self.skip_weights[i - num_encoder].to(x.dtype) * skips.pop()
-            x, v = self.blocks[layer](x, x0, v0)
+                if lanes is None:
+                    x = self.add_skip(x, skips.pop(), i - num_encoder)
+                else:  # the skip feeds lane 0 (attention's)
+                    lanes = (self.add_skip(lanes[0], skips.pop(), i - num_encoder), lanes[1])
+            block, layer_ve = self.blocks[layer], self.layer_ve(ve, layer)
+            if lanes is None:
+                x, v = block(x, x0, v0, layer_ve, docs)
+            else:
+                post, resid = self.parallel_post_lambdas[layer], self.parallel_resid_lambdas[layer]
+                lanes, v = block.two_lane(lanes, x0, v0, layer_ve, post, resid, docs)
             v0 = v if v0 is None else v0  # value residual: the first executed block's values
             if i < num_encoder:
                 skips.append(x)
-        return rms_norm(x)
+        return rms_norm(x if lanes is None else self.lane_output(lanes))
+
+    def lane_output(self, lanes: tuple[Tensor, Tensor]) -> Tensor:
+        """PARALLEL_FINAL_LANE: the lanes' mean, or the attention (0) or MLP (1) lane alone."""
+        if self.final_lane == "mean":
+            return 0.5 * (lanes[0] + lanes[1])
+        return lanes[0] if self.final_lane == "attn" else lanes[1]
 
     def logits(self, ids: Tensor) -> Tensor:
         return self.head(self.hidden(ids))
 
     def head(self, h: Tensor) -> Tensor:
         """Softcapped fp32 logits of final hidden states; scoring applies it to scored positions only."""
+        raw = self.raw_logits(h).float()
+        if self.softcap_pos is None:
+            return self.softcap * torch.tanh(raw / self.softcap)
+        p, n = self.softcap_pos, self.softcap_neg  # PR #1923's rescale
+        return torch.where(raw > 0, p * torch.tanh(raw / p), n * torch.tanh(raw / n))
+
+    def raw_logits(self, h: Tensor) -> Tensor:
         raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.tied else self.lm_head(h)
         if self.head_lora is not None:  # per-document LoRA TTT adapter of the output head
             raw = raw + self.head_lora(h)
-        return self.softcap * torch.tanh(raw.float() / self.softcap)
+        return raw
 
     def forward(self, ids: Tensor, targets: Tensor | None = None, reduction: str = "mean") -> Tensor:
         """Logits (B,T,V) without targets; else the mean loss, or per-token NLL (B,T) with 'none'."""
+        # FUSED_CE_ENABLED: the training loss without fp32 logits; the kernel's cap is symmetric, so
+        # ASYM_LOGIT_RESCALE (caps a TTT may move) takes the exact path below.
+        fused_ce = self.fused_ce_enabled and self.softcap_pos is None
+        if targets is not None and reduction == "mean" and fused_ce and self.training:
+            if ids.is_cuda and triton is not None:
+                raw = self.raw_logits(self.hidden(ids)).flatten(0, 1).contiguous()
+                return torch.ops.pgolf.softcapped_ce(raw, targets.flatten(), self.softcap)[0].mean()
         logits = self.logits(ids)
         if targets is None:
             return logits
@@ -1243,20 +1983,29 @@ class GPT(nn.Module):
 
 # Quintic Newton-Schulz coefficients from modded-nanogpt (Keller Jordan), used by BASE..R0409.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express (PR #1344, as R0423/R0427 run it): one minimax-optimised (a, b, c) per iteration,
+# five iterations at most; the same Frobenius normalisation as the fixed coefficients.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 
 
-def newton_schulz(G: Tensor, steps: int) -> Tensor:
+def newton_schulz(G: Tensor, steps: int, polar_express: bool = False) -> Tensor:
     """Approximately orthogonalise a (batched) matrix: singular values pushed towards ~1.
 
     bf16 on GPU (fast, and the iteration tolerates it); fp32 on CPU where bf16 matmuls are slow.
     """
-    a, b, c = NS_COEFFS
+    coeffs = POLAR_EXPRESS_COEFFS[:steps] if polar_express else (NS_COEFFS,) * steps
     X = G.bfloat16() if G.is_cuda else G.float()
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for a, b, c in coeffs:
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if transposed else X
@@ -1288,10 +2037,12 @@ class Muon(torch.optim.Optimizer):
         row_normalize: bool,
         rank: int = 0,
         world_size: int = 1,
+        polar_express: bool = False,
     ):
         defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.row_normalize, self.rank, self.world_size = row_normalize, rank, world_size
+        self.polar_express = polar_express
 
     @torch.no_grad()
     def step(self) -> None:
@@ -1330,7 +2081,7 @@ class Muon(torch.optim.Optimizer):
             U = torch.stack(torch._foreach_add(grads, bufs, alpha=mu))  # Nesterov
             if self.row_normalize:  # MuonEq-R (R0409): equalise row norms before orthogonalising
                 U = U / (U.norm(dim=-1, keepdim=True) + 1e-7)
-            U = newton_schulz(U, group["ns_steps"])
+            U = newton_schulz(U, group["ns_steps"], self.polar_express)
         if self.world_size == 1:
             return None, U
         # bf16 on GPU (what Newton-Schulz produced; half the bytes to send), fp32 on CPU.
@@ -1352,14 +2103,16 @@ class Muon(torch.optim.Optimizer):
 
 # Small control tensors (gates, scales, mixes): scalar Adam whatever their shape, never Muon,
 # and (with quantisation) stored unquantised. The BigramHash projection joins them (R0323/R0325).
-CONTROL_TENSOR_PATTERNS = ("gate", "scale", "resid_mix", "lambda", "q_gain", "skip_weights", "bigram.proj")
+CONTROL_TENSOR_PATTERNS = (
+    "gate", "scale", "resid_mix", "lambda", "q_gain", "skip_weights", "bigram.proj", "ve_shared.proj"
+)  # fmt: skip
 
 
 def split_params(model: GPT) -> dict[str, list[nn.Parameter]]:
     """Matrices -> Muon; embeddings -> Adam (embed LR); untied head; control tensors -> scalar Adam."""
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embed": [], "head": [], "scalar": []}
     for name, p in model.named_parameters():
-        if name in ("tok_emb.weight", "bigram.embed.weight"):
+        if name in ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight"):
             groups["embed"].append(p)
         elif name == "lm_head.weight":
             groups["head"].append(p)
@@ -1390,11 +2143,12 @@ def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch
         hp.muon_row_normalize,
         rank=rt.rank,
         world_size=rt.world_size,
+        polar_express=hp.muon_polar_express,
     )
     optimizers: list[torch.optim.Optimizer] = [adam, muon]
     for opt in optimizers:
         for group in opt.param_groups:
-            group["base_lr"] = group["lr"]
+            group["base_lr"], group["base_weight_decay"] = group["lr"], group["weight_decay"]
     return optimizers
 
 
@@ -1407,19 +2161,37 @@ def lr_multiplier(frac: float, hp: Hyperparameters) -> float:
     return 1.0
 
 
-def muon_momentum(frac: float, hp: Hyperparameters) -> float:
-    """Momentum warmed up from MUON_MOMENTUM_WARMUP_START over the first fraction of the run."""
-    t = min(frac / hp.muon_momentum_warmup_frac, 1.0) if hp.muon_momentum_warmup_frac > 0 else 1.0
+def muon_momentum(frac: float, hp: Hyperparameters, step: int = 0) -> float:
+    """Momentum warmed up linearly from MUON_MOMENTUM_WARMUP_START over the first
+    MUON_MOMENTUM_WARMUP_STEPS steps (the records' rule, R0410..R0427: 0.92 -> 0.97 over 1500), or
+    without it over the first MUON_MOMENTUM_WARMUP_FRAC of the run."""
+    if hp.muon_momentum_warmup_steps > 0:
+        t = min(step / hp.muon_momentum_warmup_steps, 1.0)
+    else:
+        t = min(frac / hp.muon_momentum_warmup_frac, 1.0) if hp.muon_momentum_warmup_frac > 0 else 1.0
     return (1 - t) * hp.muon_momentum_warmup_start + t * hp.muon_momentum
 
 
-def apply_schedule(optimizers: list[torch.optim.Optimizer], frac: float, hp: Hyperparameters) -> float:
+def wd_multiplier(frac: float, hp: Hyperparameters) -> float:
+    """Muon weight-decay taper (R0418): 1 until WD_TAPER_START_FRAC, then linear to
+    WD_TAPER_FINAL_MULT at the end. High WD keeps weights compressible early; late, less WD lets
+    the settled weights optimise. WD_TAPER_START_FRAC=1 (default) is no taper."""
+    start = hp.wd_taper_start_frac
+    if frac <= start or start >= 1:
+        return 1.0
+    return 1 + (hp.wd_taper_final_mult - 1) * min((frac - start) / (1 - start), 1.0)
+
+
+def apply_schedule(
+    optimizers: list[torch.optim.Optimizer], frac: float, hp: Hyperparameters, step: int = 0
+) -> float:
     mult = lr_multiplier(frac, hp)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * mult
             if isinstance(opt, Muon):
-                group["momentum"] = muon_momentum(frac, hp)
+                group["momentum"] = muon_momentum(frac, hp, step)
+                group["weight_decay"] = group["base_weight_decay"] * wd_multiplier(frac, hp)
     return mult
 
 
@@ -3590,7 +4362,7 @@ def train(
             clock.start(state)
         frac = progress(state, hp)
         set_looping(model, frac, hp, log)
-        mult = apply_schedule(optimizers, frac, hp)
+        mult = apply_schedule(optimizers, frac, hp, state.step)
         start_qat(model, mult, hp, log)
         loss = train_step(ddp_model, model, loader, optimizers, hp, rt)
         ema.update(model, expected_steps(state, hp))
@@ -3641,6 +4413,8 @@ def log_header(
             compile=int(compiled),
         )
     )
+    if PRESET_MISSING.get(hp.preset_name):  # a record preset: what of the record this run lacks
+        log(kv(preset_missing=",".join(PRESET_MISSING[hp.preset_name])))
     if attention_problem:  # loud: the fastest kernel is worth several percent of every step
         log(f"WARNING attention_backend:sdpa, not FlashAttention-3: {attention_problem}")
     log(kv(preset=hp.preset_name, env_overrides=",".join(hp.overrides) or "none"))
@@ -3769,6 +4543,8 @@ def print_config(hp: Hyperparameters) -> None:
     no GPU, no log file."""
     print("\n".join(hp.resolved_lines()))
     print(kv(hp_hash=hp.hash(), hp_unhashed=",".join(hp.unhashed)))
+    if PRESET_MISSING.get(hp.preset_name):
+        print(kv(preset_missing=",".join(PRESET_MISSING[hp.preset_name])))
     with torch.device("meta"):
         print(kv(model_params=model_params(GPT(hp))))
 

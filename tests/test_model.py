@@ -354,7 +354,7 @@ def test_parallel_residual_block_reads_one_input():
 
 
 def test_causality_check_detects_attention_to_the_future(monkeypatch):
-    def bidirectional(q, k, v):
+    def bidirectional(q, k, v, docs=None):
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True
         )

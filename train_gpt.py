@@ -90,6 +90,14 @@ PRESETS: dict[str, dict[str, str]] = {
         "NGRAM_BUCKETS": "4096",
     },
 }
+# The smoke run on CaseOps shards of the sample (data/sample/README.md builds them): val_bpb divides
+# by the val byte sidecar, the original text's bytes (R0427).
+PRESETS["smoke_caseops"] = {
+    **PRESETS["smoke"],
+    "DATA_PATH": "./data/datasets/sample_sp1024_caseops",
+    "TOKENIZER_PATH": "./data/sample/sample_1024_bpe_caseops.model",
+    "CASEOPS_ENABLED": "1",
+}
 
 # fmt: off
 # Env vars owned by other programs (torchrun, CUDA, NCCL, compilers, build tools, package managers,

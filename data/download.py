@@ -51,6 +51,7 @@ HUB_REPOS = {
 }
 CASEOPS_SUFFIX = "_lossless_caps_caseops_v1_reserved"  # the hub's dataset and tokenizer names
 VARIANT_ALIASES = {"sp8192_caseops": f"sp8192{CASEOPS_SUFFIX}"}
+HUB_REPOS[VARIANT_ALIASES["sp8192_caseops"]] = HUB_REPOS["sp8192_caseops"]  # the records' variant name
 REMOTE_ROOT = "datasets"
 LOCAL_MANIFEST = "hub_manifest.json"
 DEFAULT_TRAIN_SHARDS = 80  # 8B tokens, as the official downloader

@@ -335,6 +335,13 @@ def test_download_caseops_variant_brings_the_sidecar(caseops_dir, tmp_path, caps
     assert code == 0 and "0 downloaded" in text
 
 
+def test_download_knows_the_caseops_hub_repo_by_both_names():
+    for variant in ("sp8192_caseops", "sp8192_lossless_caps_caseops_v1_reserved"):
+        args = download.build_parser().parse_args(["--variant", variant])
+        assert download.make_source(args).repo_id == "romeerp/parameter-golf-caseops-v1"
+        assert download.dataset_name(variant) == "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+
+
 def test_download_caseops_refuses_a_manifest_without_sidecar(caseops_dir, tmp_path, capsys):
     caseops_hub(tmp_path / "hub", caseops_dir, with_sidecar=False)
     argv = [

@@ -123,6 +123,7 @@ class Batch:
     path: str
     linenos: list[int]
     lines: list[str]
+    with_bytes: bool = False  # --caseops: the batch may hold val documents, so compute the sidecar
 
 
 @dataclass
@@ -150,9 +151,12 @@ def init_worker(tokenizer: str, vocab_size: int, text_field: str, case_ops: bool
     _STATE.update(sp=sp, luts=luts, field=text_field, unk=sp.unk_id(), caseops=case_ops)
 
 
-def encode_texts(sp, texts: list[str]) -> tuple[list[list[int]], list[np.ndarray] | None]:
-    """Token ids of each text and, with --caseops, each token's original bytes (None otherwise)."""
-    if not _STATE["caseops"]:
+def encode_texts(sp, texts: list[str], with_bytes: bool) -> tuple[list[list[int]], list[np.ndarray] | None]:
+    """Token ids of each text and, with --caseops in a batch that may hold val documents, each
+    token's original bytes (else None: train needs no sidecar)."""
+    if _STATE["caseops"] and not with_bytes:
+        texts = [caseops.encode(t) for t in texts]
+    if not (_STATE["caseops"] and with_bytes):
         # One thread per process: parallelism comes from --workers; oversubscribing 2 cores hurts.
         return (sp.encode(texts, num_threads=1) if texts else []), None
     pairs = caseops.encode_with_bytes(sp, texts)
@@ -169,12 +173,14 @@ def encode_batch(batch: Batch) -> Encoded:
             continue
         texts.append(text)
         where.append(f"{batch.path}:{lineno}")
-    ids_list, side = encode_texts(sp, texts)
+    ids_list, side = encode_texts(sp, texts, batch.with_bytes)
     docs = [np.array([bos, *ids], dtype=np.int64) for ids in ids_list]
-    if side is None:
-        bpb_bytes = [tg().count_target_bytes(d, luts) for d in docs]
-    else:
+    if side is not None:
         bpb_bytes = [int(b.sum()) for b in side]
+    elif _STATE["caseops"]:  # train: what a sidecar would sum to, the original text's bytes
+        bpb_bytes = [len(t.encode("utf-8")) for t in texts]
+    else:
+        bpb_bytes = [tg().count_target_bytes(d, luts) for d in docs]
     return Encoded(
         tokens=np.concatenate(docs).astype(np.uint16) if docs else np.zeros(0, np.uint16),
         lengths=np.array([d.size for d in docs], dtype=np.int64),
@@ -188,14 +194,18 @@ def encode_batch(batch: Batch) -> Encoded:
     )
 
 
-def read_batches(paths: Sequence[Path], batch_docs: int, max_docs: int | None) -> Iterator[Batch]:
-    """Group input lines into batches that never span two files (so errors can name the file)."""
+def read_batches(
+    paths: Sequence[Path], batch_docs: int, max_docs: int | None, val_open=lambda: False
+) -> Iterator[Batch]:
+    """Group input lines into batches that never span two files (so errors can name the file).
+    `val_open()`, asked as each batch is handed out, says whether val may still take documents."""
     batch, seen = None, 0
     for path, lineno, line in iter_lines(paths):
         if max_docs is not None and seen >= max_docs:
             break
         seen += 1
         if batch is not None and (batch.path != path or len(batch.lines) >= batch_docs):
+            batch.with_bytes = val_open()
             yield batch
             batch = None
         if batch is None:
@@ -203,6 +213,7 @@ def read_batches(paths: Sequence[Path], batch_docs: int, max_docs: int | None) -
         batch.linenos.append(lineno)
         batch.lines.append(line)
     if batch is not None:
+        batch.with_bytes = val_open()
         yield batch
 
 
@@ -294,6 +305,7 @@ class Splitter:
     val_docs: int
     writers: dict[str, ShardWriter]
     drop_overlap: bool
+    caseops: bool = False
     stats: dict[str, SplitStats] = field(default_factory=lambda: {"val": SplitStats(), "train": SplitStats()})
     val_keys: dict[bytes, str] = field(default_factory=dict)
     overlaps: list[str] = field(default_factory=list)
@@ -311,7 +323,9 @@ class Splitter:
                 continue
             self.stats[split].add(enc, i)
             self.writers[split].add(enc.tokens[starts[i] : starts[i + 1]])
-            if split == "val" and enc.sidecar is not None:
+            if split == "val" and self.caseops:
+                if enc.sidecar is None:
+                    fail(f"{enc.where[i]}: internal error, a val document was encoded without its bytes")
                 self.writers["val_bytes"].add(enc.sidecar[starts[i] : starts[i + 1]])
 
 
@@ -396,8 +410,9 @@ def tokenize(args: argparse.Namespace) -> dict:
     tmp = prepare_output(args.output, args.force)
     try:
         writers = {s: ShardWriter(tmp, s, args.shard_tokens) for s in ("val", "train", "val_bytes")}
-        splitter = Splitter(args.val_docs, writers, args.drop_overlap)
-        batches = read_batches(args.input, args.batch_docs, args.max_docs)
+        splitter = Splitter(args.val_docs, writers, args.drop_overlap, args.caseops)
+        val_open = lambda: splitter.stats["val"].documents < args.val_docs  # noqa: E731
+        batches = read_batches(args.input, args.batch_docs, args.max_docs, val_open)
         init_args = (str(args.tokenizer), vocab, args.text_field, args.caseops)
         for enc in ordered_map(batches, args.workers, init_args):
             splitter.consume(enc)

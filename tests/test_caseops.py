@@ -160,6 +160,17 @@ def test_tokenize_caseops_writes_a_sidecar_summing_to_each_original_document(cas
     assert manifest["splits"]["val"]["bpb_bytes"] == manifest["splits"]["val"]["bytes"]
 
 
+def test_caseops_shards_do_not_depend_on_workers_or_batches(caseops_dir, docs_file, tmp_path):
+    """Sidecars are computed only while val can still take documents; small batches spread val over
+    several, and parallel workers run ahead of the split: the files stay the same."""
+    out = tmp_path / "o"
+    args = ["--input", str(docs_file), "--output", str(out), "--tokenizer", str(CASEOPS_TOKENIZER)]
+    extra = ["--caseops", "--val-docs", str(VAL_DOCS), "--workers", "2", "--batch-docs", "5"]
+    assert tokenize_docs.main([*args, *extra]) == 0
+    for name in ("fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin", "fineweb_train_000000.bin"):
+        assert (out / name).read_bytes() == (caseops_dir / name).read_bytes(), name
+
+
 def test_tokenize_refuses_a_tokenizer_mode_mismatch(tmp_path, docs_file, capsys):
     base = ["--input", str(docs_file), "--output", str(tmp_path / "o"), "--workers", "1"]
     code, text = run_cli(tokenize_docs, [*base, "--tokenizer", str(CASEOPS_TOKENIZER)], capsys)

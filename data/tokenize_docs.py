@@ -133,7 +133,7 @@ class Encoded:
     tokens: np.ndarray  # uint16, all documents of the batch, each as [BOS] + ids
     lengths: np.ndarray  # tokens per document, BOS included
     text_bytes: np.ndarray  # len(text.encode("utf-8")) per document
-    bpb_bytes: np.ndarray  # bytes the BPB byte table (train_gpt) charges per document
+    bpb_bytes: np.ndarray  # bytes val_bpb divides by per document: the byte table, or --caseops the text
     unk: np.ndarray  # <unk> tokens per document (text the tokenizer cannot represent)
     sidecar: np.ndarray | None  # --caseops: original UTF-8 bytes per token, aligned with `tokens`
     keys: list[bytes]  # content hashes for the overlap check

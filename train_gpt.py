@@ -317,6 +317,14 @@ PRESET_MISSING: dict[str, tuple[str, ...]] = {
         "ema_fixed_decay",
     ),
 }
+# The smoke run on CaseOps shards of the sample (data/sample/README.md builds them): val_bpb divides
+# by the val byte sidecar, the original text's bytes (R0427).
+PRESETS["smoke_caseops"] = {
+    **PRESETS["smoke"],
+    "DATA_PATH": "./data/datasets/sample_sp1024_caseops",
+    "TOKENIZER_PATH": "./data/sample/sample_1024_bpe_caseops.model",
+    "CASEOPS_ENABLED": "1",
+}
 
 # fmt: off
 # Env vars owned by other programs (torchrun, CUDA, NCCL, compilers, build tools, package managers,
@@ -342,6 +350,7 @@ KNOB_FAMILIES = {
     "VAL", "EVAL", "TRAIN", "MODEL", "VOCAB", "LOGIT", "MLP", "ATTN", "EMBED", "HEADS", "LAYERS",
     "SEED", "PRESET", "VE", "VR", "MATRIX", "SCALAR", "SOFTCAP", "WALLCLOCK", "BETA", "POLAR", "NS",
     "NORMALIZE", "ROW", "SWA", "PRUNE", "LQER", "HEDGE", "NGRAM", "ITERATIONS", "COMPRESS", "WD", "FUSED",
+    "CASEOPS", "AWQ",
 }
 # fmt: on
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -477,6 +486,7 @@ class Hyperparameters:
         k("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model")  # SentencePiece model
         k("VOCAB_SIZE", int, 1024, gt=0, le=65536)  # the tokenizer's size (checked); uint16 shards
         k("BYTE_CHECK_DOCS", int, 64)  # val documents in the BPB byte-table self-check
+        k("CASEOPS_ENABLED", bool, False)  # require the val byte sidecar (R0427); it is used whenever present
         # fmt: on
 
     def _model_knobs(self, k: _KnobReader) -> None:
@@ -944,6 +954,7 @@ BOS_ID = 1
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_WORDS = 20240520, 1, 256
 SHARD_HEADER_BYTES = SHARD_HEADER_WORDS * 4
 BOUNDARY_SPACE = "\u2581"  # SentencePiece's word-boundary marker
+CASEOPS_OPERATORS = "\ue001\ue002\ue003\ue004"  # TITLE, ALLCAPS, CAPNEXT, ESC (R0427 lossless_caps.py)
 
 
 class DataError(RuntimeError):
@@ -1087,6 +1098,69 @@ def check_byte_table(sp: spm.SentencePieceProcessor, docs: list, luts: tuple[np.
     if docs and total == 0:
         raise DataError("BPB byte self-check found no document free of <unk> tokens to check")
     return total
+
+
+def is_caseops(sp: spm.SentencePieceProcessor) -> bool:
+    """A CaseOps tokenizer (R0427, PR #1729): the four case operators are pieces of its vocabulary."""
+    return all(sp.piece_to_id(c) != sp.unk_id() for c in CASEOPS_OPERATORS)
+
+
+def caseops_text_bytes(text: str) -> int:
+    """UTF-8 bytes of the original text behind CaseOps text: ESC and the case operators are not
+    text, the character after ESC is; case changes keep an ASCII letter at one byte."""
+    n, escape = 0, False
+    for ch in text:
+        if escape or ch not in CASEOPS_OPERATORS:
+            n, escape = n + len(ch.encode("utf-8")), False
+        elif ch == CASEOPS_OPERATORS[3]:
+            escape = True
+    return n
+
+
+def load_byte_sidecar(data_path: str, n_tokens: int) -> np.ndarray | None:
+    """The val byte sidecar (R0427, PR #1729), or None when DATA_PATH has none: one
+    fineweb_val_bytes_NNNNNN.bin per val shard, in the shard format, one uint16 per token = the
+    ORIGINAL UTF-8 bytes that token accounts for. Trimmed like the val tokens."""
+    files = sorted(Path(data_path).glob("fineweb_val_bytes_*.bin"))
+    if not files:
+        return None
+    val = find_shards(data_path, "val")
+    want = [p.name.replace("fineweb_val_", "fineweb_val_bytes_") for p in val]
+    if [p.name for p in files] != want:
+        raise DataError(
+            f"{data_path}: byte sidecars {[p.name for p in files]} do not pair with val shards {want}"
+        )
+    for side, shard in zip(files, val, strict=True):
+        if read_shard_header(side) != read_shard_header(shard):
+            raise DataError(f"{side}: not one byte count per token of {shard.name}; rebuild the sidecar")
+    return np.concatenate([load_shard(p) for p in files])[:n_tokens]
+
+
+def check_sidecar(sp: spm.SentencePieceProcessor, tokens: np.ndarray, sidecar: np.ndarray, limit: int) -> int:
+    """Self-check of a byte sidecar: BOS and every unescaped case operator carry 0 bytes (charging
+    the transformed text's operators is the error of PR #2138), and over the first `limit`
+    documents the sidecar is within 10% of the original bytes of the decoded text (not exact: the
+    sidecar counts whitespace and characters the tokenizer's normaliser changed). Returns the
+    sidecar's bytes of those documents."""
+    ops = [sp.piece_to_id(c) for c in CASEOPS_OPERATORS] if is_caseops(sp) else []
+    zero = np.isin(tokens, [BOS_ID, *ops[:3]])
+    zero[1:] &= tokens[:-1] != (ops[3] if ops else -1)  # an escaped operator is text
+    if sidecar[zero].any():
+        i = int(np.flatnonzero(sidecar * zero)[0])
+        raise DataError(
+            f"byte sidecar charges {int(sidecar[i])} bytes to token {int(tokens[i])} at val position {i} "
+            "(BOS or a case operator, not original text); rebuild it with data.tokenize_docs --caseops"
+        )
+    bos = np.flatnonzero(tokens == BOS_ID)[: limit + 1]
+    got = int(sidecar[bos[0] : bos[-1] if len(bos) > limit else len(tokens)].sum()) if len(bos) else 0
+    docs = split_documents(tokens, limit)
+    want = sum(caseops_text_bytes(sp.decode([int(t) for t in d])) for d in docs)
+    if abs(got - want) > 0.1 * want:
+        raise DataError(
+            f"byte sidecar gives {got} bytes for the first {len(docs)} val documents, their decoded text "
+            f"has {want}: the sidecar does not belong to these shards; rebuild it with data.tokenize_docs"
+        )
+    return got
 
 
 def split_documents(tokens: np.ndarray, limit: int) -> list[np.ndarray]:
@@ -3172,12 +3246,22 @@ class ValData:
     has_space: Tensor
     is_boundary: Tensor
     total_bytes: int  # UTF-8 bytes of every scored target (all tokens but the first)
+    sidecar: np.ndarray | None = None  # original bytes per token (CaseOps); None: the byte table
 
 
 def token_bytes(prev: Tensor, tgt: Tensor, val: ValData) -> Tensor:
-    """Bytes per scored target; `prev` is taken at the same positions, shifted by one."""
+    """Byte-table bytes per scored target; `prev` is taken at the same positions, shifted by one."""
     space = val.has_space[tgt] & ~val.is_boundary[prev]
     return val.base_bytes[tgt].to(torch.float64) + space.to(torch.float64)
+
+
+def target_bytes(val: ValData, chunk: Tensor, lo: int) -> Tensor:
+    """UTF-8 bytes of the targets chunk[1:], chunk = val.tokens[lo : lo + len(chunk)] on the device:
+    val_bpb's denominator in every eval mode. From the byte sidecar when there is one (the original
+    text's bytes: R0427, PR #1729), else from the byte table."""
+    if val.sidecar is not None:
+        return torch.from_numpy(val.sidecar[lo + 1 : lo + len(chunk)].astype(np.float64)).to(chunk.device)
+    return token_bytes(chunk[:-1], chunk[1:], val)
 
 
 def autocast(rt: Runtime):
@@ -3189,12 +3273,34 @@ def autocast(rt: Runtime):
     )
 
 
+def byte_sidecar(hp: Hyperparameters, sp: spm.SentencePieceProcessor, n_tokens: int) -> np.ndarray | None:
+    """The val byte sidecar when DATA_PATH has one; refused absent for CASEOPS_ENABLED=1 or a CaseOps
+    tokenizer, whose byte table would charge the case operators (PR #2138's error)."""
+    sidecar = load_byte_sidecar(hp.data_path, n_tokens)
+    if sidecar is None and (hp.caseops_enabled or is_caseops(sp)):
+        why = "CASEOPS_ENABLED=1" if hp.caseops_enabled else f"{hp.tokenizer_path} is a CaseOps tokenizer"
+        raise DataError(
+            f"no val byte sidecar (fineweb_val_bytes_*.bin) in DATA_PATH={hp.data_path}, but {why}: "
+            "val_bpb must be charged to the original text's bytes, which only the sidecar holds. Build "
+            "the shards with `python -m data.tokenize_docs --caseops ...` or download them with "
+            "`python -m data.download --variant sp8192_caseops`"
+        )
+    return sidecar
+
+
 def prepare_validation(hp: Hyperparameters, rt: Runtime, log: Logger) -> ValData:
     sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     luts = build_byte_luts(sp, hp.vocab_size)
     tokens = load_validation(hp)
-    checked = check_byte_table(sp, split_documents(tokens, hp.byte_check_docs), luts)
+    sidecar = byte_sidecar(hp, sp, len(tokens))
+    if sidecar is None:
+        checked = check_byte_table(sp, split_documents(tokens, hp.byte_check_docs), luts)
+        total = count_target_bytes(tokens, luts)
+    else:
+        checked = check_sidecar(sp, tokens, sidecar, hp.byte_check_docs)
+        total = int(sidecar[1:].sum())
     unknown = int(np.count_nonzero(tokens == sp.unk_id()))
+    log(kv(byte_source="table" if sidecar is None else "sidecar", caseops_tokenizer=int(is_caseops(sp))))
     log(
         kv(
             byte_check_docs=hp.byte_check_docs,
@@ -3204,7 +3310,7 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log: Logger) -> ValData
         )
     )
     base, space, boundary = (torch.from_numpy(a).to(rt.device) for a in luts)
-    return ValData(tokens, base, space, boundary, count_target_bytes(tokens, luts))
+    return ValData(tokens, base, space, boundary, total, sidecar)
 
 
 # ---------------------------------------------------------------- flat
@@ -3236,7 +3342,7 @@ def evaluate(model: GPT, val: ValData, hp: Hyperparameters, rt: Runtime) -> tupl
             nll = model.eval_forward(x, y, reduction="none")
         sums[0] += nll.double().sum()
         sums[1] += y.numel()
-        sums[2] += token_bytes(x, y, val).sum()
+        sums[2] += target_bytes(val, chunk, s * T).sum()
     model.train(was_training)
     nll, count, nbytes = all_reduce_sum(sums, rt).tolist()
     return nll / count, nll / math.log(2) / nbytes
@@ -3990,7 +4096,7 @@ def score_model(
     was_training = model.training
     model.eval()
     tokens = torch.from_numpy(val.tokens.astype(np.int64)).to(rt.device)
-    stream = EvalStream(tokens, token_bytes(tokens[:-1], tokens[1:], val).float())
+    stream = EvalStream(tokens, target_bytes(val, tokens, 0).float())
     base = Pass("flat", hp.train_seq_len, hp.train_seq_len)
     passes = [base]
     if hp.eval_mode == "sliding":

@@ -7,6 +7,12 @@ sp1024 is published in willdepueoai/parameter-golf; sp4096 and sp8192 in kevclar
 The manifest lists each dataset (`name`, `tokenizer_name`, `vocab_size`, `stats` with
 files_/tokens_ per split) and each tokenizer (`model_path`, `vocab_path`), plus `shard_size`.
 
+CaseOps (--variant sp8192_caseops, or its hub name sp8192_lossless_caps_caseops_v1_reserved): the
+records' export (records/track_10min_16mb/2026-04-18_PR1626_CaseOps_Taper, PR #1729) in
+romeerp/parameter-golf-caseops-v1, same layout, dataset fineweb10B_sp8192_lossless_caps_caseops_v1_reserved;
+its manifest entry has `val_bytes_glob`, so the val byte sidecars fineweb_val_bytes_XXXXXX.bin come
+with the val shards (checked like shards: one count per val token).
+
 Local layout (--local-dir, default data/): datasets/fineweb10B_sp{V}/ and tokenizers/, the same as
 the official downloader. The manifest is saved as datasets/fineweb10B_sp{V}/hub_manifest.json, so
 each dataset keeps the manifest of the repo it came from.
@@ -41,7 +47,11 @@ HUB_REPOS = {
     "sp1024": "willdepueoai/parameter-golf",
     "sp4096": "kevclark/parameter-golf",
     "sp8192": "kevclark/parameter-golf",
+    "sp8192_caseops": "romeerp/parameter-golf-caseops-v1",
 }
+CASEOPS_SUFFIX = "_lossless_caps_caseops_v1_reserved"  # the hub's dataset and tokenizer names
+VARIANT_ALIASES = {"sp8192_caseops": f"sp8192{CASEOPS_SUFFIX}"}
+HUB_REPOS[VARIANT_ALIASES["sp8192_caseops"]] = HUB_REPOS["sp8192_caseops"]  # the records' variant name
 REMOTE_ROOT = "datasets"
 LOCAL_MANIFEST = "hub_manifest.json"
 DEFAULT_TRAIN_SHARDS = 80  # 8B tokens, as the official downloader
@@ -56,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--variant",
         default="sp1024",
-        help="tokenizer family: sp1024 (default), sp4096 or sp8192 (any sp<V> with --source)",
+        help="tokenizer family: sp1024 (default), sp4096, sp8192 or sp8192_caseops (any sp<V> with --source)",
     )
     parser.add_argument(
         "--train-shards",
@@ -194,9 +204,14 @@ class Target:
 
 
 def dataset_name(variant: str) -> str:
-    if not re.fullmatch(r"sp\d+", variant):
-        fail(f"--variant {variant}: expected sp<VOCAB>, e.g. sp1024, sp4096 or sp8192")
+    variant = VARIANT_ALIASES.get(variant, variant)
+    if not re.fullmatch(rf"sp\d+({CASEOPS_SUFFIX})?", variant):
+        fail(f"--variant {variant}: expected sp<VOCAB>, e.g. sp1024, sp4096 or sp8192, or sp8192_caseops")
     return f"fineweb10B_{variant}"
+
+
+def is_caseops_variant(variant: str) -> bool:
+    return VARIANT_ALIASES.get(variant, variant).endswith(CASEOPS_SUFFIX)
 
 
 def local_path(local_dir: Path, rel: str) -> Path:
@@ -222,12 +237,15 @@ def plan(manifest: dict, args: argparse.Namespace, source) -> list[Target]:
     n_val, n_train = int(stats.get("files_val", 0)), int(stats.get("files_train", 0))
     if not 0 <= args.train_shards <= n_train:
         fail(f"--train-shards {args.train_shards}: {name} has {n_train} train shards in {source}")
-    vocab = entry.get("vocab_size") or int(args.variant[2:])
+    vocab = entry.get("vocab_size") or int(re.match(r"sp(\d+)", args.variant).group(1))
+    if is_caseops_variant(args.variant) and not entry.get("val_bytes_glob"):
+        fail(f"{name} in {source} lists no val byte sidecar (val_bytes_glob): its val_bpb would be wrong")
+    n_sidecars = n_val if entry.get("val_bytes_glob") else 0
     targets = []
-    for split, count in (("val", n_val), ("train", args.train_shards)):
+    for split, count in (("val", n_val), ("val_bytes", n_sidecars), ("train", args.train_shards)):
         for i in range(count):
             rel = f"datasets/{name}/fineweb_{split}_{i:06d}.bin"
-            tokens = expected_tokens(manifest, stats, split, i)
+            tokens = expected_tokens(manifest, stats, split.removesuffix("_bytes"), i)
             targets.append(Target(rel, local_path(args.local_dir, rel), "shard", tokens=tokens))
     tokenizer = find_entry(manifest, "tokenizers", entry.get("tokenizer_name"), source)
     for key, kind in (("model_path", "model"), ("vocab_path", "vocab"), ("path", "file")):

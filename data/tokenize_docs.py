@@ -13,6 +13,12 @@ whitespace-collapsed text. A train document whose hash equals a val document's i
 lists the clashing lines; with --drop-overlap such documents are dropped from train instead and
 counted in the manifest ("dropped_overlap").
 
+--caseops (openai/parameter-golf PR #1729, the SP8192 CaseOps records): documents are case-transformed
+(data/caseops.py) before a CaseOps tokenizer encodes them, and every val shard gets its byte
+sidecar fineweb_val_bytes_NNNNNN.bin (the shard format, one uint16 per token: the ORIGINAL UTF-8
+bytes the token accounts for, 0 for BOS), which train_gpt.py divides by. Each val document's
+sidecar must sum to its UTF-8 length, or the run stops.
+
 Output is deterministic: batches are encoded in parallel but always consumed in input order, so
 --workers changes only the speed, never a byte of the shards.
 """
@@ -33,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data import caseops
 from data._common import (
     DEFAULT_TOKENIZER,
     add_document_arguments,
@@ -94,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop train documents that duplicate a val document (counted) instead of failing",
     )
     parser.add_argument(
+        "--caseops",
+        action="store_true",
+        help="case-transform documents for a CaseOps tokenizer and write the val byte sidecar",
+    )
+    parser.add_argument(
         "--force",
         action="store_true",
         help="replace shards in --output even if this tool did not write them (e.g. downloaded data)",
@@ -111,6 +123,7 @@ class Batch:
     path: str
     linenos: list[int]
     lines: list[str]
+    with_bytes: bool = False  # --caseops: the batch may hold val documents, so compute the sidecar
 
 
 @dataclass
@@ -120,8 +133,9 @@ class Encoded:
     tokens: np.ndarray  # uint16, all documents of the batch, each as [BOS] + ids
     lengths: np.ndarray  # tokens per document, BOS included
     text_bytes: np.ndarray  # len(text.encode("utf-8")) per document
-    bpb_bytes: np.ndarray  # bytes the BPB byte table (train_gpt) charges per document
+    bpb_bytes: np.ndarray  # bytes val_bpb divides by per document: the byte table, or --caseops the text
     unk: np.ndarray  # <unk> tokens per document (text the tokenizer cannot represent)
+    sidecar: np.ndarray | None  # --caseops: original UTF-8 bytes per token, aligned with `tokens`
     keys: list[bytes]  # content hashes for the overlap check
     where: list[str]  # "file:line" per document, for error messages
     empty: int = 0  # documents skipped because their text is blank
@@ -130,10 +144,23 @@ class Encoded:
 _STATE: dict = {}
 
 
-def init_worker(tokenizer: str, vocab_size: int, text_field: str) -> None:
+def init_worker(tokenizer: str, vocab_size: int, text_field: str, case_ops: bool = False) -> None:
     """Load the tokenizer and byte table once per process."""
     sp = tg().load_tokenizer(tokenizer, vocab_size)
-    _STATE.update(sp=sp, luts=tg().build_byte_luts(sp, vocab_size), field=text_field, unk=sp.unk_id())
+    luts = tg().build_byte_luts(sp, vocab_size)
+    _STATE.update(sp=sp, luts=luts, field=text_field, unk=sp.unk_id(), caseops=case_ops)
+
+
+def encode_texts(sp, texts: list[str], with_bytes: bool) -> tuple[list[list[int]], list[np.ndarray] | None]:
+    """Token ids of each text and, with --caseops in a batch that may hold val documents, each
+    token's original bytes (else None: train needs no sidecar)."""
+    if _STATE["caseops"] and not with_bytes:
+        texts = [caseops.encode(t) for t in texts]
+    if not (_STATE["caseops"] and with_bytes):
+        # One thread per process: parallelism comes from --workers; oversubscribing 2 cores hurts.
+        return (sp.encode(texts, num_threads=1) if texts else []), None
+    pairs = caseops.encode_with_bytes(sp, texts)
+    return [ids for ids, _ in pairs], [np.concatenate([[0], b]) for _, b in pairs]  # BOS: 0 bytes
 
 
 def encode_batch(batch: Batch) -> Encoded:
@@ -146,30 +173,39 @@ def encode_batch(batch: Batch) -> Encoded:
             continue
         texts.append(text)
         where.append(f"{batch.path}:{lineno}")
-    # One thread per process: parallelism comes from --workers, and oversubscribing 2 cores hurts.
-    ids_list = sp.encode(texts, num_threads=1) if texts else []
+    ids_list, side = encode_texts(sp, texts, batch.with_bytes)
     docs = [np.array([bos, *ids], dtype=np.int64) for ids in ids_list]
-    count = tg().count_target_bytes
+    if side is not None:
+        bpb_bytes = [int(b.sum()) for b in side]
+    elif _STATE["caseops"]:  # train: what a sidecar would sum to, the original text's bytes
+        bpb_bytes = [len(t.encode("utf-8")) for t in texts]
+    else:
+        bpb_bytes = [tg().count_target_bytes(d, luts) for d in docs]
     return Encoded(
         tokens=np.concatenate(docs).astype(np.uint16) if docs else np.zeros(0, np.uint16),
         lengths=np.array([d.size for d in docs], dtype=np.int64),
         text_bytes=np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64),
-        bpb_bytes=np.array([count(d, luts) for d in docs], dtype=np.int64),
+        bpb_bytes=np.array(bpb_bytes, dtype=np.int64),
         unk=np.array([int((d == unk_id).sum()) for d in docs], dtype=np.int64),
+        sidecar=(np.concatenate(side) if side else np.zeros(0, np.int64)) if side is not None else None,
         keys=[text_key(t) for t in texts],
         where=where,
         empty=empty,
     )
 
 
-def read_batches(paths: Sequence[Path], batch_docs: int, max_docs: int | None) -> Iterator[Batch]:
-    """Group input lines into batches that never span two files (so errors can name the file)."""
+def read_batches(
+    paths: Sequence[Path], batch_docs: int, max_docs: int | None, val_open=lambda: False
+) -> Iterator[Batch]:
+    """Group input lines into batches that never span two files (so errors can name the file).
+    `val_open()`, asked as each batch is handed out, says whether val may still take documents."""
     batch, seen = None, 0
     for path, lineno, line in iter_lines(paths):
         if max_docs is not None and seen >= max_docs:
             break
         seen += 1
         if batch is not None and (batch.path != path or len(batch.lines) >= batch_docs):
+            batch.with_bytes = val_open()
             yield batch
             batch = None
         if batch is None:
@@ -177,6 +213,7 @@ def read_batches(paths: Sequence[Path], batch_docs: int, max_docs: int | None) -
         batch.linenos.append(lineno)
         batch.lines.append(line)
     if batch is not None:
+        batch.with_bytes = val_open()
         yield batch
 
 
@@ -268,6 +305,7 @@ class Splitter:
     val_docs: int
     writers: dict[str, ShardWriter]
     drop_overlap: bool
+    caseops: bool = False
     stats: dict[str, SplitStats] = field(default_factory=lambda: {"val": SplitStats(), "train": SplitStats()})
     val_keys: dict[bytes, str] = field(default_factory=dict)
     overlaps: list[str] = field(default_factory=list)
@@ -285,12 +323,16 @@ class Splitter:
                 continue
             self.stats[split].add(enc, i)
             self.writers[split].add(enc.tokens[starts[i] : starts[i + 1]])
+            if split == "val" and self.caseops:
+                if enc.sidecar is None:
+                    fail(f"{enc.where[i]}: internal error, a val document was encoded without its bytes")
+                self.writers["val_bytes"].add(enc.sidecar[starts[i] : starts[i + 1]])
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def open_tokenizer(path: Path, vocab_size: int | None) -> int:
+def open_tokenizer(path: Path, vocab_size: int | None, case_ops: bool = False) -> int:
     """Check the tokenizer the way train_gpt will load it; return its vocabulary size."""
     import sentencepiece as spm
 
@@ -302,6 +344,11 @@ def open_tokenizer(path: Path, vocab_size: int | None) -> int:
         fail(f"{path}: tokenizer bos_id is {sp.bos_id()}, the shards need {tg().BOS_ID}")
     if actual > 65536:
         fail(f"{path}: vocabulary of {actual} does not fit uint16 shards (max 65536)")
+    if case_ops != tg().is_caseops(sp):
+        fail(
+            f"{path}: a CaseOps tokenizer needs --caseops (and --caseops a CaseOps tokenizer, made with "
+            "`python -m data.train_tokenizer --caseops`)"
+        )
     return actual
 
 
@@ -332,7 +379,8 @@ def prepare_output(out: Path, force: bool) -> Path:
 
 def install_output(tmp: Path, out: Path) -> None:
     """Replace the old shards with the new ones (temporary folder -> final names by rename)."""
-    for old in [*shard_files(out, "train"), *shard_files(out, "val"), out / "manifest.json"]:
+    sidecars = sorted(out.glob("fineweb_val_bytes_*.bin"))
+    for old in [*shard_files(out, "train"), *shard_files(out, "val"), *sidecars, out / "manifest.json"]:
         old.unlink(missing_ok=True)
     for new in sorted(tmp.iterdir()):
         os.replace(new, out / new.name)
@@ -358,13 +406,14 @@ def check_args(args: argparse.Namespace) -> None:
 def tokenize(args: argparse.Namespace) -> dict:
     """Run the whole pipeline; return the manifest that was written."""
     check_args(args)
-    vocab = open_tokenizer(args.tokenizer, args.vocab_size)
+    vocab = open_tokenizer(args.tokenizer, args.vocab_size, args.caseops)
     tmp = prepare_output(args.output, args.force)
     try:
-        writers = {s: ShardWriter(tmp, s, args.shard_tokens) for s in ("val", "train")}
-        splitter = Splitter(args.val_docs, writers, args.drop_overlap)
-        batches = read_batches(args.input, args.batch_docs, args.max_docs)
-        init_args = (str(args.tokenizer), vocab, args.text_field)
+        writers = {s: ShardWriter(tmp, s, args.shard_tokens) for s in ("val", "train", "val_bytes")}
+        splitter = Splitter(args.val_docs, writers, args.drop_overlap, args.caseops)
+        val_open = lambda: splitter.stats["val"].documents < args.val_docs  # noqa: E731
+        batches = read_batches(args.input, args.batch_docs, args.max_docs, val_open)
+        init_args = (str(args.tokenizer), vocab, args.text_field, args.caseops)
         for enc in ordered_map(batches, args.workers, init_args):
             splitter.consume(enc)
         for writer in writers.values():
@@ -387,6 +436,12 @@ def check_result(splitter: Splitter, args: argparse.Namespace) -> None:
             f"  {shown}\nremove them from the input, or pass --drop-overlap to drop them from train"
         )
     val, train = splitter.stats["val"].documents, splitter.stats["train"].documents
+    stats = splitter.stats["val"]
+    if args.caseops and stats.bpb_bytes != stats.bytes:
+        fail(
+            f"the val byte sidecar sums to {stats.bpb_bytes} bytes, the val documents have {stats.bytes}: "
+            "some text is not covered by any token (a document the tokenizer encodes to nothing?)"
+        )
     if val < args.val_docs or train == 0:
         fail(
             f"only {val + train} non-empty documents for --val-docs {args.val_docs}: "
@@ -399,7 +454,14 @@ def build_manifest(args: argparse.Namespace, vocab: int, splitter: Splitter, fol
         stats.files = splitter.writers[split].files
         for entry in stats.files:
             entry["sha256"] = sha256_file(folder / entry["name"])
-    all_files = splitter.stats["val"].files + splitter.stats["train"].files
+    sidecars = splitter.writers["val_bytes"].files
+    for entry in sidecars:
+        entry["sha256"] = sha256_file(folder / entry["name"])
+    all_files = splitter.stats["val"].files + splitter.stats["train"].files + sidecars
+    splits = {s: splitter.stats[s].summary() for s in ("val", "train")}
+    if args.caseops:
+        splits["val"]["byte_files"] = sidecars
+    extra = {"text_transform": caseops.TEXT_TRANSFORM} if args.caseops else {}
     return {
         "format": MANIFEST_FORMAT,
         "tool": TOOL,
@@ -417,7 +479,8 @@ def build_manifest(args: argparse.Namespace, vocab: int, splitter: Splitter, fol
         "skipped_empty": splitter.empty,
         "dropped_overlap": len(splitter.overlaps),
         "overlap_key": "blake2b-128 of NFKC, lower-cased, whitespace-collapsed text",
-        "splits": {s: splitter.stats[s].summary() for s in ("val", "train")},
+        "splits": splits,
+        **extra,
     }
 
 

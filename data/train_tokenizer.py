@@ -6,6 +6,10 @@ prefix, ids pad=0 bos=1 eos=2 unk=3, hard_vocab_limit off, and SentencePiece's d
 max_sentence_length (4192 bytes: longer documents are left out of training, as officially).
 Documents are fed whole, NUL replaced by a space and stripped; blank ones are skipped.
 
+--caseops trains a CaseOps tokenizer (data/caseops.py; openai/parameter-golf PR #1729): documents
+are fed case-transformed and the four case operators are user-defined pieces, as the records'
+tokenizer_specs_export_caseops_v1_reserved_only.json asks (`reserve_text_transform_controls`).
+
 Note: the bundled data/sample/fineweb_1024_bpe.model has no byte-fallback pieces (its trainer
 spec says byte_fallback=false), so text it cannot cover becomes <unk>. Tokenizers trained here
 have the 256 <0xNN> pieces and never emit <unk>.
@@ -21,6 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from data import caseops
 from data._common import add_document_arguments, fail, iter_docs, run_main
 
 # Official trainer settings; everything not listed keeps SentencePiece's default, as officially.
@@ -38,6 +43,7 @@ TRAINER_SETTINGS = {
     "hard_vocab_limit": False,
 }
 SP_DEFAULT_MAX_SENTENCE_LENGTH = 4192
+CASEOPS_NAME = "lossless_caps_caseops_v1_reserved"  # the records' tokenizer and dataset suffix
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         type=Path,
         default=None,
-        help="output prefix (default data/tokenizers/fineweb_{V}_bpe -> .model and .vocab); "
+        help="output prefix (default data/tokenizers/fineweb_{V}_bpe, with --caseops "
+        "fineweb_{V}_bpe_lossless_caps_caseops_v1_reserved -> .model and .vocab); "
         "a trailing .model is dropped",
+    )
+    parser.add_argument(
+        "--caseops",
+        action="store_true",
+        help="CaseOps tokenizer: train on case-transformed text, the case operators as user-defined pieces",
     )
     parser.add_argument("--max-docs", type=int, default=None, help="train on at most this many documents")
     parser.add_argument(
@@ -105,6 +117,8 @@ class DocFeed:
             text = text.replace("\x00", " ").strip()
             if not text:
                 continue
+            if args.caseops:
+                text = caseops.encode(text)
             self.docs += 1
             self.too_long += len(text.encode("utf-8")) > args.max_sentence_length
             yield text
@@ -119,7 +133,8 @@ def train(args: argparse.Namespace) -> Path:
             fail(f"{path}: input file not found")
     if not 260 < args.vocab_size <= 65536:
         fail(f"--vocab-size {args.vocab_size}: must exceed 260 (4 specials + 256 byte pieces) and fit uint16")
-    prefix = args.output or Path(f"data/tokenizers/fineweb_{args.vocab_size}_bpe")
+    suffix = f"_{CASEOPS_NAME}" if args.caseops else ""
+    prefix = args.output or Path(f"data/tokenizers/fineweb_{args.vocab_size}_bpe{suffix}")
     prefix = prefix.with_name(prefix.name.removesuffix(".model"))
     prefix.parent.mkdir(parents=True, exist_ok=True)
     feed = DocFeed(args)
@@ -134,6 +149,7 @@ def train(args: argparse.Namespace) -> Path:
                 max_sentence_length=args.max_sentence_length,
                 minloglevel=2,
                 **TRAINER_SETTINGS,
+                **({"user_defined_symbols": list(caseops.OPERATORS)} if args.caseops else {}),
             )
         except RuntimeError as exc:
             if feed.error is None:
@@ -156,7 +172,7 @@ def report(model: Path, args: argparse.Namespace, feed: DocFeed) -> None:
     byte_pieces = sum(sp.is_byte(i) for i in range(size))
     print(
         f"wrote {model} and {model.with_suffix('.vocab')}: vocab_size:{size} byte_pieces:{byte_pieces} "
-        f"docs:{feed.docs} docs_over_max_sentence_length:{feed.too_long}"
+        f"docs:{feed.docs} docs_over_max_sentence_length:{feed.too_long} caseops:{int(args.caseops)}"
     )
     if size != args.vocab_size:
         print(

@@ -10,6 +10,14 @@ Checks, each printed as `ok`, `warn` or `FAIL`:
   overlap    no train document has exactly the token sequence of a val document
   bytes      BPB byte table exact on sampled val documents (train_gpt.check_byte_table on the
              stored ids, decoded by the tokenizer); documents with <unk> are skipped and counted
+  sidecar    with a val byte sidecar (fineweb_val_bytes_*.bin, CaseOps: openai/parameter-golf PR
+             #1729) instead of the table: it pairs with the val shards, and passes train_gpt's
+             self-check (check_sidecar); a CaseOps tokenizer without one fails. With --input (the
+             documents tokenize_docs --caseops read), every val document is proved: its text
+             round-trips through the case transform, the stored ids are the tokenization of the
+             transformed text, decode + inverse gives the text back (or the text as the
+             tokenizer's normaliser leaves it, counted apart), and its sidecar equals the
+             recomputed per-token original bytes and sums to its UTF-8 length
 Exit status 1 and a list of the problems if any check fails.
 """
 
@@ -25,7 +33,17 @@ from pathlib import Path
 
 import numpy as np
 
-from data._common import REPO_ROOT, expected_tokens, fail, run_main, sha256_file, shard_files, tg
+from data import caseops
+from data._common import (
+    REPO_ROOT,
+    expected_tokens,
+    fail,
+    iter_docs,
+    run_main,
+    sha256_file,
+    shard_files,
+    tg,
+)
 
 EOS_ID = 2  # the challenge tokenizers' eos id; shards never contain it (append_eos=False)
 ROUNDTRIP_MIN = 0.9  # re-encoding is exact for ~all unk-free docs with the right tokenizer
@@ -57,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="train shards: headers and the first shard only (no overlap scan)",
     )
     parser.add_argument("--checksums", action="store_true", help="also compare sha256 of every shard")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="CaseOps data: the JSON-lines documents the shards were made from, in the same order; "
+        "every val document is proved against its original text",
+    )
+    parser.add_argument("--text-field", default="text", help="JSON field holding the text (default 'text')")
     return parser
 
 
@@ -320,6 +348,78 @@ def check_bytes(report: Report, sp, luts, docs: list[np.ndarray], val_files: lis
         )
 
 
+def check_sidecar(report: Report, sp, folder: Path, val_files: list[Path], args) -> bool:
+    """The byte sidecar checks (see the module docstring); False when there is no sidecar and the
+    byte table is what train_gpt.py would divide by."""
+    tokens = np.concatenate([tg().load_shard(p) for p in val_files])
+    try:
+        sidecar = tg().load_byte_sidecar(folder, len(tokens))
+    except tg().DataError as exc:
+        report.fail(str(exc))
+        return True
+    if sidecar is None:
+        if tg().is_caseops(sp):
+            report.fail(
+                "CaseOps tokenizer but no val byte sidecar (fineweb_val_bytes_*.bin): val_bpb cannot be "
+                "charged to the original bytes; rebuild with data.tokenize_docs --caseops"
+            )
+            return True
+        if args.input:
+            report.warn("--input is used for CaseOps data only: not read")
+        return False
+    try:
+        checked = tg().check_sidecar(sp, tokens, sidecar, args.sample_docs or len(tokens))
+        report.ok(f"val byte sidecar pairs with the val shards and passes the self-check ({checked:,} bytes)")
+    except tg().DataError as exc:
+        report.fail(str(exc))
+    if args.input:
+        prove_documents(report, sp, tokens, sidecar, args)
+    return True
+
+
+def normalised_form(sp, text: str) -> str:
+    """The transformed text as the tokenizer's normaliser leaves it, as decoding prints it."""
+    return sp.normalize(caseops.encode(text)).replace(tg().BOUNDARY_SPACE, " ")
+
+
+def prove_documents(report: Report, sp, tokens: np.ndarray, sidecar: np.ndarray, args) -> None:
+    """Document by document against the original texts (the first non-blank ones, as tokenize_docs)."""
+    bos = np.flatnonzero(tokens == tg().BOS_ID)
+    ends = [*bos[1:], len(tokens)]
+    texts = (text for _, _, text in iter_docs(args.input, args.text_field) if text.strip())
+    bad, normalised, total = [], 0, 0
+    for i, (start, end, text) in enumerate(zip(bos, ends, texts, strict=False)):
+        ids, side = [int(t) for t in tokens[start + 1 : end]], sidecar[start + 1 : end]
+        want_ids, want_bytes = caseops.encode_with_bytes(sp, [text])[0]
+        decoded = sp.decode(ids)
+        try:
+            restored = caseops.decode(decoded)
+        except caseops.CaseOpsError as exc:
+            restored = f"<not a CaseOps string: {exc}>"
+        problem = (
+            "the case transform does not round-trip" * (caseops.decode(caseops.encode(text)) != text)
+            or "stored ids differ from the tokenization of the transformed text" * (ids != want_ids)
+            or "sidecar differs from the recomputed original bytes" * (side.tolist() != want_bytes.tolist())
+            or "sidecar does not sum to the text's UTF-8 length" * (int(side.sum()) != len(text.encode()))
+            or "decode + inverse gives neither the text nor its normalised form"
+            * (restored != text and decoded != normalised_form(sp, text))
+        )
+        if problem:
+            bad.append(f"val document {i}: {problem}")
+        normalised += restored != text
+        total += 1
+    if total != len(bos):
+        bad.append(f"--input has {total} non-blank documents for {len(bos)} val documents")
+    if bad:
+        report.fail(f"{len(bad)} val documents fail the CaseOps proof:\n      " + "\n      ".join(bad[:5]))
+    else:
+        report.ok(
+            f"CaseOps proof on all {total} val documents: ids = tokenization of the transformed text, "
+            f"sidecar = original UTF-8 bytes; decode + inverse = the text for {total - normalised}, its "
+            f"normalised form for {normalised} (the tokenizer's normaliser changed it)"
+        )
+
+
 def check_overlap(report: Report, files: dict[str, list[Path]], sp) -> None:
     """Exact token-sequence duplicates between val and train documents (empty docs ignored)."""
     val: dict[bytes, int] = {}
@@ -363,7 +463,8 @@ def verify(args: argparse.Namespace) -> Report:
         return report  # the content checks need readable shards and a matching tokenizer
     docs = val_sample(files["val"], args.sample_docs)
     check_tokenizer_match(report, sp, docs)
-    check_bytes(report, sp, tg().build_byte_luts(sp, vocab), docs, files["val"])
+    if not check_sidecar(report, sp, folder, files["val"], args):
+        check_bytes(report, sp, tg().build_byte_luts(sp, vocab), docs, files["val"])
     if args.quick:
         report.warn("--quick: train/val overlap not scanned")
     else:

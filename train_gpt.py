@@ -204,6 +204,7 @@ PRESETS: dict[str, dict[str, str]] = {
         "DATA_PATH": "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
         "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
         "VOCAB_SIZE": "8192",
+        "CASEOPS_ENABLED": "1",  # val_bpb divides by the val byte sidecar (original bytes)
         "NUM_LAYERS": "11",
         "MODEL_DIM": "512",
         "NUM_HEADS": "8",
@@ -307,7 +308,6 @@ PRESET_MISSING: dict[str, tuple[str, ...]] = {
         "ema_fixed_decay",
     ),
     "record_0427": (
-        "caseops_tokenizer",  # lossless-caps CaseOps SP8192 data and its byte sidecar (PR #1729)
         "per_class_sdclip(attn=13.0/mlp=11.5/embed=14.0)",
         "lqer_asym(rank=4/factor_bits=4/group=64/top_k=3)",  # low-rank quantisation error repair
         "int8_attn_gate",  # R0427 stores attn_gate_w int8 (GATED_ATTN_QUANT_GATE)

@@ -114,7 +114,7 @@ KNOB_FAMILIES = {
     "UNET", "SKIP", "LOOP", "PARALLEL", "QUANT", "SLIDING", "ADAM", "WARMDOWN", "WARMUP", "LR",
     "VAL", "EVAL", "TRAIN", "MODEL", "VOCAB", "LOGIT", "MLP", "ATTN", "EMBED", "HEADS", "LAYERS",
     "SEED", "PRESET", "VE", "VR", "MATRIX", "SCALAR", "SOFTCAP", "WALLCLOCK", "BETA", "POLAR", "NS",
-    "NORMALIZE", "ROW", "SWA", "PRUNE", "LQER", "HEDGE", "NGRAM", "ITERATIONS", "COMPRESS",
+    "NORMALIZE", "ROW", "SWA", "PRUNE", "LQER", "HEDGE", "NGRAM", "ITERATIONS", "COMPRESS", "AWQ",
 }
 # fmt: on
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -370,6 +370,20 @@ class Hyperparameters:
         k("COMPRESSOR", str, "auto", choices=("auto", "zstd", "brotli", "lzma"))  # auto: smallest importable
         k("CODE_BYTES_MODE", str, "packed", choices=("raw", "packed"))  # count the packed form (pack_source)
         k("ARTIFACT_CAP_BYTES", int, 16000000)  # code + compressed model must fit (decimal bytes)
+        k("MLP_CLIP_SIGMAS", float, 0.0, ge=0)  # > 0: SDClip k, MLP matrices (R0427: 11.5); 0 = GPTQ_SDCLIP_K
+        k("ATTN_CLIP_SIGMAS", float, 0.0, ge=0)  # > 0: SDClip k of attention matrices (R0427: 13.0)
+        k("EMBED_CLIP_SIGMAS", float, 0.0, ge=0)  # > 0: SDClip k of the GPTQ'd token embedding (R0427: 14.0)
+        k("GATED_ATTN_QUANT_GATE", bool, False)  # attention gate weights int8 per row, not fp16 (R0419)
+        k("LQER_ENABLED", bool, False)  # rank-r correction of the LQER_TOP_K largest quantisation errors
+        k("LQER_RANK", int, 4, gt=0)  # rank of each LQER correction
+        k("LQER_TOP_K", int, 3, gt=0)  # tensors corrected: the largest ||W - Q(W)||_F
+        k("LQER_FACTOR_BITS", int, 4, ge=2, le=8)  # symmetric LQER: bits of both factors (per-row scales)
+        k("LQER_ASYM_ENABLED", bool, False)  # LQER A int2 (one scale), B int4 (a scale per LQER_ASYM_GROUP)
+        k("LQER_ASYM_GROUP", int, 64, gt=0)  # asymmetric LQER: values of the flattened B per fp16 scale
+        k("AWQ_LITE_ENABLED", bool, False)  # GPTQ keeps the most salient column groups at AWQ_LITE_BITS
+        k("AWQ_LITE_BITS", int, 8, ge=2, le=8)  # bits of the salient groups
+        k("AWQ_LITE_GROUP_TOP_K", int, 1, gt=0)  # salient groups kept, over all GPTQ'd matrices together
+        k("AWQ_LITE_GROUP_SIZE", int, 64, gt=0)  # consecutive input columns per group
         # fmt: on
 
     def validate(self) -> None:
@@ -419,6 +433,10 @@ class Hyperparameters:
             (
                 self.clip_fracs and all(0 < f <= 1 for f in self.clip_fracs),
                 "GPTQ_CLIP_FRACS must be a comma list of fractions in (0, 1]",
+            ),
+            (
+                not self.awq_lite_enabled or self.quant_packing == "bytes",
+                "AWQ_LITE_ENABLED=1 needs QUANT_PACKING=bytes (salient columns exceed the bit-packed range)",
             ),
         ]
 
@@ -1482,15 +1500,68 @@ def qmax(bits: int) -> int:
 
 
 @dataclass
+class SalientGroups:
+    """AWQ-lite (PR #1908): column groups [start, start + size) that GPTQ quantised at `bits` with
+    their own fp16 row scales (the same clip range as the rest of the row, a finer grid)."""
+
+    starts: tuple[int, ...]
+    size: int
+    bits: int
+    scale: Tensor
+
+    def columns(self) -> list[int]:
+        return [c for start in self.starts for c in range(start, start + self.size)]
+
+
+@dataclass
+class LowRank:
+    """LQER (R0427, PR #1855): a rank-r correction A @ B of the residual W - Q(W), both factors
+    quantised. `sym`: A and B intN with one fp16 scale per row. `asym`: A int2 in [-2, 1] with one
+    scale for the matrix, B int4 in [-8, 7] with one scale per group of the flattened B."""
+
+    kind: str
+    qA: Tensor
+    sA: Tensor
+    qB: Tensor
+    sB: Tensor
+
+    def delta(self) -> Tensor:
+        if self.kind == "asym":
+            A = self.qA.float() * self.sA.float()
+            B = (self.qB.float().view(self.sB.numel(), -1) * self.sB.float()[:, None]).view(self.qB.shape)
+        else:
+            A = self.qA.float() * self.sA.float()[:, None]
+            B = self.qB.float() * self.sB.float()[:, None]
+        return A @ B
+
+    def cpu(self) -> LowRank:
+        return LowRank(self.kind, self.qA.cpu(), self.sA.cpu(), self.qB.cpu(), self.sB.cpu())
+
+
+@dataclass
 class QuantTensor:
-    """Per-row symmetric integers (int8 container) and their fp16 row scales."""
+    """Per-row symmetric integers (int8 container) and their fp16 row scales; optionally salient
+    column groups at more bits (AWQ-lite) and a low-rank error correction (LQER)."""
 
     q: Tensor
     scale: Tensor
     bits: int
+    salient: SalientGroups | None = None
+    lqer: LowRank | None = None
 
     def dequantize(self) -> Tensor:
-        return self.q.float() * self.scale.float()[:, None]
+        W = self.q.float() * self.scale.float()[:, None]
+        if self.salient is not None:
+            cols = self.salient.columns()
+            W[:, cols] = self.q[:, cols].float() * self.salient.scale.float()[:, None]
+        if self.lqer is not None:
+            W = W + self.lqer.delta()
+        return W
+
+    def cpu(self) -> QuantTensor:
+        g = self.salient
+        salient = g and SalientGroups(g.starts, g.size, g.bits, g.scale.cpu())
+        return QuantTensor(self.q.cpu(), self.scale.cpu(), self.bits, salient, self.lqer and self.lqer.cpu())
 
 
 def fake_quantize(w: Tensor, bits: int) -> Tensor:
@@ -1554,22 +1625,32 @@ def damped_upper_inverse(H: Tensor, damp: float) -> Tensor:
     raise ArtifactError("GPTQ: the calibration Hessian stays singular after damping; raise GPTQ_DAMP")
 
 
-def gptq_quantize(w: Tensor, H: Tensor, bits: int, hp: Hyperparameters, fracs=None) -> QuantTensor:
+def gptq_quantize(
+    w: Tensor, H: Tensor, bits: int, hp: Hyperparameters, fracs=None, sdclip_k=None, salient=()
+) -> QuantTensor:
     """Full GPTQ (Frantar et al. 2022): columns quantised in order (by descending
     Hessian diagonal with act-order), each one's error pushed onto the columns not yet quantised
-    through the upper Cholesky factor of H^-1, lazily per block of GPTQ_BLOCK_SIZE columns."""
+    through the upper Cholesky factor of H^-1, lazily per block of GPTQ_BLOCK_SIZE columns.
+    `sdclip_k` (default GPTQ_SDCLIP_K) > 0 clips rows at k std of the weights as given (R0427);
+    `salient` group starts (AWQ-lite) are quantised at AWQ_LITE_BITS inside the same solve."""
     W, H = w.detach().float().clone(), H.detach().float().clone()
     dead = H.diagonal() == 0  # inputs never active in calibration: weight irrelevant, keep H invertible
     H.diagonal()[dead] = 1.0
     W[:, dead] = 0.0
+    k = hp.gptq_sdclip_k if sdclip_k is None else sdclip_k
     scale = (
-        sdclip_scales(W, bits, hp.gptq_sdclip_k)
-        if hp.gptq_sdclip_k > 0
+        sdclip_scales(w.detach().float(), bits, k)
+        if k > 0
         else hessian_clip_scales(W, H, bits, fracs or hp.clip_fracs)
     )
+    hi = salient_columns(W.size(1), salient, hp.awq_lite_group_size).to(W.device)
+    if salient:  # the row's clip range as the rest of the row has it, at the finer grid
+        clip = k * w.detach().float().std(dim=1) if k > 0 else scale * qmax(bits)
+        scale_hi = fp16_scales(clip, hp.awq_lite_bits)
     perm = torch.argsort(H.diagonal(), descending=True) if hp.gptq_act_order else None
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H, hi = W[:, perm], H[perm][:, perm], hi[perm]
+    hi = hi.tolist() if salient else None
     U = damped_upper_inverse(H, hp.gptq_damp)
     Q = torch.zeros_like(W)
     cols = W.size(1)
@@ -1577,15 +1658,27 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, hp: Hyperparameters, fracs=No
         i2 = min(i1 + hp.gptq_block_size, cols)
         W1, U1, E1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2], torch.zeros_like(W[:, i1:i2])
         for j in range(i2 - i1):
-            q = round_to_grid(W1[:, j : j + 1], scale, bits).squeeze(1)
+            s, b = (scale_hi, hp.awq_lite_bits) if hi and hi[i1 + j] else (scale, bits)
+            q = round_to_grid(W1[:, j : j + 1], s, b).squeeze(1)
             Q[:, i1 + j] = q
-            err = (W1[:, j] - q * scale) / U1[j, j]
+            err = (W1[:, j] - q * s) / U1[j, j]
             W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
             E1[:, j] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    return QuantTensor(Q.to(torch.int8), scale.half(), bits)
+    if not salient:
+        return QuantTensor(Q.to(torch.int8), scale.half(), bits)
+    groups = SalientGroups(tuple(salient), hp.awq_lite_group_size, hp.awq_lite_bits, scale_hi.half())
+    return QuantTensor(Q.to(torch.int8), scale.half(), bits, groups)
+
+
+def salient_columns(cols: int, starts, size: int) -> Tensor:
+    """Boolean mask of the columns in the groups [start, start + size)."""
+    mask = torch.zeros(cols, dtype=torch.bool)
+    for start in starts:
+        mask[start : start + size] = True
+    return mask
 
 
 def rtn_quantize(w: Tensor, bits: int) -> QuantTensor:
@@ -1618,6 +1711,102 @@ def block_index(name: str) -> int | None:
     return int(parts[1]) if parts[0] == "blocks" else None
 
 
+# Attention gate weights as the records name them: ours (GATED_ATTN), and R0419-R0427's dense and
+# sparse gates (`attn_gate_w`); like them, only 2-D tensors of 32 to 8192 values.
+GATE_SUFFIXES = (".attn.gate.weight", ".attn_gate_w")
+
+
+def quant_gate_names(state: Mapping[str, Tensor], hp: Hyperparameters) -> set[str]:
+    """GATED_ATTN_QUANT_GATE (R0419 'QuantGate'): the attention gate weights, stored int8 with one
+    fp16 scale per row (row max / 127) instead of fp16; no Hessian, never moved by the fit ladder."""
+    if not hp.gated_attn_quant_gate:
+        return set()
+    return {
+        n for n, t in state.items() if n.endswith(GATE_SUFFIXES) and t.ndim == 2 and 32 <= t.numel() <= 8192
+    }
+
+
+def clip_sigmas(name: str, hp: Hyperparameters) -> float:
+    """SDClip k of one matrix by class, as R0427 splits them: the token embedding EMBED_CLIP_SIGMAS,
+    MLP matrices MLP_CLIP_SIGMAS, attention matrices ATTN_CLIP_SIGMAS. A class knob left at 0, and
+    every other matrix, take GPTQ_SDCLIP_K (the records' MATRIX_CLIP_SIGMAS); 0 means the search."""
+    if "tok_emb" in name:
+        k = hp.embed_clip_sigmas
+    elif ".mlp." in name:
+        k = hp.mlp_clip_sigmas
+    elif ".attn." in name:
+        k = hp.attn_clip_sigmas
+    else:
+        k = 0.0
+    return k or hp.gptq_sdclip_k
+
+
+def gptq_applies(name: str, hessians: Mapping[str, Tensor], hp: Hyperparameters) -> bool:
+    """GPTQ where a Hessian exists (embeddings only with QUANT_EMBED_GPTQ), else round-to-nearest."""
+    if name in EMBEDDING_NAMES and not hp.quant_embed_gptq:
+        return False
+    return hp.quant_method == "gptq" and name in hessians
+
+
+def awq_lite_groups(state, plan: Mapping[str, int], hessians, hp: Hyperparameters) -> dict[str, list[int]]:
+    """AWQ-lite (PR #1908): each AWQ_LITE_GROUP_SIZE-column group of each GPTQ'd matrix below
+    AWQ_LITE_BITS scores sum over its columns of activation RMS x mean |w| (the RMS from the
+    calibration Hessian's diagonal and the rows it summed); the AWQ_LITE_GROUP_TOP_K best groups over
+    all matrices together, as PR #1908's code ranks them, are quantised at AWQ_LITE_BITS. Returns
+    each chosen matrix's group starts."""
+    g, candidates = hp.awq_lite_group_size, []
+    for name, bits in plan.items():
+        if bits >= hp.awq_lite_bits or not gptq_applies(name, hessians, hp):
+            continue
+        rows = getattr(hessians, "rows", {}).get(name)
+        if not rows:
+            raise ArtifactError(
+                "AWQ_LITE_ENABLED=1 needs the Hessians of collect_hessians (their row counts)"
+            )
+        W = state[name].detach().float()
+        saliency = ((hessians[name].diagonal() / rows).sqrt() * W.abs().mean(dim=0)).cpu()
+        n = W.size(1) // g
+        sums = saliency[: n * g].view(n, g).sum(dim=1).tolist()
+        candidates += [(score, name, i * g) for i, score in enumerate(sums)]
+    candidates.sort(key=lambda c: -c[0])
+    chosen: dict[str, list[int]] = {}
+    for _, name, start in candidates[: hp.awq_lite_group_top_k]:
+        chosen.setdefault(name, []).append(start)
+    return chosen
+
+
+def lqer_fit(E: Tensor, hp: Hyperparameters) -> LowRank:
+    """LQER (R0427): the top-LQER_RANK SVD of the residual E = W - Q(W) as A = U_r S_r, B = V_r^T,
+    quantised asymmetrically (LQER_ASYM_ENABLED, when B splits into LQER_ASYM_GROUP groups) or with
+    LQER_FACTOR_BITS per-row symmetric integers."""
+    U, S, Vh = torch.linalg.svd(E.float(), full_matrices=False)
+    r = min(hp.lqer_rank, S.numel())
+    A, B = (U[:, :r] * S[:r]).contiguous(), Vh[:r].contiguous()
+    if hp.lqer_asym_enabled and B.numel() % hp.lqer_asym_group == 0:
+        return lqer_asym(A, B, hp.lqer_asym_group)
+    return lqer_sym(A, B, hp.lqer_factor_bits)
+
+
+def lqer_sym(A: Tensor, B: Tensor, bits: int) -> LowRank:
+    top = qmax(bits)
+    sA = (A.abs().amax(dim=1).clamp_min(1e-10) / top).half()
+    sB = (B.abs().amax(dim=1).clamp_min(1e-10) / top).half()
+    qA = torch.clamp(torch.round(A / sA.float()[:, None]), -top, top).to(torch.int8)
+    qB = torch.clamp(torch.round(B / sB.float()[:, None]), -top, top).to(torch.int8)
+    return LowRank("sym", qA, sA, qB, sB)
+
+
+def lqer_asym(A: Tensor, B: Tensor, group: int) -> LowRank:
+    """A in [-2, 1] on one scale |A|max / 1.5; B in [-8, 7] on a scale group max / 7.5 per `group`
+    values of the flattened B (R0427's constants)."""
+    sA = (A.abs().amax().clamp_min(1e-10) / 1.5).half().reshape(1)
+    qA = torch.clamp(torch.round(A / sA.float()), -2, 1).to(torch.int8)
+    Bg = B.reshape(-1, group)
+    sB = (Bg.abs().amax(dim=1).clamp_min(1e-10) / 7.5).half()
+    qB = torch.clamp(torch.round(Bg / sB.float()[:, None]), -8, 7).to(torch.int8).reshape(B.shape)
+    return LowRank("asym", qA, sA, qB, sB)
+
+
 def set_qat(model: GPT, plan: Mapping[str, int] | None) -> None:
     """Late QAT on (plan: each linear's target bits) or off (None) for every CastedLinear."""
     for name, module in model.named_modules():
@@ -1648,19 +1837,31 @@ def check_calibration_stream(loader: DistributedTokenLoader, hp: Hyperparameters
             )
 
 
+class Hessians(dict):
+    """Each quantised tensor's H = sum X^T X, plus `rows`: how many input rows each one summed
+    (over ranks), so that diag(H) / rows is the per-channel mean square activation (AWQ-lite)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rows: dict[str, int] = {}
+
+
 @torch.no_grad()
 def collect_hessians(
     model: GPT, loader: DistributedTokenLoader, hp: Hyperparameters, rt: Runtime, batches: int
 ):
     """H = sum X^T X of each quantised linear's input over TRAINING batches (never validation), summed
     over ranks. Hooks sit on every CastedLinear, so looped blocks accumulate over their repeats; the
-    tied embedding, read as the output head, gets the final hidden states (R0409 'GPTQ embeddings')."""
+    tied embedding, read as the output head, gets the final hidden states (R0409 'GPTQ embeddings').
+    The amount is GPTQ_CALIB_TOKENS, over all ranks. R0427's GPTQ_CALIBRATION_BATCHES=16 is 16 batches
+    of TRAIN_BATCH_TOKENS / 8 = 98,304 tokens on each rank, its Hessians not summed over ranks: the
+    same 1,572,864 tokens behind each Hessian are GPTQ_CALIB_TOKENS=1572864 here."""
     check_calibration_stream(loader, hp)
     plan = quant_plan(model, hp)
     linears = {
         n: m for n, m in model.named_modules() if isinstance(m, CastedLinear) and f"{n}.weight" in plan
     }
-    hessians: dict[str, Tensor] = {}
+    hessians = Hessians()
 
     def hook(name: str):
         def accumulate(module: nn.Module, args: tuple) -> None:
@@ -1668,6 +1869,7 @@ def collect_hessians(
             if name not in hessians:
                 hessians[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
             hessians[name].addmm_(x.T, x)
+            hessians.rows[name] = hessians.rows.get(name, 0) + x.size(0) * rt.world_size
 
         return accumulate
 
@@ -1781,18 +1983,62 @@ def role_key(name: str) -> tuple[str, int]:
 def build_payload(qstate: Mapping[str, QuantTensor | Tensor], meta: dict, packing: str) -> bytes:
     """meta JSON (settings + tensor table) then integers, then row scales, then fp16 tensors."""
     names = sorted(qstate, key=role_key)
-    ints, scales, floats, table = [], [], [], []
+    ints, scales, floats, extras, table = [], [], [], [], []
     for name in names:
         t = qstate[name]
         if isinstance(t, QuantTensor):
             ints.append(pack_ints(t.q.cpu().numpy(), t.bits, packing))
-            scales.append(t.scale.cpu().numpy().astype("<f2").tobytes())
+            scales.append(fp16_bytes(t.scale))
             table.append(dict(name=name, shape=list(t.q.shape), kind="int", bits=t.bits))
+            extras += extra_fields(t, table[-1])
         else:
-            floats.append(t.detach().cpu().to(torch.float16).numpy().astype("<f2").tobytes())
+            floats.append(fp16_bytes(t))
             table.append(dict(name=name, shape=list(t.shape), kind="fp16"))
     head = json.dumps(dict(meta, packing=packing, tensors=table), sort_keys=True).encode()
-    return struct.pack("<I", len(head)) + head + b"".join(ints + scales + floats)
+    return struct.pack("<I", len(head)) + head + b"".join(ints + scales + floats + extras)
+
+
+def fp16_bytes(t: Tensor) -> bytes:
+    return t.detach().cpu().to(torch.float16).numpy().astype("<f2").tobytes()
+
+
+def extra_fields(t: QuantTensor, entry: dict) -> list[bytes]:
+    """AWQ-lite groups and LQER factors of one tensor: described in its table entry, their bytes
+    after every fp16 tensor (an artifact without them reads as before): salient row scales, then
+    LQER's A and B (one int8 each) and their scales."""
+    out = []
+    if t.salient is not None:
+        g = t.salient
+        entry["salient"] = dict(starts=list(g.starts), size=g.size, bits=g.bits)
+        out.append(fp16_bytes(g.scale))
+    if t.lqer is not None:
+        L = t.lqer
+        entry["lqer"] = dict(kind=L.kind, rank=L.qA.size(1), sA=L.sA.numel(), sB=L.sB.numel())
+        out += [L.qA.cpu().numpy().astype(np.int8).tobytes(), L.qB.cpu().numpy().astype(np.int8).tobytes()]
+        out += [fp16_bytes(L.sA), fp16_bytes(L.sB)]
+    return out
+
+
+def parse_extras(payload: bytes, offset: int, e: dict, t: QuantTensor) -> int:
+    """The inverse of extra_fields for one tensor; returns the offset after its bytes."""
+
+    def take(dtype: str, count: int, shape) -> Tensor:
+        nonlocal offset
+        values = np.frombuffer(payload, dtype, count, offset).copy()
+        offset += values.nbytes
+        return torch.from_numpy(values).view(shape)
+
+    rows, cols = e["shape"]
+    if "salient" in e:
+        g = e["salient"]
+        t.salient = SalientGroups(tuple(g["starts"]), g["size"], g["bits"], take("<f2", rows, (rows,)))
+    if "lqer" in e:
+        L, r = e["lqer"], e["lqer"]["rank"]
+        qA, qB = take(np.int8, rows * r, (rows, r)), take(np.int8, r * cols, (r, cols))
+        t.lqer = LowRank(
+            L["kind"], qA, take("<f2", L["sA"], (L["sA"],)), qB, take("<f2", L["sB"], (L["sB"],))
+        )
+    return offset
 
 
 def parse_payload(payload: bytes) -> tuple[dict, dict[str, QuantTensor | Tensor]]:
@@ -1817,6 +2063,8 @@ def parse_payload(payload: bytes) -> tuple[dict, dict[str, QuantTensor | Tensor]
             e["shape"]
         )
         offset += 2 * count
+    for e in ints:
+        offset = parse_extras(payload, offset, e, out[e["name"]])
     if offset != len(payload):
         raise ArtifactError(f"artifact payload has {len(payload) - offset} stray bytes; it is corrupt")
     return meta, out
@@ -1994,16 +2242,21 @@ def code_bytes(script: Path, mode: str) -> tuple[int, int]:
 
 
 def quantize_tensor(
-    name: str, w: Tensor, bits: int, hessians: Mapping[str, Tensor], hp: Hyperparameters, max_clip=False
+    name: str,
+    w: Tensor,
+    bits: int,
+    hessians: Mapping[str, Tensor],
+    hp: Hyperparameters,
+    max_clip=False,
+    salient=(),
 ):
     """GPTQ where a Hessian exists (embeddings only with QUANT_EMBED_GPTQ), else round-to-nearest;
-    `max_clip` (a fit-ladder step) replaces the clip search by each row's max |w|."""
-    gptq = hp.quant_method == "gptq" and name in hessians
-    if name in EMBEDDING_NAMES and not hp.quant_embed_gptq:
-        gptq = False
-    if not gptq:
+    `max_clip` (a fit-ladder step) replaces the clip search by each row's max |w|; the SDClip k is
+    the matrix's class's (clip_sigmas); `salient` AWQ-lite group starts."""
+    if not gptq_applies(name, hessians, hp):
         return rtn_quantize(w, bits)
-    return gptq_quantize(w, hessians[name], bits, hp, MAX_CLIP if max_clip else None)
+    fracs = MAX_CLIP if max_clip else None
+    return gptq_quantize(w, hessians[name], bits, hp, fracs, clip_sigmas(name, hp), salient)
 
 
 class Quantizer:
@@ -2017,18 +2270,48 @@ class Quantizer:
         self.meta = dict(settings={n: hp.knobs[n] for n in hp.model_knob_names}, looping=model.looping)
         self.max_clip: set[str] = set()  # tensors the fit ladder moved to max-|w| clips
         self.cache: dict[tuple[str, int, bool], QuantTensor] = {}
+        self.gates = quant_gate_names(self.state, hp)
+        self.salient = awq_lite_groups(self.state, self.plan, hessians, hp) if hp.awq_lite_enabled else {}
+        self.lqer_norms: dict[tuple[str, int, bool], float] = {}  # ||W - Q(W)||_F per cache key
+        self.lqer_cache: dict[tuple[str, int, bool], QuantTensor] = {}
+
+    def key(self, name: str) -> tuple[str, int, bool]:
+        return name, self.plan[name], name in self.max_clip
 
     def qstate(self) -> dict[str, QuantTensor | Tensor]:
         out: dict[str, QuantTensor | Tensor] = {}
         for name, t in self.state.items():
             if name in self.plan:
-                key = (name, self.plan[name], name in self.max_clip)
+                key = self.key(name)
                 if key not in self.cache:  # computed where the weights live, kept on the CPU
-                    qt = quantize_tensor(name, t, key[1], self.hessians, self.hp, key[2])
-                    self.cache[key] = QuantTensor(qt.q.cpu(), qt.scale.cpu(), qt.bits)
+                    qt = quantize_tensor(
+                        name, t, key[1], self.hessians, self.hp, key[2], self.salient.get(name, ())
+                    )
+                    self.cache[key] = qt.cpu()
                 out[name] = self.cache[key]
+            elif name in self.gates:
+                if (name, 8, False) not in self.cache:
+                    self.cache[name, 8, False] = rtn_quantize(t, 8).cpu()
+                out[name] = self.cache[name, 8, False]
             else:
                 out[name] = t.to(device="cpu", dtype=torch.float16)
+        return self.with_lqer(out) if self.hp.lqer_enabled else out
+
+    def with_lqer(self, qstate: dict) -> dict:
+        """LQER (R0427): the LQER_TOP_K plan tensors with the largest ||W - Q(W)||_F, as quantised now
+        (after any fit-ladder move), get their quantised low-rank correction."""
+        for name in self.plan:
+            if self.key(name) not in self.lqer_norms:
+                E = self.state[name].detach().float().cpu() - qstate[name].dequantize()
+                self.lqer_norms[self.key(name)] = float(E.norm())
+        top = sorted(self.plan, key=lambda n: -self.lqer_norms[self.key(n)])[: self.hp.lqer_top_k]
+        out = dict(qstate)
+        for name in top:
+            key, t = self.key(name), qstate[name]
+            if key not in self.lqer_cache:
+                fit = lqer_fit(self.state[name].detach().float().cpu() - t.dequantize(), self.hp)
+                self.lqer_cache[key] = QuantTensor(t.q, t.scale, t.bits, t.salient, fit)
+            out[name] = self.lqer_cache[key]
         return out
 
     def payload(self, qstate: Mapping[str, QuantTensor | Tensor]) -> bytes:
@@ -2053,7 +2336,8 @@ class Quantizer:
         """Whether block matrices are GPTQ'd with clips finer than max |w| that the ladder can give
         up for bytes (a clip search, or any GPTQ_CLIP_FRACS other than 1.0; SDClip sets its own)."""
         hp = self.hp
-        return hp.quant_method == "gptq" and hp.gptq_sdclip_k <= 0 and hp.clip_fracs != MAX_CLIP
+        searched = any(clip_sigmas(n, hp) <= 0 for n in self.plan if block_index(n) is not None)
+        return hp.quant_method == "gptq" and searched and hp.clip_fracs != MAX_CLIP
 
     def max_clip_order(self) -> list[int]:
         """Blocks in the order the fit ladder gives up their clip search: the least output error
@@ -2065,6 +2349,8 @@ class Quantizer:
         for name, bits in self.plan.items():
             layer = block_index(name)
             if layer is None or name not in self.hessians or name in self.max_clip or bits <= 5:
+                continue
+            if clip_sigmas(name, self.hp) > 0:  # SDClip by class: no search to give up
                 continue
             W, H = self.state[name].float(), self.hessians[name]
             err, ent = [], []
@@ -2107,7 +2393,7 @@ class SizeEstimate:
             bits = self.memo[id(t.q)][1] if id(t.q) in self.memo else entropy_bytes(t.q)
             if remember:
                 self.memo[id(t.q)] = (t.q, bits)
-            total += bits + 2 * t.scale.numel()
+            total += bits + 2 * t.scale.numel() + extra_bytes(t)
         return total
 
     def calibrate(self, qstate: Mapping[str, QuantTensor | Tensor], body: bytes) -> None:
@@ -2115,6 +2401,17 @@ class SizeEstimate:
 
     def __call__(self, qstate: Mapping[str, QuantTensor | Tensor], remember: bool = True) -> float:
         return self.ratio * self.raw(qstate, remember)
+
+
+def extra_bytes(t: QuantTensor) -> float:
+    """What AWQ-lite row scales and LQER factors add: entropy of the factors' integers, raw scales."""
+    total = 0.0
+    if t.salient is not None:
+        total += 2 * t.salient.scale.numel()
+    if t.lqer is not None:
+        L = t.lqer
+        total += entropy_bytes(L.qA) + entropy_bytes(L.qB) + 2 * (L.sA.numel() + L.sB.numel())
+    return total
 
 
 def artifact_size(body: bytes) -> int:
@@ -2131,7 +2428,7 @@ def prune_order(qstate: Mapping[str, QuantTensor | Tensor], hessians: Mapping[st
     error (selective +-1 pruning, R0325 / PR #609, Hessian-weighted here)."""
     costs, owners, flats, names = [], [], [], []
     for name, t in qstate.items():
-        if not isinstance(t, QuantTensor) or block_index(name) is None:
+        if not isinstance(t, QuantTensor) or block_index(name) is None or name.endswith(GATE_SUFFIXES):
             continue
         q = t.q.flatten()
         idx = torch.nonzero(q.abs() == 1).squeeze(1)
@@ -2156,7 +2453,7 @@ def zero_cheapest(qstate: Mapping[str, QuantTensor | Tensor], order, count: int)
             t = qstate[name]
             q = t.q.clone()
             q.view(-1)[idx] = 0
-            out[name] = QuantTensor(q, t.scale, t.bits)
+            out[name] = QuantTensor(q, t.scale, t.bits, t.salient, t.lqer)
     return out
 
 

@@ -2561,10 +2561,25 @@ def fit_artifact(
             "every block at int5 and every +-1 weight zeroed; shrink the model (NUM_LAYERS, MODEL_DIM, "
             "MLP_MULT, BIGRAM_BUCKETS), lower QUANT_BITS / QUANT_EMBED_BITS, or set CODE_BYTES_MODE=packed"
         )
+    extras = quant_extras(qstate)
+    if extras:
+        log(kv(**extras))
     max_clip = [b for b in done["max_clip"] if b not in done["int5"]]  # blocks left at int6, max |w|
     info = dict(compressor=method, fit_max_clip_layers=max_clip, fit_int5_layers=done["int5"])
     info.update(fit_pruned=zeroed, size_per_entropy=round(ratio, 5))
     return encode_artifact(body, method), info
+
+
+def quant_extras(qstate: Mapping[str, QuantTensor | Tensor]) -> dict[str, str]:
+    """The log fields of the artifact's LQER tensors, AWQ-lite groups (name@start) and int8 gates;
+    empty when none is on."""
+    ints = {n: t for n, t in qstate.items() if isinstance(t, QuantTensor)}
+    fields = dict(
+        lqer=",".join(f"{n}:{t.lqer.kind}" for n, t in ints.items() if t.lqer is not None),
+        awq_groups=",".join(f"{n}@{s}" for n, t in ints.items() if t.salient for s in t.salient.starts),
+        quant_gates=",".join(n for n in ints if n.endswith(GATE_SUFFIXES)),
+    )
+    return {key: value for key, value in fields.items() if value}
 
 
 def load_artifact_weights(model: GPT, qstate: Mapping[str, QuantTensor | Tensor], source: str) -> None:

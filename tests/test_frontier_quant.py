@@ -156,8 +156,11 @@ def test_lqer_and_awq_artifact_round_trip_is_bit_exact_and_loads():
             else:
                 assert torch.equal(got, t), name
         tg.load_artifact_weights(tg.GPT(quantizer.hp), loaded, "mem")
-    extras = [t for t in round_trip(qz)[2].values() if isinstance(t, tg.QuantTensor)]
+    lines: list[str] = []
+    extras = [t for t in round_trip(qz, lines=lines)[2].values() if isinstance(t, tg.QuantTensor)]
     assert sum(t.lqer is not None for t in extras) == 3 and any(t.salient is not None for t in extras)
+    logged = next(line for line in lines if line.startswith("lqer:"))
+    assert logged.count(":asym") == 3 and "awq_groups:" in logged and "quant_gates:blocks.0.attn" in logged
 
 
 def test_lqer_factors_cost_bytes_in_the_estimate_and_the_artifact_still_fits():

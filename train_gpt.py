@@ -2276,7 +2276,8 @@ class Quantizer:
         self.lqer_cache: dict[tuple[str, int, bool], QuantTensor] = {}
 
     def key(self, name: str) -> tuple[str, int, bool]:
-        return name, self.plan[name], name in self.max_clip
+        """(name, bits, max-|w| clip): a matrix with its class's SDClip k has no search to give up."""
+        return name, self.plan[name], name in self.max_clip and clip_sigmas(name, self.hp) <= 0
 
     def qstate(self) -> dict[str, QuantTensor | Tensor]:
         out: dict[str, QuantTensor | Tensor] = {}

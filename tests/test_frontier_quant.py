@@ -88,11 +88,14 @@ def test_sdclip_std_is_the_weights_as_given_even_with_dead_inputs():
 
 def test_partial_classes_keep_the_search_for_the_ladder_on_the_other_matrices():
     qz = tiny_quantizer(MLP_CLIP_SIGMAS=11.5)
-    assert qz.clip_searched()
-    qz.max_clip_order()  # costs only over attention matrices: MLP ones have no search to give up
-    qz.max_clip.update(n for n in qz.plan if ".mlp." in n)
-    before = qz.qstate()["blocks.0.mlp.fc.weight"].scale
-    assert torch.equal(before, tg.fp16_scales(11.5 * qz.state["blocks.0.mlp.fc.weight"].std(dim=1), 6).half())
+    assert qz.clip_searched() and qz.max_clip_order()  # the attention matrices still search
+    before = qz.qstate()
+    qz.max_clip.update(n for n in qz.plan if tg.block_index(n) == 0)  # a ladder move on block 0
+    after = qz.qstate()
+    mlp, attn = "blocks.0.mlp.fc.weight", "blocks.0.attn.c_q.weight"
+    assert after[mlp] is before[mlp]  # SDClip'd: the move changes nothing, no second GPTQ
+    assert torch.equal(after[mlp].scale, tg.fp16_scales(11.5 * qz.state[mlp].std(dim=1), 6).half())
+    assert not torch.equal(after[attn].scale, before[attn].scale)  # the search given up for max |w|
 
 
 # ----------------------------------------------------------------------------- LQER

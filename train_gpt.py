@@ -1981,7 +1981,8 @@ def role_key(name: str) -> tuple[str, int]:
 
 
 def build_payload(qstate: Mapping[str, QuantTensor | Tensor], meta: dict, packing: str) -> bytes:
-    """meta JSON (settings + tensor table) then integers, then row scales, then fp16 tensors."""
+    """meta JSON (settings + tensor table) then integers, then row scales, then fp16 tensors, then
+    any AWQ-lite / LQER extras."""
     names = sorted(qstate, key=role_key)
     ints, scales, floats, extras, table = [], [], [], [], []
     for name in names:
@@ -2022,7 +2023,7 @@ def extra_fields(t: QuantTensor, entry: dict) -> list[bytes]:
 def parse_extras(payload: bytes, offset: int, e: dict, t: QuantTensor) -> int:
     """The inverse of extra_fields for one tensor; returns the offset after its bytes."""
 
-    def take(dtype: str, count: int, shape) -> Tensor:
+    def take(dtype, count: int, shape) -> Tensor:
         nonlocal offset
         values = np.frombuffer(payload, dtype, count, offset).copy()
         offset += values.nbytes

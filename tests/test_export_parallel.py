@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import lzma
 import struct
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -139,3 +140,67 @@ def test_unknown_versions_and_compressor_ids_are_refused_with_the_fix():
     blob[len(tg.ARTIFACT_MAGIC)] = 2  # a format-1 body under a format-2 header
     with pytest.raises(tg.ArtifactError, match="compressor id 2 is not one of artifact format version 2"):
         tg.decode_artifact(bytes(blob), "odd.ptz")
+
+
+# ---------------------------------------------------------------- the export reserve's probe
+
+
+def quantized_ints(model: tg.GPT, hp: tg.Hyperparameters) -> torch.Tensor:
+    qstate = tg.Quantizer(model, {}, hp).qstate()
+    return torch.cat([t.q.flatten() for t in qstate.values() if isinstance(t, tg.QuantTensor)])
+
+
+def test_the_reserve_probe_times_trained_like_weights_and_restores_the_initial_ones(monkeypatch):
+    """At init the zero-init projections make ~43 % of the integers zero and brotli ~2x faster: a probe
+    on them under-reserves. The probe's payload must look trained (few zeros, high entropy), and the
+    reserve is 1.25x the probe's time plus 1 s."""
+    hp = make_hp(**SMALL, MAX_WALLCLOCK_SECONDS=100, EXPORT_RESERVE_SECONDS=-1)
+    torch.manual_seed(0)
+    model = tg.GPT(hp)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    probed = {}
+
+    def fake_produce(m, loader, hp_, rt, log, bytes_code, limit_fit=True, prior=None):
+        probed["ints"] = quantized_ints(m, hp_)
+        probed["payload"] = tg.Quantizer(m, {}, hp_).payload(tg.Quantizer(m, {}, hp_).qstate())
+        return b"", {"size_per_entropy": 1.25}
+
+    monkeypatch.setattr(tg, "produce_artifact", fake_produce)
+    monkeypatch.setattr(tg, "max_over_ranks", lambda seconds, rt: 8.0)  # the probe's time
+    stream = SimpleNamespace(state_dict=dict, load_state_dict=lambda state: None)
+    lines: list[str] = []
+    reserve, ratio = tg.measure_export_reserve(
+        model, SimpleNamespace(stream=stream), hp, None, lines.append, 0
+    )
+    assert (reserve, ratio) == (1.25 * 8.0 + 1.0, 1.25)
+    assert lines == ["export_probe_s:8.0000 export_reserve_s:11.0000"]
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())  # restored exactly
+    init, probe = quantized_ints(model, hp), probed["ints"]
+    assert (init == 0).float().mean() > 0.3 and (probe == 0).float().mean() < 0.2
+    bits = [8 * tg.entropy_bytes(q) / q.numel() for q in (init, probe)]
+    assert bits[1] > bits[0] + 0.5  # bits per integer: 4.1 at init, 5.1 probed (64-wide rows)
+    init_payload = tg.Quantizer(model, {}, hp).payload(tg.Quantizer(model, {}, hp).qstate())
+    sizes = [len(tg.compress(p, "zstd")) for p in (init_payload, probed["payload"])]
+    assert sizes[1] > 1.25 * sizes[0]  # compresses like a trained model, not like the init
+
+
+def test_trained_like_weights_come_from_seed_alone_and_keep_each_matrix_std():
+    """Every rank draws the same stand-in (SEED, its own generator), and training's RNG does not move."""
+    hp = make_hp(**SMALL)
+    torch.manual_seed(0)
+    model = tg.GPT(hp)
+    draws = []
+    for global_seed in (5, 6):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        with tg.trained_like_weights(model, hp):
+            draws.append({n: model.get_parameter(n).detach().clone() for n in tg.quant_plan(model, hp)})
+        assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(draws[0][n], draws[1][n]) for n in draws[0])
+    assert float(draws[0]["blocks.0.attn.proj.weight"].std()) == pytest.approx(0.02, rel=1e-3)  # zero init
+    fc = model.get_parameter("blocks.0.mlp.fc.weight")
+    assert float(draws[0]["blocks.0.mlp.fc.weight"].std()) == pytest.approx(
+        max(float(fc.std()), 0.02), rel=1e-3
+    )
+    t = tg.student_t(torch.Size([200_000]), 3, torch.Generator().manual_seed(0))
+    assert float(t.var()) == pytest.approx(3.0, rel=0.25)  # nu / (nu - 2)

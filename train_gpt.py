@@ -1659,20 +1659,27 @@ def collect_hessians(
 ):
     """H = sum X^T X of each quantised linear's input over TRAINING batches (never validation), summed
     over ranks. Hooks sit on every CastedLinear, so looped blocks accumulate over their repeats; the
-    tied embedding, read as the output head, gets the final hidden states (R0409 'GPTQ embeddings')."""
+    tied embedding, read as the output head, gets the final hidden states (R0409 'GPTQ embeddings').
+    Linears that read the very same input tensor one after the other (c_q, c_k, c_v) share one
+    Hessian object: computed and summed over ranks once, not three times."""
     check_calibration_stream(loader, hp)
     plan = quant_plan(model, hp)
     linears = {
         n: m for n, m in model.named_modules() if isinstance(m, CastedLinear) and f"{n}.weight" in plan
     }
     hessians: dict[str, Tensor] = {}
+    last: list = [None, None]  # the input the previous hook summed, and under which name
 
     def hook(name: str):
         def accumulate(module: nn.Module, args: tuple) -> None:
+            if args[0] is last[0] and hessians.get(name, hessians[last[1]]) is hessians[last[1]]:
+                hessians[name] = hessians[last[1]]  # same input as the linear before: same Hessian
+                return
             x = args[0].detach().flatten(0, -2).float()
             if name not in hessians:
                 hessians[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
             hessians[name].addmm_(x.T, x)
+            last[:] = args[0], name
 
         return accumulate
 
@@ -1690,7 +1697,8 @@ def collect_hessians(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    for H in hessians.values():
+        last.clear()
+    for H in {id(H): H for H in hessians.values()}.values():  # a shared Hessian is summed once
         all_reduce_sum(H, rt)
     return hessians
 
@@ -2449,11 +2457,53 @@ def calibration_batches(hp: Hyperparameters, rt: Runtime) -> int:
     return max(1, hp.gptq_calib_tokens // (hp.microbatch_tokens * rt.world_size))
 
 
+def gptq_cost(qz: Quantizer, name: str) -> int:
+    """GPTQ's work on a rows x cols matrix grows as rows*cols^2 + cols^3; round-to-nearest's as rows*cols."""
+    rows, cols = qz.state[name].shape[0], qz.state[name][0].numel()
+    return rows * cols * cols + cols**3 if name in qz.hessians else rows * cols
+
+
+def deal_by_cost(costs: Mapping[str, int], ranks: int) -> list[list[str]]:
+    """Each name to the rank with the least work so far, the costliest first (ties: name, lower rank):
+    a deterministic assignment every rank computes alike."""
+    shares, loads = [[] for _ in range(ranks)], [0] * ranks
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(ranks), key=lambda r: (loads[r], r))
+        shares[rank].append(name)
+        loads[rank] += costs[name]
+    return shares
+
+
+def quantize_across_ranks(qz: Quantizer, rt: Runtime) -> None:
+    """The first GPTQ pass split across ranks (deal_by_cost), every rank's results gathered into
+    `qz`'s cache on every rank: the same integers as one rank computing all of them, in 1/world of
+    the time. An error on any rank is raised on all (no rank left waiting)."""
+    if not rt.distributed:
+        qz.qstate()
+        return
+    costs = {name: gptq_cost(qz, name) for name in qz.state if name in qz.plan}
+    share = copy.copy(qz)  # this rank's tensors only, its own cache
+    share.state = {name: qz.state[name] for name in deal_by_cost(costs, rt.world_size)[rt.rank]}
+    share.cache = {}
+    try:
+        share.qstate()
+        found = (share.cache, None)
+    except ArtifactError as e:
+        found = ({}, str(e))
+    gathered = [None] * rt.world_size
+    dist.all_gather_object(gathered, found)
+    for cache, error in gathered:
+        if error:
+            raise ArtifactError(error)
+        qz.cache.update(cache)
+
+
 def produce_artifact(
     model: GPT, loader, hp, rt, log, bytes_code: int, limit_fit: bool = True, prior: float | None = None
 ) -> tuple[bytes, dict]:
-    """Hessians on every rank (disjoint training batches, summed), then GPTQ, the fit and compression
-    on rank 0; every rank gets the same artifact bytes (or the same error)."""
+    """Hessians on every rank (disjoint training batches, summed), GPTQ split across ranks
+    (quantize_across_ranks), then the fit and compression on rank 0; every rank gets the same
+    artifact bytes (or the same error)."""
     t0 = time.perf_counter()
     hessians = (
         collect_hessians(model, loader, hp, rt, calibration_batches(hp, rt))
@@ -2463,12 +2513,15 @@ def produce_artifact(
     sync(rt)
     calib_s = time.perf_counter() - t0
     outcome: tuple = (b"", {}, None)
-    if rt.is_main:
+    try:
+        qz = Quantizer(model, hessians, hp)
+        t1 = time.perf_counter()
+        quantize_across_ranks(qz, rt)  # the GPTQ pass itself, timed apart from compression
+        quant_s = time.perf_counter() - t1
+    except ArtifactError as e:
+        outcome = (b"", {}, str(e))
+    if rt.is_main and outcome[2] is None:
         try:
-            qz = Quantizer(model, hessians, hp)
-            t1 = time.perf_counter()
-            qz.qstate()  # the GPTQ pass itself, timed apart from compression
-            quant_s = time.perf_counter() - t1
             cap = hp.artifact_cap_bytes if limit_fit else 1 << 62
             blob, info = fit_artifact(qz, bytes_code, log, cap, prior)
             outcome = (

@@ -181,9 +181,9 @@ def main() -> None:
         for threads in args.threads or []:
             streams(payload, methods, threads, params)
         for method in methods:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.thread_time()
             size = len(tg.compress(payload, method))
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
             print(
                 tg.kv(
                     format=1,
@@ -193,6 +193,7 @@ def main() -> None:
                     bytes=size,
                     bits_per_param=round(8 * size / params, 3),
                     compress_s=round(seconds, 2),
+                    cpu_s=round(cpu, 2),
                 )
             )
 

@@ -8,6 +8,7 @@
     COMPRESSOR=zstd python3 bench/artifact_size.py --fit-cut 1500000   # the fit ladder at full size
     COMPRESSOR=brotli python3 bench/artifact_size.py --fit-cut 1000000 --prior   # planned, as in a run
     COMPRESSOR=brotli python3 bench/artifact_size.py --weights heavy-tail --packing bytes --threads 1 0
+    python3 bench/artifact_size.py --speed   # brotli-11 CPU throughput by weight distribution
 
 Quantisation is round-to-nearest with each row's max |w| as its clip (no calibration data) unless
 `--quant gptq`: then GPTQ runs with the script's clip choice (GPTQ_CLIP_FRACS, or GPTQ_SDCLIP_K)
@@ -144,6 +145,34 @@ def streams(payload: bytes, methods: list[str], threads: int, params: int) -> No
     )
 
 
+def speed() -> None:
+    """Brotli-11 CPU MB/s on one 1536x512 int6 matrix (round-to-nearest, max-|w| rows) per stand-in:
+    the reserve's dry run must compress as slowly as a trained model does."""
+    gen = torch.Generator().manual_seed(0)
+    shape = torch.Size([1536, 512])
+    draws = {
+        "init_like_43pct_zero": torch.cat([torch.randn(875, 512, generator=gen), torch.zeros(661, 512)]),
+        "gaussian": torch.randn(shape, generator=gen),
+        "student_t5": tg.student_t(shape, 5, gen),
+        "student_t3": tg.student_t(shape, 3, gen),
+    }
+    for name, W in draws.items():
+        q = tg.rtn_quantize(W, 6).q
+        data = q.numpy().tobytes()
+        t0 = time.thread_time()
+        size = len(tg.compress(data, "brotli"))
+        cpu = time.thread_time() - t0
+        print(
+            tg.kv(
+                weights=name,
+                zero_frac=round(float((q == 0).float().mean()), 3),
+                entropy_bits=round(8 * tg.entropy_bytes(q) / q.numel(), 3),
+                brotli_bits_per_value=round(8 * size / len(data), 3),
+                brotli_cpu_mb_per_s=round(len(data) / cpu / 1e6, 3),
+            )
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -157,7 +186,10 @@ def main() -> None:
     parser.add_argument("--entropy-only", action="store_true", help="the entropy estimate, no compression")
     parser.add_argument("--prior", action="store_true", help="--fit-cut planned with a fresh dry run's ratio")
     parser.add_argument("--threads", type=int, nargs="+", help="also format 2 at these COMPRESS_THREADS")
+    parser.add_argument("--speed", action="store_true", help="brotli-11 CPU throughput per weight stand-in")
     args = parser.parse_args()
+    if args.speed:
+        return speed()
     if args.tradeoff:
         return tradeoff()
     if args.fit_cut:

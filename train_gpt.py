@@ -1825,7 +1825,7 @@ def payload_streams(payload: bytes) -> list[tuple[int, int, int]]:
     scales = 2 * sum(e["shape"][0] for e in ints)
     spans.append((pos, pos + scales, 2))
     spans.append((pos + scales, len(payload), 2))
-    return [span for span in spans if span[1] > span[0]]
+    return [(a, b, word if (b - a) % word == 0 else 1) for a, b, word in spans if b > a]
 
 
 def even_parts(sizes: list[int], parts: int) -> list[list[int]]:

@@ -54,6 +54,7 @@ def test_streams_cover_the_payload_in_order_and_cut_big_roles_between_tensors(mo
     cut = [end - start for start, end, _ in tg.payload_streams(payload)]
     assert len(cut) > len(spans) and fc_bytes in cut  # each part whole tensors
     assert [w for _, _, w in spans][-2:] == [2, 2]  # row scales, then fp16 tensors: 2-byte words
+    assert tg.payload_streams(payload + b"\0")[-1][2] == 1  # a tail of odd length is never shuffled
 
 
 def test_even_parts_cuts_between_items_into_about_equal_sums():

@@ -1786,10 +1786,11 @@ def compress_best(
     return best, blobs[best], {m: len(b) for m, b in blobs.items()}
 
 
-# Brotli-11 runs at about 0.76 MB/s on one core: on the 27 MB payload of the default model one stream
-# takes ~35 s of the training clock. Independent streams (each role's integers, cut into parts of
-# about STREAM_BYTES; the row scales; the fp16 tensors) compress in parallel threads, and each gets its
-# own smallest method. The cut depends on the payload only, never on the thread count: the same bytes.
+# Brotli-11 is single-threaded and slow: the default model's 27 MB payload as one stream took 123 CPU s
+# on a loaded machine (bench/RESULTS.md), all inside the training clock. Independent streams (each
+# role's integers, cut into parts of about STREAM_BYTES; the row scales; the fp16 tensors) compress in
+# parallel threads, and each gets its own smallest method. The cut depends on the payload only, never
+# on the thread count: the same bytes.
 STREAM_BYTES = 4 << 20
 STREAM_HEADER = struct.Struct("<BBI")  # per stream: compressor id, byte-shuffled, compressed length
 

@@ -384,6 +384,8 @@ class Hyperparameters:
         k("AWQ_LITE_BITS", int, 8, ge=2, le=8)  # bits of the salient groups
         k("AWQ_LITE_GROUP_TOP_K", int, 1, gt=0)  # salient groups kept, over all GPTQ'd matrices together
         k("AWQ_LITE_GROUP_SIZE", int, 64, gt=0)  # consecutive input columns per group
+        k("COMPRESS_STREAMS", bool, True)  # payload as parallel independent streams (format 2); 0: one
+        k("COMPRESS_THREADS", int, 0, ge=0)  # threads compressing the streams; 0 = one per CPU core
         # fmt: on
 
     def validate(self) -> None:
@@ -1480,9 +1482,12 @@ class EMA:
 # ============================================================================ quantization & serialization
 
 # Artifact file: MAGIC, then <version u16, compressor id u8, sha256 of the body, body length u64>, then the
-# body: the compressed payload <meta length u32, meta JSON, tensor bytes>. Loading never unpickles.
+# body. The payload is <meta length u32, meta JSON, tensor bytes>; a version 1 body is the payload
+# compressed as one stream, a version 2 body its independent streams (compress_streams; compressor id
+# STREAMS_ID). Loading never unpickles.
 ARTIFACT_MAGIC = b"PGOLFQ\r\n"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSIONS = (1, 2)
+STREAMS_ID = 255
 ARTIFACT_HEADER = struct.Struct("<HB32sQ")
 COMPRESSORS = ("zstd", "brotli", "lzma")
 # The self-extracting script: exec of the base85, compressed text (R0409 submitted the lzma form).
@@ -1855,21 +1860,30 @@ def collect_hessians(
     tied embedding, read as the output head, gets the final hidden states (R0409 'GPTQ embeddings').
     The amount is GPTQ_CALIB_TOKENS, over all ranks. R0427's GPTQ_CALIBRATION_BATCHES=16 is 16 batches
     of TRAIN_BATCH_TOKENS / 8 = 98,304 tokens on each rank, its Hessians not summed over ranks: the
-    same 1,572,864 tokens behind each Hessian are GPTQ_CALIB_TOKENS=1572864 here."""
+    same 1,572,864 tokens behind each Hessian are GPTQ_CALIB_TOKENS=1572864 here.
+    Linears that read the very same input tensor one after the other (c_q, c_k, c_v) share one
+    Hessian object: computed and summed over ranks once, not three times; each name still has its
+    own `rows` entry (the rows that Hessian summed; counted locally x world size, never all-reduced)."""
     check_calibration_stream(loader, hp)
     plan = quant_plan(model, hp)
     linears = {
         n: m for n, m in model.named_modules() if isinstance(m, CastedLinear) and f"{n}.weight" in plan
     }
     hessians = Hessians()
+    last: list = [None, None]  # the input the previous hook summed, and under which name
 
     def hook(name: str):
         def accumulate(module: nn.Module, args: tuple) -> None:
+            if args[0] is last[0] and hessians.get(name, hessians[last[1]]) is hessians[last[1]]:
+                hessians[name] = hessians[last[1]]  # same input as the linear before: same Hessian
+                hessians.rows[name] = hessians.rows[last[1]]  # and the same rows, not counted again
+                return
             x = args[0].detach().flatten(0, -2).float()
             if name not in hessians:
                 hessians[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
             hessians[name].addmm_(x.T, x)
             hessians.rows[name] = hessians.rows.get(name, 0) + x.size(0) * rt.world_size
+            last[:] = args[0], name
 
         return accumulate
 
@@ -1887,7 +1901,8 @@ def collect_hessians(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    for H in hessians.values():
+        last.clear()
+    for H in {id(H): H for H in hessians.values()}.values():  # a shared Hessian is summed once
         all_reduce_sum(H, rt)
     return hessians
 
@@ -1961,12 +1976,167 @@ def available_compressors(choice: str) -> list[str]:
     return found
 
 
-def compress_best(data: bytes, methods: list[str]) -> tuple[str, bytes, dict[str, int]]:
-    """Compress with each method in parallel threads (the libraries release the GIL); keep the smallest."""
+def compress_best(
+    data: bytes, methods: list[str], streams: bool = False, threads: int = 0
+) -> tuple[str | Codec, bytes, dict[str, int]]:
+    """Compress with each method in parallel threads (the libraries release the GIL); keep the smallest.
+    `streams`: `data` is a payload, compressed as independent streams, each with its smallest method
+    (a v2 body, see compress_streams); sizes are then what each method alone would give."""
+    if streams:
+        return compress_streams(data, methods, threads)
     with concurrent.futures.ThreadPoolExecutor(len(methods)) as pool:
         blobs = dict(zip(methods, pool.map(lambda m: compress(data, m), methods), strict=True))
     best = min(methods, key=lambda m: (len(blobs[m]), methods.index(m)))
     return best, blobs[best], {m: len(b) for m, b in blobs.items()}
+
+
+# Brotli-11 is single-threaded and slow: the default model's 27 MB payload as one stream took 123 CPU s
+# on a loaded machine (bench/RESULTS.md), all inside the training clock. Independent streams (each
+# role's integers, cut into parts of about STREAM_BYTES values; the row scales; the fp16 tensors; any
+# AWQ-lite / LQER extras) compress in parallel threads, and each gets its own smallest method. The cut
+# depends on the payload only, never on the thread count: the same bytes.
+STREAM_BYTES = 4 << 20
+STREAM_HEADER = struct.Struct("<BBI")  # per stream: compressor id, byte-shuffled, compressed length
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Each stream's method and whether its 2-byte words are byte-shuffled (fp16 streams, where that
+    compressed smaller); `threads` only sets the speed (0: one per CPU core of this process)."""
+
+    choices: tuple[tuple[str, bool], ...]
+    threads: int = 0
+
+    def __str__(self) -> str:  # the log's `compressor`: the methods used, e.g. brotli or brotli+lzma
+        used = {m for m, _ in self.choices}
+        return "+".join(m for m in COMPRESSORS if m in used)
+
+
+def payload_streams(payload: bytes) -> list[tuple[int, int, int]]:
+    """(start, end, word size) of each stream of a payload: the meta head, each role's integers in parts
+    of about STREAM_BYTES values (whole tensors; cut by value counts, so a fit-ladder bit move under
+    QUANT_PACKING=bits keeps the Codec's streams), all row scales, all fp16 tensors (word size 2:
+    shuffle-able), then any AWQ-lite / LQER extras (build_payload's order)."""
+    (head_len,) = struct.unpack_from("<I", payload)
+    meta = json.loads(payload[4 : 4 + head_len])
+    ints = [e for e in meta["tensors"] if e["kind"] == "int"]
+    roles: dict[str, list[tuple[int, int]]] = {}  # role -> (values, packed bytes) of each tensor
+    for e in ints:
+        count = math.prod(e["shape"])
+        roles.setdefault(role_key(e["name"])[0], []).append(
+            (count, packed_size(count, e["bits"], meta["packing"]))
+        )
+    spans, pos = [(0, 4 + head_len, 1)], 4 + head_len
+    for items in roles.values():
+        counts, done = [count for count, _ in items], 0
+        for part in even_parts(counts, math.ceil(sum(counts) / STREAM_BYTES)):
+            size = sum(nbytes for _, nbytes in items[done : done + len(part)])
+            spans.append((pos, pos + size, 1))
+            pos, done = pos + size, done + len(part)
+    scales = 2 * sum(e["shape"][0] for e in ints)
+    floats = 2 * sum(math.prod(e["shape"]) for e in meta["tensors"] if e["kind"] == "fp16")
+    spans.append((pos, pos + scales, 2))
+    spans.append((pos + scales, pos + scales + floats, 2))
+    spans.append((pos + scales + floats, len(payload), 1))  # extras: int8 factors and fp16 scales
+    return [(a, b, word if (b - a) % word == 0 else 1) for a, b, word in spans if b > a]
+
+
+def even_parts(sizes: list[int], parts: int) -> list[list[int]]:
+    """`sizes` cut into at most `parts` consecutive runs of about equal sums (cuts between items)."""
+    total, out, run, acc = sum(sizes), [], [], 0
+    for size in sizes:
+        if run and acc + size / 2 > total * (len(out) + 1) / parts:
+            out.append(run)
+            run = []
+        run.append(size)
+        acc += size
+    return out + [run]
+
+
+def shuffle_words(data: bytes, word: int, inverse: bool = False) -> bytes:
+    """Byte planes of `word`-byte values (all low bytes, then all high bytes): the sign/exponent bytes
+    of fp16 values are few and alike, the mantissa bytes noise; apart they compress better."""
+    a = np.frombuffer(data, dtype=np.uint8)
+    return (a.reshape(word, -1).T if inverse else a.reshape(-1, word).T).tobytes()
+
+
+def stream_jobs(payload: bytes, spans, candidates) -> list[tuple[int, bytes, str, bool]]:
+    """Every (stream index, bytes, method, shuffled) to try; `candidates(word)` lists the options."""
+    jobs = []
+    for i, (start, end, word) in enumerate(spans):
+        for method, shuffled in candidates(i, word):
+            data = payload[start:end]
+            jobs.append((i, shuffle_words(data, word) if shuffled else data, method, shuffled))
+    return jobs
+
+
+def run_jobs(jobs: list[tuple[int, bytes, str, bool]], threads: int) -> list[bytes]:
+    """Compress every job in a thread pool, largest first (the longest sets the wall time); the
+    results come back in job order, so the bytes do not depend on the thread count."""
+    order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][1]))
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(threads or cpu_cores(), len(jobs)))) as pool:
+        futures = {j: pool.submit(compress, jobs[j][1], jobs[j][2]) for j in order}
+        return [futures[j].result() for j in range(len(jobs))]
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def streams_body(choices, blobs: list[bytes]) -> bytes:
+    """v2 body: <stream count u16>, a STREAM_HEADER per stream, then the compressed streams."""
+    table = b"".join(
+        STREAM_HEADER.pack(COMPRESSORS.index(m), s, len(b)) for (m, s), b in zip(choices, blobs, strict=True)
+    )
+    return struct.pack("<H", len(blobs)) + table + b"".join(blobs)
+
+
+def compress_streams(payload: bytes, methods: list[str], threads: int = 0) -> tuple[Codec, bytes, dict]:
+    """Every stream with every method (fp16 streams also byte-shuffled), in parallel; each stream keeps
+    its smallest (ties: the earlier method, unshuffled). Sizes: the body if every stream used one method."""
+    spans = payload_streams(payload)
+    jobs = stream_jobs(
+        payload, spans, lambda i, word: [(m, s) for m in methods for s in (False, True)[:word]]
+    )
+    blobs = run_jobs(jobs, threads)
+    best: dict[int, int] = {}  # stream -> its smallest job
+    per_method: dict[tuple[str, int], int] = {}  # (method, stream) -> that method's smallest job
+    for j, (i, _, method, _) in enumerate(jobs):
+        for table, key in ((best, i), (per_method, (method, i))):
+            if key not in table or len(blobs[j]) < len(blobs[table[key]]):
+                table[key] = j
+    codec = Codec(tuple(jobs[best[i]][2:] for i in range(len(spans))), threads)
+    body = streams_body(codec.choices, [blobs[best[i]] for i in range(len(spans))])
+    overhead = len(body) - sum(len(blobs[j]) for j in best.values())
+    sizes = {m: overhead + sum(len(blobs[per_method[m, i]]) for i in range(len(spans))) for m in methods}
+    return codec, body, sizes
+
+
+def compress_payload(payload: bytes, codec: str | Codec) -> bytes:
+    """The artifact body of a payload: one stream (`codec` a method name, the v1 format) or, with a
+    Codec, the payload's streams compressed by the methods it chose (the v2 format)."""
+    if isinstance(codec, str):
+        return compress(payload, codec)
+    spans = payload_streams(payload)
+    if len(spans) != len(codec.choices):
+        raise ArtifactError(f"payload has {len(spans)} streams, the codec {len(codec.choices)}")
+    jobs = stream_jobs(payload, spans, lambda i, word: [codec.choices[i]])
+    return streams_body(codec.choices, run_jobs(jobs, codec.threads))
+
+
+def decompress_streams(body: bytes) -> bytes:
+    """The payload of a v2 body: each stream decompressed and un-shuffled, in order."""
+    (count,) = struct.unpack_from("<H", body)
+    pos, parts = 2 + count * STREAM_HEADER.size, []
+    for i in range(count):
+        method_id, shuffled, length = STREAM_HEADER.unpack_from(body, 2 + i * STREAM_HEADER.size)
+        data = decompress(body[pos : pos + length], COMPRESSORS[method_id])
+        parts.append(shuffle_words(data, 2, inverse=True) if shuffled else data)
+        pos += length
+    if pos != len(body):
+        raise ArtifactError(f"{len(body) - pos} stray bytes after the last stream")
+    return b"".join(parts)
 
 
 # ---------------------------------------------------------------- artifact file
@@ -2071,10 +2241,19 @@ def parse_payload(payload: bytes) -> tuple[dict, dict[str, QuantTensor | Tensor]
     return meta, out
 
 
-def encode_artifact(body: bytes, method: str) -> bytes:
+def encode_artifact(body: bytes, codec: str | Codec) -> bytes:
+    """Version 1 for a body compressed by one method (`codec` its name), version 2 for streams."""
     digest = hashlib.sha256(body).digest()
-    header = ARTIFACT_HEADER.pack(ARTIFACT_VERSION, COMPRESSORS.index(method), digest, len(body))
-    return ARTIFACT_MAGIC + header + body
+    version, method_id = (1, COMPRESSORS.index(codec)) if isinstance(codec, str) else (2, STREAMS_ID)
+    return ARTIFACT_MAGIC + ARTIFACT_HEADER.pack(version, method_id, digest, len(body)) + body
+
+
+def decompress_body(body: bytes, version: int, method_id: int) -> bytes:
+    if version == 2 and method_id == STREAMS_ID:
+        return decompress_streams(body)
+    if version == 1 and method_id < len(COMPRESSORS):
+        return decompress(body, COMPRESSORS[method_id])
+    raise ArtifactError(f"compressor id {method_id} is not one of artifact format version {version}")
 
 
 def decode_artifact(blob: bytes, source: str) -> tuple[dict, dict[str, QuantTensor | Tensor]]:
@@ -2085,20 +2264,20 @@ def decode_artifact(blob: bytes, source: str) -> tuple[dict, dict[str, QuantTens
             f"{source}: not a train_gpt.py artifact (bad magic); pass the .ptz this script wrote"
         )
     version, method_id, digest, length = ARTIFACT_HEADER.unpack_from(blob, len(ARTIFACT_MAGIC))
-    if version != ARTIFACT_VERSION:
+    if version not in ARTIFACT_VERSIONS:
         raise ArtifactError(
-            f"{source}: artifact format version {version}, this script reads version {ARTIFACT_VERSION}; "
-            "evaluate it with the train_gpt.py that wrote it"
+            f"{source}: artifact format version {version}, this script reads versions "
+            f"{', '.join(map(str, ARTIFACT_VERSIONS))}; evaluate it with the train_gpt.py that wrote it"
         )
     body = blob[fixed:]
     if len(body) != length:
         raise ArtifactError(f"{source}: {len(body)} body bytes, header says {length}; the file is truncated")
-    if hashlib.sha256(body).digest() != digest or method_id >= len(COMPRESSORS):
+    if hashlib.sha256(body).digest() != digest:
         raise ArtifactError(f"{source}: checksum mismatch; the artifact is corrupt, copy it again")
     try:
-        return parse_payload(decompress(body, COMPRESSORS[method_id]))
-    except ArtifactError:
-        raise
+        return parse_payload(decompress_body(body, version, method_id))
+    except ArtifactError as e:
+        raise ArtifactError(f"{source}: {e}") from None
     except Exception as e:  # a valid checksum over undecodable content: written by something else
         raise ArtifactError(f"{source}: payload does not decode ({type(e).__name__}: {e})") from None
 
@@ -2281,6 +2460,11 @@ class Quantizer:
         return name, self.plan[name], name in self.max_clip and clip_sigmas(name, self.hp) <= 0
 
     def qstate(self) -> dict[str, QuantTensor | Tensor]:
+        out = self.quantized()
+        return self.with_lqer(out) if self.hp.lqer_enabled else out
+
+    def quantized(self) -> dict[str, QuantTensor | Tensor]:
+        """Every tensor as stored, before LQER (which ranks all plan tensors together)."""
         out: dict[str, QuantTensor | Tensor] = {}
         for name, t in self.state.items():
             if name in self.plan:
@@ -2297,7 +2481,7 @@ class Quantizer:
                 out[name] = self.cache[name, 8, False]
             else:
                 out[name] = t.to(device="cpu", dtype=torch.float16)
-        return self.with_lqer(out) if self.hp.lqer_enabled else out
+        return out
 
     def with_lqer(self, qstate: dict) -> dict:
         """LQER (R0427): the LQER_TOP_K plan tensors with the largest ||W - Q(W)||_F, as quantised now
@@ -2472,7 +2656,7 @@ def prune_to_fit(qz: Quantizer, qstate: dict, method: str, body: bytes, limit: i
             lo, hi = (lo, mid) if est(zero_cheapest(qstate, order, mid), False) <= limit else (mid + 1, hi)
         count, before = lo, artifact_size(body)
         pruned = zero_cheapest(qstate, order, count)
-        body = compress(qz.payload(pruned), method)
+        body = compress_payload(qz.payload(pruned), method)
         est.calibrate(pruned, body)
         log(kv(fit_step="prune", zeroed=count, **fit_sizes(before, body)))
     return pruned, body, count
@@ -2508,13 +2692,13 @@ def step_down(qz: Quantizer, est: SizeEstimate, method: str, body: bytes, limit:
     for kind, qstate in ladder_steps(qz, est, done, log):
         stale = True
         if est(qstate) <= limit:
-            before, body, stale = artifact_size(body), compress(qz.payload(qstate), method), False
+            before, body, stale = artifact_size(body), compress_payload(qz.payload(qstate), method), False
             est.calibrate(qstate, body)
             log(kv(fit_check=kind, **fit_sizes(before, body)))
             if artifact_size(body) <= limit:
                 break
     if stale:  # every move taken, the estimate still over: the real size for pruning
-        body = compress(qz.payload(qstate), method)
+        body = compress_payload(qz.payload(qstate), method)
         est.calibrate(qstate, body)
     return qstate, body
 
@@ -2549,7 +2733,8 @@ def fit_artifact(
     qstate = qz.qstate()
     if prior is not None:
         qstate = plan_from_prior(qz, qstate, prior, limit, log, done)
-    method, body, sizes = compress_best(qz.payload(qstate), available_compressors(hp.compressor))
+    methods = available_compressors(hp.compressor)
+    method, body, sizes = compress_best(qz.payload(qstate), methods, hp.compress_streams, hp.compress_threads)
     log(kv(compressor=method, **{f"bytes_{m}": n for m, n in sizes.items()}))
     est = SizeEstimate(qstate, body)
     ratio = est.ratio
@@ -2567,7 +2752,7 @@ def fit_artifact(
     if extras:
         log(kv(**extras))
     max_clip = [b for b in done["max_clip"] if b not in done["int5"]]  # blocks left at int6, max |w|
-    info = dict(compressor=method, fit_max_clip_layers=max_clip, fit_int5_layers=done["int5"])
+    info = dict(compressor=str(method), fit_max_clip_layers=max_clip, fit_int5_layers=done["int5"])
     info.update(fit_pruned=zeroed, size_per_entropy=round(ratio, 5))
     return encode_artifact(body, method), info
 
@@ -2602,11 +2787,56 @@ def calibration_batches(hp: Hyperparameters, rt: Runtime) -> int:
     return max(1, hp.gptq_calib_tokens // (hp.microbatch_tokens * rt.world_size))
 
 
+def gptq_cost(qz: Quantizer, name: str) -> int:
+    """GPTQ's work on a rows x cols matrix grows as rows*cols^2 + cols^3; round-to-nearest's as rows*cols."""
+    rows, cols = qz.state[name].shape[0], qz.state[name][0].numel()
+    return rows * cols * cols + cols**3 if name in qz.hessians else rows * cols
+
+
+def deal_by_cost(costs: Mapping[str, int], ranks: int) -> list[list[str]]:
+    """Each name to the rank with the least work so far, the costliest first (ties: name, lower rank):
+    a deterministic assignment every rank computes alike."""
+    shares, loads = [[] for _ in range(ranks)], [0] * ranks
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(ranks), key=lambda r: (loads[r], r))
+        shares[rank].append(name)
+        loads[rank] += costs[name]
+    return shares
+
+
+def quantize_across_ranks(qz: Quantizer, rt: Runtime) -> None:
+    """The first GPTQ pass split across ranks (deal_by_cost), every rank's results gathered into
+    `qz`'s cache on every rank: the same integers as one rank computing all of them, in 1/world of
+    the time. The cache holds AWQ-lite groups (chosen alike on every rank from the summed Hessians)
+    and int8 gates; LQER, which ranks all tensors together, is then fitted on every rank from the
+    gathered cache (qz.qstate). An error on any rank is raised on all (no rank left waiting)."""
+    if not rt.distributed:
+        qz.qstate()
+        return
+    costs = {name: gptq_cost(qz, name) for name in qz.state if name in qz.plan or name in qz.gates}
+    share = copy.copy(qz)  # this rank's tensors only, its own cache
+    share.state = {name: qz.state[name] for name in deal_by_cost(costs, rt.world_size)[rt.rank]}
+    share.cache = {}
+    try:
+        share.quantized()
+        found = (share.cache, None)
+    except ArtifactError as e:
+        found = ({}, str(e))
+    gathered = [None] * rt.world_size
+    dist.all_gather_object(gathered, found)
+    for cache, error in gathered:
+        if error:
+            raise ArtifactError(error)
+        qz.cache.update(cache)
+    qz.qstate()  # LQER (when on) from the gathered integers, the same on every rank
+
+
 def produce_artifact(
     model: GPT, loader, hp, rt, log, bytes_code: int, limit_fit: bool = True, prior: float | None = None
 ) -> tuple[bytes, dict]:
-    """Hessians on every rank (disjoint training batches, summed), then GPTQ, the fit and compression
-    on rank 0; every rank gets the same artifact bytes (or the same error)."""
+    """Hessians on every rank (disjoint training batches, summed), GPTQ split across ranks
+    (quantize_across_ranks), then the fit and compression on rank 0; every rank gets the same
+    artifact bytes (or the same error)."""
     t0 = time.perf_counter()
     hessians = (
         collect_hessians(model, loader, hp, rt, calibration_batches(hp, rt))
@@ -2616,12 +2846,15 @@ def produce_artifact(
     sync(rt)
     calib_s = time.perf_counter() - t0
     outcome: tuple = (b"", {}, None)
-    if rt.is_main:
+    try:
+        qz = Quantizer(model, hessians, hp)
+        t1 = time.perf_counter()
+        quantize_across_ranks(qz, rt)  # the GPTQ pass itself, timed apart from compression
+        quant_s = time.perf_counter() - t1
+    except ArtifactError as e:
+        outcome = (b"", {}, str(e))
+    if rt.is_main and outcome[2] is None:
         try:
-            qz = Quantizer(model, hessians, hp)
-            t1 = time.perf_counter()
-            qz.qstate()  # the GPTQ pass itself, timed apart from compression
-            quant_s = time.perf_counter() - t1
             cap = hp.artifact_cap_bytes if limit_fit else 1 << 62
             blob, info = fit_artifact(qz, bytes_code, log, cap, prior)
             outcome = (
@@ -2637,17 +2870,47 @@ def produce_artifact(
     return blob, info
 
 
+def student_t(shape: torch.Size, nu: int, gen: torch.Generator) -> Tensor:
+    """Student-t draws from `gen`: a normal over the root of a chi-square with `nu` degrees / `nu`."""
+    chi2 = torch.randn((nu, *shape), generator=gen).square().sum(0)
+    return torch.randn(shape, generator=gen) / (chi2 / nu).sqrt()
+
+
+@contextlib.contextmanager
+def trained_like_weights(model: GPT, hp: Hyperparameters):
+    """Every quantised tensor redrawn from a Student-t (nu=3) from SEED, with its own std (at least
+    0.02: the zero-init projections), then restored exactly. At init ~43 % of the integers are zero
+    and brotli-11 compresses them ~2x faster than trained ones; of the stand-ins measured
+    (bench/RESULTS.md) nu=3 compresses slowest, so a dry run on it does not under-reserve."""
+    gen = torch.Generator().manual_seed(hp.seed)
+    saved = {}
+    with torch.no_grad():
+        for name in sorted(quant_plan(model, hp)):
+            p = model.get_parameter(name)
+            saved[name] = p.detach().clone()
+            draw = student_t(p.shape, 3, gen)
+            p.copy_((draw / draw.std() * max(float(p.float().std()), 0.02)).to(p.device, p.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                model.get_parameter(name).copy_(value)
+
+
 def measure_export_reserve(model: GPT, loader, hp, rt, log, bytes_code: int) -> tuple[float, float | None]:
-    """EXPORT_RESERVE_SECONDS=-1: a dry run of the whole export (calibration, GPTQ, compression) on the
-    initial weights, untimed like the compile warmup, sets the reserve: 1.25x its time plus 1 s. The
-    dry run's artifact is discarded and the data position restored. Returns (reserve, the dry run's
-    size_per_entropy: the final export plans any fit moves with it, so it compresses once)."""
+    """EXPORT_RESERVE_SECONDS=-1: a dry run of the whole export (calibration, GPTQ, compression) on
+    trained-like weights (trained_like_weights: the initial ones compress much faster), untimed like
+    the compile warmup, sets the reserve: 1.25x its time plus 1 s. The dry run's artifact is discarded,
+    the weights and the data position restored. Returns (reserve, the dry run's size_per_entropy: the
+    final export plans any fit moves with it, so it compresses once)."""
     if hp.export_reserve_seconds >= 0 or hp.max_wallclock_seconds <= 0:
         return max(hp.export_reserve_seconds, 0.0), None  # explicit, or no clock to fit into
     saved = loader.stream.state_dict()
-    t0 = time.perf_counter()
-    _, info = produce_artifact(model, loader, hp, rt, Logger(None), bytes_code, limit_fit=False)
-    seconds = max_over_ranks(time.perf_counter() - t0, rt)
+    with trained_like_weights(model, hp):
+        t0 = time.perf_counter()
+        _, info = produce_artifact(model, loader, hp, rt, Logger(None), bytes_code, limit_fit=False)
+        seconds = max_over_ranks(time.perf_counter() - t0, rt)
     loader.stream.load_state_dict(saved)
     reserve = min(1.25 * seconds + 1.0, 0.5 * hp.max_wallclock_seconds)
     log(kv(export_probe_s=round(seconds, 2), export_reserve_s=round(reserve, 2)))

@@ -626,6 +626,22 @@ class Hyperparameters:
         k("COMPRESSOR", str, "auto", choices=("auto", "zstd", "brotli", "lzma"))  # auto: smallest importable
         k("CODE_BYTES_MODE", str, "packed", choices=("raw", "packed"))  # count the packed form (pack_source)
         k("ARTIFACT_CAP_BYTES", int, 16000000)  # code + compressed model must fit (decimal bytes)
+        k("MLP_CLIP_SIGMAS", float, 0.0, ge=0)  # > 0: SDClip k, MLP matrices (R0427: 11.5); 0 = GPTQ_SDCLIP_K
+        k("ATTN_CLIP_SIGMAS", float, 0.0, ge=0)  # > 0: SDClip k of attention matrices (R0427: 13.0)
+        k("EMBED_CLIP_SIGMAS", float, 0.0, ge=0)  # > 0: SDClip k of the GPTQ'd token embedding (R0427: 14.0)
+        k("GATED_ATTN_QUANT_GATE", bool, False)  # attention gate weights int8 per row, not fp16 (R0419)
+        k("LQER_ENABLED", bool, False)  # rank-r correction of the LQER_TOP_K largest quantisation errors
+        k("LQER_RANK", int, 4, gt=0)  # rank of each LQER correction
+        k("LQER_TOP_K", int, 3, gt=0)  # tensors corrected: the largest ||W - Q(W)||_F
+        k("LQER_FACTOR_BITS", int, 4, ge=2, le=8)  # symmetric LQER: bits of both factors (per-row scales)
+        k("LQER_ASYM_ENABLED", bool, False)  # LQER A int2 (one scale), B int4 (a scale per LQER_ASYM_GROUP)
+        k("LQER_ASYM_GROUP", int, 64, gt=0)  # asymmetric LQER: values of the flattened B per fp16 scale
+        k("AWQ_LITE_ENABLED", bool, False)  # GPTQ keeps the most salient column groups at AWQ_LITE_BITS
+        k("AWQ_LITE_BITS", int, 8, ge=2, le=8)  # bits of the salient groups
+        k("AWQ_LITE_GROUP_TOP_K", int, 1, gt=0)  # salient groups kept, over all GPTQ'd matrices together
+        k("AWQ_LITE_GROUP_SIZE", int, 64, gt=0)  # consecutive input columns per group
+        k("COMPRESS_STREAMS", bool, True)  # payload as parallel independent streams (format 2); 0: one
+        k("COMPRESS_THREADS", int, 0, ge=0)  # threads compressing the streams; 0 = one per CPU core
         # fmt: on
 
     def validate(self) -> None:
@@ -704,6 +720,10 @@ class Hyperparameters:
             (
                 self.clip_fracs and all(0 < f <= 1 for f in self.clip_fracs),
                 "GPTQ_CLIP_FRACS must be a comma list of fractions in (0, 1]",
+            ),
+            (
+                not self.awq_lite_enabled or self.quant_packing == "bytes",
+                "AWQ_LITE_ENABLED=1 needs QUANT_PACKING=bytes (salient columns exceed the bit-packed range)",
             ),
         ]
 
@@ -2308,9 +2328,12 @@ class EMA:
 # ============================================================================ quantization & serialization
 
 # Artifact file: MAGIC, then <version u16, compressor id u8, sha256 of the body, body length u64>, then the
-# body: the compressed payload <meta length u32, meta JSON, tensor bytes>. Loading never unpickles.
+# body. The payload is <meta length u32, meta JSON, tensor bytes>; a version 1 body is the payload
+# compressed as one stream, a version 2 body its independent streams (compress_streams; compressor id
+# STREAMS_ID). Loading never unpickles.
 ARTIFACT_MAGIC = b"PGOLFQ\r\n"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSIONS = (1, 2)
+STREAMS_ID = 255
 ARTIFACT_HEADER = struct.Struct("<HB32sQ")
 COMPRESSORS = ("zstd", "brotli", "lzma")
 # The self-extracting script: exec of the base85, compressed text (R0409 submitted the lzma form).
@@ -2328,15 +2351,68 @@ def qmax(bits: int) -> int:
 
 
 @dataclass
+class SalientGroups:
+    """AWQ-lite (PR #1908): column groups [start, start + size) that GPTQ quantised at `bits` with
+    their own fp16 row scales (the same clip range as the rest of the row, a finer grid)."""
+
+    starts: tuple[int, ...]
+    size: int
+    bits: int
+    scale: Tensor
+
+    def columns(self) -> list[int]:
+        return [c for start in self.starts for c in range(start, start + self.size)]
+
+
+@dataclass
+class LowRank:
+    """LQER (R0427, PR #1855): a rank-r correction A @ B of the residual W - Q(W), both factors
+    quantised. `sym`: A and B intN with one fp16 scale per row. `asym`: A int2 in [-2, 1] with one
+    scale for the matrix, B int4 in [-8, 7] with one scale per group of the flattened B."""
+
+    kind: str
+    qA: Tensor
+    sA: Tensor
+    qB: Tensor
+    sB: Tensor
+
+    def delta(self) -> Tensor:
+        if self.kind == "asym":
+            A = self.qA.float() * self.sA.float()
+            B = (self.qB.float().view(self.sB.numel(), -1) * self.sB.float()[:, None]).view(self.qB.shape)
+        else:
+            A = self.qA.float() * self.sA.float()[:, None]
+            B = self.qB.float() * self.sB.float()[:, None]
+        return A @ B
+
+    def cpu(self) -> LowRank:
+        return LowRank(self.kind, self.qA.cpu(), self.sA.cpu(), self.qB.cpu(), self.sB.cpu())
+
+
+@dataclass
 class QuantTensor:
-    """Per-row symmetric integers (int8 container) and their fp16 row scales."""
+    """Per-row symmetric integers (int8 container) and their fp16 row scales; optionally salient
+    column groups at more bits (AWQ-lite) and a low-rank error correction (LQER)."""
 
     q: Tensor
     scale: Tensor
     bits: int
+    salient: SalientGroups | None = None
+    lqer: LowRank | None = None
 
     def dequantize(self) -> Tensor:
-        return self.q.float() * self.scale.float()[:, None]
+        W = self.q.float() * self.scale.float()[:, None]
+        if self.salient is not None:
+            cols = self.salient.columns()
+            W[:, cols] = self.q[:, cols].float() * self.salient.scale.float()[:, None]
+        if self.lqer is not None:
+            W = W + self.lqer.delta()
+        return W
+
+    def cpu(self) -> QuantTensor:
+        g = self.salient
+        salient = g and SalientGroups(g.starts, g.size, g.bits, g.scale.cpu())
+        return QuantTensor(self.q.cpu(), self.scale.cpu(), self.bits, salient, self.lqer and self.lqer.cpu())
 
 
 def fake_quantize(w: Tensor, bits: int) -> Tensor:
@@ -2400,22 +2476,32 @@ def damped_upper_inverse(H: Tensor, damp: float) -> Tensor:
     raise ArtifactError("GPTQ: the calibration Hessian stays singular after damping; raise GPTQ_DAMP")
 
 
-def gptq_quantize(w: Tensor, H: Tensor, bits: int, hp: Hyperparameters, fracs=None) -> QuantTensor:
+def gptq_quantize(
+    w: Tensor, H: Tensor, bits: int, hp: Hyperparameters, fracs=None, sdclip_k=None, salient=()
+) -> QuantTensor:
     """Full GPTQ (Frantar et al. 2022): columns quantised in order (by descending
     Hessian diagonal with act-order), each one's error pushed onto the columns not yet quantised
-    through the upper Cholesky factor of H^-1, lazily per block of GPTQ_BLOCK_SIZE columns."""
+    through the upper Cholesky factor of H^-1, lazily per block of GPTQ_BLOCK_SIZE columns.
+    `sdclip_k` (default GPTQ_SDCLIP_K) > 0 clips rows at k std of the weights as given (R0427);
+    `salient` group starts (AWQ-lite) are quantised at AWQ_LITE_BITS inside the same solve."""
     W, H = w.detach().float().clone(), H.detach().float().clone()
     dead = H.diagonal() == 0  # inputs never active in calibration: weight irrelevant, keep H invertible
     H.diagonal()[dead] = 1.0
     W[:, dead] = 0.0
+    k = hp.gptq_sdclip_k if sdclip_k is None else sdclip_k
     scale = (
-        sdclip_scales(W, bits, hp.gptq_sdclip_k)
-        if hp.gptq_sdclip_k > 0
+        sdclip_scales(w.detach().float(), bits, k)
+        if k > 0
         else hessian_clip_scales(W, H, bits, fracs or hp.clip_fracs)
     )
+    hi = salient_columns(W.size(1), salient, hp.awq_lite_group_size).to(W.device)
+    if salient:  # the row's clip range as the rest of the row has it, at the finer grid
+        clip = k * w.detach().float().std(dim=1) if k > 0 else scale * qmax(bits)
+        scale_hi = fp16_scales(clip, hp.awq_lite_bits)
     perm = torch.argsort(H.diagonal(), descending=True) if hp.gptq_act_order else None
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H, hi = W[:, perm], H[perm][:, perm], hi[perm]
+    hi = hi.tolist() if salient else None
     U = damped_upper_inverse(H, hp.gptq_damp)
     Q = torch.zeros_like(W)
     cols = W.size(1)
@@ -2423,15 +2509,27 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, hp: Hyperparameters, fracs=No
         i2 = min(i1 + hp.gptq_block_size, cols)
         W1, U1, E1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2], torch.zeros_like(W[:, i1:i2])
         for j in range(i2 - i1):
-            q = round_to_grid(W1[:, j : j + 1], scale, bits).squeeze(1)
+            s, b = (scale_hi, hp.awq_lite_bits) if hi and hi[i1 + j] else (scale, bits)
+            q = round_to_grid(W1[:, j : j + 1], s, b).squeeze(1)
             Q[:, i1 + j] = q
-            err = (W1[:, j] - q * scale) / U1[j, j]
+            err = (W1[:, j] - q * s) / U1[j, j]
             W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
             E1[:, j] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    return QuantTensor(Q.to(torch.int8), scale.half(), bits)
+    if not salient:
+        return QuantTensor(Q.to(torch.int8), scale.half(), bits)
+    groups = SalientGroups(tuple(salient), hp.awq_lite_group_size, hp.awq_lite_bits, scale_hi.half())
+    return QuantTensor(Q.to(torch.int8), scale.half(), bits, groups)
+
+
+def salient_columns(cols: int, starts, size: int) -> Tensor:
+    """Boolean mask of the columns in the groups [start, start + size)."""
+    mask = torch.zeros(cols, dtype=torch.bool)
+    for start in starts:
+        mask[start : start + size] = True
+    return mask
 
 
 def rtn_quantize(w: Tensor, bits: int) -> QuantTensor:
@@ -2464,6 +2562,102 @@ def block_index(name: str) -> int | None:
     return int(parts[1]) if parts[0] == "blocks" else None
 
 
+# Attention gate weights as the records name them: ours (GATED_ATTN), and R0419-R0427's dense and
+# sparse gates (`attn_gate_w`); like them, only 2-D tensors of 32 to 8192 values.
+GATE_SUFFIXES = (".attn.gate.weight", ".attn_gate_w")
+
+
+def quant_gate_names(state: Mapping[str, Tensor], hp: Hyperparameters) -> set[str]:
+    """GATED_ATTN_QUANT_GATE (R0419 'QuantGate'): the attention gate weights, stored int8 with one
+    fp16 scale per row (row max / 127) instead of fp16; no Hessian, never moved by the fit ladder."""
+    if not hp.gated_attn_quant_gate:
+        return set()
+    return {
+        n for n, t in state.items() if n.endswith(GATE_SUFFIXES) and t.ndim == 2 and 32 <= t.numel() <= 8192
+    }
+
+
+def clip_sigmas(name: str, hp: Hyperparameters) -> float:
+    """SDClip k of one matrix by class, as R0427 splits them: the token embedding EMBED_CLIP_SIGMAS,
+    MLP matrices MLP_CLIP_SIGMAS, attention matrices ATTN_CLIP_SIGMAS. A class knob left at 0, and
+    every other matrix, take GPTQ_SDCLIP_K (the records' MATRIX_CLIP_SIGMAS); 0 means the search."""
+    if "tok_emb" in name:
+        k = hp.embed_clip_sigmas
+    elif ".mlp." in name:
+        k = hp.mlp_clip_sigmas
+    elif ".attn." in name:
+        k = hp.attn_clip_sigmas
+    else:
+        k = 0.0
+    return k or hp.gptq_sdclip_k
+
+
+def gptq_applies(name: str, hessians: Mapping[str, Tensor], hp: Hyperparameters) -> bool:
+    """GPTQ where a Hessian exists (embeddings only with QUANT_EMBED_GPTQ), else round-to-nearest."""
+    if name in EMBEDDING_NAMES and not hp.quant_embed_gptq:
+        return False
+    return hp.quant_method == "gptq" and name in hessians
+
+
+def awq_lite_groups(state, plan: Mapping[str, int], hessians, hp: Hyperparameters) -> dict[str, list[int]]:
+    """AWQ-lite (PR #1908): each AWQ_LITE_GROUP_SIZE-column group of each GPTQ'd matrix below
+    AWQ_LITE_BITS scores sum over its columns of activation RMS x mean |w| (the RMS from the
+    calibration Hessian's diagonal and the rows it summed); the AWQ_LITE_GROUP_TOP_K best groups over
+    all matrices together, as PR #1908's code ranks them, are quantised at AWQ_LITE_BITS. Returns
+    each chosen matrix's group starts."""
+    g, candidates = hp.awq_lite_group_size, []
+    for name, bits in plan.items():
+        if bits >= hp.awq_lite_bits or not gptq_applies(name, hessians, hp):
+            continue
+        rows = getattr(hessians, "rows", {}).get(name)
+        if not rows:
+            raise ArtifactError(
+                "AWQ_LITE_ENABLED=1 needs the Hessians of collect_hessians (their row counts)"
+            )
+        W = state[name].detach().float()
+        saliency = ((hessians[name].diagonal() / rows).sqrt() * W.abs().mean(dim=0)).cpu()
+        n = W.size(1) // g
+        sums = saliency[: n * g].view(n, g).sum(dim=1).tolist()
+        candidates += [(score, name, i * g) for i, score in enumerate(sums)]
+    candidates.sort(key=lambda c: -c[0])
+    chosen: dict[str, list[int]] = {}
+    for _, name, start in candidates[: hp.awq_lite_group_top_k]:
+        chosen.setdefault(name, []).append(start)
+    return chosen
+
+
+def lqer_fit(E: Tensor, hp: Hyperparameters) -> LowRank:
+    """LQER (R0427): the top-LQER_RANK SVD of the residual E = W - Q(W) as A = U_r S_r, B = V_r^T,
+    quantised asymmetrically (LQER_ASYM_ENABLED, when B splits into LQER_ASYM_GROUP groups) or with
+    LQER_FACTOR_BITS per-row symmetric integers."""
+    U, S, Vh = torch.linalg.svd(E.float(), full_matrices=False)
+    r = min(hp.lqer_rank, S.numel())
+    A, B = (U[:, :r] * S[:r]).contiguous(), Vh[:r].contiguous()
+    if hp.lqer_asym_enabled and B.numel() % hp.lqer_asym_group == 0:
+        return lqer_asym(A, B, hp.lqer_asym_group)
+    return lqer_sym(A, B, hp.lqer_factor_bits)
+
+
+def lqer_sym(A: Tensor, B: Tensor, bits: int) -> LowRank:
+    top = qmax(bits)
+    sA = (A.abs().amax(dim=1).clamp_min(1e-10) / top).half()
+    sB = (B.abs().amax(dim=1).clamp_min(1e-10) / top).half()
+    qA = torch.clamp(torch.round(A / sA.float()[:, None]), -top, top).to(torch.int8)
+    qB = torch.clamp(torch.round(B / sB.float()[:, None]), -top, top).to(torch.int8)
+    return LowRank("sym", qA, sA, qB, sB)
+
+
+def lqer_asym(A: Tensor, B: Tensor, group: int) -> LowRank:
+    """A in [-2, 1] on one scale |A|max / 1.5; B in [-8, 7] on a scale group max / 7.5 per `group`
+    values of the flattened B (R0427's constants)."""
+    sA = (A.abs().amax().clamp_min(1e-10) / 1.5).half().reshape(1)
+    qA = torch.clamp(torch.round(A / sA.float()), -2, 1).to(torch.int8)
+    Bg = B.reshape(-1, group)
+    sB = (Bg.abs().amax(dim=1).clamp_min(1e-10) / 7.5).half()
+    qB = torch.clamp(torch.round(Bg / sB.float()[:, None]), -8, 7).to(torch.int8).reshape(B.shape)
+    return LowRank("asym", qA, sA, qB, sB)
+
+
 def set_qat(model: GPT, plan: Mapping[str, int] | None) -> None:
     """Late QAT on (plan: each linear's target bits) or off (None) for every CastedLinear."""
     for name, module in model.named_modules():
@@ -2494,26 +2688,48 @@ def check_calibration_stream(loader: DistributedTokenLoader, hp: Hyperparameters
             )
 
 
+class Hessians(dict):
+    """Each quantised tensor's H = sum X^T X, plus `rows`: how many input rows each one summed
+    (over ranks), so that diag(H) / rows is the per-channel mean square activation (AWQ-lite)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rows: dict[str, int] = {}
+
+
 @torch.no_grad()
 def collect_hessians(
     model: GPT, loader: DistributedTokenLoader, hp: Hyperparameters, rt: Runtime, batches: int
 ):
     """H = sum X^T X of each quantised linear's input over TRAINING batches (never validation), summed
     over ranks. Hooks sit on every CastedLinear, so looped blocks accumulate over their repeats; the
-    tied embedding, read as the output head, gets the final hidden states (R0409 'GPTQ embeddings')."""
+    tied embedding, read as the output head, gets the final hidden states (R0409 'GPTQ embeddings').
+    The amount is GPTQ_CALIB_TOKENS, over all ranks. R0427's GPTQ_CALIBRATION_BATCHES=16 is 16 batches
+    of TRAIN_BATCH_TOKENS / 8 = 98,304 tokens on each rank, its Hessians not summed over ranks: the
+    same 1,572,864 tokens behind each Hessian are GPTQ_CALIB_TOKENS=1572864 here.
+    Linears that read the very same input tensor one after the other (c_q, c_k, c_v) share one
+    Hessian object: computed and summed over ranks once, not three times; each name still has its
+    own `rows` entry (the rows that Hessian summed; counted locally x world size, never all-reduced)."""
     check_calibration_stream(loader, hp)
     plan = quant_plan(model, hp)
     linears = {
         n: m for n, m in model.named_modules() if isinstance(m, CastedLinear) and f"{n}.weight" in plan
     }
-    hessians: dict[str, Tensor] = {}
+    hessians = Hessians()
+    last: list = [None, None]  # the input the previous hook summed, and under which name
 
     def hook(name: str):
         def accumulate(module: nn.Module, args: tuple) -> None:
+            if args[0] is last[0] and hessians.get(name, hessians[last[1]]) is hessians[last[1]]:
+                hessians[name] = hessians[last[1]]  # same input as the linear before: same Hessian
+                hessians.rows[name] = hessians.rows[last[1]]  # and the same rows, not counted again
+                return
             x = args[0].detach().flatten(0, -2).float()
             if name not in hessians:
                 hessians[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
             hessians[name].addmm_(x.T, x)
+            hessians.rows[name] = hessians.rows.get(name, 0) + x.size(0) * rt.world_size
+            last[:] = args[0], name
 
         return accumulate
 
@@ -2531,7 +2747,8 @@ def collect_hessians(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    for H in hessians.values():
+        last.clear()
+    for H in {id(H): H for H in hessians.values()}.values():  # a shared Hessian is summed once
         all_reduce_sum(H, rt)
     return hessians
 
@@ -2605,12 +2822,167 @@ def available_compressors(choice: str) -> list[str]:
     return found
 
 
-def compress_best(data: bytes, methods: list[str]) -> tuple[str, bytes, dict[str, int]]:
-    """Compress with each method in parallel threads (the libraries release the GIL); keep the smallest."""
+def compress_best(
+    data: bytes, methods: list[str], streams: bool = False, threads: int = 0
+) -> tuple[str | Codec, bytes, dict[str, int]]:
+    """Compress with each method in parallel threads (the libraries release the GIL); keep the smallest.
+    `streams`: `data` is a payload, compressed as independent streams, each with its smallest method
+    (a v2 body, see compress_streams); sizes are then what each method alone would give."""
+    if streams:
+        return compress_streams(data, methods, threads)
     with concurrent.futures.ThreadPoolExecutor(len(methods)) as pool:
         blobs = dict(zip(methods, pool.map(lambda m: compress(data, m), methods), strict=True))
     best = min(methods, key=lambda m: (len(blobs[m]), methods.index(m)))
     return best, blobs[best], {m: len(b) for m, b in blobs.items()}
+
+
+# Brotli-11 is single-threaded and slow: the default model's 27 MB payload as one stream took 123 CPU s
+# on a loaded machine (bench/RESULTS.md), all inside the training clock. Independent streams (each
+# role's integers, cut into parts of about STREAM_BYTES values; the row scales; the fp16 tensors; any
+# AWQ-lite / LQER extras) compress in parallel threads, and each gets its own smallest method. The cut
+# depends on the payload only, never on the thread count: the same bytes.
+STREAM_BYTES = 4 << 20
+STREAM_HEADER = struct.Struct("<BBI")  # per stream: compressor id, byte-shuffled, compressed length
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Each stream's method and whether its 2-byte words are byte-shuffled (fp16 streams, where that
+    compressed smaller); `threads` only sets the speed (0: one per CPU core of this process)."""
+
+    choices: tuple[tuple[str, bool], ...]
+    threads: int = 0
+
+    def __str__(self) -> str:  # the log's `compressor`: the methods used, e.g. brotli or brotli+lzma
+        used = {m for m, _ in self.choices}
+        return "+".join(m for m in COMPRESSORS if m in used)
+
+
+def payload_streams(payload: bytes) -> list[tuple[int, int, int]]:
+    """(start, end, word size) of each stream of a payload: the meta head, each role's integers in parts
+    of about STREAM_BYTES values (whole tensors; cut by value counts, so a fit-ladder bit move under
+    QUANT_PACKING=bits keeps the Codec's streams), all row scales, all fp16 tensors (word size 2:
+    shuffle-able), then any AWQ-lite / LQER extras (build_payload's order)."""
+    (head_len,) = struct.unpack_from("<I", payload)
+    meta = json.loads(payload[4 : 4 + head_len])
+    ints = [e for e in meta["tensors"] if e["kind"] == "int"]
+    roles: dict[str, list[tuple[int, int]]] = {}  # role -> (values, packed bytes) of each tensor
+    for e in ints:
+        count = math.prod(e["shape"])
+        roles.setdefault(role_key(e["name"])[0], []).append(
+            (count, packed_size(count, e["bits"], meta["packing"]))
+        )
+    spans, pos = [(0, 4 + head_len, 1)], 4 + head_len
+    for items in roles.values():
+        counts, done = [count for count, _ in items], 0
+        for part in even_parts(counts, math.ceil(sum(counts) / STREAM_BYTES)):
+            size = sum(nbytes for _, nbytes in items[done : done + len(part)])
+            spans.append((pos, pos + size, 1))
+            pos, done = pos + size, done + len(part)
+    scales = 2 * sum(e["shape"][0] for e in ints)
+    floats = 2 * sum(math.prod(e["shape"]) for e in meta["tensors"] if e["kind"] == "fp16")
+    spans.append((pos, pos + scales, 2))
+    spans.append((pos + scales, pos + scales + floats, 2))
+    spans.append((pos + scales + floats, len(payload), 1))  # extras: int8 factors and fp16 scales
+    return [(a, b, word if (b - a) % word == 0 else 1) for a, b, word in spans if b > a]
+
+
+def even_parts(sizes: list[int], parts: int) -> list[list[int]]:
+    """`sizes` cut into at most `parts` consecutive runs of about equal sums (cuts between items)."""
+    total, out, run, acc = sum(sizes), [], [], 0
+    for size in sizes:
+        if run and acc + size / 2 > total * (len(out) + 1) / parts:
+            out.append(run)
+            run = []
+        run.append(size)
+        acc += size
+    return out + [run]
+
+
+def shuffle_words(data: bytes, word: int, inverse: bool = False) -> bytes:
+    """Byte planes of `word`-byte values (all low bytes, then all high bytes): the sign/exponent bytes
+    of fp16 values are few and alike, the mantissa bytes noise; apart they compress better."""
+    a = np.frombuffer(data, dtype=np.uint8)
+    return (a.reshape(word, -1).T if inverse else a.reshape(-1, word).T).tobytes()
+
+
+def stream_jobs(payload: bytes, spans, candidates) -> list[tuple[int, bytes, str, bool]]:
+    """Every (stream index, bytes, method, shuffled) to try; `candidates(word)` lists the options."""
+    jobs = []
+    for i, (start, end, word) in enumerate(spans):
+        for method, shuffled in candidates(i, word):
+            data = payload[start:end]
+            jobs.append((i, shuffle_words(data, word) if shuffled else data, method, shuffled))
+    return jobs
+
+
+def run_jobs(jobs: list[tuple[int, bytes, str, bool]], threads: int) -> list[bytes]:
+    """Compress every job in a thread pool, largest first (the longest sets the wall time); the
+    results come back in job order, so the bytes do not depend on the thread count."""
+    order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][1]))
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(threads or cpu_cores(), len(jobs)))) as pool:
+        futures = {j: pool.submit(compress, jobs[j][1], jobs[j][2]) for j in order}
+        return [futures[j].result() for j in range(len(jobs))]
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def streams_body(choices, blobs: list[bytes]) -> bytes:
+    """v2 body: <stream count u16>, a STREAM_HEADER per stream, then the compressed streams."""
+    table = b"".join(
+        STREAM_HEADER.pack(COMPRESSORS.index(m), s, len(b)) for (m, s), b in zip(choices, blobs, strict=True)
+    )
+    return struct.pack("<H", len(blobs)) + table + b"".join(blobs)
+
+
+def compress_streams(payload: bytes, methods: list[str], threads: int = 0) -> tuple[Codec, bytes, dict]:
+    """Every stream with every method (fp16 streams also byte-shuffled), in parallel; each stream keeps
+    its smallest (ties: the earlier method, unshuffled). Sizes: the body if every stream used one method."""
+    spans = payload_streams(payload)
+    jobs = stream_jobs(
+        payload, spans, lambda i, word: [(m, s) for m in methods for s in (False, True)[:word]]
+    )
+    blobs = run_jobs(jobs, threads)
+    best: dict[int, int] = {}  # stream -> its smallest job
+    per_method: dict[tuple[str, int], int] = {}  # (method, stream) -> that method's smallest job
+    for j, (i, _, method, _) in enumerate(jobs):
+        for table, key in ((best, i), (per_method, (method, i))):
+            if key not in table or len(blobs[j]) < len(blobs[table[key]]):
+                table[key] = j
+    codec = Codec(tuple(jobs[best[i]][2:] for i in range(len(spans))), threads)
+    body = streams_body(codec.choices, [blobs[best[i]] for i in range(len(spans))])
+    overhead = len(body) - sum(len(blobs[j]) for j in best.values())
+    sizes = {m: overhead + sum(len(blobs[per_method[m, i]]) for i in range(len(spans))) for m in methods}
+    return codec, body, sizes
+
+
+def compress_payload(payload: bytes, codec: str | Codec) -> bytes:
+    """The artifact body of a payload: one stream (`codec` a method name, the v1 format) or, with a
+    Codec, the payload's streams compressed by the methods it chose (the v2 format)."""
+    if isinstance(codec, str):
+        return compress(payload, codec)
+    spans = payload_streams(payload)
+    if len(spans) != len(codec.choices):
+        raise ArtifactError(f"payload has {len(spans)} streams, the codec {len(codec.choices)}")
+    jobs = stream_jobs(payload, spans, lambda i, word: [codec.choices[i]])
+    return streams_body(codec.choices, run_jobs(jobs, codec.threads))
+
+
+def decompress_streams(body: bytes) -> bytes:
+    """The payload of a v2 body: each stream decompressed and un-shuffled, in order."""
+    (count,) = struct.unpack_from("<H", body)
+    pos, parts = 2 + count * STREAM_HEADER.size, []
+    for i in range(count):
+        method_id, shuffled, length = STREAM_HEADER.unpack_from(body, 2 + i * STREAM_HEADER.size)
+        data = decompress(body[pos : pos + length], COMPRESSORS[method_id])
+        parts.append(shuffle_words(data, 2, inverse=True) if shuffled else data)
+        pos += length
+    if pos != len(body):
+        raise ArtifactError(f"{len(body) - pos} stray bytes after the last stream")
+    return b"".join(parts)
 
 
 # ---------------------------------------------------------------- artifact file
@@ -2625,20 +2997,65 @@ def role_key(name: str) -> tuple[str, int]:
 
 
 def build_payload(qstate: Mapping[str, QuantTensor | Tensor], meta: dict, packing: str) -> bytes:
-    """meta JSON (settings + tensor table) then integers, then row scales, then fp16 tensors."""
+    """meta JSON (settings + tensor table) then integers, then row scales, then fp16 tensors, then
+    any AWQ-lite / LQER extras."""
     names = sorted(qstate, key=role_key)
-    ints, scales, floats, table = [], [], [], []
+    ints, scales, floats, extras, table = [], [], [], [], []
     for name in names:
         t = qstate[name]
         if isinstance(t, QuantTensor):
             ints.append(pack_ints(t.q.cpu().numpy(), t.bits, packing))
-            scales.append(t.scale.cpu().numpy().astype("<f2").tobytes())
+            scales.append(fp16_bytes(t.scale))
             table.append(dict(name=name, shape=list(t.q.shape), kind="int", bits=t.bits))
+            extras += extra_fields(t, table[-1])
         else:
-            floats.append(t.detach().cpu().to(torch.float16).numpy().astype("<f2").tobytes())
+            floats.append(fp16_bytes(t))
             table.append(dict(name=name, shape=list(t.shape), kind="fp16"))
     head = json.dumps(dict(meta, packing=packing, tensors=table), sort_keys=True).encode()
-    return struct.pack("<I", len(head)) + head + b"".join(ints + scales + floats)
+    return struct.pack("<I", len(head)) + head + b"".join(ints + scales + floats + extras)
+
+
+def fp16_bytes(t: Tensor) -> bytes:
+    return t.detach().cpu().to(torch.float16).numpy().astype("<f2").tobytes()
+
+
+def extra_fields(t: QuantTensor, entry: dict) -> list[bytes]:
+    """AWQ-lite groups and LQER factors of one tensor: described in its table entry, their bytes
+    after every fp16 tensor (an artifact without them reads as before): salient row scales, then
+    LQER's A and B (one int8 each) and their scales."""
+    out = []
+    if t.salient is not None:
+        g = t.salient
+        entry["salient"] = dict(starts=list(g.starts), size=g.size, bits=g.bits)
+        out.append(fp16_bytes(g.scale))
+    if t.lqer is not None:
+        L = t.lqer
+        entry["lqer"] = dict(kind=L.kind, rank=L.qA.size(1), sA=L.sA.numel(), sB=L.sB.numel())
+        out += [L.qA.cpu().numpy().astype(np.int8).tobytes(), L.qB.cpu().numpy().astype(np.int8).tobytes()]
+        out += [fp16_bytes(L.sA), fp16_bytes(L.sB)]
+    return out
+
+
+def parse_extras(payload: bytes, offset: int, e: dict, t: QuantTensor) -> int:
+    """The inverse of extra_fields for one tensor; returns the offset after its bytes."""
+
+    def take(dtype, count: int, shape) -> Tensor:
+        nonlocal offset
+        values = np.frombuffer(payload, dtype, count, offset).copy()
+        offset += values.nbytes
+        return torch.from_numpy(values).view(shape)
+
+    rows, cols = e["shape"]
+    if "salient" in e:
+        g = e["salient"]
+        t.salient = SalientGroups(tuple(g["starts"]), g["size"], g["bits"], take("<f2", rows, (rows,)))
+    if "lqer" in e:
+        L, r = e["lqer"], e["lqer"]["rank"]
+        qA, qB = take(np.int8, rows * r, (rows, r)), take(np.int8, r * cols, (r, cols))
+        t.lqer = LowRank(
+            L["kind"], qA, take("<f2", L["sA"], (L["sA"],)), qB, take("<f2", L["sB"], (L["sB"],))
+        )
+    return offset
 
 
 def parse_payload(payload: bytes) -> tuple[dict, dict[str, QuantTensor | Tensor]]:
@@ -2663,15 +3080,26 @@ def parse_payload(payload: bytes) -> tuple[dict, dict[str, QuantTensor | Tensor]
             e["shape"]
         )
         offset += 2 * count
+    for e in ints:
+        offset = parse_extras(payload, offset, e, out[e["name"]])
     if offset != len(payload):
         raise ArtifactError(f"artifact payload has {len(payload) - offset} stray bytes; it is corrupt")
     return meta, out
 
 
-def encode_artifact(body: bytes, method: str) -> bytes:
+def encode_artifact(body: bytes, codec: str | Codec) -> bytes:
+    """Version 1 for a body compressed by one method (`codec` its name), version 2 for streams."""
     digest = hashlib.sha256(body).digest()
-    header = ARTIFACT_HEADER.pack(ARTIFACT_VERSION, COMPRESSORS.index(method), digest, len(body))
-    return ARTIFACT_MAGIC + header + body
+    version, method_id = (1, COMPRESSORS.index(codec)) if isinstance(codec, str) else (2, STREAMS_ID)
+    return ARTIFACT_MAGIC + ARTIFACT_HEADER.pack(version, method_id, digest, len(body)) + body
+
+
+def decompress_body(body: bytes, version: int, method_id: int) -> bytes:
+    if version == 2 and method_id == STREAMS_ID:
+        return decompress_streams(body)
+    if version == 1 and method_id < len(COMPRESSORS):
+        return decompress(body, COMPRESSORS[method_id])
+    raise ArtifactError(f"compressor id {method_id} is not one of artifact format version {version}")
 
 
 def decode_artifact(blob: bytes, source: str) -> tuple[dict, dict[str, QuantTensor | Tensor]]:
@@ -2682,20 +3110,20 @@ def decode_artifact(blob: bytes, source: str) -> tuple[dict, dict[str, QuantTens
             f"{source}: not a train_gpt.py artifact (bad magic); pass the .ptz this script wrote"
         )
     version, method_id, digest, length = ARTIFACT_HEADER.unpack_from(blob, len(ARTIFACT_MAGIC))
-    if version != ARTIFACT_VERSION:
+    if version not in ARTIFACT_VERSIONS:
         raise ArtifactError(
-            f"{source}: artifact format version {version}, this script reads version {ARTIFACT_VERSION}; "
-            "evaluate it with the train_gpt.py that wrote it"
+            f"{source}: artifact format version {version}, this script reads versions "
+            f"{', '.join(map(str, ARTIFACT_VERSIONS))}; evaluate it with the train_gpt.py that wrote it"
         )
     body = blob[fixed:]
     if len(body) != length:
         raise ArtifactError(f"{source}: {len(body)} body bytes, header says {length}; the file is truncated")
-    if hashlib.sha256(body).digest() != digest or method_id >= len(COMPRESSORS):
+    if hashlib.sha256(body).digest() != digest:
         raise ArtifactError(f"{source}: checksum mismatch; the artifact is corrupt, copy it again")
     try:
-        return parse_payload(decompress(body, COMPRESSORS[method_id]))
-    except ArtifactError:
-        raise
+        return parse_payload(decompress_body(body, version, method_id))
+    except ArtifactError as e:
+        raise ArtifactError(f"{source}: {e}") from None
     except Exception as e:  # a valid checksum over undecodable content: written by something else
         raise ArtifactError(f"{source}: payload does not decode ({type(e).__name__}: {e})") from None
 
@@ -2840,16 +3268,21 @@ def code_bytes(script: Path, mode: str) -> tuple[int, int]:
 
 
 def quantize_tensor(
-    name: str, w: Tensor, bits: int, hessians: Mapping[str, Tensor], hp: Hyperparameters, max_clip=False
+    name: str,
+    w: Tensor,
+    bits: int,
+    hessians: Mapping[str, Tensor],
+    hp: Hyperparameters,
+    max_clip=False,
+    salient=(),
 ):
     """GPTQ where a Hessian exists (embeddings only with QUANT_EMBED_GPTQ), else round-to-nearest;
-    `max_clip` (a fit-ladder step) replaces the clip search by each row's max |w|."""
-    gptq = hp.quant_method == "gptq" and name in hessians
-    if name in EMBEDDING_NAMES and not hp.quant_embed_gptq:
-        gptq = False
-    if not gptq:
+    `max_clip` (a fit-ladder step) replaces the clip search by each row's max |w|; the SDClip k is
+    the matrix's class's (clip_sigmas); `salient` AWQ-lite group starts."""
+    if not gptq_applies(name, hessians, hp):
         return rtn_quantize(w, bits)
-    return gptq_quantize(w, hessians[name], bits, hp, MAX_CLIP if max_clip else None)
+    fracs = MAX_CLIP if max_clip else None
+    return gptq_quantize(w, hessians[name], bits, hp, fracs, clip_sigmas(name, hp), salient)
 
 
 class Quantizer:
@@ -2863,18 +3296,54 @@ class Quantizer:
         self.meta = dict(settings={n: hp.knobs[n] for n in hp.model_knob_names}, looping=model.looping)
         self.max_clip: set[str] = set()  # tensors the fit ladder moved to max-|w| clips
         self.cache: dict[tuple[str, int, bool], QuantTensor] = {}
+        self.gates = quant_gate_names(self.state, hp)
+        self.salient = awq_lite_groups(self.state, self.plan, hessians, hp) if hp.awq_lite_enabled else {}
+        self.lqer_norms: dict[tuple[str, int, bool], float] = {}  # ||W - Q(W)||_F per cache key
+        self.lqer_cache: dict[tuple[str, int, bool], QuantTensor] = {}
+
+    def key(self, name: str) -> tuple[str, int, bool]:
+        """(name, bits, max-|w| clip): a matrix with its class's SDClip k has no search to give up."""
+        return name, self.plan[name], name in self.max_clip and clip_sigmas(name, self.hp) <= 0
 
     def qstate(self) -> dict[str, QuantTensor | Tensor]:
+        out = self.quantized()
+        return self.with_lqer(out) if self.hp.lqer_enabled else out
+
+    def quantized(self) -> dict[str, QuantTensor | Tensor]:
+        """Every tensor as stored, before LQER (which ranks all plan tensors together)."""
         out: dict[str, QuantTensor | Tensor] = {}
         for name, t in self.state.items():
             if name in self.plan:
-                key = (name, self.plan[name], name in self.max_clip)
+                key = self.key(name)
                 if key not in self.cache:  # computed where the weights live, kept on the CPU
-                    qt = quantize_tensor(name, t, key[1], self.hessians, self.hp, key[2])
-                    self.cache[key] = QuantTensor(qt.q.cpu(), qt.scale.cpu(), qt.bits)
+                    qt = quantize_tensor(
+                        name, t, key[1], self.hessians, self.hp, key[2], self.salient.get(name, ())
+                    )
+                    self.cache[key] = qt.cpu()
                 out[name] = self.cache[key]
+            elif name in self.gates:
+                if (name, 8, False) not in self.cache:
+                    self.cache[name, 8, False] = rtn_quantize(t, 8).cpu()
+                out[name] = self.cache[name, 8, False]
             else:
                 out[name] = t.to(device="cpu", dtype=torch.float16)
+        return out
+
+    def with_lqer(self, qstate: dict) -> dict:
+        """LQER (R0427): the LQER_TOP_K plan tensors with the largest ||W - Q(W)||_F, as quantised now
+        (after any fit-ladder move), get their quantised low-rank correction."""
+        for name in self.plan:
+            if self.key(name) not in self.lqer_norms:
+                E = self.state[name].detach().float().cpu() - qstate[name].dequantize()
+                self.lqer_norms[self.key(name)] = float(E.norm())
+        top = sorted(self.plan, key=lambda n: -self.lqer_norms[self.key(n)])[: self.hp.lqer_top_k]
+        out = dict(qstate)
+        for name in top:
+            key, t = self.key(name), qstate[name]
+            if key not in self.lqer_cache:
+                fit = lqer_fit(self.state[name].detach().float().cpu() - t.dequantize(), self.hp)
+                self.lqer_cache[key] = QuantTensor(t.q, t.scale, t.bits, t.salient, fit)
+            out[name] = self.lqer_cache[key]
         return out
 
     def payload(self, qstate: Mapping[str, QuantTensor | Tensor]) -> bytes:
@@ -2899,7 +3368,8 @@ class Quantizer:
         """Whether block matrices are GPTQ'd with clips finer than max |w| that the ladder can give
         up for bytes (a clip search, or any GPTQ_CLIP_FRACS other than 1.0; SDClip sets its own)."""
         hp = self.hp
-        return hp.quant_method == "gptq" and hp.gptq_sdclip_k <= 0 and hp.clip_fracs != MAX_CLIP
+        searched = any(clip_sigmas(n, hp) <= 0 for n in self.plan if block_index(n) is not None)
+        return hp.quant_method == "gptq" and searched and hp.clip_fracs != MAX_CLIP
 
     def max_clip_order(self) -> list[int]:
         """Blocks in the order the fit ladder gives up their clip search: the least output error
@@ -2911,6 +3381,8 @@ class Quantizer:
         for name, bits in self.plan.items():
             layer = block_index(name)
             if layer is None or name not in self.hessians or name in self.max_clip or bits <= 5:
+                continue
+            if clip_sigmas(name, self.hp) > 0:  # SDClip by class: no search to give up
                 continue
             W, H = self.state[name].float(), self.hessians[name]
             err, ent = [], []
@@ -2953,7 +3425,7 @@ class SizeEstimate:
             bits = self.memo[id(t.q)][1] if id(t.q) in self.memo else entropy_bytes(t.q)
             if remember:
                 self.memo[id(t.q)] = (t.q, bits)
-            total += bits + 2 * t.scale.numel()
+            total += bits + 2 * t.scale.numel() + extra_bytes(t)
         return total
 
     def calibrate(self, qstate: Mapping[str, QuantTensor | Tensor], body: bytes) -> None:
@@ -2961,6 +3433,17 @@ class SizeEstimate:
 
     def __call__(self, qstate: Mapping[str, QuantTensor | Tensor], remember: bool = True) -> float:
         return self.ratio * self.raw(qstate, remember)
+
+
+def extra_bytes(t: QuantTensor) -> float:
+    """What AWQ-lite row scales and LQER factors add: entropy of the factors' integers, raw scales."""
+    total = 0.0
+    if t.salient is not None:
+        total += 2 * t.salient.scale.numel()
+    if t.lqer is not None:
+        L = t.lqer
+        total += entropy_bytes(L.qA) + entropy_bytes(L.qB) + 2 * (L.sA.numel() + L.sB.numel())
+    return total
 
 
 def artifact_size(body: bytes) -> int:
@@ -2977,7 +3460,7 @@ def prune_order(qstate: Mapping[str, QuantTensor | Tensor], hessians: Mapping[st
     error (selective +-1 pruning, R0325 / PR #609, Hessian-weighted here)."""
     costs, owners, flats, names = [], [], [], []
     for name, t in qstate.items():
-        if not isinstance(t, QuantTensor) or block_index(name) is None:
+        if not isinstance(t, QuantTensor) or block_index(name) is None or name.endswith(GATE_SUFFIXES):
             continue
         q = t.q.flatten()
         idx = torch.nonzero(q.abs() == 1).squeeze(1)
@@ -3002,7 +3485,7 @@ def zero_cheapest(qstate: Mapping[str, QuantTensor | Tensor], order, count: int)
             t = qstate[name]
             q = t.q.clone()
             q.view(-1)[idx] = 0
-            out[name] = QuantTensor(q, t.scale, t.bits)
+            out[name] = QuantTensor(q, t.scale, t.bits, t.salient, t.lqer)
     return out
 
 
@@ -3019,7 +3502,7 @@ def prune_to_fit(qz: Quantizer, qstate: dict, method: str, body: bytes, limit: i
             lo, hi = (lo, mid) if est(zero_cheapest(qstate, order, mid), False) <= limit else (mid + 1, hi)
         count, before = lo, artifact_size(body)
         pruned = zero_cheapest(qstate, order, count)
-        body = compress(qz.payload(pruned), method)
+        body = compress_payload(qz.payload(pruned), method)
         est.calibrate(pruned, body)
         log(kv(fit_step="prune", zeroed=count, **fit_sizes(before, body)))
     return pruned, body, count
@@ -3055,13 +3538,13 @@ def step_down(qz: Quantizer, est: SizeEstimate, method: str, body: bytes, limit:
     for kind, qstate in ladder_steps(qz, est, done, log):
         stale = True
         if est(qstate) <= limit:
-            before, body, stale = artifact_size(body), compress(qz.payload(qstate), method), False
+            before, body, stale = artifact_size(body), compress_payload(qz.payload(qstate), method), False
             est.calibrate(qstate, body)
             log(kv(fit_check=kind, **fit_sizes(before, body)))
             if artifact_size(body) <= limit:
                 break
     if stale:  # every move taken, the estimate still over: the real size for pruning
-        body = compress(qz.payload(qstate), method)
+        body = compress_payload(qz.payload(qstate), method)
         est.calibrate(qstate, body)
     return qstate, body
 
@@ -3096,7 +3579,8 @@ def fit_artifact(
     qstate = qz.qstate()
     if prior is not None:
         qstate = plan_from_prior(qz, qstate, prior, limit, log, done)
-    method, body, sizes = compress_best(qz.payload(qstate), available_compressors(hp.compressor))
+    methods = available_compressors(hp.compressor)
+    method, body, sizes = compress_best(qz.payload(qstate), methods, hp.compress_streams, hp.compress_threads)
     log(kv(compressor=method, **{f"bytes_{m}": n for m, n in sizes.items()}))
     est = SizeEstimate(qstate, body)
     ratio = est.ratio
@@ -3110,10 +3594,25 @@ def fit_artifact(
             "every block at int5 and every +-1 weight zeroed; shrink the model (NUM_LAYERS, MODEL_DIM, "
             "MLP_MULT, BIGRAM_BUCKETS), lower QUANT_BITS / QUANT_EMBED_BITS, or set CODE_BYTES_MODE=packed"
         )
+    extras = quant_extras(qstate)
+    if extras:
+        log(kv(**extras))
     max_clip = [b for b in done["max_clip"] if b not in done["int5"]]  # blocks left at int6, max |w|
-    info = dict(compressor=method, fit_max_clip_layers=max_clip, fit_int5_layers=done["int5"])
+    info = dict(compressor=str(method), fit_max_clip_layers=max_clip, fit_int5_layers=done["int5"])
     info.update(fit_pruned=zeroed, size_per_entropy=round(ratio, 5))
     return encode_artifact(body, method), info
+
+
+def quant_extras(qstate: Mapping[str, QuantTensor | Tensor]) -> dict[str, str]:
+    """The log fields of the artifact's LQER tensors, AWQ-lite groups (name@start) and int8 gates;
+    empty when none is on."""
+    ints = {n: t for n, t in qstate.items() if isinstance(t, QuantTensor)}
+    fields = dict(
+        lqer=",".join(f"{n}:{t.lqer.kind}" for n, t in ints.items() if t.lqer is not None),
+        awq_groups=",".join(f"{n}@{s}" for n, t in ints.items() if t.salient for s in t.salient.starts),
+        quant_gates=",".join(n for n in ints if n.endswith(GATE_SUFFIXES)),
+    )
+    return {key: value for key, value in fields.items() if value}
 
 
 def load_artifact_weights(model: GPT, qstate: Mapping[str, QuantTensor | Tensor], source: str) -> None:
@@ -3134,11 +3633,56 @@ def calibration_batches(hp: Hyperparameters, rt: Runtime) -> int:
     return max(1, hp.gptq_calib_tokens // (hp.microbatch_tokens * rt.world_size))
 
 
+def gptq_cost(qz: Quantizer, name: str) -> int:
+    """GPTQ's work on a rows x cols matrix grows as rows*cols^2 + cols^3; round-to-nearest's as rows*cols."""
+    rows, cols = qz.state[name].shape[0], qz.state[name][0].numel()
+    return rows * cols * cols + cols**3 if name in qz.hessians else rows * cols
+
+
+def deal_by_cost(costs: Mapping[str, int], ranks: int) -> list[list[str]]:
+    """Each name to the rank with the least work so far, the costliest first (ties: name, lower rank):
+    a deterministic assignment every rank computes alike."""
+    shares, loads = [[] for _ in range(ranks)], [0] * ranks
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(ranks), key=lambda r: (loads[r], r))
+        shares[rank].append(name)
+        loads[rank] += costs[name]
+    return shares
+
+
+def quantize_across_ranks(qz: Quantizer, rt: Runtime) -> None:
+    """The first GPTQ pass split across ranks (deal_by_cost), every rank's results gathered into
+    `qz`'s cache on every rank: the same integers as one rank computing all of them, in 1/world of
+    the time. The cache holds AWQ-lite groups (chosen alike on every rank from the summed Hessians)
+    and int8 gates; LQER, which ranks all tensors together, is then fitted on every rank from the
+    gathered cache (qz.qstate). An error on any rank is raised on all (no rank left waiting)."""
+    if not rt.distributed:
+        qz.qstate()
+        return
+    costs = {name: gptq_cost(qz, name) for name in qz.state if name in qz.plan or name in qz.gates}
+    share = copy.copy(qz)  # this rank's tensors only, its own cache
+    share.state = {name: qz.state[name] for name in deal_by_cost(costs, rt.world_size)[rt.rank]}
+    share.cache = {}
+    try:
+        share.quantized()
+        found = (share.cache, None)
+    except ArtifactError as e:
+        found = ({}, str(e))
+    gathered = [None] * rt.world_size
+    dist.all_gather_object(gathered, found)
+    for cache, error in gathered:
+        if error:
+            raise ArtifactError(error)
+        qz.cache.update(cache)
+    qz.qstate()  # LQER (when on) from the gathered integers, the same on every rank
+
+
 def produce_artifact(
     model: GPT, loader, hp, rt, log, bytes_code: int, limit_fit: bool = True, prior: float | None = None
 ) -> tuple[bytes, dict]:
-    """Hessians on every rank (disjoint training batches, summed), then GPTQ, the fit and compression
-    on rank 0; every rank gets the same artifact bytes (or the same error)."""
+    """Hessians on every rank (disjoint training batches, summed), GPTQ split across ranks
+    (quantize_across_ranks), then the fit and compression on rank 0; every rank gets the same
+    artifact bytes (or the same error)."""
     t0 = time.perf_counter()
     hessians = (
         collect_hessians(model, loader, hp, rt, calibration_batches(hp, rt))
@@ -3148,12 +3692,15 @@ def produce_artifact(
     sync(rt)
     calib_s = time.perf_counter() - t0
     outcome: tuple = (b"", {}, None)
-    if rt.is_main:
+    try:
+        qz = Quantizer(model, hessians, hp)
+        t1 = time.perf_counter()
+        quantize_across_ranks(qz, rt)  # the GPTQ pass itself, timed apart from compression
+        quant_s = time.perf_counter() - t1
+    except ArtifactError as e:
+        outcome = (b"", {}, str(e))
+    if rt.is_main and outcome[2] is None:
         try:
-            qz = Quantizer(model, hessians, hp)
-            t1 = time.perf_counter()
-            qz.qstate()  # the GPTQ pass itself, timed apart from compression
-            quant_s = time.perf_counter() - t1
             cap = hp.artifact_cap_bytes if limit_fit else 1 << 62
             blob, info = fit_artifact(qz, bytes_code, log, cap, prior)
             outcome = (
@@ -3169,17 +3716,47 @@ def produce_artifact(
     return blob, info
 
 
+def student_t(shape: torch.Size, nu: int, gen: torch.Generator) -> Tensor:
+    """Student-t draws from `gen`: a normal over the root of a chi-square with `nu` degrees / `nu`."""
+    chi2 = torch.randn((nu, *shape), generator=gen).square().sum(0)
+    return torch.randn(shape, generator=gen) / (chi2 / nu).sqrt()
+
+
+@contextlib.contextmanager
+def trained_like_weights(model: GPT, hp: Hyperparameters):
+    """Every quantised tensor redrawn from a Student-t (nu=3) from SEED, with its own std (at least
+    0.02: the zero-init projections), then restored exactly. At init ~43 % of the integers are zero
+    and brotli-11 compresses them ~2x faster than trained ones; of the stand-ins measured
+    (bench/RESULTS.md) nu=3 compresses slowest, so a dry run on it does not under-reserve."""
+    gen = torch.Generator().manual_seed(hp.seed)
+    saved = {}
+    with torch.no_grad():
+        for name in sorted(quant_plan(model, hp)):
+            p = model.get_parameter(name)
+            saved[name] = p.detach().clone()
+            draw = student_t(p.shape, 3, gen)
+            p.copy_((draw / draw.std() * max(float(p.float().std()), 0.02)).to(p.device, p.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                model.get_parameter(name).copy_(value)
+
+
 def measure_export_reserve(model: GPT, loader, hp, rt, log, bytes_code: int) -> tuple[float, float | None]:
-    """EXPORT_RESERVE_SECONDS=-1: a dry run of the whole export (calibration, GPTQ, compression) on the
-    initial weights, untimed like the compile warmup, sets the reserve: 1.25x its time plus 1 s. The
-    dry run's artifact is discarded and the data position restored. Returns (reserve, the dry run's
-    size_per_entropy: the final export plans any fit moves with it, so it compresses once)."""
+    """EXPORT_RESERVE_SECONDS=-1: a dry run of the whole export (calibration, GPTQ, compression) on
+    trained-like weights (trained_like_weights: the initial ones compress much faster), untimed like
+    the compile warmup, sets the reserve: 1.25x its time plus 1 s. The dry run's artifact is discarded,
+    the weights and the data position restored. Returns (reserve, the dry run's size_per_entropy: the
+    final export plans any fit moves with it, so it compresses once)."""
     if hp.export_reserve_seconds >= 0 or hp.max_wallclock_seconds <= 0:
         return max(hp.export_reserve_seconds, 0.0), None  # explicit, or no clock to fit into
     saved = loader.stream.state_dict()
-    t0 = time.perf_counter()
-    _, info = produce_artifact(model, loader, hp, rt, Logger(None), bytes_code, limit_fit=False)
-    seconds = max_over_ranks(time.perf_counter() - t0, rt)
+    with trained_like_weights(model, hp):
+        t0 = time.perf_counter()
+        _, info = produce_artifact(model, loader, hp, rt, Logger(None), bytes_code, limit_fit=False)
+        seconds = max_over_ranks(time.perf_counter() - t0, rt)
     loader.stream.load_state_dict(saved)
     reserve = min(1.25 * seconds + 1.0, 0.5 * hp.max_wallclock_seconds)
     log(kv(export_probe_s=round(seconds, 2), export_reserve_s=round(reserve, 2)))

@@ -7,13 +7,19 @@
     python3 bench/artifact_size.py --tradeoff   # error vs entropy per clip choice and width (GPTQ)
     COMPRESSOR=zstd python3 bench/artifact_size.py --fit-cut 1500000   # the fit ladder at full size
     COMPRESSOR=brotli python3 bench/artifact_size.py --fit-cut 1000000 --prior   # planned, as in a run
+    COMPRESSOR=brotli python3 bench/artifact_size.py --weights heavy-tail --packing bytes --threads 1 0
+    python3 bench/artifact_size.py --speed   # brotli-11 CPU throughput by weight distribution
 
 Quantisation is round-to-nearest with each row's max |w| as its clip (no calibration data) unless
 `--quant gptq`: then GPTQ runs with the script's clip choice (GPTQ_CLIP_FRACS, or GPTQ_SDCLIP_K)
 under a synthetic Hessian per matrix (activations with log-normal channel scales, as trained
 models have outlier channels). The clip decides how widely the integers spread, so it changes the
 bytes; `--quant gptq` measures by how much. Prints one line per (packing, compressor) with bytes and
-bits per parameter.
+bits per parameter (format 1: the payload as one stream, each COMPRESSOR in turn; auto: every one).
+
+`--threads T ...` then compresses the payload as format 2 (independent streams, each with its
+smallest COMPRESSOR) with COMPRESS_THREADS=T (0: one per CPU core): bytes and wall seconds, and the
+CPU seconds of each stream job (the longest is the wall time with a core per job).
 
 `--tradeoff` prints, for one heavy-tailed matrix of each block shape of the default model under a
 synthetic Hessian, the entropy (bits per weight: what the compressors track) and the relative
@@ -103,6 +109,70 @@ def tradeoff() -> None:
                 )
 
 
+def streams(payload: bytes, methods: list[str], threads: int, params: int) -> None:
+    """Format 2 at COMPRESS_THREADS=`threads`: the artifact's bytes, wall seconds, and each job's time."""
+    jobs: list[float] = []
+    real = tg.compress
+
+    def timed(data: bytes, method: str) -> bytes:
+        t0 = time.thread_time()  # this thread's CPU time: what the job costs, whatever else runs
+        blob = real(data, method)
+        jobs.append(time.thread_time() - t0)
+        return blob
+
+    tg.compress = timed
+    try:
+        t0 = time.perf_counter()
+        codec, body, sizes = tg.compress_streams(payload, methods, threads)
+        seconds = time.perf_counter() - t0
+    finally:
+        tg.compress = real
+    size = len(body)
+    print(
+        tg.kv(
+            format=2,
+            threads=threads or tg.cpu_cores(),
+            streams=len(codec.choices),
+            jobs=len(jobs),
+            compressor=codec,
+            raw_bytes=len(payload),
+            bytes=size,
+            bits_per_param=round(8 * size / params, 3),
+            compress_s=round(seconds, 2),
+            job_cpu_s_sum=round(sum(jobs), 2),
+            job_cpu_s_max=round(max(jobs), 2),
+        )
+    )
+
+
+def speed() -> None:
+    """Brotli-11 CPU MB/s on one 1536x512 int6 matrix (round-to-nearest, max-|w| rows) per stand-in:
+    the reserve's dry run must compress as slowly as a trained model does."""
+    gen = torch.Generator().manual_seed(0)
+    shape = torch.Size([1536, 512])
+    draws = {
+        "init_like_43pct_zero": torch.cat([torch.randn(875, 512, generator=gen), torch.zeros(661, 512)]),
+        "gaussian": torch.randn(shape, generator=gen),
+        "student_t5": tg.student_t(shape, 5, gen),
+        "student_t3": tg.student_t(shape, 3, gen),
+    }
+    for name, W in draws.items():
+        q = tg.rtn_quantize(W, 6).q
+        data = q.numpy().tobytes()
+        t0 = time.thread_time()
+        size = len(tg.compress(data, "brotli"))
+        cpu = time.thread_time() - t0
+        print(
+            tg.kv(
+                weights=name,
+                zero_frac=round(float((q == 0).float().mean()), 3),
+                entropy_bits=round(8 * tg.entropy_bytes(q) / q.numel(), 3),
+                brotli_bits_per_value=round(8 * size / len(data), 3),
+                brotli_cpu_mb_per_s=round(len(data) / cpu / 1e6, 3),
+            )
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -115,7 +185,11 @@ def main() -> None:
     parser.add_argument("--fit-cut", type=int, help="run the automatic fit with the cap this far below")
     parser.add_argument("--entropy-only", action="store_true", help="the entropy estimate, no compression")
     parser.add_argument("--prior", action="store_true", help="--fit-cut planned with a fresh dry run's ratio")
+    parser.add_argument("--threads", type=int, nargs="+", help="also format 2 at these COMPRESS_THREADS")
+    parser.add_argument("--speed", action="store_true", help="brotli-11 CPU throughput per weight stand-in")
     args = parser.parse_args()
+    if args.speed:
+        return speed()
     if args.tradeoff:
         return tradeoff()
     if args.fit_cut:
@@ -133,20 +207,25 @@ def main() -> None:
     print(tg.kv(source=source.replace(" ", "_"), params=params, entropy_raw_bytes=int(entropy)))
     if args.entropy_only:
         return
+    methods = tg.available_compressors(tg.Hyperparameters().compressor)
     for packing in ("bytes", "bits") if args.packing == "both" else (args.packing,):
         payload = tg.build_payload(qstate, {}, packing)
-        for method in tg.available_compressors("auto"):
-            t0 = time.perf_counter()
+        for threads in args.threads or []:
+            streams(payload, methods, threads, params)
+        for method in methods:
+            t0, cpu0 = time.perf_counter(), time.thread_time()
             size = len(tg.compress(payload, method))
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
             print(
                 tg.kv(
+                    format=1,
                     packing=packing,
                     compressor=method,
                     raw_bytes=len(payload),
                     bytes=size,
                     bits_per_param=round(8 * size / params, 3),
                     compress_s=round(seconds, 2),
+                    cpu_s=round(cpu, 2),
                 )
             )
 

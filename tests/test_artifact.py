@@ -195,9 +195,11 @@ def test_fit_ladder_compresses_for_real_only_to_confirm_a_fit(monkeypatch):
 
 
 def count_compressions(monkeypatch) -> list[str]:
+    """Compressions of a whole payload: the first (best of the compressors), then the fit's."""
     calls: list[str] = []
-    real = tg.compress
-    monkeypatch.setattr(tg, "compress", lambda data, method: calls.append(method) or real(data, method))
+    for name in ("compress_best", "compress_payload"):
+        real = getattr(tg, name)
+        monkeypatch.setattr(tg, name, lambda *a, name=name, real=real: calls.append(name) or real(*a))
     return calls
 
 

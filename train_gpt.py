@@ -188,6 +188,7 @@ PRESETS: dict[str, dict[str, str]] = {
         "QUANT_EMBED_BITS": "8",
         "QUANT_EMBED_GPTQ": "1",
         "GPTQ_SDCLIP_K": "12.85",
+        "EMBED_CLIP_SIGMAS": "20.0",
         "GPTQ_CALIB_TOKENS": "50331648",
         "COMPRESSOR": "brotli",
         "TTT_MODE": "chunked",
@@ -256,6 +257,17 @@ PRESETS: dict[str, dict[str, str]] = {
         "QUANT_EMBED_BITS": "7",
         "QUANT_EMBED_GPTQ": "1",
         "GPTQ_CALIB_TOKENS": "12582912",
+        "GPTQ_SDCLIP_K": "12.85",  # matrix_clip_sigmas: every class without its own multiplier
+        "MLP_CLIP_SIGMAS": "11.5",
+        "ATTN_CLIP_SIGMAS": "13.0",
+        "EMBED_CLIP_SIGMAS": "14.0",
+        "GATED_ATTN_QUANT_GATE": "1",
+        "LQER_ENABLED": "1",
+        "LQER_RANK": "4",
+        "LQER_TOP_K": "3",
+        "LQER_FACTOR_BITS": "4",
+        "LQER_ASYM_ENABLED": "1",
+        "LQER_ASYM_GROUP": "64",
         "TTT_MODE": "lora",
         "TTT_LORA_RANK": "80",
         "TTT_LORA_LR": "0.0001",
@@ -304,13 +316,9 @@ PRESET_MISSING: dict[str, tuple[str, ...]] = {
         "ema_fixed_decay",  # ours starts as a plain mean (n/(n+1)) until that reaches EMA_DECAY
     ),
     "record_0409": (
-        "embed_clip_sigmas=20.0",  # SDClip of the embeddings at 20 std (ours: GPTQ_SDCLIP_K for all)
         "ema_fixed_decay",
     ),
     "record_0427": (
-        "per_class_sdclip(attn=13.0/mlp=11.5/embed=14.0)",
-        "lqer_asym(rank=4/factor_bits=4/group=64/top_k=3)",  # low-rank quantisation error repair
-        "int8_attn_gate",  # R0427 stores attn_gate_w int8 (GATED_ATTN_QUANT_GATE)
         "pergroup_lrzip_compressor",
         "phased_ttt(phases=3/prefix_docs=2500)",  # global SGD phases between LoRA TTT passes
         "lora_ttt_k_mlp_o(beta1=0/beta2=0.99/wd=0.5)",

@@ -3131,14 +3131,14 @@ def lora_forward_tokens(spans: list[tuple[int, int]], hp: Hyperparameters) -> in
 
 
 def lora_schedule(
-    spans: list[tuple[int, int]], hp: Hyperparameters, rt: Runtime
+    spans: list[tuple[int, int]], hp: Hyperparameters, rt: Runtime, phased: bool
 ) -> list[list[tuple[int, int]]]:
     """This rank's document batches, round by round. lora: its LPT-dealt documents, longest first.
     phased (R0427): all documents longest first in global batches of TTT_LORA_DOCS; in round r rank
     k takes batch r*W+k (none: []), so after each round every rank knows which documents all ranks
     have scored, the set a global phase may train on."""
     D = hp.ttt_lora_docs
-    if hp.ttt_mode != "phased":
+    if not phased:
         mine = deal_documents(spans, rt)
         return [mine[b : b + D] for b in range(0, len(mine), D)]
     batches = phased_batches(spans, D)
@@ -3207,7 +3207,9 @@ def global_phase(model: GPT, stream: EvalStream, docs, hp: Hyperparameters, rt: 
     return trained
 
 
-def run_lora_pass(model: GPT, stream: EvalStream, hp, rt: Runtime, clock: EvalClock, log: Logger) -> dict:
+def run_lora_pass(
+    model: GPT, stream: EvalStream, hp, rt: Runtime, clock: EvalClock, log: Logger, phased: bool = False
+) -> dict:
     """Per-document LoRA TTT (TTT_MODE=lora, phased) over this rank's document batches, on a frozen
     copy. Scoring always completes; adapting stops once the rest of the pass, at the rate so far,
     would overrun the eval budget (a local decision: lora has no collective until its end). phased
@@ -3217,7 +3219,7 @@ def run_lora_pass(model: GPT, stream: EvalStream, hp, rt: Runtime, clock: EvalCl
     work.eval()
     work.requires_grad_(False)
     spans = document_spans(stream.tokens.cpu().numpy(), stream.n)
-    schedule = lora_schedule(spans, hp, rt)
+    schedule = lora_schedule(spans, hp, rt, phased)
     scores, held = Scores(stream.n, rt.device, stream.hints is not None), True
     total, done = max(sum(hi - lo for batch in schedule for lo, hi in batch), 1), 0
     state = dict(adapting=True)
@@ -3230,14 +3232,14 @@ def run_lora_pass(model: GPT, stream: EvalStream, hp, rt: Runtime, clock: EvalCl
             log(
                 kv(
                     ttt_stopped="eval_clock",
-                    mode=hp.ttt_mode,
+                    mode="phased" if phased else "lora",
                     documents_done=done,
                     elapsed_s=round(elapsed, 1),
                 )
             )
         return state["adapting"]
 
-    phases = Phases(work, stream, spans, hp, rt, clock, log) if hp.ttt_mode == "phased" else None
+    phases = Phases(work, stream, spans, hp, rt, clock, log) if phased else None
     lora = LoRASet(work, hp.ttt_lora_docs, hp, rt.device)
     for r, batch in enumerate(schedule):
         if batch:
@@ -3693,7 +3695,7 @@ def projected_s(p: Pass, stream: EvalStream, rate: float, hp: Hyperparameters) -
         return doc_forward_tokens(stream, p.seq_len, p.stride) / rate
     if p.lora:
         spans = document_spans(stream.tokens.cpu().numpy(), n)
-        phases = phased_tokens(spans, hp) if hp.ttt_mode == "phased" else 0
+        phases = phased_tokens(spans, hp) if p.name == "phased" else 0
         return 3.0 * (lora_forward_tokens(spans, hp) + hp.global_ttt_epochs * phases) / rate
     starts, _, T = window_plan(n, p.seq_len, p.stride)
     return len(starts) * T / rate + (3.0 * hp.ttt_epochs * n / rate if p.ttt else 0.0)
@@ -3770,7 +3772,7 @@ def run_logged(
     elif p.doc:
         r = run_doc_pass(model, stream, p, hp, rt)
     elif p.lora:
-        r = run_lora_pass(model, stream, hp, rt, clock, log)
+        r = run_lora_pass(model, stream, hp, rt, clock, log, phased=p.name == "phased")
     else:
         r = run_pass(model, stream, p, hp, rt, clock, log)
     clock.phases[p.name] = round(r["seconds"], 3)

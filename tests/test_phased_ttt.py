@@ -485,3 +485,30 @@ def test_phased_doc_and_tilt_score_each_val_token_once_on_1_to_3_ranks(nproc, sa
     for stage in ("flat", "doc", "phased", "ngram_tilt"):
         assert f"final_eval:{stage} " in log
     assert "ttt_phase:2 " in log
+
+
+# ---------------------------------------------------------------- compile warmup
+
+
+def is_val_window(row: torch.Tensor, tokens: np.ndarray) -> bool:
+    """Whether `row` occurs as consecutive tokens of the val stream."""
+    k = len(row)
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, k)
+    return bool((windows == row.numpy()).all(1).any())
+
+
+@pytest.mark.parametrize("ttt", [False, True])
+def test_compile_warmup_never_sees_validation_tokens(monkeypatch, ttt):
+    """With a compiled trunk the pass warms it up before scoring (issue raised on PR #1530: a TTT
+    warmup on val tokens trains/compiles on unscored data). Here compile_for_eval returns a wrapper,
+    so the warmup runs on CPU: its rows are random tokens, not val windows, and it is the only
+    trunk call before the first scored batch."""
+    calls = []
+    monkeypatch.setattr(tg, "compile_for_eval", lambda fn, hp, rt: lambda x: calls.append(x.clone()) or fn(x))
+    tokens = random_tokens()
+    hp, rt, model, stream = setup(tokens)
+    p = tg.Pass("chunked" if ttt else "sliding", 16, hp.eval_stride, ttt=ttt)
+    tg.run_pass(model, stream, p, hp, rt, tg.EvalClock(600, rt), SILENT)
+    warmup, first = calls[0], calls[1]
+    assert not any(is_val_window(row, tokens) for row in warmup)
+    assert all(is_val_window(row, tokens) for row in first[:1])  # the scoring batches are val windows

@@ -3630,13 +3630,15 @@ def tilt_hints(tokens: Tensor, n: int, hp: Hyperparameters) -> tuple[Tensor, Ten
 
 def check_prefix_only(tokens: Tensor, n: int, hp: Hyperparameters, probe: int = 1 << 16) -> None:
     """Refuses a hint that reads its target (or anything later): on the stream's first `probe`
-    positions, changing every token after position c leaves the hints of positions <= c as they were."""
+    positions, changing every token after position c leaves the hints and betas of positions <= c
+    as they were."""
     m = min(n, probe)
-    base = tilt_hints(tokens[: m + 1], m, hp)[0]
+    base = tilt_hints(tokens[: m + 1], m, hp)
     for cut in sorted({m // 3, 2 * m // 3}):
         changed = tokens[: m + 1].clone()
         changed[cut + 1 :] = (changed[cut + 1 :] + 1) % (int(tokens.max()) + 1)
-        if not torch.equal(tilt_hints(changed, m, hp)[0][: cut + 1], base[: cut + 1]):
+        after = tilt_hints(changed, m, hp)
+        if not all(torch.equal(a[: cut + 1], b[: cut + 1]) for a, b in zip(after, base, strict=True)):
             raise LegalityError(
                 f"NGRAM_TILT's hint at a position <= {cut} reads a token after it (its target)"
             )

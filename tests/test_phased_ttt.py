@@ -369,13 +369,13 @@ def test_hints_read_only_the_prefix():
     tokens = repetitive_tokens(600)
     t = torch.from_numpy(tokens.astype(np.int64))
     hp = make_hp(VOCAB_SIZE=V, **TILT)
-    hints, _ = tg.tilt_hints(t, len(tokens) - 1, hp)
+    hints, betas = tg.tilt_hints(t, len(tokens) - 1, hp)
     for cut in (50, 300, 598):
         changed = t.clone()
         changed[cut + 1 :] = torch.from_numpy(repetitive_tokens(600, seed=cut)[cut + 1 :].astype(np.int64))
-        torch.testing.assert_close(
-            tg.tilt_hints(changed, len(tokens) - 1, hp)[0][: cut + 1], hints[: cut + 1]
-        )
+        h, b = tg.tilt_hints(changed, len(tokens) - 1, hp)
+        torch.testing.assert_close(h[: cut + 1], hints[: cut + 1], rtol=0, atol=0)
+        torch.testing.assert_close(b[: cut + 1], betas[: cut + 1], rtol=0, atol=0)
     tg.check_prefix_only(t, len(tokens) - 1, hp)
 
 
@@ -503,8 +503,10 @@ def test_compile_warmup_never_sees_validation_tokens(monkeypatch, ttt):
     warmup on val tokens trains/compiles on unscored data). Here compile_for_eval returns a wrapper,
     so the warmup runs on CPU: its rows are random tokens, not val windows, and it is the only
     trunk call before the first scored batch."""
-    calls = []
+    calls, adds = [], []
     monkeypatch.setattr(tg, "compile_for_eval", lambda fn, hp, rt: lambda x: calls.append(x.clone()) or fn(x))
+    real_add = tg.Scores.add
+    monkeypatch.setattr(tg.Scores, "add", lambda self, *a: adds.append(1) or real_add(self, *a))
     tokens = random_tokens()
     hp, rt, model, stream = setup(tokens)
     p = tg.Pass("chunked" if ttt else "sliding", 16, hp.eval_stride, ttt=ttt)
@@ -512,3 +514,4 @@ def test_compile_warmup_never_sees_validation_tokens(monkeypatch, ttt):
     warmup, first = calls[0], calls[1]
     assert not any(is_val_window(row, tokens) for row in warmup)
     assert all(is_val_window(row, tokens) for row in first[:1])  # the scoring batches are val windows
+    assert len(calls) - 1 == len(adds)  # besides the warmup, a val forward only where it is scored

@@ -3170,7 +3170,8 @@ def check_phase_scored(docs, doc_held: dict, spans_index: dict, rt: Runtime) -> 
     for lo, held in doc_held.items():
         flags[spans_index[lo]] = float(held)
     flags = all_reduce_sum(flags, rt)
-    bad = [lo for lo, _ in docs if flags[spans_index[lo]].item() != 1]
+    wanted = torch.tensor([spans_index[lo] for lo, _ in docs], dtype=torch.int64, device=rt.device)
+    bad = [docs[i][0] for i in torch.nonzero(flags[wanted] != 1).flatten().tolist()]
     if bad:
         raise LegalityError(
             f"a global phase would train on {len(bad)} documents not yet scored (first at {bad[0]})"

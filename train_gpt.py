@@ -2944,7 +2944,7 @@ class BatchedLoRA:
     `scale` is alpha/rank (TTT_LORA_ALPHA; 1 when unset)."""
 
     def __init__(self, batch: int, d_in: int, d_out: int, rank: int, device: torch.device, scale=1.0):
-        self.bound, self.scale = 1 / math.sqrt(d_in), scale
+        self.bound, self.scale, self.on = 1 / math.sqrt(d_in), scale, True
         self.A = (
             torch.empty(batch, rank, d_in, device=device).uniform_(-self.bound, self.bound).requires_grad_()
         )
@@ -2958,7 +2958,9 @@ class BatchedLoRA:
                 self.A.uniform_(-self.bound, self.bound)
             self.B.zero_()
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor) -> Tensor | float:
+        if not self.on:  # switched off for a global phase: the plain layer, any batch size
+            return 0.0
         out = (x @ self.A.transpose(1, 2).to(x.dtype)) @ self.B.transpose(1, 2).to(x.dtype)
         return out if self.scale == 1.0 else out * self.scale
 
@@ -2977,7 +2979,8 @@ def add_adapter_output(lora: BatchedLoRA):
 class LoRASet:
     """The per-document adapters of one eval-time model copy: Q and V (none with TTT_NO_QV_MASK,
     PR #1953), K (TTT_K_LORA), attention output (TTT_O_LORA) and MLP (TTT_MLP_LORA) of every block,
-    and the output head. Attached once, reset per batch of documents, detached for a global phase."""
+    and the output head. Attached once (so a compiled forward keeps its graph), reset per batch of
+    documents, switched off for a global phase."""
 
     def __init__(self, model: GPT, batch: int, hp: Hyperparameters, device: torch.device):
         rank = hp.ttt_lora_rank
@@ -3008,14 +3011,10 @@ class LoRASet:
         for a in self.adapters:
             a.reset(warm_a)
 
-    def detach(self) -> None:
-        """The plain model again (a global phase trains it without adapters, as R0427 does)."""
-        for module in self.model.modules():
-            if isinstance(module, CastedLinear):
-                module.lora = None
-        self.model.head_lora = None
-        for handle in self.hooks:
-            handle.remove()
+    def switch(self, on: bool) -> None:
+        """Off: the plain model (a global phase trains it without adapters, as R0427 does)."""
+        for a in self.adapters:
+            a.on = on
 
 
 def lora_optimizer(params: list[Tensor], hp: Hyperparameters) -> torch.optim.Optimizer:
@@ -3028,6 +3027,43 @@ def lora_optimizer(params: list[Tensor], hp: Hyperparameters) -> torch.optim.Opt
         eps=hp.ttt_adam_eps,
         weight_decay=hp.ttt_weight_decay,
     )
+
+
+def compile_for_lora(fn, hp: Hyperparameters, rt: Runtime):
+    """TTT_MODE=phased's forward, compiled with dynamic shapes on GPU with COMPILE=1 (its windows
+    grow chunk by chunk up to EVAL_SEQ_LEN; R0427 compiles it so), else `fn` itself."""
+    if not (hp.compile and rt.device.type == "cuda"):
+        return fn
+    return torch.compile(fn, dynamic=True)
+
+
+def lora_forward(model: GPT, lora: LoRASet, hp: Hyperparameters, rt: Runtime, log: Logger):
+    """ids -> logits of the adapted model, compiled (compile_for_lora) and warmed up as R0427 does:
+    forward, backward and an Adam step at the shortest and the longest window, on random tokens
+    (never validation tokens); the adapters are put back as they were."""
+    plain = model.forward
+    fwd = compile_for_lora(plain, hp, rt)
+    if fwd is plain:
+        return model
+    t0 = time.perf_counter()
+    gen = torch.Generator(device=rt.device).manual_seed(0)
+    opt = lora_optimizer(lora.params(), hp)
+    fresh = [a.A.detach().clone() for a in lora.adapters]
+    widths = sorted({doc_chunk(hp, hp.eval_window), hp.eval_window})
+    for width in widths:
+        x = torch.randint(0, hp.vocab_size, (hp.ttt_lora_docs, width + 1), device=rt.device, generator=gen)
+        with autocast(rt):
+            logits = fwd(x[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for a, A in zip(lora.adapters, fresh, strict=True):
+            a.A.copy_(A)
+            a.B.zero_()
+    sync(rt)
+    log(kv(ttt_compile_warmup_s=round(time.perf_counter() - t0, 2), widths=",".join(map(str, widths))))
+    return fwd
 
 
 def document_spans(tokens: np.ndarray, n: int) -> list[tuple[int, int]]:
@@ -3068,7 +3104,7 @@ def hint_log_probs(logits: Tensor, nll: Tensor, y: Tensor, hints: Tensor) -> Ten
 
 
 def lora_batch(
-    model: GPT, lora: LoRASet, stream: EvalStream, docs: list[tuple[int, int]], hp, rt, scores, may_adapt
+    model, lora: LoRASet, stream: EvalStream, docs: list[tuple[int, int]], hp, rt, scores, may_adapt
 ) -> list[bool]:
     """Per-document LoRA TTT of one batch: chunk k of every document is scored with up to
     EVAL_SEQ_LEN tokens of its own document as context, then one Adam step on that chunk's loss
@@ -3242,17 +3278,19 @@ def run_lora_pass(
 
     phases = Phases(work, stream, spans, hp, rt, clock, log) if phased else None
     lora = LoRASet(work, hp.ttt_lora_docs, hp, rt.device)
+    fwd = lora_forward(work, lora, hp, rt, log) if phased else work
     for r, batch in enumerate(schedule):
         if batch:
-            flags = lora_batch(work, lora, stream, batch, hp, rt, scores, may_adapt)
+            flags = lora_batch(fwd, lora, stream, batch, hp, rt, scores, may_adapt)
             held = all(flags) and held
             done += sum(hi - lo for lo, hi in batch)
             if phases is not None:
                 phases.doc_held.update({lo: ok for (lo, _), ok in zip(batch, flags, strict=True)})
         if phases is not None and phases.due(r):
-            lora.detach()
+            lora.switch(False)
             phases.run(left_s=(time.perf_counter() - t0) * (total - done) / max(done, 1))
-            lora = LoRASet(work, hp.ttt_lora_docs, hp, rt.device)
+            lora.switch(True)
+            lora.reset(warm_a=False)  # R0427 starts fresh adapters after a phase
     check_span_once(scores, 0, stream.n, rt)
     forwarded = lora_forward_tokens([s for batch in schedule for s in batch], hp)
     extra = dict(documents=sum(len(b) for b in schedule))

@@ -209,11 +209,14 @@ def test_lora_targets_follow_the_knobs():
             a.B.normal_()
     x = torch.randint(0, V, (3, 16))
     adapted = m(x)
-    lora.detach()
-    assert m.head_lora is None and all(b.attn.c_k.lora is None for b in m.blocks)
+    lora.switch(False)  # as for a global phase: the plain model, any batch size
     plain = tg.GPT(hp)
     plain.load_state_dict(m.state_dict())
-    torch.testing.assert_close(m(x), plain(x), rtol=0, atol=0)  # hooks removed too
+    torch.testing.assert_close(m(x), plain(x), rtol=0, atol=0)
+    x5 = torch.randint(0, V, (5, 16))
+    torch.testing.assert_close(m(x5), plain(x5), rtol=0, atol=0)
+    lora.switch(True)
+    torch.testing.assert_close(m(x), adapted, rtol=0, atol=0)
     assert not torch.allclose(adapted, plain(x))
 
 
@@ -515,3 +518,28 @@ def test_compile_warmup_never_sees_validation_tokens(monkeypatch, ttt):
     assert not any(is_val_window(row, tokens) for row in warmup)
     assert all(is_val_window(row, tokens) for row in first[:1])  # the scoring batches are val windows
     assert len(calls) - 1 == len(adds)  # besides the warmup, a val forward only where it is scored
+
+
+def test_phased_compiled_forward_warms_up_on_random_tokens_and_matches_eager(monkeypatch):
+    """compile_for_lora as on a GPU (dynamo, dynamic shapes; CPU eager backend): the warmup forwards
+    random tokens only, and the compiled pass scores as the eager one does."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    calls = []
+
+    def compile_on_cpu(fn, hp, rt):
+        compiled = torch.compile(fn, backend="eager", dynamic=True)
+        return lambda x: calls.append(x.clone()) or compiled(x)
+
+    tokens = random_tokens()
+    eager = run_phased(tokens)["nll"]
+    monkeypatch.setattr(tg, "compile_for_lora", compile_on_cpu)
+    lines = []
+    compiled = run_phased(tokens, lines.append)["nll"]
+    torch._dynamo.reset()
+    assert any(line.startswith("ttt_compile_warmup_s:") and "widths:8,16" in line for line in lines)
+    warmups = calls[:2]
+    assert [w.shape[1] for w in warmups] == [8, 16]
+    assert not any(is_val_window(row, tokens) for w in warmups for row in w)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)

@@ -543,3 +543,23 @@ def test_phased_compiled_forward_warms_up_on_random_tokens_and_matches_eager(mon
     assert [w.shape[1] for w in warmups] == [8, 16]
     assert not any(is_val_window(row, tokens) for w in warmups for row in w)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
+def test_no_new_evaluation_forward_runs_with_autograd(monkeypatch, cpu_runtime):
+    """Forwards under autograd only where they train: adapters attached (phased LoRA) or the model in
+    training mode (a global phase); the doc pass and the tilt build no graph."""
+    calls = []
+    hidden = tg.GPT.hidden
+
+    def spy(self, ids):
+        calls.append((torch.is_grad_enabled(), self.training, self.head_lora is not None))
+        return hidden(self, ids)
+
+    monkeypatch.setattr(tg.GPT, "hidden", spy)
+    knobs = dict(PHASED, **TILT, EVAL_MODE="doc")
+    hp = make_hp(VOCAB_SIZE=V, **dict(EVAL_KNOBS, **knobs))
+    torch.manual_seed(0)
+    out = tg.score_model(randomize_(tg.GPT(hp)), val_data(repetitive_tokens()), hp, cpu_runtime, SILENT)
+    assert out["eval_mode"] == "phased+ngram_tilt"
+    assert not [c for c in calls if c[0] and not c[1] and not c[2]], "an evaluation forward built a graph"
+    assert any(c[0] and c[1] for c in calls)  # the global phases do train

@@ -115,7 +115,6 @@ KNOB_FAMILIES = {
     "VAL", "EVAL", "TRAIN", "MODEL", "VOCAB", "LOGIT", "MLP", "ATTN", "EMBED", "HEADS", "LAYERS",
     "SEED", "PRESET", "VE", "VR", "MATRIX", "SCALAR", "SOFTCAP", "WALLCLOCK", "BETA", "POLAR", "NS",
     "NORMALIZE", "ROW", "SWA", "PRUNE", "LQER", "HEDGE", "NGRAM", "ITERATIONS", "COMPRESS",
-    "PHASED", "GLOBAL", "SHORT",
 }
 # fmt: on
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}

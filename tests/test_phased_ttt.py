@@ -563,3 +563,19 @@ def test_no_new_evaluation_forward_runs_with_autograd(monkeypatch, cpu_runtime):
     assert out["eval_mode"] == "phased+ngram_tilt"
     assert not [c for c in calls if c[0] and not c[1] and not c[2]], "an evaluation forward built a graph"
     assert any(c[0] and c[1] for c in calls)  # the global phases do train
+
+
+def test_records_tool_knows_the_new_passes():
+    """`python -m records validate` accepts the eval_mode names these passes log and ranks their
+    final_eval lines: doc with sliding, phased and ngram_tilt with TTT."""
+    from records import dialects, rules
+
+    for mode in ("doc", "phased", "doc+ngram_tilt", "phased+ngram_tilt+ngram_mix", "lora+ngram_tilt"):
+        assert rules.eval_passes(mode) is not None, mode
+    assert rules.eval_passes("phased+phased") is None
+
+    def stage(label):
+        return next(cls for rx, cls in dialects._STAGE_RES if rx.match(label))
+
+    assert stage("doc") == dialects.SLIDING
+    assert stage("phased") == stage("ngram_tilt") == dialects.TTT

@@ -3285,7 +3285,7 @@ def run_lora_pass(
             done += sum(hi - lo for lo, hi in batch)
             if phases is not None:
                 phases.doc_held.update({lo: ok for (lo, _), ok in zip(batch, flags, strict=True)})
-        if phases is not None and phases.due(r):
+        while phases is not None and phases.due(r):  # a round may pass several boundaries
             lora.switch(False)
             phases.run(left_s=(time.perf_counter() - t0) * (total - done) / max(done, 1))
             lora.switch(True)

@@ -100,6 +100,15 @@ def test_phased_scores_each_token_and_byte_once_and_runs_its_phases():
     assert "boundaries:2,4" in next(line for line in lines if line.startswith("ttt_phased:"))
 
 
+def test_a_round_past_several_boundaries_runs_each_phase():
+    """One batch of all six documents: the round passes both boundaries (2 and 4 documents)."""
+    lines = []
+    r = run_phased(random_tokens(), lines.append, TTT_LORA_DOCS=6)
+    assert r["ttt_phases_run"] == 2
+    docs = [line.split()[2] for line in lines if line.startswith("ttt_phase:")]
+    assert docs == ["docs:2", "docs:4"]
+
+
 def test_phase_plan_follows_the_record():
     """R0427: PHASED_TTT_PREFIX_DOCS=2500 over 3 phases -> boundaries 833, 1666, 2500 (its log)."""
     hp = make_hp(PHASED_TTT_PREFIX_DOCS=2500, PHASED_TTT_NUM_PHASES=3)

@@ -590,12 +590,12 @@ class Hyperparameters:
         k("VAL_BATCH_TOKENS", int, 524288)  # tokens per validation forward, over all ranks
         k("VAL_LOSS_EVERY", int, 1000)  # validate every N steps (and at step 0); 0 = only at the end
         k("TRAIN_LOG_EVERY", int, 100)  # train log line every N steps
-        k("EVAL_MODE", str, "sliding", choices=("flat", "sliding"))  # final windows; flat: no overlap
+        k("EVAL_MODE", str, "sliding", choices=("flat", "sliding", "doc"))  # final windows; doc: per document
         k("EVAL_SEQ_LEN", int, 0, ge=0)  # sliding window length; 0 = TRAIN_SEQ_LEN
         k("EVAL_STRIDE", int, 64, gt=0)  # sliding step: every token scored once with >= window-stride context
         k("EVAL_BATCH_SEQS", int, 0, ge=0)  # windows per forward per rank; 0: from VAL_BATCH_TOKENS
         k("EVAL_BUDGET_S", float, 600.0)  # eval clock; a pass projected to overrun it is skipped
-        k("TTT_MODE", str, "chunked", choices=("none", "chunked", "lora"))  # score-first test-time training
+        k("TTT_MODE", str, "chunked", choices=("none", "chunked", "lora", "phased"))  # score-first TTT
         k("TTT_CHUNK_TOKENS", int, 32768, gt=0)  # TTT/mixer chunk: scored, then adapted on (the last never)
         k("TTT_LR", float, 0.005)  # TTT peak learning rate, cosine-decayed over chunks
         k("TTT_EPOCHS", int, 3, ge=0)  # passes over each scored chunk
@@ -613,6 +613,31 @@ class Hyperparameters:
         k("HEDGE_LR", float, 0.1)  # Hedge learning rate of the mixer weights
         k("NGRAM_WARMUP_TOKENS", int, 10000)  # the network alone until the count tables hold this many tokens
         k("NGRAM_CHECK_NORM", bool, False)  # debug: check each expert and the scored mixture sum to 1
+        # Per-document LoRA TTT as the phased records run it (R0427 log values in brackets).
+        k("TTT_LORA_ALPHA", float, 0.0, ge=0)  # adapter output scale alpha/rank; 0: scale 1 [144]
+        k("TTT_WARM_START_A", bool, False)  # keep A across document batches, zero only B [1]
+        k("TTT_BETA1", float, 0.9, ge=0, lt=1)  # LoRA TTT Adam beta1 [0]
+        k("TTT_BETA2", float, 0.95, ge=0, lt=1)  # LoRA TTT Adam beta2 [0.99]
+        k("TTT_WEIGHT_DECAY", float, 0.0, ge=0)  # LoRA TTT decoupled weight decay (AdamW) [0.5]
+        k("TTT_ADAM_EPS", float, 1e-8, gt=0)  # LoRA TTT Adam epsilon [1e-10]
+        k("TTT_K_LORA", bool, False)  # adapters on K too [1]
+        k("TTT_O_LORA", bool, False)  # adapters on the attention output, fed the block's input [1]
+        k("TTT_MLP_LORA", bool, False)  # adapters beside each MLP, fed the MLP's input [1]
+        k("TTT_NO_QV_MASK", bool, False)  # PR #1953: no adapters on Q and V
+        k("SHORT_TTT_CHUNK_SIZE", int, 0, ge=0)  # PR #2014/#2067: chunk of documents < EVAL_SEQ_LEN; 0 = off
+        k("PHASED_TTT_PREFIX_DOCS", int, 2000, ge=0)  # TTT_MODE=phased: documents global SGD trains on [2500]
+        k("PHASED_TTT_NUM_PHASES", int, 1, gt=0)  # global SGD phases at equal document counts [3]
+        k("GLOBAL_TTT_LR", float, 0.001)  # phase SGD peak LR, cosine over its chunks
+        k("GLOBAL_TTT_MOMENTUM", float, 0.9)  # phase SGD momentum
+        k("GLOBAL_TTT_EPOCHS", int, 1, ge=0)  # phase passes over each chunk of scored documents
+        k("GLOBAL_TTT_CHUNK_TOKENS", int, 32768, gt=0)  # phase chunk (the last one is never trained on)
+        k("GLOBAL_TTT_BATCH_SEQS", int, 32, gt=0)  # phase sequences per step and rank
+        k("GLOBAL_TTT_GRAD_CLIP", float, 1.0, ge=0)  # phase gradient-norm clip (0 = off)
+        k("NGRAM_TILT", bool, False)  # PR #1514: tilt the last pass toward a prefix-only n-gram hint token
+        k("NGRAM_TILT_BETA", float, 2.0, gt=0)  # tilt strength: beta = NGRAM_TILT_BETA x hint confidence
+        k("NGRAM_TILT_MIN_ORDER", int, 8, gt=0)  # shortest context the hint looks up
+        k("NGRAM_TILT_MAX_ORDER", int, 16, gt=0)  # longest context (looked up first)
+        k("NGRAM_TILT_ORDER_STRIDE", int, 2, gt=0)  # orders MIN, MIN+STRIDE, ... up to MAX
         # fmt: on
 
     def _quantization_knobs(self, k: _KnobReader) -> None:
@@ -720,6 +745,10 @@ class Hyperparameters:
                 "VE_LAYERS must list block indices < NUM_LAYERS",
             ),
             (self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS must be at most NUM_LAYERS"),
+            (
+                self.ngram_tilt_min_order <= self.ngram_tilt_max_order,
+                "NGRAM_TILT_MIN_ORDER must be at most NGRAM_TILT_MAX_ORDER",
+            ),
             (not self.eval_only or self.artifact_path, "EVAL_ONLY=1 needs ARTIFACT_PATH=<artifact file>"),
             (
                 all(0 <= i < self.num_layers for i in self.int5_layers),
@@ -4056,16 +4085,20 @@ def batch_windows(lo: int, hi: int, n_scored: np.ndarray, batch: int) -> list[tu
 
 
 class Scores:
-    """Per-position NLL (nats) and hit counts of one pass, on the device; summed at the end."""
+    """Per-position NLL (nats) and hit counts of one pass, on the device; summed at the end. With
+    `hints` (NGRAM_TILT) also the log-probability the same distribution gave the hint token."""
 
-    def __init__(self, n: int, device: torch.device):
+    def __init__(self, n: int, device: torch.device, hints: bool = False):
         self.nll = torch.zeros(n, dtype=torch.float32, device=device)
         self.hits = torch.zeros(n, dtype=torch.int32, device=device)
+        self.hint_logp = torch.zeros(n, dtype=torch.float32, device=device) if hints else None
 
-    def add(self, pos: Tensor, nll: Tensor, mask: Tensor) -> None:
+    def add(self, pos: Tensor, nll: Tensor, mask: Tensor, hint_logp: Tensor | None = None) -> None:
         """The masked losses at stream positions `pos` (flattened alike), each counted as a hit."""
         self.nll.index_add_(0, pos, (nll.float() * mask).flatten())
         self.hits.index_add_(0, pos, mask.flatten().to(torch.int32))
+        if self.hint_logp is not None and hint_logp is not None:
+            self.hint_logp.index_add_(0, pos, (hint_logp.float() * mask).flatten())
 
 
 @dataclass
@@ -4078,9 +4111,13 @@ class Pass:
     ttt: bool = False
     ngram: bool = False
     lora: bool = False
+    doc: bool = False  # EVAL_MODE=doc: every document scored from its own start
+    tilt: bool = False  # NGRAM_TILT: tilts the previous pass toward its n-gram hints
 
 
-def score_windows(fwd, tokens: Tensor, plan, span: tuple[int, int], batch: int, scores: Scores) -> None:
+def score_windows(
+    fwd, tokens: Tensor, plan, span: tuple[int, int], batch: int, scores: Scores, hints: Tensor | None = None
+) -> None:
     """Scores windows span[0]..span[1]-1 of `plan` into `scores`. No host sync: the batch layout
     comes from the host-side plan, masking and scattering happen on the device."""
     starts, n_scored, T = plan
@@ -4096,8 +4133,9 @@ def score_windows(fwd, tokens: Tensor, plan, span: tuple[int, int], batch: int, 
         y = window[: e - s, T - width + 1 :]
         mask = torch.arange(width, device=tokens.device)[None] >= (width - n)[:, None]
         nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        pos = (st[:, None] + torch.arange(T - width, T, device=tokens.device)[None]).flatten()
-        scores.add(pos, nll, mask)
+        pos = st[:, None] + torch.arange(T - width, T, device=tokens.device)[None]
+        hint_logp = None if hints is None else hint_log_probs(logits, nll, y, hints[pos])
+        scores.add(pos.flatten(), nll, mask, hint_logp)
 
 
 class EvalClock:
@@ -4123,6 +4161,8 @@ class EvalStream:
 
     tokens: Tensor
     target_bytes: Tensor  # float32, position i = bytes of token i+1 given token i
+    hints: Tensor | None = None  # NGRAM_TILT: prefix-only hint token of each position (-1: none)
+    betas: Tensor | None = None  # NGRAM_TILT: its tilt strength
 
     @property
     def n(self) -> int:
@@ -4184,7 +4224,7 @@ def score_chunk(fwd, stream: EvalStream, plan, span, batch: int, scores: Scores,
         sync(rt)
         t0 = time.perf_counter()
         with torch.inference_mode(), autocast(rt):
-            score_windows(fwd, stream.tokens, plan, part, batch, scores)
+            score_windows(fwd, stream.tokens, plan, part, batch, scores, stream.hints)
         sync(rt)
         if len(parts) == 2 and k == 0:
             rate.warm_seconds, rate.warm_windows = time.perf_counter() - t0, part[1] - part[0]
@@ -4207,7 +4247,11 @@ def run_pass(model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime, clock: Ev
     ttt = ChunkTTT(work, hp, rt, len(chunks), plan[2]) if p.ttt else None
     fwd = scoring_forward(work, hp, rt, batch, plan[2], log)
     t0 = time.perf_counter()
-    scores, ledger, rate = Scores(stream.n, rt.device), ScoreLedger(stream.n), ScoreRate()
+    scores, ledger, rate = (
+        Scores(stream.n, rt.device, stream.hints is not None),
+        ScoreLedger(stream.n),
+        ScoreRate(),
+    )
     for c, (wa, wb, lo, hi) in enumerate(chunks):
         a, b = rank_span(wb - wa, rt)
         score_chunk(fwd, stream, plan, (wa + a, wa + b), batch, scores, rt, rate)
@@ -4249,6 +4293,8 @@ def pass_result(
         window_tokens_per_s=window_tokens / max(score_s, 1e-9),
         scored_before_update=failed == 0,
         nll=scores.nll,
+        hits=scores.hits,
+        hint_logp=scores.hint_logp,
         ttt_chunks_trained=0,
     )
     out.update(extra)
@@ -4356,29 +4402,130 @@ class ChunkTTT:
 class BatchedLoRA:
     """y += (alpha/r) B(Ax) with one (A, B) per row of the batch, i.e. per document (first LoRA TTT
     record, 2026-03-17; P2/P687): A uniform(+-1/sqrt(in)), B zero, so a fresh adapter is a no-op.
-    A plain object, not a module: it hangs on a CastedLinear's `lora` slot of an eval-time copy."""
+    A plain object, not a module: it hangs on a CastedLinear's `lora` slot of an eval-time copy.
+    `scale` is alpha/rank (TTT_LORA_ALPHA; 1 when unset)."""
 
-    def __init__(self, batch: int, d_in: int, d_out: int, rank: int, device: torch.device):
-        bound = 1 / math.sqrt(d_in)
-        self.A = torch.empty(batch, rank, d_in, device=device).uniform_(-bound, bound).requires_grad_()
+    def __init__(self, batch: int, d_in: int, d_out: int, rank: int, device: torch.device, scale=1.0):
+        self.bound, self.scale, self.on = 1 / math.sqrt(d_in), scale, True
+        self.A = (
+            torch.empty(batch, rank, d_in, device=device).uniform_(-self.bound, self.bound).requires_grad_()
+        )
         self.B = torch.zeros(batch, d_out, rank, device=device, requires_grad=True)
 
-    def __call__(self, x: Tensor) -> Tensor:
-        return (x @ self.A.transpose(1, 2).to(x.dtype)) @ self.B.transpose(1, 2).to(x.dtype)
+    def reset(self, warm_a: bool) -> None:
+        """A no-op again for the next batch of documents: B zero, A re-drawn, or kept as the earlier
+        (already scored) documents trained it (TTT_WARM_START_A, PR #1767 in R0427)."""
+        with torch.no_grad():
+            if not warm_a:
+                self.A.uniform_(-self.bound, self.bound)
+            self.B.zero_()
+
+    def __call__(self, x: Tensor) -> Tensor | float:
+        if not self.on:  # switched off for a global phase: the plain layer, any batch size
+            return 0.0
+        out = (x @ self.A.transpose(1, 2).to(x.dtype)) @ self.B.transpose(1, 2).to(x.dtype)
+        return out if self.scale == 1.0 else out * self.scale
 
 
-def attach_lora(model: GPT, batch: int, rank: int, device: torch.device) -> list[Tensor]:
-    """Fresh adapters on every block's Q and V and on the output head; returns their tensors."""
-    adapters = []
-    for block in model.blocks:
-        for layer in (block.attn.c_q, block.attn.c_v):
-            layer.lora = BatchedLoRA(batch, layer.in_features, layer.out_features, rank, device)
-            adapters.append(layer.lora)
-    model.head_lora = BatchedLoRA(
-        batch, model.tok_emb.embedding_dim, model.tok_emb.num_embeddings, rank, device
+def add_adapter_output(lora: BatchedLoRA):
+    """Forward hook: the module's output plus lora(its input). R0427 feeds the attention-output and
+    MLP adapters the same normalised input as the module itself; Attention returns (out, v)."""
+
+    def hook(module: nn.Module, args: tuple, out):
+        extra = lora(args[0])
+        return (out[0] + extra, *out[1:]) if isinstance(out, tuple) else out + extra
+
+    return hook
+
+
+class LoRASet:
+    """The per-document adapters of one eval-time model copy: Q and V (none with TTT_NO_QV_MASK,
+    PR #1953), K (TTT_K_LORA), attention output (TTT_O_LORA) and MLP (TTT_MLP_LORA) of every block,
+    and the output head. Attached once (so a compiled forward keeps its graph), reset per batch of
+    documents, switched off for a global phase."""
+
+    def __init__(self, model: GPT, batch: int, hp: Hyperparameters, device: torch.device):
+        rank = hp.ttt_lora_rank
+        scale = hp.ttt_lora_alpha / rank if hp.ttt_lora_alpha else 1.0
+        self.model, self.hooks, adapters = model, [], []
+
+        def make(d_in: int, d_out: int) -> BatchedLoRA:
+            adapters.append(BatchedLoRA(batch, d_in, d_out, rank, device, scale))
+            return adapters[-1]
+
+        wanted = dict(c_q=not hp.ttt_no_qv_mask, c_k=hp.ttt_k_lora, c_v=not hp.ttt_no_qv_mask)
+        for block in model.blocks:
+            for name, on in wanted.items():
+                layer = getattr(block.attn, name)
+                if on:
+                    layer.lora = make(layer.in_features, layer.out_features)
+            d = block.attn.c_q.in_features
+            for module, on in ((block.attn, hp.ttt_o_lora), (block.mlp, hp.ttt_mlp_lora)):
+                if on:
+                    self.hooks.append(module.register_forward_hook(add_adapter_output(make(d, d))))
+        model.head_lora = make(model.tok_emb.embedding_dim, model.tok_emb.num_embeddings)
+        self.adapters = adapters
+
+    def params(self) -> list[Tensor]:
+        return [t for a in self.adapters for t in (a.A, a.B)]
+
+    def reset(self, warm_a: bool) -> None:
+        for a in self.adapters:
+            a.reset(warm_a)
+
+    def switch(self, on: bool) -> None:
+        """Off: the plain model (a global phase trains it without adapters, as R0427 does)."""
+        for a in self.adapters:
+            a.on = on
+
+
+def lora_optimizer(params: list[Tensor], hp: Hyperparameters) -> torch.optim.Optimizer:
+    """Adam on the adapters, with R0427's decoupled weight decay (AdamW) and betas as knobs; with
+    TTT_WEIGHT_DECAY=0 this is plain Adam."""
+    return torch.optim.AdamW(
+        params,
+        lr=hp.ttt_lora_lr,
+        betas=(hp.ttt_beta1, hp.ttt_beta2),
+        eps=hp.ttt_adam_eps,
+        weight_decay=hp.ttt_weight_decay,
     )
-    adapters.append(model.head_lora)
-    return [t for a in adapters for t in (a.A, a.B)]
+
+
+def compile_for_lora(fn, hp: Hyperparameters, rt: Runtime):
+    """TTT_MODE=phased's forward, compiled with dynamic shapes on GPU with COMPILE=1 (its windows
+    grow chunk by chunk up to EVAL_SEQ_LEN; R0427 compiles it so), else `fn` itself."""
+    if not (hp.compile and rt.device.type == "cuda"):
+        return fn
+    return torch.compile(fn, dynamic=True)
+
+
+def lora_forward(model: GPT, lora: LoRASet, hp: Hyperparameters, rt: Runtime, log: Logger):
+    """ids -> logits of the adapted model, compiled (compile_for_lora) and warmed up as R0427 does:
+    forward, backward and an Adam step at the shortest and the longest window, on random tokens
+    (never validation tokens); the adapters are put back as they were."""
+    plain = model.forward
+    fwd = compile_for_lora(plain, hp, rt)
+    if fwd is plain:
+        return model
+    t0 = time.perf_counter()
+    gen = torch.Generator(device=rt.device).manual_seed(0)
+    opt = lora_optimizer(lora.params(), hp)
+    fresh = [a.A.detach().clone() for a in lora.adapters]
+    widths = sorted({doc_chunk(hp, hp.eval_window), hp.eval_window})
+    for width in widths:
+        x = torch.randint(0, hp.vocab_size, (hp.ttt_lora_docs, width + 1), device=rt.device, generator=gen)
+        with autocast(rt):
+            logits = fwd(x[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for a, A in zip(lora.adapters, fresh, strict=True):
+            a.A.copy_(A)
+            a.B.zero_()
+    sync(rt)
+    log(kv(ttt_compile_warmup_s=round(time.perf_counter() - t0, 2), widths=",".join(map(str, widths))))
+    return fwd
 
 
 def document_spans(tokens: np.ndarray, n: int) -> list[tuple[int, int]]:
@@ -4403,38 +4550,59 @@ def deal_documents(spans: list[tuple[int, int]], rt: Runtime) -> list[tuple[int,
     return mine
 
 
+def doc_chunk(hp: Hyperparameters, length: int) -> int:
+    """Tokens scored, then trained on, per step of one document: TTT_LORA_CHUNK, or
+    SHORT_TTT_CHUNK_SIZE for documents shorter than the window (PR #2014/#2067: more, smaller
+    steps where a document gives few); at most the window, so a chunk fits in its scoring window."""
+    short = hp.short_ttt_chunk_size and length < hp.eval_window
+    return min(hp.short_ttt_chunk_size if short else hp.ttt_lora_chunk, hp.eval_window)
+
+
+def hint_log_probs(logits: Tensor, nll: Tensor, y: Tensor, hints: Tensor) -> Tensor:
+    """log p(hint) from the logits that scored y: log-softmax at the hint, with the normaliser
+    recovered from the target's NLL (no second logsumexp); hints < 0 (none) give an unused value."""
+    lse = nll + logits.gather(-1, y[..., None]).squeeze(-1)
+    return logits.gather(-1, hints.clamp_min(0)[..., None]).squeeze(-1) - lse
+
+
 def lora_batch(
-    model: GPT, tokens: Tensor, docs: list[tuple[int, int]], hp, rt: Runtime, scores: Scores, may_adapt
-) -> bool:
+    model, lora: LoRASet, stream: EvalStream, docs: list[tuple[int, int]], hp, rt, scores, may_adapt
+) -> list[bool]:
     """Per-document LoRA TTT of one batch: chunk k of every document is scored with up to
     EVAL_SEQ_LEN tokens of its own document as context, then one Adam step on that chunk's loss
     (the same forward; its scores are recorded before the step) while `may_adapt()` says the clock
     allows. A document's last chunk is never trained on. One ledger per document: its adapter is
-    its own state. Window indices are built on the device from the documents' bounds (one copy a
-    batch), so a chunk costs no host sync."""
-    T = hp.eval_window
-    D, C = hp.ttt_lora_docs, min(hp.ttt_lora_chunk, T)  # a chunk must fit in its scoring window
-    opt = torch.optim.Adam(
-        attach_lora(model, D, hp.ttt_lora_rank, rt.device), lr=hp.ttt_lora_lr, betas=(0.9, 0.95)
-    )
+    its own state; returns whether each one held. Window indices are built on the device from the
+    documents' bounds (one copy a batch), so a chunk costs no host sync."""
+    T, D, tokens = hp.eval_window, hp.ttt_lora_docs, stream.tokens
+    opt = lora_optimizer(lora.params(), hp)
     ledgers = [ScoreLedger(hi - lo) for lo, hi in docs]
+    chunks = [doc_chunk(hp, hi - lo) for lo, hi in docs]
     bounds = torch.tensor(docs + [(0, 0)] * (D - len(docs)), dtype=torch.int64).to(rt.device)
     lo_t, hi_t = bounds[:, :1], bounds[:, 1:]
-    for k in range(math.ceil(max(hi - lo for lo, hi in docs) / C)):
+    chunk_t = torch.tensor(chunks + [1] * (D - len(docs)), dtype=torch.int64).to(rt.device)[:, None]
+    for k in range(max(math.ceil((hi - lo) / c) for (lo, hi), c in zip(docs, chunks, strict=True))):
         rows = [
-            (j, lo + k * C, min(lo + (k + 1) * C, hi)) for j, (lo, hi) in enumerate(docs) if lo + k * C < hi
+            (j, lo + k * c, min(lo + (k + 1) * c, hi))
+            for j, ((lo, hi), c) in enumerate(zip(docs, chunks, strict=True))
+            if lo + k * c < hi
         ]
         width = max(ce - max(docs[j][0], ce - T) for j, _, ce in rows)  # host ints: no sync
-        cs = torch.minimum(lo_t + k * C, hi_t)
-        ce = torch.minimum(cs + C, hi_t)
+        cs = torch.minimum(lo_t + k * chunk_t, hi_t)
+        ce = torch.minimum(cs + chunk_t, hi_t)
         ws = torch.maximum(lo_t, ce - T)  # the window [ws, ce] left-aligned, padded after it (causal)
         idx = (ws + torch.arange(width + 1, device=rt.device)).minimum(ce)
         local = torch.arange(width, device=rt.device)[None]
         mask = (local >= cs - ws) & (local < ce - ws)
         window = tokens[idx]
         with autocast(rt):
-            nll = model(window[:, :-1], window[:, 1:], reduction="none").float()
-        scores.add(idx[:, :-1].clamp_max(len(scores.nll) - 1).flatten(), nll.detach(), mask)
+            logits = model(window[:, :-1])
+        y, pos = window[:, 1:], idx[:, :-1].clamp_max(len(scores.nll) - 1)
+        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        hint_logp = None
+        if stream.hints is not None:
+            hint_logp = hint_log_probs(logits.detach(), nll.detach(), y, stream.hints[pos])
+        scores.add(pos.flatten(), nll.detach(), mask, hint_logp)
         for j, a, b in rows:
             ledgers[j].scored(a - docs[j][0], b - docs[j][0])
         train = [(j, a, b) for j, a, b in rows if b < docs[j][1]]
@@ -4446,30 +4614,113 @@ def lora_batch(
             opt.zero_grad(set_to_none=True)
             per_doc.sum().backward()
             opt.step()
-    return all(ledger.held for ledger in ledgers)
+    lora.reset(hp.ttt_warm_start_a)  # a no-op adapter for the next batch, with fresh optimizer state
+    return [ledger.held for ledger in ledgers]
 
 
-def lora_forward_tokens(spans: list[tuple[int, int]], chunk: int, seq_len: int) -> int:
-    """Tokens the LoRA pass forwards (each chunk with up to seq_len of its document as context)."""
-    chunk = min(chunk, seq_len)
-    return sum(
-        min(min((k + 1) * chunk, hi - lo), seq_len)
-        for lo, hi in spans
-        for k in range(math.ceil((hi - lo) / chunk))
+def lora_forward_tokens(spans: list[tuple[int, int]], hp: Hyperparameters) -> int:
+    """Tokens the LoRA pass forwards (each chunk with up to EVAL_SEQ_LEN of its document as context)."""
+    T = hp.eval_window
+    total = 0
+    for lo, hi in spans:
+        chunk = doc_chunk(hp, hi - lo)
+        total += sum(min(min((k + 1) * chunk, hi - lo), T) for k in range(math.ceil((hi - lo) / chunk)))
+    return total
+
+
+def lora_schedule(
+    spans: list[tuple[int, int]], hp: Hyperparameters, rt: Runtime, phased: bool
+) -> list[list[tuple[int, int]]]:
+    """This rank's document batches, round by round. lora: its LPT-dealt documents, longest first.
+    phased (R0427): all documents longest first in global batches of TTT_LORA_DOCS; in round r rank
+    k takes batch r*W+k (none: []), so after each round every rank knows which documents all ranks
+    have scored, the set a global phase may train on."""
+    D = hp.ttt_lora_docs
+    if not phased:
+        mine = deal_documents(spans, rt)
+        return [mine[b : b + D] for b in range(0, len(mine), D)]
+    batches = phased_batches(spans, D)
+    W = rt.world_size
+    return [batches[r + rt.rank] if r + rt.rank < len(batches) else [] for r in range(0, len(batches), W)]
+
+
+def phased_batches(spans: list[tuple[int, int]], docs_per_batch: int) -> list[list[tuple[int, int]]]:
+    """Every document, longest first (ties: stream order), in batches: the global scoring order."""
+    ordered = sorted(spans, key=lambda s: (s[0] - s[1], s[0]))
+    return [ordered[b : b + docs_per_batch] for b in range(0, len(ordered), docs_per_batch)]
+
+
+def phase_boundaries(n_docs: int, hp: Hyperparameters) -> list[int]:
+    """Documents scored before each global phase (R0427: PHASED_TTT_PREFIX_DOCS split evenly)."""
+    prefix = min(n_docs, hp.phased_ttt_prefix_docs)
+    return [prefix * (i + 1) // hp.phased_ttt_num_phases for i in range(hp.phased_ttt_num_phases)]
+
+
+def phase_documents(batches: list[list[tuple[int, int]]], boundary: int) -> list[tuple[int, int]]:
+    """The first `boundary` documents in scoring order: what a global phase trains on."""
+    return [doc for batch in batches for doc in batch][:boundary]
+
+
+def check_phase_scored(docs, doc_held: dict, spans_index: dict, rt: Runtime) -> None:
+    """Every document a phase trains on was scored, with its ledger held, by exactly one rank
+    (one all-reduce per phase)."""
+    flags = torch.zeros(len(spans_index), dtype=torch.float64, device=rt.device)
+    for lo, held in doc_held.items():
+        flags[spans_index[lo]] = float(held)
+    flags = all_reduce_sum(flags, rt)
+    wanted = torch.tensor([spans_index[lo] for lo, _ in docs], dtype=torch.int64, device=rt.device)
+    bad = [docs[i][0] for i in torch.nonzero(flags[wanted] != 1).flatten().tolist()]
+    if bad:
+        raise LegalityError(
+            f"a global phase would train on {len(bad)} documents not yet scored (first at {bad[0]})"
+        )
+
+
+def global_phase(model: GPT, stream: EvalStream, docs, hp: Hyperparameters, rt: Runtime) -> int:
+    """R0427's global phase: SGD with momentum on every weight over the scored documents (each with
+    its next BOS, concatenated in scoring order), chunks of GLOBAL_TTT_CHUNK_TOKENS with a cosine LR
+    over them, the last chunk never trained on, sequences of EVAL_SEQ_LEN; it runs ChunkTTT's step.
+    Returns the tokens trained on."""
+    tokens = torch.cat([stream.tokens[lo : hi + 1] for lo, hi in docs])
+    n = len(tokens) - 1
+    ledger = ScoreLedger(n)
+    ledger.scored(0, n)  # every document was scored (check_phase_scored)
+    view = copy.copy(hp)
+    view.ttt_lr, view.ttt_momentum, view.ttt_optimizer = hp.global_ttt_lr, hp.global_ttt_momentum, "sgd"
+    view.ttt_epochs, view.ttt_grad_clip, view.ttt_freeze_blocks = (
+        hp.global_ttt_epochs,
+        hp.global_ttt_grad_clip,
+        0,
     )
+    view.ttt_batch_seqs = hp.global_ttt_batch_seqs * rt.world_size  # R0427: per rank
+    bounds = [(lo, min(lo + hp.global_ttt_chunk_tokens, n)) for lo in range(0, n, hp.global_ttt_chunk_tokens)]
+    model.requires_grad_(True)
+    sgd = ChunkTTT(model, view, rt, len(bounds), hp.eval_window)
+    trained = 0
+    for c, (lo, hi) in enumerate(bounds[:-1]):
+        sgd.train_chunk(tokens, c, lo, hi, ledger)
+        trained += hi - lo
+    model.requires_grad_(False)
+    for p in model.parameters():
+        p.grad = None
+    return trained
 
 
-def run_lora_pass(model: GPT, stream: EvalStream, hp, rt: Runtime, clock: EvalClock, log: Logger) -> dict:
-    """Per-document LoRA TTT over this rank's documents (dealt by length), on a frozen copy. Scoring
-    always completes; adapting stops once the rest of the pass, at the rate so far, would overrun
-    the eval budget (a local decision: the pass has no collective until its end)."""
+def run_lora_pass(
+    model: GPT, stream: EvalStream, hp, rt: Runtime, clock: EvalClock, log: Logger, phased: bool = False
+) -> dict:
+    """Per-document LoRA TTT (TTT_MODE=lora, phased) over this rank's document batches, on a frozen
+    copy. Scoring always completes; adapting stops once the rest of the pass, at the rate so far,
+    would overrun the eval budget (a local decision: lora has no collective until its end). phased
+    adds global phases between rounds (run_phase)."""
     t0 = time.perf_counter()
     work = copy.deepcopy(model)
     work.eval()
     work.requires_grad_(False)
-    spans = deal_documents(document_spans(stream.tokens.cpu().numpy(), stream.n), rt)
-    scores, held = Scores(stream.n, rt.device), True
-    total, done = max(sum(hi - lo for lo, hi in spans), 1), 0
+    spans = document_spans(stream.tokens.cpu().numpy(), stream.n)
+    schedule = lora_schedule(spans, hp, rt, phased)
+    scores, held = Scores(stream.n, rt.device, stream.hints is not None), True
+    total, done = max(sum(hi - lo for batch in schedule for lo, hi in batch), 1), 0
     state = dict(adapting=True)
 
     def may_adapt() -> bool:
@@ -4477,18 +4728,168 @@ def run_lora_pass(model: GPT, stream: EvalStream, hp, rt: Runtime, clock: EvalCl
         left = (time.perf_counter() - t0) * (total - done) / max(done, 1) if done else 0.0
         if state["adapting"] and elapsed + left > clock.budget_s:
             state["adapting"] = False
-            log(kv(ttt_stopped="eval_clock", mode="lora", documents_done=done, elapsed_s=round(elapsed, 1)))
+            log(
+                kv(
+                    ttt_stopped="eval_clock",
+                    mode="phased" if phased else "lora",
+                    documents_done=done,
+                    elapsed_s=round(elapsed, 1),
+                )
+            )
         return state["adapting"]
 
-    for b in range(0, len(spans), hp.ttt_lora_docs):
-        batch = spans[b : b + hp.ttt_lora_docs]
-        held = lora_batch(work, stream.tokens, batch, hp, rt, scores, may_adapt) and held
-        done += sum(hi - lo for lo, hi in batch)
+    phases = Phases(work, stream, spans, hp, rt, clock, log) if phased else None
+    lora = LoRASet(work, hp.ttt_lora_docs, hp, rt.device)
+    fwd = lora_forward(work, lora, hp, rt, log) if phased else work
+    for r, batch in enumerate(schedule):
+        if batch:
+            flags = lora_batch(fwd, lora, stream, batch, hp, rt, scores, may_adapt)
+            held = all(flags) and held
+            done += sum(hi - lo for lo, hi in batch)
+            if phases is not None:
+                phases.doc_held.update({lo: ok for (lo, _), ok in zip(batch, flags, strict=True)})
+        while phases is not None and phases.due(r):  # a round may pass several boundaries
+            lora.switch(False)
+            phases.run(left_s=(time.perf_counter() - t0) * (total - done) / max(done, 1))
+            lora.switch(True)
+            lora.reset(warm_a=False)  # R0427 starts fresh adapters after a phase
     check_span_once(scores, 0, stream.n, rt)
-    forwarded = lora_forward_tokens(spans, hp.ttt_lora_chunk, hp.eval_window)
+    forwarded = lora_forward_tokens([s for batch in schedule for s in batch], hp)
+    extra = dict(documents=sum(len(b) for b in schedule))
+    if phases is not None:
+        extra["ttt_phases_run"] = phases.run_count
+    return pass_result(scores, stream, rt, t0, held, time.perf_counter() - t0, forwarded, **extra)
+
+
+class Phases:
+    """TTT_MODE=phased's global phases (R0427, PR #1626 lineage): after the round in which the
+    documents scored so far (all ranks, in scoring order) reach the next boundary, every rank
+    trains the base weights on the first `boundary` of them (global_phase), then adapters start
+    afresh. Each phase checks that all of its documents were scored; phases stop, scoring never
+    does, when the clock says one more would overrun EVAL_BUDGET_S."""
+
+    def __init__(self, model: GPT, stream: EvalStream, spans, hp, rt: Runtime, clock: EvalClock, log):
+        self.model, self.stream, self.hp, self.rt, self.clock, self.log = model, stream, hp, rt, clock, log
+        self.batches = phased_batches(spans, hp.ttt_lora_docs)
+        self.index = {lo: i for i, (lo, _) in enumerate(spans)}
+        self.boundaries = phase_boundaries(len(spans), hp)
+        self.doc_held: dict[int, bool] = {}
+        self.run_count, self.phase_s, self.active = 0, 0.0, True
+        log(kv(ttt_phased="plan", total_docs=len(spans), boundaries=",".join(map(str, self.boundaries))))
+
+    def scored_after(self, r: int) -> int:
+        """Documents all ranks have scored once round r is done."""
+        return sum(len(b) for b in self.batches[: (r + 1) * self.rt.world_size])
+
+    def due(self, r: int) -> bool:
+        """Same answer on every rank: a phase follows round r."""
+        return (
+            self.active
+            and self.run_count < len(self.boundaries)
+            and self.scored_after(r) >= (self.boundaries[self.run_count])
+        )
+
+    def run(self, left_s: float) -> None:
+        if not self.clock.fits(max_over_ranks(left_s, self.rt) + self.phase_s):
+            self.active = False
+            self.log(
+                kv(
+                    ttt_stopped="eval_clock",
+                    mode="phased",
+                    phase=self.run_count + 1,
+                    elapsed_s=round(self.clock.elapsed(), 1),
+                )
+            )
+            return
+        t0 = time.perf_counter()
+        boundary = self.boundaries[self.run_count]
+        docs = phase_documents(self.batches, boundary)
+        check_phase_scored(docs, self.doc_held, self.index, self.rt)
+        trained = global_phase(self.model, self.stream, docs, self.hp, self.rt)
+        self.run_count += 1
+        sync(self.rt)
+        self.phase_s = time.perf_counter() - t0
+        self.log(
+            kv(
+                ttt_phase=self.run_count,
+                phases=len(self.boundaries),
+                docs=len(docs),
+                tokens=trained,
+                seconds=round(self.phase_s, 2),
+            )
+        )
+
+
+# ---------------------------------------------------------------- document windows
+
+
+def doc_windows(spans: list[tuple[int, int]], seq_len: int, stride: int) -> np.ndarray:
+    """EVAL_MODE=doc's windows, (k, 4) rows (start, length, first scored offset, positions scored):
+    each document from its own BOS, with sliding windows (window_plan) inside one longer than
+    seq_len, so no position sees another document's tokens. A short document is one window of its
+    own length (PR #2014's short-document chunking: no compute spent on padding to seq_len)."""
+    rows = []
+    for lo, hi in spans:
+        starts, n_scored, length = window_plan(hi - lo, seq_len, stride)
+        rows.append(np.stack([lo + starts, np.full_like(starts, length), length - n_scored, n_scored], 1))
+    return np.concatenate(rows) if rows else np.zeros((0, 4), dtype=np.int64)
+
+
+def doc_batches(windows: np.ndarray, batch: int, rt: Runtime) -> list[np.ndarray]:
+    """This rank's batches: windows longest first dealt round-robin (ranks get alike work), then
+    `batch` at a time, so a batch's forward is as long as its longest window."""
+    order = np.argsort(-windows[:, 1], kind="stable")[rt.rank :: rt.world_size]
+    return [windows[order[b : b + batch]] for b in range(0, len(order), batch)]
+
+
+def score_doc_batch(model: GPT, stream: EvalStream, rows: np.ndarray, scores: Scores, rt: Runtime) -> None:
+    """One batch of document windows: a forward as long as its longest window (shorter ones padded
+    after their end: causal, never scored), logits for the scored columns only."""
+    dev = stream.tokens.device
+    width = int(rows[:, 1].max())
+    first = int(rows[:, 2].min())
+    start, length, offset, count = (torch.from_numpy(rows[:, i]).to(dev)[:, None] for i in range(4))
+    col = torch.arange(width + 1, device=dev)[None]
+    idx = (start + col).clamp_max(len(stream.tokens) - 1)
+    window = stream.tokens[idx]
+    with autocast(rt):
+        logits = model.head(model.hidden(window[:, :-1])[:, first:])
+    y, pos = window[:, first + 1 :], idx[:, first:-1].clamp_max(stream.n - 1)
+    local = col[:, first:-1]
+    mask = (local >= offset) & (local < offset + count)
+    nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    hint_logp = None if stream.hints is None else hint_log_probs(logits, nll, y, stream.hints[pos])
+    scores.add(pos.flatten(), nll, mask, hint_logp)
+
+
+def run_doc_pass(model: GPT, stream: EvalStream, p: Pass, hp, rt: Runtime) -> dict:
+    """EVAL_MODE=doc: every document scored on its own (doc_windows), nothing adapted; eager (its
+    batches have many lengths, so one compiled shape does not fit)."""
+    t0 = time.perf_counter()
+    spans = document_spans(stream.tokens.cpu().numpy(), stream.n)
+    windows = doc_windows(spans, p.seq_len, p.stride)
+    scores = Scores(stream.n, rt.device, stream.hints is not None)
+    batches = doc_batches(windows, eval_batch_seqs(hp, rt, p.seq_len), rt)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for rows in batches:
+            score_doc_batch(model, stream, rows, scores, rt)
+        check_span_once(scores, 0, stream.n, rt)
+    model.train(was_training)
+    ledger = ScoreLedger(stream.n)
+    ledger.scored(0, stream.n)  # exactly once (check_span_once); nothing adapts
+    sync(rt)
+    forwarded = int(windows[:, 1].sum())
     return pass_result(
-        scores, stream, rt, t0, held, time.perf_counter() - t0, forwarded, documents=len(spans)
+        scores, stream, rt, t0, ledger.held, time.perf_counter() - t0, forwarded, documents=len(spans)
     )
+
+
+def doc_forward_tokens(stream: EvalStream, seq_len: int, stride: int) -> int:
+    """Tokens EVAL_MODE=doc forwards (for the budget's projection)."""
+    spans = document_spans(stream.tokens.cpu().numpy(), stream.n)
+    return int(doc_windows(spans, seq_len, stride)[:, 1].sum())
 
 
 # ---------------------------------------------------------------- n-gram mixer
@@ -4643,6 +5044,138 @@ def run_mixer_pass(net: dict, stream: EvalStream, hp: Hyperparameters, rt: Runti
     return pass_result(scores, stream, rt, t0, ledger.held, seconds, stream.n, norm_checks=mixer.norm_checks)
 
 
+# ---------------------------------------------------------------- n-gram tilt
+
+# (orders up to, confidence threshold, minimum context count) of the token expert in
+# 2026-04-09_A2_Muon097_3Seed's kernel (PR #1420 -> #1514), which NGRAM_TILT ports.
+TILT_THRESHOLDS = ((10, 0.70, 3), (13, 0.60, 2), (16, 0.50, 2))
+
+
+def context_keys(tokens: Tensor, n: int, order: int) -> Tensor:
+    """A 64-bit rolling hash of tokens[i-order+1 .. i] for positions i = order-1 .. n-1 (wraps)."""
+    key = torch.zeros(n - order + 1, dtype=torch.int64, device=tokens.device)
+    for j in range(order):
+        key = key * 1_000_003 + tokens[j : n - order + 1 + j]
+    return key
+
+
+def order_hints(tokens: Tensor, n: int, order: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For each position i (predicting token i+1) with `order` tokens of context: the token seen most
+    often after the same context at earlier positions j < i (first to reach that count on ties),
+    its count, and the context's count, from those earlier positions only, whose targets t[j+1]
+    (j+1 <= i) are all already scored. Exact counts (sorts), where the kernel uses hash tables."""
+    dev = tokens.device
+    full = (
+        torch.full((n,), -1, dtype=torch.int64, device=dev),
+        torch.zeros(n, dtype=torch.int64, device=dev),
+    )
+    if n < order:
+        return full[0], full[1], full[1].clone()
+    ctx = context_keys(tokens, n, order)
+    pos = torch.arange(order - 1, n, device=dev)
+    tgt = tokens[pos + 1]
+    m = len(ctx)
+    by_ctx = torch.sort(ctx, stable=True).indices  # context groups, each in stream order
+    by_pair = torch.sort(tgt, stable=True).indices
+    by_pair = by_pair[torch.sort(ctx[by_pair], stable=True).indices]  # (context, target) groups
+    pair_count = torch.empty(m, dtype=torch.int64, device=dev)
+    pair_count[by_pair] = running_count(ctx[by_pair], tgt[by_pair])
+    c, t, pc = ctx[by_ctx], tgt[by_ctx], pair_count[by_ctx]
+    starts = group_starts(c)
+    step = torch.arange(m, device=dev)
+    start_at = torch.cummax(torch.where(starts, step, 0), 0).values
+    group = torch.cumsum(starts.long(), 0)
+    best = torch.cummax(pc + group * (m + 1), 0).values - group * (m + 1)  # running max pair count
+    raised = starts | (best > torch.cat([best[:1], best[:-1]]))  # where a token first reaches it
+    best_tok = t[torch.cummax(torch.where(raised, step, 0), 0).values]
+    before = step - 1  # the state after the previous position of the same context
+    seen = step - start_at  # earlier positions with this context
+    has = seen > 0
+    hint = torch.where(has, best_tok[before.clamp_min(0)], -1)
+    hint_count = torch.where(has, best[before.clamp_min(0)], 0)
+    out_hint, out_best, out_seen = (torch.full((n,), v, dtype=torch.int64, device=dev) for v in (-1, 0, 0))
+    out_hint[pos[by_ctx]], out_best[pos[by_ctx]], out_seen[pos[by_ctx]] = hint, hint_count, seen
+    return out_hint, out_best, out_seen
+
+
+def group_starts(keys: Tensor) -> Tensor:
+    """True where a run of equal sorted keys begins."""
+    return torch.cat([torch.ones(1, dtype=torch.bool, device=keys.device), keys[1:] != keys[:-1]])
+
+
+def running_count(ctx: Tensor, tgt: Tensor) -> Tensor:
+    """1, 2, 3, ... along each run of equal (ctx, tgt) pairs in this order."""
+    starts = group_starts(ctx) | group_starts(tgt)
+    step = torch.arange(len(ctx), device=ctx.device)
+    return step - torch.cummax(torch.where(starts, step, 0), 0).values + 1
+
+
+def tilt_hints(tokens: Tensor, n: int, hp: Hyperparameters) -> tuple[Tensor, Tensor]:
+    """(hint token, beta) of positions 0..n-1 from the token expert (PR #1514: token-only): the
+    longest active order (NGRAM_TILT_MAX_ORDER down to MIN in steps of ORDER_STRIDE) whose hint is
+    confident enough (TILT_THRESHOLDS) wins, beta = NGRAM_TILT_BETA x its confidence. It reads only
+    tokens[0..i] for position i: the hint never sees the target it tilts toward."""
+    dev = tokens.device
+    hint = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    beta = torch.zeros(n, dtype=torch.float64, device=dev)
+    orders = range(hp.ngram_tilt_min_order, hp.ngram_tilt_max_order + 1, hp.ngram_tilt_order_stride)
+    for order in sorted(orders, reverse=True):
+        threshold, min_count = next(((c, k) for top, c, k in TILT_THRESHOLDS if order <= top), (0.5, 2))
+        h, best, seen = order_hints(tokens, n, order)
+        conf = best.double() / seen.clamp_min(1).double()
+        ok = (hint < 0) & (h >= 0) & (seen >= min_count) & (conf >= threshold)
+        hint = torch.where(ok, h, hint)
+        beta = torch.where(ok, hp.ngram_tilt_beta * conf, beta)
+    return hint, beta
+
+
+def check_prefix_only(tokens: Tensor, n: int, hp: Hyperparameters, probe: int = 1 << 16) -> None:
+    """Refuses a hint that reads its target (or anything later): on the stream's first `probe`
+    positions, changing every token after position c leaves the hints and betas of positions <= c
+    as they were."""
+    m = min(n, probe)
+    base = tilt_hints(tokens[: m + 1], m, hp)
+    for cut in sorted({m // 3, 2 * m // 3}):
+        changed = tokens[: m + 1].clone()
+        changed[cut + 1 :] = (changed[cut + 1 :] + 1) % (int(tokens.max()) + 1)
+        after = tilt_hints(changed, m, hp)
+        if not all(torch.equal(a[: cut + 1], b[: cut + 1]) for a, b in zip(after, base, strict=True)):
+            raise LegalityError(
+                f"NGRAM_TILT's hint at a position <= {cut} reads a token after it (its target)"
+            )
+
+
+def tilted_nll(nll: Tensor, hint_logp: Tensor, tgt: Tensor, hints: Tensor, betas: Tensor) -> Tensor:
+    """-log p'(y) for p'(v) = p(v) e^(beta [v = h]) / Z, Z = 1 + p(h)(e^beta - 1): the network's
+    distribution tilted toward the hint h and renormalised in closed form over the whole vocabulary
+    (PR #1514); no hint: p itself."""
+    has = (hints >= 0).double()
+    z = torch.log1p(hint_logp.double().exp().clamp(0, 1) * torch.expm1(betas))
+    hit = (tgt == hints).double()
+    return (nll.double() + has * (z - betas * hit)).float()
+
+
+def run_tilt_pass(net: dict, stream: EvalStream, hp: Hyperparameters, rt: Runtime) -> dict:
+    """NGRAM_TILT after a network pass: each rank tilts the positions it scored (the network pass
+    recorded log p(hint) with each score), so every position stays scored exactly once."""
+    t0 = time.perf_counter()
+    scores = Scores(stream.n, rt.device)
+    scores.hits.copy_(net["hits"])
+    tilted = tilted_nll(
+        net["nll"], net["hint_logp"], stream.tokens[1 : stream.n + 1], stream.hints, stream.betas
+    )
+    scores.nll.copy_(torch.where(net["hits"] > 0, tilted, 0.0))
+    check_span_once(scores, 0, stream.n, rt)
+    hinted = int((stream.hints >= 0).sum())
+    return pass_result(scores, stream, rt, t0, True, time.perf_counter() - t0, stream.n, tilt_hints=hinted)
+
+
+def attach_tilt_hints(stream: EvalStream, hp: Hyperparameters) -> None:
+    """NGRAM_TILT: the hints of every position, before any pass, so each pass records log p(hint)."""
+    check_prefix_only(stream.tokens, stream.n, hp)
+    stream.hints, stream.betas = tilt_hints(stream.tokens, stream.n, hp)
+
+
 # ---------------------------------------------------------------- budget
 
 
@@ -4650,7 +5183,7 @@ def ttt_pass(hp: Hyperparameters, seq_len: int, stride: int) -> list[Pass]:
     """The configured score-first TTT pass on the best window geometry that ran (none: [])."""
     if hp.ttt_mode == "none":
         return []
-    lora = hp.ttt_mode == "lora"
+    lora = hp.ttt_mode in ("lora", "phased")
     return [Pass(hp.ttt_mode, seq_len, stride, ttt=not lora, lora=lora)]
 
 
@@ -4659,13 +5192,24 @@ def projected_s(p: Pass, stream: EvalStream, rate: float, hp: Hyperparameters) -
     training at 3x forward cost per trained token; LoRA TTT forwards and backwards every document
     chunk with its context (3x); the mixer, a few gathers per position, at most one forward token."""
     n = stream.n
-    if p.ngram:
+    if p.ngram or p.tilt:
         return n / rate
+    if p.doc:
+        return doc_forward_tokens(stream, p.seq_len, p.stride) / rate
     if p.lora:
         spans = document_spans(stream.tokens.cpu().numpy(), n)
-        return 3.0 * lora_forward_tokens(spans, hp.ttt_lora_chunk, hp.eval_window) / rate
+        phases = phased_tokens(spans, hp) if p.name == "phased" else 0
+        return 3.0 * (lora_forward_tokens(spans, hp) + hp.global_ttt_epochs * phases) / rate
     starts, _, T = window_plan(n, p.seq_len, p.stride)
     return len(starts) * T / rate + (3.0 * hp.ttt_epochs * n / rate if p.ttt else 0.0)
+
+
+def phased_tokens(spans: list[tuple[int, int]], hp: Hyperparameters) -> int:
+    """Tokens the global phases of TTT_MODE=phased train on, all phases together."""
+    batches = phased_batches(spans, hp.ttt_lora_docs)
+    return sum(
+        sum(hi - lo for lo, hi in phase_documents(batches, b)) for b in phase_boundaries(len(spans), hp)
+    )
 
 
 def score_model(
@@ -4682,17 +5226,20 @@ def score_model(
     model.eval()
     tokens = torch.from_numpy(val.tokens.astype(np.int64)).to(rt.device)
     stream = EvalStream(tokens, target_bytes(val, tokens, 0).float())
+    if hp.ngram_tilt:
+        attach_tilt_hints(stream, hp)
     base = Pass("flat", hp.train_seq_len, hp.train_seq_len)
     passes = [base]
-    if hp.eval_mode == "sliding":
-        passes.append(Pass("sliding", hp.eval_window, hp.eval_stride))
+    if hp.eval_mode in ("sliding", "doc"):
+        passes.append(Pass(hp.eval_mode, hp.eval_window, hp.eval_stride, doc=hp.eval_mode == "doc"))
     done: list[tuple[Pass, dict]] = []
     for p in passes:
         if done and not fits_or_log(p, stream, done[-1][1], clock, hp, log):
             continue
         done.append((p, run_logged(model, stream, p, hp, rt, clock, log)))
         base = p
-    stages = ttt_pass(hp, base.seq_len, base.stride) + [Pass("ngram_mix", 0, 0, ngram=True)] * hp.ngram_mix
+    stages = ttt_pass(hp, base.seq_len, base.stride) + [Pass("ngram_tilt", 0, 0, tilt=True)] * hp.ngram_tilt
+    stages += [Pass("ngram_mix", 0, 0, ngram=True)] * hp.ngram_mix
     for p in stages:
         if fits_or_log(p, stream, done[-1][1], clock, hp, log):
             done.append((p, run_logged(model, stream, p, hp, rt, clock, log, done[-1][1])))
@@ -4723,8 +5270,12 @@ def run_logged(
     """Runs pass `p` (the mixer mixes `last`, the previous pass's result) and logs its score."""
     if p.ngram:
         r = run_mixer_pass(last, stream, hp, rt)
+    elif p.tilt:
+        r = run_tilt_pass(last, stream, hp, rt)
+    elif p.doc:
+        r = run_doc_pass(model, stream, p, hp, rt)
     elif p.lora:
-        r = run_lora_pass(model, stream, hp, rt, clock, log)
+        r = run_lora_pass(model, stream, hp, rt, clock, log, phased=p.name == "phased")
     else:
         r = run_pass(model, stream, p, hp, rt, clock, log)
     clock.phases[p.name] = round(r["seconds"], 3)
@@ -4742,15 +5293,17 @@ def run_logged(
 def eval_summary(done: list[tuple[Pass, dict]], clock: EvalClock, log: Logger) -> dict:
     """The final JSON's evaluation fields, and the eval_time_s/phase log line."""
     final_pass, final = done[-1]
-    net, net_result = [(p, r) for p, r in done if not p.ngram][-1]  # what the final score mixes
+    net, net_result = [(p, r) for p, r in done if not (p.ngram or p.tilt)][-1]  # the network pass
     eval_time_s = round(clock.elapsed(), 3)
     phases = ",".join(f"{k}={v}" for k, v in clock.phases.items())
     log(kv(eval_time_s=eval_time_s, eval_budget_s=clock.budget_s, eval_phases=phases))
     return dict(
         val_loss=final["val_loss"],
         val_bpb=final["val_bpb"],
-        eval_mode=net.name + ("+ngram_mix" if final_pass.ngram else ""),
-        ttt_mode="lora" if net.lora else "chunked" if net.ttt else "none",
+        eval_mode=net.name
+        + ("+ngram_tilt" if any(p.tilt for p, _ in done) else "")
+        + ("+ngram_mix" if final_pass.ngram else ""),
+        ttt_mode=net.name if net.lora else "chunked" if net.ttt else "none",
         ngram_mix=final_pass.ngram,
         scored_before_update=all(r["scored_before_update"] for _, r in done),
         eval_time_s=eval_time_s,

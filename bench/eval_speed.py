@@ -6,8 +6,10 @@
 The model (random weights) and every evaluation knob come from the same env vars as train_gpt.py
 (EVAL_STRIDE, EVAL_SEQ_LEN, EVAL_BATCH_SEQS, TTT_*, COMPILE, ...). Random tokens carry BOS every
 `--doc-tokens` tokens so LoRA TTT sees documents; `ngram_mix` mixes the pass listed before it.
-Pass names are train_gpt.py's (`chunked` = TTT_MODE=chunked, `lora` = TTT_MODE=lora, `ngram_mix` =
-NGRAM_MIX=1); the older names `ttt` and `ngram` are still accepted.
+Pass names are train_gpt.py's (`chunked`, `lora`, `phased` = TTT_MODE=..., `doc` = EVAL_MODE=doc,
+`ngram_tilt` = NGRAM_TILT=1, `ngram_mix` = NGRAM_MIX=1); the older names `ttt` and `ngram` are still
+accepted. `phased` takes its phases from PHASED_TTT_* and GLOBAL_TTT_*; with `ngram_tilt` the hints
+are computed first (their own `ngram_tilt_hints` line) and every pass records log p(hint).
 Prints one `key:value` line per pass. Each line also projects the pass to the official val set
 (62,021,632 sp1024 tokens) on `--project-gpus` GPUs, assuming time scales linearly with tokens and
 inversely with GPUs (the mixer, which every rank runs whole, with tokens only): a planning figure,
@@ -35,6 +37,9 @@ def passes(hp: tg.Hyperparameters) -> dict[str, tg.Pass]:
         "sliding": tg.Pass("sliding", seq, stride),
         "chunked": tg.Pass("chunked", seq, stride, ttt=True),
         "lora": tg.Pass("lora", seq, stride, lora=True),
+        "phased": tg.Pass("phased", seq, stride, lora=True),
+        "doc": tg.Pass("doc", seq, stride, doc=True),
+        "ngram_tilt": tg.Pass("ngram_tilt", 0, 0, tilt=True),
         "ngram_mix": tg.Pass("ngram_mix", 0, 0, ngram=True),
     }
 
@@ -46,7 +51,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=3_000_000, help="scored positions (default 3,000,000)")
     ap.add_argument(
-        "--passes", default="flat,sliding", help="comma list: flat,sliding,chunked,lora,ngram_mix"
+        "--passes",
+        default="flat,sliding",
+        help="comma list: flat,sliding,doc,chunked,lora,phased,ngram_tilt,ngram_mix",
     )
     ap.add_argument("--doc-tokens", type=int, default=1200, help="a BOS every this many tokens")
     ap.add_argument("--project-tokens", type=int, default=62_021_632, help="val tokens to project to")
@@ -59,8 +66,10 @@ def main() -> int:
     unknown = [name for name in wanted if name not in known]
     if unknown:
         ap.error(f"unknown pass(es) {unknown}; choose from {sorted(known)}")
-    if wanted[0] == "ngram_mix":
-        ap.error("ngram_mix mixes the pass before it: list a network pass first (e.g. sliding,ngram_mix)")
+    if wanted[0] in ("ngram_mix", "ngram_tilt"):
+        ap.error(
+            f"{wanted[0]} works on the pass before it: list a network pass first (e.g. sliding,{wanted[0]})"
+        )
     torch.manual_seed(hp.seed)
     model = tg.GPT(hp).to(rt.device)
     tokens = np.random.default_rng(hp.seed).integers(2, hp.vocab_size, args.tokens + 1)
@@ -69,6 +78,14 @@ def main() -> int:
     stream = tg.EvalStream(t, torch.ones(args.tokens, device=rt.device))
     clock = tg.EvalClock(float("inf"), rt)
     log = print if rt.is_main else tg.Logger(None)  # rank 0 prints (no log file)
+    if "ngram_tilt" in wanted:
+        tg.sync(rt)
+        t0 = time.perf_counter()
+        tg.attach_tilt_hints(stream, hp)
+        tg.sync(rt)
+        seconds = time.perf_counter() - t0  # every rank computes every hint: no GPU factor
+        projected = round(seconds * args.project_tokens / args.tokens, 1)
+        log(tg.kv(bench_pass="ngram_tilt_hints", seconds=round(seconds, 2), projected_s=projected))
     result = None
     for name in wanted:
         tg.sync(rt)
@@ -76,7 +93,7 @@ def main() -> int:
         result = tg.run_logged(model, stream, known[name], hp, rt, clock, log, result)
         seconds = time.perf_counter() - t0
         # every rank mixes the whole stream, so the mixer does not get faster with more GPUs
-        gpu_factor = 1.0 if known[name].ngram else rt.world_size / args.project_gpus
+        gpu_factor = 1.0 if known[name].ngram or known[name].tilt else rt.world_size / args.project_gpus
         line = tg.kv(
             bench_pass=name,
             device=tg.gpu_names() if rt.device.type == "cuda" else "cpu",

@@ -28,8 +28,9 @@ from .logparse import parse_log
 PRE_QUANT, ROUNDTRIP, SLIDING, TTT = 0, 1, 2, 3
 # (label regex, class), first match wins; the label is the text before " val_loss:".
 STAGE_TABLE = (
-    (r"^(chunked|lora|ngram_mix|ngram)$", TTT),  # our final_eval passes (logparse.py) after the flat one
+    (r"^(chunked|lora|phased|ngram_tilt|ngram_mix|ngram)$", TTT),  # our final_eval passes (logparse.py)
     (r"^flat$", ROUNDTRIP),
+    (r"^doc$", SLIDING),
     (r"(?i)^(?!.*pre[_ -]?ttt).*ttt", TTT),
     (r"(?i).*sliding.*", SLIDING),
     (

@@ -17,7 +17,7 @@ MIN_SCORE_DECIMALS = 4  # what reviewers expect for the significance claim
 # in records/track_10min_16mb/2026-03-23_LeakyReLU_LegalTTT_ParallelMuon); an eval_mode is one or
 # more of them joined by "+" (e.g. chunked+ngram_mix). Anything else (e.g. prequant_ttt: adapts on
 # val before scoring) is illegal or unreviewed.
-EVAL_PASSES = ("flat", "sliding", "chunked", "lora", "ngram_mix")
+EVAL_PASSES = ("flat", "sliding", "doc", "chunked", "lora", "phased", "ngram_tilt", "ngram_mix")
 # The names earlier logs gave the same passes (final_eval:<name>, eval_mode, val_bpb_<name>), so
 # logs and folders made before the renaming still read.
 FORMER_PASS_NAMES = {

@@ -337,7 +337,7 @@ def test_same_value_from_preset_or_env_resolves_identically():
         ({"WARMDOWN_FRAC": "1.5"}, "WARMDOWN_FRAC must be in [0, 1] (got 1.5)"),
         ({"LR_WARMUP_FRAC": "1"}, "LR_WARMUP_FRAC must be in [0, 1) (got 1.0)"),
         ({"ITERATIONS": "0"}, "ITERATIONS must be > 0 (got 0)"),
-        ({"TTT_MODE": "ttt"}, "TTT_MODE must be none, chunked or lora (got 'ttt')"),
+        ({"TTT_MODE": "ttt"}, "TTT_MODE must be none, chunked, lora or phased (got 'ttt')"),
         ({"GPTQ_DAMP": "nan"}, "GPTQ_DAMP must be > 0 (got nan)"),
         ({"NUM_LOOPS": "1", "LOOP_END": "11"}, "NUM_LOOPS > 0 needs 0 <= LOOP_START <= LOOP_END"),
         ({"TTT_FREEZE_BLOCKS": "12"}, "TTT_FREEZE_BLOCKS must be at most NUM_LAYERS"),

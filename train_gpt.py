@@ -268,10 +268,22 @@ PRESETS: dict[str, dict[str, str]] = {
         "LQER_FACTOR_BITS": "4",
         "LQER_ASYM_ENABLED": "1",
         "LQER_ASYM_GROUP": "64",
-        "TTT_MODE": "lora",
+        "TTT_MODE": "phased",
         "TTT_LORA_RANK": "80",
+        "TTT_LORA_ALPHA": "144",
+        "TTT_WARM_START_A": "1",
         "TTT_LORA_LR": "0.0001",
         "TTT_LORA_CHUNK": "48",
+        "TTT_LORA_DOCS": "64",
+        "TTT_BETA1": "0.0",
+        "TTT_BETA2": "0.99",
+        "TTT_WEIGHT_DECAY": "0.5",
+        "TTT_ADAM_EPS": "1e-10",
+        "TTT_K_LORA": "1",
+        "TTT_O_LORA": "1",
+        "TTT_MLP_LORA": "1",
+        "PHASED_TTT_PREFIX_DOCS": "2500",
+        "PHASED_TTT_NUM_PHASES": "3",
     },
     # PR #638's stack: 11 layers, XSA on all, LeakyReLU(0.5)^2, value residual, gated attention.
     "seed_638": {
@@ -315,13 +327,11 @@ PRESET_MISSING: dict[str, tuple[str, ...]] = {
         "bigram_zero_init_no_bos_bucket",  # R0323's table and projection both start at zero
         "ema_fixed_decay",  # ours starts as a plain mean (n/(n+1)) until that reaches EMA_DECAY
     ),
-    "record_0409": (
-        "ema_fixed_decay",
-    ),
+    "record_0409": ("ema_fixed_decay",),
     "record_0427": (
         "pergroup_lrzip_compressor",
-        "phased_ttt(phases=3/prefix_docs=2500)",  # global SGD phases between LoRA TTT passes
-        "lora_ttt_k_mlp_o(beta1=0/beta2=0.99/wd=0.5)",
+        "ttt_lora_per_loop_slot",  # R0427: a looped block's repeats get adapters of their own (ours share)
+        "global_ttt_respect_doc_boundaries",  # R0427's phases attend within documents (ours: plain windows)
         "ema_fixed_decay",
     ),
 }

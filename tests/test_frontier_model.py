@@ -9,6 +9,7 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 from conftest import make_hp
+from test_compile import CountingBackend
 
 import train_gpt as tg
 
@@ -189,20 +190,25 @@ def test_two_lanes_with_unit_weights_equal_the_one_lane_parallel_block():
     assert torch.equal(one(ids, ids), two(ids, ids))
 
 
+# Two lanes from block 3, looping, gated skips, sparse gate, value embeddings (also used by the
+# document-masking tests of tests/test_frontier_optim.py).
+R0427_STACK = dict(
+    NUM_LAYERS=5,
+    NUM_LOOPS=1,
+    LOOP_START=1,
+    LOOP_END=2,
+    PARALLEL_START_LAYER=3,
+    SKIP_GATES_ENABLED=True,
+    SPARSE_ATTN_GATE_ENABLED=True,
+    GATED_ATTN=False,
+    VE_ENABLED=True,
+    VE_LAYERS="1,4",
+    VE_DIM=8,
+)
+
+
 def test_two_lanes_are_causal_with_looping_and_all_new_techniques():
-    model = build(
-        NUM_LAYERS=5,
-        NUM_LOOPS=1,
-        LOOP_START=1,
-        LOOP_END=2,
-        PARALLEL_START_LAYER=3,
-        SKIP_GATES_ENABLED=True,
-        SPARSE_ATTN_GATE_ENABLED=True,
-        GATED_ATTN=False,
-        VE_ENABLED=True,
-        VE_LAYERS="1,4",
-        VE_DIM=8,
-    )
+    model = build(**R0427_STACK)
     perturb(model)
     model.looping = True
     ids = ids_for(make_hp())
@@ -325,15 +331,6 @@ def test_ve_layers_must_be_blocks():
 
 
 # ---------------------------------------------------------------- compile
-
-
-class CountingBackend:
-    def __init__(self):
-        self.compiles = 0
-
-    def __call__(self, gm, example_inputs):
-        self.compiles += 1
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
 
 def test_frontier_model_compiles_once_per_looping_graph():

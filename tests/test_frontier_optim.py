@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import make_hp
+from test_frontier_model import R0427_STACK as FRONTIER_MODEL_STACK
 
 import train_gpt as tg
 
@@ -480,20 +481,7 @@ def test_varlen_attn_travels_with_the_artifact_and_the_kernel_switches_do_not():
 
 # ------------------------------------------------- document masking on the R0427 model stack
 
-R0427_STACK = dict(  # two lanes from block 3, looping, gated skips, sparse gate, value embeddings
-    NUM_LAYERS=5,
-    NUM_LOOPS=1,
-    LOOP_START=1,
-    LOOP_END=2,
-    PARALLEL_START_LAYER=3,
-    SKIP_GATES_ENABLED=True,
-    SPARSE_ATTN_GATE_ENABLED=True,
-    GATED_ATTN=False,
-    VE_ENABLED=True,
-    VE_LAYERS="1,4",
-    VE_DIM=8,
-    ASYM_LOGIT_RESCALE=True,
-)
+R0427_STACK = {**FRONTIER_MODEL_STACK, "ASYM_LOGIT_RESCALE": True}  # with the asymmetric logit caps
 
 
 @torch.no_grad()

@@ -160,3 +160,17 @@ def randomize_(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch
 def randomize():
     """randomize(model, std=0.2, seed=0): noise on every parameter, in place; returns the model."""
     return randomize_
+
+
+@pytest.fixture
+def forwards(monkeypatch):
+    """Every GPT trunk call: (grad enabled, model in training mode, per-document adapters attached)."""
+    calls = []
+    hidden = train_gpt.GPT.hidden
+
+    def spy(self, ids):
+        calls.append((torch.is_grad_enabled(), self.training, self.head_lora is not None))
+        return hidden(self, ids)
+
+    monkeypatch.setattr(train_gpt.GPT, "hidden", spy)
+    return calls

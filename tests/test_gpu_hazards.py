@@ -13,20 +13,6 @@ import train_gpt as tg
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
-@pytest.fixture
-def forwards(monkeypatch):
-    """Every GPT trunk call: (grad enabled, model in training mode, per-document adapters attached)."""
-    calls = []
-    hidden = tg.GPT.hidden
-
-    def spy(self, ids):
-        calls.append((torch.is_grad_enabled(), self.training, self.head_lora is not None))
-        return hidden(self, ids)
-
-    monkeypatch.setattr(tg.GPT, "hidden", spy)
-    return calls
-
-
 def tiny_model(**knobs):
     hp = make_hp(VOCAB_SIZE=V, **dict(EVAL_KNOBS, **knobs))
     torch.manual_seed(0)

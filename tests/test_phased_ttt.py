@@ -554,17 +554,10 @@ def test_phased_compiled_forward_warms_up_on_random_tokens_and_matches_eager(mon
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
 
 
-def test_no_new_evaluation_forward_runs_with_autograd(monkeypatch, cpu_runtime):
+def test_no_new_evaluation_forward_runs_with_autograd(forwards, cpu_runtime):
     """Forwards under autograd only where they train: adapters attached (phased LoRA) or the model in
     training mode (a global phase); the doc pass and the tilt build no graph."""
-    calls = []
-    hidden = tg.GPT.hidden
-
-    def spy(self, ids):
-        calls.append((torch.is_grad_enabled(), self.training, self.head_lora is not None))
-        return hidden(self, ids)
-
-    monkeypatch.setattr(tg.GPT, "hidden", spy)
+    calls = forwards
     knobs = dict(PHASED, **TILT, EVAL_MODE="doc")
     hp = make_hp(VOCAB_SIZE=V, **dict(EVAL_KNOBS, **knobs))
     torch.manual_seed(0)

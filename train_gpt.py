@@ -503,7 +503,7 @@ class Hyperparameters:
         k("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024")  # folder of fineweb_{train,val}_*.bin
         k("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model")  # SentencePiece model
         k("VOCAB_SIZE", int, 1024, gt=0, le=65536)  # the tokenizer's size (checked); uint16 shards
-        k("BYTE_CHECK_DOCS", int, 64)  # val documents in the BPB byte-table self-check
+        k("BYTE_CHECK_DOCS", int, 64, ge=0)  # val documents in the BPB byte-table self-check
         k("CASEOPS_ENABLED", bool, False)  # require the val byte sidecar (R0427); it is used whenever present
         # fmt: on
 
@@ -513,13 +513,13 @@ class Hyperparameters:
         k("MODEL_DIM", int, 512, gt=0)  # residual width
         k("NUM_HEADS", int, 8, gt=0)  # query heads (head dim = MODEL_DIM / NUM_HEADS)
         k("NUM_KV_HEADS", int, 4, gt=0)  # key/value heads (GQA)
-        k("MLP_MULT", float, 3.0)  # MLP hidden = MLP_MULT x MODEL_DIM
+        k("MLP_MULT", float, 3.0, gt=0)  # MLP hidden = MLP_MULT x MODEL_DIM
         k("LEAKY_RELU_SLOPE", float, 0.5)  # negative slope of the squared LeakyReLU
         k("TIE_EMBEDDINGS", bool, True)  # output head shares the token embedding
-        k("TIED_EMBED_INIT_STD", float, 0.005)  # token embedding init std
-        k("LOGIT_SOFTCAP", float, 30.0)  # logits -> c*tanh(logits/c)
+        k("TIED_EMBED_INIT_STD", float, 0.005, ge=0)  # token embedding init std
+        k("LOGIT_SOFTCAP", float, 30.0, gt=0)  # logits -> c*tanh(logits/c)
         k("ROPE_DIMS", int, 16, ge=0)  # rotated dims per head (partial RoPE); 0 = no RoPE
-        k("ROPE_BASE", float, 10000.0)  # RoPE frequency base
+        k("ROPE_BASE", float, 10000.0, gt=0)  # RoPE frequency base
         k("QK_GAIN_INIT", float, 5.0)  # initial per-head query gain after QK RMS-norm
         k("LN_SCALE", bool, True)  # scale normed block inputs by 1/sqrt(layer+1)
         k("XSA_LAST_N", int, 11, ge=0)  # XSA on the last N layers (0 = off, >= NUM_LAYERS = all)
@@ -527,9 +527,9 @@ class Hyperparameters:
         k("GATED_ATTN", bool, True)  # per-head sigmoid gate on the attention output
         k("GATED_ATTN_BIAS_INIT", float, 4.0)  # gate bias at init (4 -> 98% open)
         k("SMEAR_GATE", bool, True)  # BOS-masked input-gated mix with the previous token
-        k("SMEAR_GATE_INPUTS", int, 12)  # leading channels feeding the smear gate
+        k("SMEAR_GATE_INPUTS", int, 12, gt=0)  # leading channels feeding the smear gate
         k("BIGRAM_BUCKETS", int, 3072, ge=0)  # BigramHash table rows (0 = off, else >= 2)
-        k("BIGRAM_DIM", int, 112)  # BigramHash embedding width before projection
+        k("BIGRAM_DIM", int, 112, gt=0)  # BigramHash embedding width before projection
         k("PARALLEL_RESIDUAL_LAST_N", int, 0, ge=0)  # GPT-J parallel attn+MLP on the last N layers (0 = off)
         k("NUM_LOOPS", int, 0, ge=0)  # depth recurrence: extra passes over LOOP_START..LOOP_END (0 = off)
         k("LOOP_START", int, 3)  # first physical block of the repeated segment
@@ -553,24 +553,24 @@ class Hyperparameters:
 
     def _optimizer_knobs(self, k: _KnobReader) -> None:
         # fmt: off
-        k("MATRIX_LR", float, 0.025)  # Muon learning rate (block matrices)
-        k("TIED_EMBED_LR", float, 0.035)  # Adam learning rate of the embeddings
-        k("HEAD_LR", float, 0.008)  # Adam learning rate of an untied head
-        k("SCALAR_LR", float, 0.025)  # Adam learning rate of scalar/control parameters
-        k("MUON_MOMENTUM", float, 0.99)  # final Muon (Nesterov) momentum
-        k("MUON_MOMENTUM_WARMUP_START", float, 0.92)  # Muon momentum at the start
-        k("MUON_MOMENTUM_WARMUP_FRAC", float, 0.2)  # fraction of the run over which momentum warms up
-        k("MUON_NS_STEPS", int, 5)  # Newton-Schulz iterations
+        k("MATRIX_LR", float, 0.025, ge=0)  # Muon learning rate (block matrices)
+        k("TIED_EMBED_LR", float, 0.035, ge=0)  # Adam learning rate of the embeddings
+        k("HEAD_LR", float, 0.008, ge=0)  # Adam learning rate of an untied head
+        k("SCALAR_LR", float, 0.025, ge=0)  # Adam learning rate of scalar/control parameters
+        k("MUON_MOMENTUM", float, 0.99, ge=0, lt=1)  # final Muon (Nesterov) momentum
+        k("MUON_MOMENTUM_WARMUP_START", float, 0.92, ge=0, lt=1)  # Muon momentum at the start
+        k("MUON_MOMENTUM_WARMUP_FRAC", float, 0.2, ge=0, le=1)  # run fraction over which momentum warms up
+        k("MUON_NS_STEPS", int, 5, gt=0)  # Newton-Schulz iterations
         k("MUON_ROW_NORMALIZE", bool, True)  # MuonEq-R: equalise row norms before Newton-Schulz
-        k("MUON_WD", float, 0.04)  # decoupled weight decay of Muon matrices
-        k("EMBED_WD", float, 0.04)  # AdamW weight decay of embeddings
-        k("SCALAR_WD", float, 0.02)  # AdamW weight decay of scalar/control parameters
-        k("ADAM_BETA1", float, 0.9)  # Adam beta1
-        k("ADAM_BETA2", float, 0.95)  # Adam beta2
-        k("ADAM_EPS", float, 1e-8)  # Adam epsilon
-        k("GRAD_CLIP_NORM", float, 0.3)  # global gradient-norm clip (0 = off)
-        k("EMA_DECAY", float, 0.997)  # largest EMA decay of the exported weights
-        k("EMA_WINDOW_FRAC", float, 0.05)  # EMA horizon as a fraction of the run's steps (0 = no EMA)
+        k("MUON_WD", float, 0.04, ge=0)  # decoupled weight decay of Muon matrices
+        k("EMBED_WD", float, 0.04, ge=0)  # AdamW weight decay of embeddings
+        k("SCALAR_WD", float, 0.02, ge=0)  # AdamW weight decay of scalar/control parameters
+        k("ADAM_BETA1", float, 0.9, ge=0, lt=1)  # Adam beta1
+        k("ADAM_BETA2", float, 0.95, ge=0, lt=1)  # Adam beta2
+        k("ADAM_EPS", float, 1e-8, gt=0)  # Adam epsilon
+        k("GRAD_CLIP_NORM", float, 0.3, ge=0)  # global gradient-norm clip (0 = off)
+        k("EMA_DECAY", float, 0.997, ge=0, lt=1)  # largest EMA decay of the exported weights
+        k("EMA_WINDOW_FRAC", float, 0.05, ge=0, le=1)  # EMA horizon as a run fraction of steps (0 = no EMA)
         k("MUON_POLAR_EXPRESS", bool, False)  # Polar Express per-iteration Newton-Schulz coefficients
         k("MUON_MOMENTUM_WARMUP_STEPS", int, 0, ge=0)  # > 0: momentum warms up over N steps, not the FRAC
         k("WD_TAPER_START_FRAC", float, 1.0, ge=0, le=1)  # Muon WD tapers linearly from here (1 = off)
@@ -580,14 +580,14 @@ class Hyperparameters:
     def _schedule_knobs(self, k: _KnobReader) -> None:
         # fmt: off
         k("ITERATIONS", int, 20000, gt=0)  # step cap (schedule: the further of step and time fractions)
-        k("MAX_WALLCLOCK_SECONDS", float, 600.0)  # training-time budget; 0 = fixed ITERATIONS run
+        k("MAX_WALLCLOCK_SECONDS", float, 600.0, ge=0)  # training-time budget; 0 = fixed ITERATIONS run
         k("EXPORT_RESERVE_SECONDS", float, -1.0)  # budget kept for the artifact; -1 = measured by a dry run
         k("LR_WARMUP_FRAC", float, 0.0, ge=0, lt=1)  # fraction of the budget with linear LR warmup
         k("WARMDOWN_FRAC", float, 0.72, ge=0, le=1)  # final fraction of the budget with linear LR decay
-        k("MIN_LR", float, 0.0)  # LR multiplier floor during warmdown
-        k("WARMUP_STEPS", int, 20)  # untimed compile-priming steps, then weights/optimizer/data are restored
+        k("MIN_LR", float, 0.0, ge=0, le=1)  # LR multiplier floor during warmdown
+        k("WARMUP_STEPS", int, 20, ge=0)  # untimed compile warmup; weights/optimizer/data then restored
         k("TRAIN_SEQ_LEN", int, 2048, gt=0)  # sequence length (train and eval)
-        k("TRAIN_BATCH_TOKENS", int, 786432)  # global batch in tokens, the same for any world size
+        k("TRAIN_BATCH_TOKENS", int, 786432, gt=0)  # global batch in tokens, the same for any world size
         k("MICROBATCH_TOKENS", int, 98304, gt=0)  # tokens per rank per forward; accumulation does the rest
         k("COMPILE", bool, True)  # torch.compile the model on GPU
         k("CLOCK_SYNC_EVERY", int, 10, gt=0)  # agree the clock over ranks every N steps (each, near the end)
@@ -597,31 +597,31 @@ class Hyperparameters:
 
     def _evaluation_knobs(self, k: _KnobReader) -> None:
         # fmt: off
-        k("VAL_BATCH_TOKENS", int, 524288)  # tokens per validation forward, over all ranks
-        k("VAL_LOSS_EVERY", int, 1000)  # validate every N steps (and at step 0); 0 = only at the end
-        k("TRAIN_LOG_EVERY", int, 100)  # train log line every N steps
+        k("VAL_BATCH_TOKENS", int, 524288, gt=0)  # tokens per validation forward, over all ranks
+        k("VAL_LOSS_EVERY", int, 1000, ge=0)  # validate every N steps (and at step 0); 0 = only at the end
+        k("TRAIN_LOG_EVERY", int, 100, gt=0)  # train log line every N steps
         k("EVAL_MODE", str, "sliding", choices=("flat", "sliding", "doc"))  # final windows; doc: per document
         k("EVAL_SEQ_LEN", int, 0, ge=0)  # sliding window length; 0 = TRAIN_SEQ_LEN
         k("EVAL_STRIDE", int, 64, gt=0)  # sliding step: every token scored once with >= window-stride context
         k("EVAL_BATCH_SEQS", int, 0, ge=0)  # windows per forward per rank; 0: from VAL_BATCH_TOKENS
-        k("EVAL_BUDGET_S", float, 600.0)  # eval clock; a pass projected to overrun it is skipped
+        k("EVAL_BUDGET_S", float, 600.0, gt=0)  # eval clock; a pass projected to overrun it is skipped
         k("TTT_MODE", str, "chunked", choices=("none", "chunked", "lora", "phased"))  # score-first TTT
         k("TTT_CHUNK_TOKENS", int, 32768, gt=0)  # TTT/mixer chunk: scored, then adapted on (the last never)
-        k("TTT_LR", float, 0.005)  # TTT peak learning rate, cosine-decayed over chunks
+        k("TTT_LR", float, 0.005, ge=0)  # TTT peak learning rate, cosine-decayed over chunks
         k("TTT_EPOCHS", int, 3, ge=0)  # passes over each scored chunk
-        k("TTT_MOMENTUM", float, 0.9)  # SGD momentum (AdamW beta1) of TTT
+        k("TTT_MOMENTUM", float, 0.9, ge=0, lt=1)  # SGD momentum (AdamW beta1) of TTT
         k("TTT_OPTIMIZER", str, "sgd", choices=("sgd", "adamw"))  # TTT optimizer
         k("TTT_FREEZE_BLOCKS", int, 0, ge=0)  # first N blocks stay frozen during TTT
-        k("TTT_GRAD_CLIP", float, 1.0)  # TTT gradient-norm clip (0 = off)
-        k("TTT_BATCH_SEQS", int, 32)  # sequences per TTT step, over all ranks
+        k("TTT_GRAD_CLIP", float, 1.0, ge=0)  # TTT gradient-norm clip (0 = off)
+        k("TTT_BATCH_SEQS", int, 32, gt=0)  # sequences per TTT step, over all ranks
         k("TTT_LORA_RANK", int, 8, gt=0)  # TTT_MODE=lora: adapter rank on Q, V and the output head
-        k("TTT_LORA_LR", float, 0.01)  # TTT_MODE=lora: Adam learning rate of the per-document adapters
+        k("TTT_LORA_LR", float, 0.01, ge=0)  # TTT_MODE=lora: Adam learning rate of the per-document adapters
         k("TTT_LORA_CHUNK", int, 256, gt=0)  # TTT_MODE=lora: tokens scored, then trained on, per step
         k("TTT_LORA_DOCS", int, 64, gt=0)  # TTT_MODE=lora: documents adapted together (one adapter each)
         k("NGRAM_MIX", bool, False)  # mix the last pass with unigram/bigram/hashed-trigram counts (Hedge)
         k("NGRAM_BUCKETS", int, 65536, gt=0)  # rows of the hashed trigram table (x VOCAB_SIZE int64 counts)
-        k("HEDGE_LR", float, 0.1)  # Hedge learning rate of the mixer weights
-        k("NGRAM_WARMUP_TOKENS", int, 10000)  # the network alone until the count tables hold this many tokens
+        k("HEDGE_LR", float, 0.1, ge=0)  # Hedge learning rate of the mixer weights
+        k("NGRAM_WARMUP_TOKENS", int, 10000, ge=0)  # the network alone until the count tables hold this many
         k("NGRAM_CHECK_NORM", bool, False)  # debug: check each expert and the scored mixture sum to 1
         # Per-document LoRA TTT as the phased records run it (R0427 log values in brackets).
         k("TTT_LORA_ALPHA", float, 0.0, ge=0)  # adapter output scale alpha/rank; 0: scale 1 [144]
@@ -637,8 +637,8 @@ class Hyperparameters:
         k("SHORT_TTT_CHUNK_SIZE", int, 0, ge=0)  # PR #2014/#2067: chunk of documents < EVAL_SEQ_LEN; 0 = off
         k("PHASED_TTT_PREFIX_DOCS", int, 2000, ge=0)  # TTT_MODE=phased: documents global SGD trains on [2500]
         k("PHASED_TTT_NUM_PHASES", int, 1, gt=0)  # global SGD phases at equal document counts [3]
-        k("GLOBAL_TTT_LR", float, 0.001)  # phase SGD peak LR, cosine over its chunks
-        k("GLOBAL_TTT_MOMENTUM", float, 0.9)  # phase SGD momentum
+        k("GLOBAL_TTT_LR", float, 0.001, ge=0)  # phase SGD peak LR, cosine over its chunks
+        k("GLOBAL_TTT_MOMENTUM", float, 0.9, ge=0, lt=1)  # phase SGD momentum
         k("GLOBAL_TTT_EPOCHS", int, 1, ge=0)  # phase passes over each chunk of scored documents
         k("GLOBAL_TTT_CHUNK_TOKENS", int, 32768, gt=0)  # phase chunk (the last one is never trained on)
         k("GLOBAL_TTT_BATCH_SEQS", int, 32, gt=0)  # phase sequences per step and rank
@@ -659,7 +659,7 @@ class Hyperparameters:
         k("QUANT_EMBED_GPTQ", bool, False)  # GPTQ the embeddings too (tied: final hidden states as inputs)
         k("QUANT_PACKING", str, "bytes", choices=("bytes", "bits"))  # an int8 per value, or dense bit-packing
         k("QUANT_REPORT_RTN", bool, False)  # also score a round-to-nearest artifact and log its gap
-        k("GPTQ_CALIB_TOKENS", int, 2097152)  # training tokens of Hessian calibration, over all ranks
+        k("GPTQ_CALIB_TOKENS", int, 2097152, gt=0)  # training tokens of Hessian calibration, over all ranks
         k("GPTQ_BLOCK_SIZE", int, 128, gt=0)  # columns per lazy GPTQ update block
         k("GPTQ_DAMP", float, 0.01, gt=0)  # Hessian damping, as a fraction of its mean diagonal
         k("GPTQ_ACT_ORDER", bool, True)  # quantise columns by descending Hessian diagonal
@@ -668,7 +668,7 @@ class Hyperparameters:
         k("QAT_START_LR_SCALE", float, 0.0, ge=0, le=1)  # late QAT below this LR multiplier (0 = off)
         k("COMPRESSOR", str, "auto", choices=("auto", "zstd", "brotli", "lzma"))  # auto: smallest importable
         k("CODE_BYTES_MODE", str, "packed", choices=("raw", "packed"))  # count the packed form (pack_source)
-        k("ARTIFACT_CAP_BYTES", int, 16000000)  # code + compressed model must fit (decimal bytes)
+        k("ARTIFACT_CAP_BYTES", int, 16000000, gt=0)  # code + compressed model must fit (decimal bytes)
         k("MLP_CLIP_SIGMAS", float, 0.0, ge=0)  # > 0: SDClip k, MLP matrices (R0427: 11.5); 0 = GPTQ_SDCLIP_K
         k("ATTN_CLIP_SIGMAS", float, 0.0, ge=0)  # > 0: SDClip k of attention matrices (R0427: 13.0)
         k("EMBED_CLIP_SIGMAS", float, 0.0, ge=0)  # > 0: SDClip k of the GPTQ'd token embedding (R0427: 14.0)

@@ -604,7 +604,7 @@ class Hyperparameters:
         k("EVAL_SEQ_LEN", int, 0, ge=0)  # sliding window length; 0 = TRAIN_SEQ_LEN
         k("EVAL_STRIDE", int, 64, gt=0)  # sliding step: every token scored once with >= window-stride context
         k("EVAL_BATCH_SEQS", int, 0, ge=0)  # windows per forward per rank; 0: from VAL_BATCH_TOKENS
-        k("EVAL_BUDGET_S", float, 600.0, gt=0)  # eval clock; a pass projected to overrun it is skipped
+        k("EVAL_BUDGET_S", float, 600.0, ge=0)  # eval clock; a pass projected to overrun it is skipped
         k("TTT_MODE", str, "chunked", choices=("none", "chunked", "lora", "phased"))  # score-first TTT
         k("TTT_CHUNK_TOKENS", int, 32768, gt=0)  # TTT/mixer chunk: scored, then adapted on (the last never)
         k("TTT_LR", float, 0.005, ge=0)  # TTT peak learning rate, cosine-decayed over chunks

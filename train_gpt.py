@@ -1341,28 +1341,18 @@ class CastedLinear(nn.Linear):
         return out if self.lora is None else out + self.lora(x)
 
 
-def import_fa3():
-    """(flash_attn_func, None), or (None, why not). Any exception, not only ImportError: a build
-    for another CUDA or torch fails on loading its extension (OSError, RuntimeError, ...)."""
+def import_fa3(name: str = "flash_attn_func"):
+    """(flash_attn_interface.<name>, None), or (None, why not). Any exception, not only ImportError:
+    a build for another CUDA or torch fails on loading its extension (OSError, RuntimeError, ...)."""
     try:
-        from flash_attn_interface import flash_attn_func as fa3
+        return getattr(importlib.import_module("flash_attn_interface"), name), None
     except Exception as e:
         return None, f"{type(e).__name__}: {e}"
-    return fa3, None
-
-
-def import_fa3_varlen():
-    """FA3's variable-length entry point (VARLEN_ATTN), or None; same guard as import_fa3."""
-    try:
-        from flash_attn_interface import flash_attn_varlen_func as fa3_varlen
-    except Exception:
-        return None
-    return fa3_varlen
 
 
 # FlashAttention-3 (Hopper) when installed; imported here so torch.compile sees no import.
 flash_attn_func, FA3_IMPORT_ERROR = import_fa3()
-flash_attn_varlen_func = import_fa3_varlen()
+flash_attn_varlen_func, _ = import_fa3("flash_attn_varlen_func")  # VARLEN_ATTN
 
 ATTENTION_BACKEND = "sdpa"  # set once per process by select_attention_backend()
 FA3_PROBE_HEADS = ((8, 4, 64),)  # (query heads, KV heads, head dim) of the default model: GQA

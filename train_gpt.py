@@ -59,10 +59,73 @@ class ConfigError(ValueError):
     """A setting is unknown, mistyped or inconsistent; raised before any work starts."""
 
 
+# The March record stack (R0323/R0325: sp1024, MLP 3x, BigramHash, value residual, gated attention,
+# chunked score-first TTT): every knob whose default differs from it, at its March value. The defaults
+# are R0427's; `RUN_PRESET=march` runs this stack, and the presets below that predate R0427's
+# techniques build on it, so each resolves exactly as its record or PR ran.
+MARCH_STACK: dict[str, str] = {
+    "DATA_PATH": "./data/datasets/fineweb10B_sp1024",
+    "TOKENIZER_PATH": "./data/tokenizers/fineweb_1024_bpe.model",
+    "VOCAB_SIZE": "1024",
+    "CASEOPS_ENABLED": "0",
+    "MLP_MULT": "3.0",
+    "VALUE_RESIDUAL": "1",
+    "GATED_ATTN": "1",
+    "BIGRAM_BUCKETS": "3072",
+    "NUM_LOOPS": "0",
+    "SKIP_GATES_ENABLED": "0",
+    "PARALLEL_START_LAYER": "0",
+    "SPARSE_ATTN_GATE_ENABLED": "0",
+    "SPARSE_ATTN_GATE_SCALE": "1.0",
+    "VARLEN_ATTN": "0",
+    "MATRIX_LR": "0.025",
+    "SCALAR_LR": "0.025",
+    "TIED_EMBED_LR": "0.035",
+    "MUON_MOMENTUM": "0.99",
+    "MUON_MOMENTUM_WARMUP_STEPS": "0",
+    "MUON_POLAR_EXPRESS": "0",
+    "MUON_WD": "0.04",
+    "EMBED_WD": "0.04",
+    "ADAM_BETA2": "0.95",
+    "EMA_DECAY": "0.997",
+    "EMA_WINDOW_FRAC": "0.05",
+    "WARMDOWN_FRAC": "0.72",
+    "MIN_LR": "0.0",
+    "FUSED_MLP_ENABLED": "0",
+    "FUSED_CE_ENABLED": "0",
+    "QUANT_EMBED_BITS": "8",
+    "QUANT_EMBED_GPTQ": "0",
+    "GPTQ_CALIB_TOKENS": "2097152",
+    "GPTQ_SDCLIP_K": "0.0",
+    "MLP_CLIP_SIGMAS": "0.0",
+    "ATTN_CLIP_SIGMAS": "0.0",
+    "EMBED_CLIP_SIGMAS": "0.0",
+    "GATED_ATTN_QUANT_GATE": "0",
+    "LQER_ENABLED": "0",
+    "LQER_ASYM_ENABLED": "0",
+    "TTT_MODE": "chunked",
+    "TTT_LORA_RANK": "8",
+    "TTT_LORA_ALPHA": "0.0",
+    "TTT_WARM_START_A": "0",
+    "TTT_LORA_LR": "0.01",
+    "TTT_LORA_CHUNK": "256",
+    "TTT_BETA1": "0.9",
+    "TTT_BETA2": "0.95",
+    "TTT_WEIGHT_DECAY": "0.0",
+    "TTT_ADAM_EPS": "1e-08",
+    "TTT_K_LORA": "0",
+    "TTT_O_LORA": "0",
+    "TTT_MLP_LORA": "0",
+    "PHASED_TTT_PREFIX_DOCS": "2000",
+    "PHASED_TTT_NUM_PHASES": "1",
+}
+
 # Presets are plain tables of env defaults; explicit env vars still win.
 PRESETS: dict[str, dict[str, str]] = {
+    "march": MARCH_STACK,
     # Tiny model on the bundled sample: the whole run takes about a minute on 2 CPU cores.
     "smoke": {
+        **MARCH_STACK,
         "DATA_PATH": "./data/datasets/sample_sp1024",
         "TOKENIZER_PATH": "./data/sample/sample_1024_bpe.model",
         "NUM_LAYERS": "4",
@@ -97,6 +160,7 @@ PRESETS: dict[str, dict[str, str]] = {
     # 26,928,220. Its Rotary was built for 1024 tokens and NTK-rescales at 2048: base
     # 10000 * 2**(16/14), written out here. Not ours: PRESET_MISSING.
     "record_0323": {
+        **MARCH_STACK,
         "VOCAB_SIZE": "1024",
         "NUM_LAYERS": "11",
         "MODEL_DIM": "512",
@@ -146,6 +210,7 @@ PRESETS: dict[str, dict[str, str]] = {
     # tokenizer at data/'s usual places; one-lane parallel residual on blocks 7-10; blocks 3-5 run
     # three times from 35 % of training; sigmoid-gated skips.
     "record_0409": {
+        **MARCH_STACK,
         "DATA_PATH": "./data/datasets/fineweb10B_sp8192",
         "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
         "VOCAB_SIZE": "8192",
@@ -287,6 +352,7 @@ PRESETS: dict[str, dict[str, str]] = {
     },
     # PR #638's stack: 11 layers, XSA on all, LeakyReLU(0.5)^2, value residual, gated attention.
     "seed_638": {
+        **MARCH_STACK,
         "NUM_LAYERS": "11",
         "XSA_LAST_N": "11",
         "LEAKY_RELU_SLOPE": "0.5",
@@ -295,6 +361,7 @@ PRESETS: dict[str, dict[str, str]] = {
     },
     # PR #1125's stack: XSA on all layers, QK gain 4, LN scale.
     "seed_1125": {
+        **MARCH_STACK,
         "XSA_LAST_N": "11",
         "QK_GAIN_INIT": "4.0",
         "LN_SCALE": "1",
@@ -303,6 +370,7 @@ PRESETS: dict[str, dict[str, str]] = {
     # schedule as R0409 runs them: 3-5 looped twice from 35 %, parallel from block 7), QK gain 5,
     # score-first chunked TTT.
     "seed_1485_legal": {
+        **MARCH_STACK,
         "DATA_PATH": "./data/datasets/fineweb10B_sp8192",
         "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model",
         "VOCAB_SIZE": "8192",
@@ -500,11 +568,11 @@ class Hyperparameters:
 
     def _data_knobs(self, k: _KnobReader) -> None:
         # fmt: off
-        k("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024")  # folder of fineweb_{train,val}_*.bin
-        k("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model")  # SentencePiece model
-        k("VOCAB_SIZE", int, 1024, gt=0, le=65536)  # the tokenizer's size (checked); uint16 shards
+        k("DATA_PATH", str, "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved")
+        k("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
+        k("VOCAB_SIZE", int, 8192, gt=0, le=65536)  # the tokenizer's size (checked); uint16 shards
         k("BYTE_CHECK_DOCS", int, 64, ge=0)  # val documents in the BPB byte-table self-check
-        k("CASEOPS_ENABLED", bool, False)  # require the val byte sidecar (R0427); it is used whenever present
+        k("CASEOPS_ENABLED", bool, True)  # require the val byte sidecar (R0427); it is used whenever present
         # fmt: on
 
     def _model_knobs(self, k: _KnobReader) -> None:
@@ -513,7 +581,7 @@ class Hyperparameters:
         k("MODEL_DIM", int, 512, gt=0)  # residual width
         k("NUM_HEADS", int, 8, gt=0)  # query heads (head dim = MODEL_DIM / NUM_HEADS)
         k("NUM_KV_HEADS", int, 4, gt=0)  # key/value heads (GQA)
-        k("MLP_MULT", float, 3.0, gt=0)  # MLP hidden = MLP_MULT x MODEL_DIM
+        k("MLP_MULT", float, 4.0, gt=0)  # MLP hidden = MLP_MULT x MODEL_DIM
         k("LEAKY_RELU_SLOPE", float, 0.5)  # negative slope of the squared LeakyReLU
         k("TIE_EMBEDDINGS", bool, True)  # output head shares the token embedding
         k("TIED_EMBED_INIT_STD", float, 0.005, ge=0)  # token embedding init std
@@ -523,56 +591,56 @@ class Hyperparameters:
         k("QK_GAIN_INIT", float, 5.0)  # initial per-head query gain after QK RMS-norm
         k("LN_SCALE", bool, True)  # scale normed block inputs by 1/sqrt(layer+1)
         k("XSA_LAST_N", int, 11, ge=0)  # XSA on the last N layers (0 = off, >= NUM_LAYERS = all)
-        k("VALUE_RESIDUAL", bool, True)  # mix layer 0's values into later layers
-        k("GATED_ATTN", bool, True)  # per-head sigmoid gate on the attention output
+        k("VALUE_RESIDUAL", bool, False)  # mix layer 0's values into later layers
+        k("GATED_ATTN", bool, False)  # per-head sigmoid gate on the attention output
         k("GATED_ATTN_BIAS_INIT", float, 4.0)  # gate bias at init (4 -> 98% open)
         k("SMEAR_GATE", bool, True)  # BOS-masked input-gated mix with the previous token
         k("SMEAR_GATE_INPUTS", int, 12, gt=0)  # leading channels feeding the smear gate
-        k("BIGRAM_BUCKETS", int, 3072, ge=0)  # BigramHash table rows (0 = off, else >= 2)
+        k("BIGRAM_BUCKETS", int, 0, ge=0)  # BigramHash table rows (0 = off, else >= 2)
         k("BIGRAM_DIM", int, 112, gt=0)  # BigramHash embedding width before projection
         k("PARALLEL_RESIDUAL_LAST_N", int, 0, ge=0)  # GPT-J parallel attn+MLP on the last N layers (0 = off)
-        k("NUM_LOOPS", int, 0, ge=0)  # depth recurrence: extra passes over LOOP_START..LOOP_END (0 = off)
+        k("NUM_LOOPS", int, 2, ge=0)  # depth recurrence: extra passes over LOOP_START..LOOP_END (0 = off)
         k("LOOP_START", int, 3)  # first physical block of the repeated segment
         k("LOOP_END", int, 5)  # last physical block of the repeated segment (inclusive)
         k("ENABLE_LOOPING_AT", float, 0.35, ge=0, le=1)  # schedule fraction from which the segment repeats
         k("UNET_SKIPS", bool, True)  # encoder->decoder skip connections with learned weights
-        k("SKIP_GATES_ENABLED", bool, False)  # U-Net skips lerp with a per-channel sigmoid gate (R0409)
-        k("PARALLEL_START_LAYER", int, 0, ge=0)  # two-lane parallel residual from this block on (0 = off)
+        k("SKIP_GATES_ENABLED", bool, True)  # U-Net skips lerp with a per-channel sigmoid gate (R0409)
+        k("PARALLEL_START_LAYER", int, 8, ge=0)  # two-lane parallel residual from this block on (0 = off)
         k("PARALLEL_FINAL_LANE", str, "mean", choices=("mean", "attn", "mlp"))  # two-lane output read
-        k("SPARSE_ATTN_GATE_ENABLED", bool, False)  # per-head sigmoid gate fed by a few channels (R0427)
+        k("SPARSE_ATTN_GATE_ENABLED", bool, True)  # per-head sigmoid gate fed by a few channels (R0427)
         k("SPARSE_ATTN_GATE_INPUTS", int, 12, gt=0)  # leading channels feeding it (R0427's GATE_WINDOW)
-        k("SPARSE_ATTN_GATE_SCALE", float, 1.0)  # gate = sigmoid(scale * W x[:inputs])
+        k("SPARSE_ATTN_GATE_SCALE", float, 0.5)  # gate = sigmoid(scale * W x[:inputs])
         k("SPARSE_ATTN_GATE_INIT_STD", float, 0.0, ge=0)  # init std of W (0 = zeros: gate 0.5)
         k("SMEAR_GATE_FORM", str, "input", choices=("input", "channel"))  # channel: R0323's per-channel lerp
         k("VE_ENABLED", bool, False)  # shared value embedding added to V on VE_LAYERS (R0323)
         k("VE_DIM", int, 128, gt=0)  # value embedding width before projection to the KV width
         k("VE_LAYERS", str, "9,10")  # comma list of blocks whose values get it
         k("ASYM_LOGIT_RESCALE", bool, False)  # learned softcaps for positive/negative logits (PR #1923)
-        k("VARLEN_ATTN", bool, False)  # attention only within documents (a BOS starts one); FA3 varlen
+        k("VARLEN_ATTN", bool, True)  # attention only within documents (a BOS starts one); FA3 varlen
         # fmt: on
 
     def _optimizer_knobs(self, k: _KnobReader) -> None:
         # fmt: off
-        k("MATRIX_LR", float, 0.025, ge=0)  # Muon learning rate (block matrices)
-        k("TIED_EMBED_LR", float, 0.035, ge=0)  # Adam learning rate of the embeddings
+        k("MATRIX_LR", float, 0.026, ge=0)  # Muon learning rate (block matrices)
+        k("TIED_EMBED_LR", float, 0.03, ge=0)  # Adam learning rate of the embeddings
         k("HEAD_LR", float, 0.008, ge=0)  # Adam learning rate of an untied head
-        k("SCALAR_LR", float, 0.025, ge=0)  # Adam learning rate of scalar/control parameters
-        k("MUON_MOMENTUM", float, 0.99, ge=0, lt=1)  # final Muon (Nesterov) momentum
+        k("SCALAR_LR", float, 0.02, ge=0)  # Adam learning rate of scalar/control parameters
+        k("MUON_MOMENTUM", float, 0.97, ge=0, lt=1)  # final Muon (Nesterov) momentum
         k("MUON_MOMENTUM_WARMUP_START", float, 0.92, ge=0, lt=1)  # Muon momentum at the start
         k("MUON_MOMENTUM_WARMUP_FRAC", float, 0.2, ge=0, le=1)  # run fraction over which momentum warms up
         k("MUON_NS_STEPS", int, 5, gt=0)  # Newton-Schulz iterations
         k("MUON_ROW_NORMALIZE", bool, True)  # MuonEq-R: equalise row norms before Newton-Schulz
-        k("MUON_WD", float, 0.04, ge=0)  # decoupled weight decay of Muon matrices
-        k("EMBED_WD", float, 0.04, ge=0)  # AdamW weight decay of embeddings
+        k("MUON_WD", float, 0.095, ge=0)  # decoupled weight decay of Muon matrices
+        k("EMBED_WD", float, 0.085, ge=0)  # AdamW weight decay of embeddings
         k("SCALAR_WD", float, 0.02, ge=0)  # AdamW weight decay of scalar/control parameters
         k("ADAM_BETA1", float, 0.9, ge=0, lt=1)  # Adam beta1
-        k("ADAM_BETA2", float, 0.95, ge=0, lt=1)  # Adam beta2
+        k("ADAM_BETA2", float, 0.99, ge=0, lt=1)  # Adam beta2
         k("ADAM_EPS", float, 1e-8, gt=0)  # Adam epsilon
         k("GRAD_CLIP_NORM", float, 0.3, ge=0)  # global gradient-norm clip (0 = off)
-        k("EMA_DECAY", float, 0.997, ge=0, lt=1)  # largest EMA decay of the exported weights
-        k("EMA_WINDOW_FRAC", float, 0.05, ge=0, le=1)  # EMA horizon as a run fraction of steps (0 = no EMA)
-        k("MUON_POLAR_EXPRESS", bool, False)  # Polar Express per-iteration Newton-Schulz coefficients
-        k("MUON_MOMENTUM_WARMUP_STEPS", int, 0, ge=0)  # > 0: momentum warms up over N steps, not the FRAC
+        k("EMA_DECAY", float, 0.9965, ge=0, lt=1)  # largest EMA decay of the exported weights
+        k("EMA_WINDOW_FRAC", float, 1.0, ge=0, le=1)  # EMA horizon as a run fraction of steps (0 = no EMA)
+        k("MUON_POLAR_EXPRESS", bool, True)  # Polar Express per-iteration Newton-Schulz coefficients
+        k("MUON_MOMENTUM_WARMUP_STEPS", int, 1500, ge=0)  # > 0: momentum warms up over N steps, not the FRAC
         k("WD_TAPER_START_FRAC", float, 1.0, ge=0, le=1)  # Muon WD tapers linearly from here (1 = off)
         k("WD_TAPER_FINAL_MULT", float, 0.5, ge=0)  # Muon WD multiplier at the end of the taper
         # fmt: on
@@ -583,16 +651,16 @@ class Hyperparameters:
         k("MAX_WALLCLOCK_SECONDS", float, 600.0, ge=0)  # training-time budget; 0 = fixed ITERATIONS run
         k("EXPORT_RESERVE_SECONDS", float, -1.0)  # budget kept for the artifact; -1 = measured by a dry run
         k("LR_WARMUP_FRAC", float, 0.0, ge=0, lt=1)  # fraction of the budget with linear LR warmup
-        k("WARMDOWN_FRAC", float, 0.72, ge=0, le=1)  # final fraction of the budget with linear LR decay
-        k("MIN_LR", float, 0.0, ge=0, le=1)  # LR multiplier floor during warmdown
+        k("WARMDOWN_FRAC", float, 0.85, ge=0, le=1)  # final fraction of the budget with linear LR decay
+        k("MIN_LR", float, 0.1, ge=0, le=1)  # LR multiplier floor during warmdown
         k("WARMUP_STEPS", int, 20, ge=0)  # untimed compile warmup; weights/optimizer/data then restored
         k("TRAIN_SEQ_LEN", int, 2048, gt=0)  # sequence length (train and eval)
         k("TRAIN_BATCH_TOKENS", int, 786432, gt=0)  # global batch in tokens, the same for any world size
         k("MICROBATCH_TOKENS", int, 98304, gt=0)  # tokens per rank per forward; accumulation does the rest
         k("COMPILE", bool, True)  # torch.compile the model on GPU
         k("CLOCK_SYNC_EVERY", int, 10, gt=0)  # agree the clock over ranks every N steps (each, near the end)
-        k("FUSED_MLP_ENABLED", bool, False)  # CUDA+Triton: LeakyReLU^2 fused into the MLP matmuls (training)
-        k("FUSED_CE_ENABLED", bool, False)  # CUDA+Triton: one-pass softcapped cross-entropy (training loss)
+        k("FUSED_MLP_ENABLED", bool, True)  # CUDA+Triton: LeakyReLU^2 fused into the MLP matmuls (training)
+        k("FUSED_CE_ENABLED", bool, True)  # CUDA+Triton: one-pass softcapped cross-entropy (training loss)
         # fmt: on
 
     def _evaluation_knobs(self, k: _KnobReader) -> None:
@@ -605,7 +673,7 @@ class Hyperparameters:
         k("EVAL_STRIDE", int, 64, gt=0)  # sliding step: every token scored once with >= window-stride context
         k("EVAL_BATCH_SEQS", int, 0, ge=0)  # windows per forward per rank; 0: from VAL_BATCH_TOKENS
         k("EVAL_BUDGET_S", float, 600.0, ge=0)  # eval clock; a pass projected to overrun it is skipped
-        k("TTT_MODE", str, "chunked", choices=("none", "chunked", "lora", "phased"))  # score-first TTT
+        k("TTT_MODE", str, "phased", choices=("none", "chunked", "lora", "phased"))  # score-first TTT
         k("TTT_CHUNK_TOKENS", int, 32768, gt=0)  # TTT/mixer chunk: scored, then adapted on (the last never)
         k("TTT_LR", float, 0.005, ge=0)  # TTT peak learning rate, cosine-decayed over chunks
         k("TTT_EPOCHS", int, 3, ge=0)  # passes over each scored chunk
@@ -614,29 +682,29 @@ class Hyperparameters:
         k("TTT_FREEZE_BLOCKS", int, 0, ge=0)  # first N blocks stay frozen during TTT
         k("TTT_GRAD_CLIP", float, 1.0, ge=0)  # TTT gradient-norm clip (0 = off)
         k("TTT_BATCH_SEQS", int, 32, gt=0)  # sequences per TTT step, over all ranks
-        k("TTT_LORA_RANK", int, 8, gt=0)  # TTT_MODE=lora: adapter rank on Q, V and the output head
-        k("TTT_LORA_LR", float, 0.01, ge=0)  # TTT_MODE=lora: Adam learning rate of the per-document adapters
-        k("TTT_LORA_CHUNK", int, 256, gt=0)  # TTT_MODE=lora: tokens scored, then trained on, per step
+        k("TTT_LORA_RANK", int, 80, gt=0)  # TTT_MODE=lora: adapter rank on Q, V and the output head
+        k("TTT_LORA_LR", float, 0.0001, ge=0)  # TTT_MODE=lora: Adam LR of the per-document adapters
+        k("TTT_LORA_CHUNK", int, 48, gt=0)  # TTT_MODE=lora: tokens scored, then trained on, per step
         k("TTT_LORA_DOCS", int, 64, gt=0)  # TTT_MODE=lora: documents adapted together (one adapter each)
         k("NGRAM_MIX", bool, False)  # mix the last pass with unigram/bigram/hashed-trigram counts (Hedge)
         k("NGRAM_BUCKETS", int, 65536, gt=0)  # rows of the hashed trigram table (x VOCAB_SIZE int64 counts)
         k("HEDGE_LR", float, 0.1, ge=0)  # Hedge learning rate of the mixer weights
         k("NGRAM_WARMUP_TOKENS", int, 10000, ge=0)  # the network alone until the count tables hold this many
         k("NGRAM_CHECK_NORM", bool, False)  # debug: check each expert and the scored mixture sum to 1
-        # Per-document LoRA TTT as the phased records run it (R0427 log values in brackets).
-        k("TTT_LORA_ALPHA", float, 0.0, ge=0)  # adapter output scale alpha/rank; 0: scale 1 [144]
-        k("TTT_WARM_START_A", bool, False)  # keep A across document batches, zero only B [1]
-        k("TTT_BETA1", float, 0.9, ge=0, lt=1)  # LoRA TTT Adam beta1 [0]
-        k("TTT_BETA2", float, 0.95, ge=0, lt=1)  # LoRA TTT Adam beta2 [0.99]
-        k("TTT_WEIGHT_DECAY", float, 0.0, ge=0)  # LoRA TTT decoupled weight decay (AdamW) [0.5]
-        k("TTT_ADAM_EPS", float, 1e-8, gt=0)  # LoRA TTT Adam epsilon [1e-10]
-        k("TTT_K_LORA", bool, False)  # adapters on K too [1]
-        k("TTT_O_LORA", bool, False)  # adapters on the attention output, fed the block's input [1]
-        k("TTT_MLP_LORA", bool, False)  # adapters beside each MLP, fed the MLP's input [1]
+        # Per-document LoRA TTT as the phased records run it (defaults: R0427's logged values).
+        k("TTT_LORA_ALPHA", float, 144.0, ge=0)  # adapter output scale alpha/rank; 0: scale 1
+        k("TTT_WARM_START_A", bool, True)  # keep A across document batches, zero only B
+        k("TTT_BETA1", float, 0.0, ge=0, lt=1)  # LoRA TTT Adam beta1
+        k("TTT_BETA2", float, 0.99, ge=0, lt=1)  # LoRA TTT Adam beta2
+        k("TTT_WEIGHT_DECAY", float, 0.5, ge=0)  # LoRA TTT decoupled weight decay (AdamW)
+        k("TTT_ADAM_EPS", float, 1e-10, gt=0)  # LoRA TTT Adam epsilon
+        k("TTT_K_LORA", bool, True)  # adapters on K too
+        k("TTT_O_LORA", bool, True)  # adapters on the attention output, fed the block's input
+        k("TTT_MLP_LORA", bool, True)  # adapters beside each MLP, fed the MLP's input
         k("TTT_NO_QV_MASK", bool, False)  # PR #1953: no adapters on Q and V
         k("SHORT_TTT_CHUNK_SIZE", int, 0, ge=0)  # PR #2014/#2067: chunk of documents < EVAL_SEQ_LEN; 0 = off
-        k("PHASED_TTT_PREFIX_DOCS", int, 2000, ge=0)  # TTT_MODE=phased: documents global SGD trains on [2500]
-        k("PHASED_TTT_NUM_PHASES", int, 1, gt=0)  # global SGD phases at equal document counts [3]
+        k("PHASED_TTT_PREFIX_DOCS", int, 2500, ge=0)  # TTT_MODE=phased: documents global SGD trains on
+        k("PHASED_TTT_NUM_PHASES", int, 3, gt=0)  # global SGD phases at equal document counts
         k("GLOBAL_TTT_LR", float, 0.001, ge=0)  # phase SGD peak LR, cosine over its chunks
         k("GLOBAL_TTT_MOMENTUM", float, 0.9, ge=0, lt=1)  # phase SGD momentum
         k("GLOBAL_TTT_EPOCHS", int, 1, ge=0)  # phase passes over each chunk of scored documents
@@ -655,29 +723,29 @@ class Hyperparameters:
         k("QUANT_METHOD", str, "gptq", choices=("gptq", "rtn"))  # Hessian-aware, or round-to-nearest baseline
         k("QUANT_BITS", int, 6, ge=2, le=8)  # bits of the block matrices (attention and MLP)
         k("QUANT_INT5_LAYERS", str, "")  # comma list of blocks whose matrices start at int5
-        k("QUANT_EMBED_BITS", int, 8, ge=2, le=8)  # bits of token/bigram embeddings, untied head (per row)
-        k("QUANT_EMBED_GPTQ", bool, False)  # GPTQ the embeddings too (tied: final hidden states as inputs)
+        k("QUANT_EMBED_BITS", int, 7, ge=2, le=8)  # bits of token/bigram embeddings, untied head (per row)
+        k("QUANT_EMBED_GPTQ", bool, True)  # GPTQ the embeddings too (tied: final hidden states as inputs)
         k("QUANT_PACKING", str, "bytes", choices=("bytes", "bits"))  # an int8 per value, or dense bit-packing
         k("QUANT_REPORT_RTN", bool, False)  # also score a round-to-nearest artifact and log its gap
-        k("GPTQ_CALIB_TOKENS", int, 2097152, gt=0)  # training tokens of Hessian calibration, over all ranks
+        k("GPTQ_CALIB_TOKENS", int, 12582912, gt=0)  # training tokens of Hessian calibration, over all ranks
         k("GPTQ_BLOCK_SIZE", int, 128, gt=0)  # columns per lazy GPTQ update block
         k("GPTQ_DAMP", float, 0.01, gt=0)  # Hessian damping, as a fraction of its mean diagonal
         k("GPTQ_ACT_ORDER", bool, True)  # quantise columns by descending Hessian diagonal
         k("GPTQ_CLIP_FRACS", str, "1.0,0.95,0.9,0.85,0.8,0.75,0.7")  # clip candidates (fractions of row max)
-        k("GPTQ_SDCLIP_K", float, 0.0, ge=0)  # > 0: rows clip at k x std (SDClip), not the search
+        k("GPTQ_SDCLIP_K", float, 12.85, ge=0)  # > 0: rows clip at k x std (SDClip), not the search
         k("QAT_START_LR_SCALE", float, 0.0, ge=0, le=1)  # late QAT below this LR multiplier (0 = off)
         k("COMPRESSOR", str, "auto", choices=("auto", "zstd", "brotli", "lzma"))  # auto: smallest importable
         k("CODE_BYTES_MODE", str, "packed", choices=("raw", "packed"))  # count the packed form (pack_source)
         k("ARTIFACT_CAP_BYTES", int, 16000000, gt=0)  # code + compressed model must fit (decimal bytes)
-        k("MLP_CLIP_SIGMAS", float, 0.0, ge=0)  # > 0: SDClip k, MLP matrices (R0427: 11.5); 0 = GPTQ_SDCLIP_K
-        k("ATTN_CLIP_SIGMAS", float, 0.0, ge=0)  # > 0: SDClip k of attention matrices (R0427: 13.0)
-        k("EMBED_CLIP_SIGMAS", float, 0.0, ge=0)  # > 0: SDClip k of the GPTQ'd token embedding (R0427: 14.0)
-        k("GATED_ATTN_QUANT_GATE", bool, False)  # attention gate weights int8 per row, not fp16 (R0419)
-        k("LQER_ENABLED", bool, False)  # rank-r correction of the LQER_TOP_K largest quantisation errors
+        k("MLP_CLIP_SIGMAS", float, 11.5, ge=0)  # > 0: SDClip k of MLP matrices; 0 = GPTQ_SDCLIP_K
+        k("ATTN_CLIP_SIGMAS", float, 13.0, ge=0)  # > 0: SDClip k of attention matrices
+        k("EMBED_CLIP_SIGMAS", float, 14.0, ge=0)  # > 0: SDClip k of the GPTQ'd token embedding
+        k("GATED_ATTN_QUANT_GATE", bool, True)  # attention gate weights int8 per row, not fp16 (R0419)
+        k("LQER_ENABLED", bool, True)  # rank-r correction of the LQER_TOP_K largest quantisation errors
         k("LQER_RANK", int, 4, gt=0)  # rank of each LQER correction
         k("LQER_TOP_K", int, 3, gt=0)  # tensors corrected: the largest ||W - Q(W)||_F
         k("LQER_FACTOR_BITS", int, 4, ge=2, le=8)  # symmetric LQER: bits of both factors (per-row scales)
-        k("LQER_ASYM_ENABLED", bool, False)  # LQER A int2 (one scale), B int4 (a scale per LQER_ASYM_GROUP)
+        k("LQER_ASYM_ENABLED", bool, True)  # LQER A int2 (one scale), B int4 (a scale per LQER_ASYM_GROUP)
         k("LQER_ASYM_GROUP", int, 64, gt=0)  # asymmetric LQER: values of the flattened B per fp16 scale
         k("AWQ_LITE_ENABLED", bool, False)  # GPTQ keeps the most salient column groups at AWQ_LITE_BITS
         k("AWQ_LITE_BITS", int, 8, ge=2, le=8)  # bits of the salient groups

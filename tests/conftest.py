@@ -23,8 +23,10 @@ import train_gpt  # noqa: E402
 
 BUNDLED_TOKENIZER = REPO / "data" / "sample" / "fineweb_1024_bpe.model"
 
-# A model small enough for many forward passes on 2 CPU cores; every switch keeps its default (on).
+# A model small enough for many forward passes on 2 CPU cores, on the March stack (value residual,
+# gated attention, BigramHash, SmearGate on); the frontier switches have tests of their own.
 TINY_ENV: dict[str, str] = {
+    **train_gpt.MARCH_STACK,
     "VOCAB_SIZE": "64",
     "NUM_LAYERS": "2",
     "MODEL_DIM": "32",

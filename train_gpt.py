@@ -35,6 +35,7 @@ import lzma
 import math
 import os
 import platform
+import re
 import struct
 import sys
 import time
@@ -1151,12 +1152,20 @@ def list_shards(data_path: str | Path, split: str) -> list[Path]:
     return sorted(p for p in Path(data_path).glob(f"fineweb_{split}_*.bin") if "_bytes_" not in p.name)
 
 
+def download_command(path: str | Path) -> str:
+    """The data.download call that fetches the published data a DATA_PATH/TOKENIZER_PATH names."""
+    match = re.search(r"_sp(\d+)|_(\d+)_bpe", Path(path).name)
+    variant = f"sp{match.group(1) or match.group(2)}" if match else "sp<VOCAB_SIZE>"
+    suffix = "_caseops" if "caseops" in Path(path).name else ""
+    return f"`python3 -m data.download --variant {variant}{suffix}`"
+
+
 def find_shards(data_path: str, split: str) -> list[Path]:
     files = list_shards(data_path, split)
     if not files:
         raise DataError(
             f"no {split} shards matching {data_path}/fineweb_{split}_*.bin. Fetch the official data with "
-            "`python -m data.download --variant sp1024`, or build the bundled sample with "
+            f"{download_command(data_path)}, or build the bundled sample with "
             "`python -m data.tokenize_docs --input data/sample/sample_wiki.jsonl.xz "
             "--output data/datasets/sample_sp1024` (RUN_PRESET=smoke reads it)"
         )
@@ -1167,7 +1176,7 @@ def load_tokenizer(path: str | Path, vocab_size: int) -> spm.SentencePieceProces
     path = Path(path)
     if not path.is_file():
         raise DataError(
-            f"tokenizer {path} not found; set TOKENIZER_PATH or fetch it with `python -m data.download`"
+            f"tokenizer {path} not found; set TOKENIZER_PATH or fetch it with {download_command(path)}"
         )
     sp = spm.SentencePieceProcessor(model_file=str(path))
     if sp.vocab_size() != vocab_size:

@@ -165,12 +165,15 @@ print(f'data:{sys.argv[2]} val_docs:{v[\"documents\"]} val_tokens:{v[\"tokens\"]
 # priming steps are undone) and VAL_LOSS_EVERY=0 (no validation during training; it pauses the
 # clock). EVAL_BUDGET_S is what the budget leaves for the artifact's passes.
 train() {
-  local eval_budget run_id knobs
+  local eval_budget run_id knobs vocab
   eval_budget=${EVAL_BUDGET_S:-$((BUDGET_S - SECONDS - TAIL_S - PRE_EVAL_S))}
   ((eval_budget < 30)) && eval_budget=30
   run_id=${RUN_ID:-evidence_p1_$(date -u +%Y%m%dT%H%M%SZ)}
-  knobs=(DATA_PATH="$DATA" TOKENIZER_PATH="$TOKENIZER" LOG_DIR="$OUT" ARTIFACT_DIR="$OUT" RUN_ID="$run_id"
-    WARMUP_STEPS=3 VAL_LOSS_EVERY=0 EVAL_BUDGET_S="$eval_budget")
+  # The defaults read SP8192 CaseOps shards; P1's shards are plain (no byte sidecar), their vocabulary
+  # the tokenizer's.
+  vocab=$("$PY" -c "import sentencepiece as s, sys; print(s.SentencePieceProcessor(model_file=sys.argv[1]).vocab_size())" "$TOKENIZER")
+  knobs=(DATA_PATH="$DATA" TOKENIZER_PATH="$TOKENIZER" VOCAB_SIZE="$vocab" CASEOPS_ENABLED=0 LOG_DIR="$OUT"
+    ARTIFACT_DIR="$OUT" RUN_ID="$run_id" WARMUP_STEPS=3 VAL_LOSS_EVERY=0 EVAL_BUDGET_S="$eval_budget")
   if [ -n "$SMOKE" ]; then
     # the smoke preset shrunk further; NGRAM_MIX=0 and small TTT chunks give P1's default passes
     knobs+=(RUN_PRESET=smoke NUM_LAYERS=2 TRAIN_SEQ_LEN=128 TRAIN_BATCH_TOKENS=2048 MICROBATCH_TOKENS=2048

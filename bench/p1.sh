@@ -15,5 +15,6 @@ if [ ! -f "$DATA/manifest.json" ]; then
   "$PY" -m data.tokenize_docs --input "$KIT/docs_val.jsonl.xz" "$KIT/docs_train.jsonl.xz" \
     --val-docs 4194 --tokenizer data/sample/fineweb_1024_bpe.model --output "$DATA"
 fi
-DATA_PATH=$DATA TOKENIZER_PATH=data/sample/fineweb_1024_bpe.model \
+# The defaults read SP8192 CaseOps shards; P1's are sp1024 without a byte sidecar.
+DATA_PATH=$DATA TOKENIZER_PATH=data/sample/fineweb_1024_bpe.model VOCAB_SIZE=1024 CASEOPS_ENABLED=0 \
   MAX_WALLCLOCK_SECONDS=240 TRAIN_BATCH_TOKENS=196608 "$PY" train_gpt.py

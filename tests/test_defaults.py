@@ -1,0 +1,94 @@
+"""The defaults are R0427's configuration; the March stack and the presets that predate R0427 keep theirs."""
+
+from __future__ import annotations
+
+import pytest
+
+import train_gpt as tg
+
+# Knobs that turn on a technique R0427 runs and the March stack does not (with the March value).
+R0427_TECHNIQUES = {
+    "CASEOPS_ENABLED": False,
+    "NUM_LOOPS": 0,
+    "PARALLEL_START_LAYER": 0,
+    "SPARSE_ATTN_GATE_ENABLED": False,
+    "SKIP_GATES_ENABLED": False,
+    "VARLEN_ATTN": False,
+    "MUON_POLAR_EXPRESS": False,
+    "MIN_LR": 0.0,
+    "FUSED_MLP_ENABLED": False,
+    "FUSED_CE_ENABLED": False,
+    "LQER_ENABLED": False,
+    "GATED_ATTN_QUANT_GATE": False,
+    "TTT_MODE": "chunked",
+}
+# The presets written against the March defaults, and which R0427 techniques each runs itself.
+OWN_TECHNIQUES = {
+    "march": set(),
+    "smoke": set(),
+    "smoke_caseops": {"CASEOPS_ENABLED"},
+    "record_0323": set(),
+    "record_0409": {"NUM_LOOPS", "SKIP_GATES_ENABLED"},
+    "seed_638": set(),
+    "seed_1125": set(),
+    "seed_1485_legal": {"NUM_LOOPS"},
+}
+
+
+def resolved(preset: str = "") -> dict[str, object]:
+    knobs = dict(tg.Hyperparameters({"RUN_PRESET": preset} if preset else {}).knobs)
+    knobs.pop("RUN_PRESET")
+    return knobs
+
+
+def test_defaults_are_the_record_0427_preset():
+    assert resolved() == resolved("record_0427")
+
+
+def test_march_preset_restores_the_march_stack_at_full_size():
+    knobs = resolved("march")
+    assert (knobs["VOCAB_SIZE"], knobs["MLP_MULT"], knobs["BIGRAM_BUCKETS"]) == (1024, 3.0, 3072)
+    assert knobs["VALUE_RESIDUAL"] and knobs["GATED_ATTN"]
+    assert {name: knobs[name] for name in R0427_TECHNIQUES} == R0427_TECHNIQUES
+    with tg.torch.device("meta"):
+        assert tg.model_params(tg.GPT(tg.Hyperparameters({"RUN_PRESET": "march"}))) == 26_948_306
+
+
+@pytest.mark.parametrize("preset", sorted(OWN_TECHNIQUES))
+def test_presets_before_r0427_run_none_of_its_techniques_they_do_not_name(preset):
+    knobs = resolved(preset)
+    leaked = {
+        name: knobs[name]
+        for name, march_value in R0427_TECHNIQUES.items()
+        if name not in OWN_TECHNIQUES[preset] and knobs[name] != march_value
+    }
+    assert not leaked, f"RUN_PRESET={preset} picked up R0427 defaults: {leaked}"
+
+
+def test_every_knob_the_defaults_changed_is_in_the_march_stack():
+    march, defaults = resolved("march"), resolved()
+    changed = {name for name in defaults if march[name] != defaults[name]}
+    assert changed == set(tg.MARCH_STACK)
+
+
+@pytest.mark.parametrize(
+    ("path", "command"),
+    [
+        ("./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", "sp8192_caseops"),
+        ("./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", "sp8192_caseops"),
+        ("./data/datasets/fineweb10B_sp1024", "sp1024"),
+        ("./data/tokenizers/fineweb_4096_bpe.model", "sp4096"),
+        ("my/own/shards", "sp<VOCAB_SIZE>"),
+    ],
+)
+def test_missing_data_names_the_download_that_fetches_it(path, command):
+    assert tg.download_command(path) == f"`python3 -m data.download --variant {command}`"
+
+
+def test_default_run_without_data_says_how_to_fetch_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    hp = tg.Hyperparameters({})
+    with pytest.raises(tg.DataError, match="--variant sp8192_caseops"):
+        tg.load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    with pytest.raises(tg.DataError, match="--variant sp8192_caseops"):
+        tg.find_shards(hp.data_path, "train")

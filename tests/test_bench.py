@@ -5,6 +5,7 @@ its timeout keeping what it printed)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import stat
@@ -196,3 +197,43 @@ def test_p1_knobs_agree_between_scripts():
     for knob in ("MAX_WALLCLOCK_SECONDS=240", "TRAIN_BATCH_TOKENS=196608", "fineweb_1024_bpe.model"):
         assert knob in p1 and knob in evidence, knob
     assert "--val-docs 4194" in p1 and "VAL_DOCS:-4194" in evidence
+
+
+def load_ablation():
+    spec = importlib.util.spec_from_file_location("p1_ablation", ROOT / "bench" / "p1_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_p1_ablation_dry_run_prints_one_valid_p1_command_per_ablation():
+    proc = subprocess.run(
+        [sys.executable, "bench/p1_ablation.py", "--dry-run"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    ablation = load_ablation()
+    assert len(lines) == len(ablation.ABLATIONS)
+    assert "ablation:no_lqer command:RUN_ID=p1_no_lqer LQER_ENABLED=0 bash bench/p1.sh" in lines
+
+
+def test_p1_ablation_refuses_a_knob_the_script_does_not_know(monkeypatch):
+    ablation = load_ablation()
+    monkeypatch.setitem(ablation.ABLATIONS, "typo", {"LQER_ENABLE": "0"})
+    try:
+        ablation.check(["typo"])
+    except tg.ConfigError as err:
+        assert "LQER_ENABLE" in str(err)
+    else:
+        raise AssertionError("an unknown knob passed")
+
+
+def test_p1_ablation_table_compares_each_run_with_the_default(tmp_path):
+    ablation = load_ablation()
+    for name, bpb in (("default", 1.25), ("no_lqer", 1.2625)):
+        final = dict(steps=900, step_avg_ms=266.1, pre_quant_val_bpb=1.24, quant_gap=0.01, val_bpb=bpb)
+        (tmp_path / f"p1_{name}.txt").write_text("step:1\n" + json.dumps(dict(final, bytes_total=15_900_000)))
+    rows = ablation.table(tmp_path, ["default", "no_lqer", "no_varlen"]).splitlines()
+    assert rows[2].startswith("| default | defaults | 900 | 266.1 | 1.2400 | +0.0100 | 1.2500 | +0.0000 |")
+    assert "| 1.2625 | +0.0125 | 15,900,000 |" in rows[3]
+    assert rows[4].startswith("| no_varlen | `VARLEN_ATTN=0` | missing |")

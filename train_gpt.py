@@ -1,4 +1,4 @@
-"""Parameter Golf training script: an 11-layer GQA transformer trained in 600 s on 8xH100.
+"""Parameter Golf training script: an 11-layer GQA transformer trained in 600 s on 8xH100 (defaults: R0427).
 
 Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py      (GPU, NCCL)
       RUN_PRESET=smoke python3 train_gpt.py                        (CPU quick start)

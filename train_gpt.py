@@ -2062,8 +2062,10 @@ class GPT(nn.Module):
         gated = hp.skip_gates_enabled and num_skips
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, hp.model_dim)) if gated else None
         # Two-lane parallel residual (R0427): per block [src, lane] output weights and per-lane
-        # residual weights, for every block as the record has them.
-        self.parallel_start, self.final_lane = hp.parallel_start_layer, hp.parallel_final_lane
+        # residual weights, for every block as the record has them. A start past the last block is
+        # off: no lambdas (DDP refuses parameters that never get a gradient).
+        self.final_lane = hp.parallel_final_lane
+        self.parallel_start = hp.parallel_start_layer if hp.parallel_start_layer < hp.num_layers else 0
         if self.parallel_start:
             self.parallel_post_lambdas = nn.Parameter(torch.ones(hp.num_layers, 2, 2))
             self.parallel_resid_lambdas = nn.Parameter(torch.full((hp.num_layers, 2), 1.1))

@@ -41,7 +41,7 @@ def knob_names_in_source() -> list[str]:
 def test_defaults_build_the_record_sized_model():
     hp = Hyperparameters({})
     assert (hp.num_layers, hp.model_dim, hp.num_heads, hp.num_kv_heads) == (11, 512, 8, 4)
-    assert hp.vocab_size == 1024 and hp.head_dim == 64
+    assert hp.vocab_size == 8192 and hp.head_dim == 64  # R0427's SP8192 CaseOps
     assert hp.tie_embeddings is True and hp.compile is True
     assert isinstance(hp.matrix_lr, float) and isinstance(hp.iterations, int)
     assert hp.preset_name == "none"
@@ -267,10 +267,13 @@ def test_records_recomputes_the_hash_from_the_logged_lines():
 
 
 def test_hash_is_stable_and_changes_with_a_value():
-    a = Hyperparameters({"MODEL_DIM": "256", "NUM_LAYERS": "4", "XSA_LAST_N": "4"})
-    b = Hyperparameters({"XSA_LAST_N": "4", "NUM_LAYERS": "4", "MODEL_DIM": "256", **FOREIGN})
+    a = Hyperparameters({"MODEL_DIM": "256", "NUM_LAYERS": "4", "XSA_LAST_N": "4", "NUM_LOOPS": "0"})
+    b = Hyperparameters(
+        {"XSA_LAST_N": "4", "NUM_LOOPS": "0", "NUM_LAYERS": "4", "MODEL_DIM": "256", **FOREIGN}
+    )
     assert a.hash() == b.hash()
-    assert a.hash() != Hyperparameters({"MODEL_DIM": "256", "NUM_LAYERS": "4", "XSA_LAST_N": "3"}).hash()
+    c = Hyperparameters({"MODEL_DIM": "256", "NUM_LAYERS": "4", "XSA_LAST_N": "3", "NUM_LOOPS": "0"})
+    assert a.hash() != c.hash()
     assert Hyperparameters({}).hash() != Hyperparameters({"MATRIX_LR": "0.026"}).hash()
 
 
@@ -385,8 +388,8 @@ def test_inconsistent_knobs_are_refused(env, fragment):
         {"VOCAB_SIZE": "1"},
         {"GPTQ_DAMP": "1e-12"},
         {"TTT_EPOCHS": "0", "EVAL_SEQ_LEN": "0", "EVAL_BATCH_SEQS": "0", "TTT_FREEZE_BLOCKS": "11"},
-        {"NUM_LOOPS": "1", "LOOP_START": "0", "LOOP_END": "10"},
-        {"LOOP_START": "-1", "LOOP_END": "99"},  # NUM_LOOPS=0: the segment is never used
+        {"NUM_LOOPS": "1", "LOOP_START": "0", "LOOP_END": "10", "PARALLEL_START_LAYER": "0"},
+        {"NUM_LOOPS": "0", "LOOP_START": "-1", "LOOP_END": "99"},  # the segment is never used
         {"MAX_WALLCLOCK_SECONDS": "0", "EXPORT_RESERVE_SECONDS": "-5"},  # no budget to reserve from
         {"COMPRESSOR": "lzma", "QUANT_METHOD": "rtn", "TTT_MODE": "none", "EVAL_MODE": "flat"},
     ],
@@ -592,9 +595,10 @@ def test_environment_is_not_imported_under_another_name():
 
 
 def test_xsa_last_n_beyond_the_depth_means_every_layer():
-    model = train_gpt.GPT(Hyperparameters({"NUM_LAYERS": "3", "MODEL_DIM": "128", "XSA_LAST_N": "11"}))
+    small = {"NUM_LAYERS": "3", "MODEL_DIM": "128", "NUM_LOOPS": "0"}
+    model = train_gpt.GPT(Hyperparameters({**small, "XSA_LAST_N": "11"}))
     assert all(block.attn.xsa for block in model.blocks)
-    model = train_gpt.GPT(Hyperparameters({"NUM_LAYERS": "3", "MODEL_DIM": "128", "XSA_LAST_N": "1"}))
+    model = train_gpt.GPT(Hyperparameters({**small, "XSA_LAST_N": "1"}))
     assert [block.attn.xsa for block in model.blocks] == [False, False, True]
 
 

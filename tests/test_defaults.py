@@ -92,3 +92,33 @@ def test_default_run_without_data_says_how_to_fetch_it(tmp_path, monkeypatch):
         tg.load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     with pytest.raises(tg.DataError, match="--variant sp8192_caseops"):
         tg.find_shards(hp.data_path, "train")
+
+
+TINY_WIDTH = {"MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "ROPE_DIMS": "4", "VOCAB_SIZE": "64"}
+TINY_WIDTH |= {"BIGRAM_DIM": "8", "VE_DIM": "8", "COMPILE": "0"}
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"NUM_LAYERS": "6"},  # PARALLEL_START_LAYER=8 lies past the last block: no two-lane block
+        {"RUN_PRESET": "march"},
+        {"RUN_PRESET": "record_0323"},
+        {"RUN_PRESET": "record_0409"},
+    ],
+    ids=["defaults", "defaults_6_layers", "march", "record_0323", "record_0409"],
+)
+def test_every_trainable_parameter_gets_a_gradient(env):
+    """DistributedDataParallel stops the run at the first step in which a trainable parameter got no
+    gradient; the defaults shrunk below PARALLEL_START_LAYER used to keep unused lane lambdas."""
+    hp = tg.Hyperparameters({**env, **TINY_WIDTH})
+    tg.torch.manual_seed(0)
+    model = tg.GPT(hp)
+    ids = tg.torch.randint(0, hp.vocab_size, (2, 33))
+    for looping in (False, True):  # before and after ENABLE_LOOPING_AT
+        model.zero_grad(set_to_none=True)
+        model.looping = looping
+        model(ids[:, :-1], ids[:, 1:]).backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, f"looping={looping}: no gradient for {missing}"

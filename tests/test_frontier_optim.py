@@ -136,7 +136,7 @@ def test_momentum_warmup_in_steps_is_the_records_rule():
 
 
 def test_momentum_warmup_without_steps_is_unchanged():
-    hp = tg.Hyperparameters({"MUON_MOMENTUM_WARMUP_FRAC": "0.2"})
+    hp = tg.Hyperparameters({**tg.MARCH_STACK, "MUON_MOMENTUM_WARMUP_FRAC": "0.2"})
     for step in (0, 100, 10_000):
         assert tg.muon_momentum(0.1, hp, step) == pytest.approx(0.955)
 

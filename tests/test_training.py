@@ -20,6 +20,7 @@ SAMPLE = ROOT / "data" / "sample" / "sample_wiki.jsonl.xz"
 
 # A model small enough that a few optimizer steps take well under a second on 2 CPU cores.
 TINY = {
+    **tg.MARCH_STACK,  # written for the March stack (the defaults run R0427's)
     "NUM_LAYERS": "3",
     "MODEL_DIM": "64",
     "NUM_HEADS": "4",
@@ -124,7 +125,12 @@ def test_loader_resumes_across_a_shard_boundary(tmp_path):
 def test_progress_follows_the_wallclock_and_finishes_warmdown_at_the_cut():
     """A run cut by the clock must have finished its warmdown: the fraction is time-based."""
     hp = tg.Hyperparameters(
-        {"MAX_WALLCLOCK_SECONDS": "101", "EXPORT_RESERVE_SECONDS": "1", "ITERATIONS": "1000000"}
+        {
+            **tg.MARCH_STACK,
+            "MAX_WALLCLOCK_SECONDS": "101",
+            "EXPORT_RESERVE_SECONDS": "1",
+            "ITERATIONS": "1000000",
+        }
     )
     assert tg.train_budget_ms(hp) == 100_000  # the export reserve is not training time
     half = tg.TrainState(step=10, train_ms=50_000)
@@ -137,7 +143,7 @@ def test_progress_follows_the_wallclock_and_finishes_warmdown_at_the_cut():
 
 
 def test_muon_momentum_warmup():
-    hp = tg.Hyperparameters({"MUON_MOMENTUM_WARMUP_FRAC": "0.2"})
+    hp = tg.Hyperparameters({**tg.MARCH_STACK, "MUON_MOMENTUM_WARMUP_FRAC": "0.2"})
     assert tg.muon_momentum(0.0, hp) == pytest.approx(0.92)
     assert tg.muon_momentum(0.1, hp) == pytest.approx(0.955)
     assert tg.muon_momentum(0.5, hp) == pytest.approx(0.99)

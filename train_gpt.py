@@ -129,6 +129,7 @@ PRESETS: dict[str, dict[str, str]] = {
         "SCALAR_WD": "0.04",
         "EMA_DECAY": "0.997",
         "EMA_WINDOW_FRAC": "1.0",  # the records' decay is fixed: no window cap
+        "EMA_FIXED_DECAY": "1",  # decay EMA_DECAY from step 0, shadow from the initial weights
         "ITERATIONS": "9000",
         "QAT_START_LR_SCALE": "0.15",
         "QUANT_BITS": "6",
@@ -182,6 +183,7 @@ PRESETS: dict[str, dict[str, str]] = {
         "ADAM_BETA2": "0.95",
         "EMA_DECAY": "0.9965",
         "EMA_WINDOW_FRAC": "1.0",  # the records' decay is fixed: no window cap
+        "EMA_FIXED_DECAY": "1",  # decay EMA_DECAY from step 0, shadow from the initial weights
         "WARMDOWN_FRAC": "0.72",
         "MIN_LR": "0.0",
         "QUANT_BITS": "6",
@@ -249,6 +251,7 @@ PRESETS: dict[str, dict[str, str]] = {
         "ADAM_BETA2": "0.99",
         "EMA_DECAY": "0.9965",
         "EMA_WINDOW_FRAC": "1.0",  # the records' decay is fixed: no window cap
+        "EMA_FIXED_DECAY": "1",  # decay EMA_DECAY from step 0, shadow from the initial weights
         "WARMDOWN_FRAC": "0.85",
         "MIN_LR": "0.1",
         "FUSED_MLP_ENABLED": "1",
@@ -325,14 +328,11 @@ PRESET_MISSING: dict[str, tuple[str, ...]] = {
         "swa_every=50",  # tight SWA over the warmdown, on top of EMA
         "gptq_lite",  # per-row clip-percentile search without Hessians (ours: full GPTQ)
         "bigram_zero_init_no_bos_bucket",  # R0323's table and projection both start at zero
-        "ema_fixed_decay",  # ours starts as a plain mean (n/(n+1)) until that reaches EMA_DECAY
     ),
-    "record_0409": ("ema_fixed_decay",),
     "record_0427": (
         "pergroup_lrzip_compressor",
         "ttt_lora_per_loop_slot",  # R0427: a looped block's repeats get adapters of their own (ours share)
         "global_ttt_respect_doc_boundaries",  # R0427's phases attend within documents (ours: plain windows)
-        "ema_fixed_decay",
     ),
 }
 # The smoke run on CaseOps shards of the sample (data/sample/README.md builds them): val_bpb divides
@@ -575,6 +575,7 @@ class Hyperparameters:
         k("MUON_MOMENTUM_WARMUP_STEPS", int, 0, ge=0)  # > 0: momentum warms up over N steps, not the FRAC
         k("WD_TAPER_START_FRAC", float, 1.0, ge=0, le=1)  # Muon WD tapers linearly from here (1 = off)
         k("WD_TAPER_FINAL_MULT", float, 0.5, ge=0)  # Muon WD multiplier at the end of the taper
+        k("EMA_FIXED_DECAY", bool, False)  # the records' EMA: EMA_DECAY from step 0 (EMA_WINDOW_FRAC unused)
         # fmt: on
 
     def _schedule_knobs(self, k: _KnobReader) -> None:
@@ -2334,15 +2335,22 @@ class EMA:
     weights are never dragged in; the window term keeps the horizon a fixed fraction of the run,
     so a 4-minute 1-GPU run (~1k steps) does not average over a third of its training while a
     10-minute 8-GPU run (~7k steps) gets the anchors' 0.997.
+
+    `fixed` (EMA_FIXED_DECAY) is the records' EMA instead (R0323, R0409, R0427): d = EMA_DECAY from
+    the first step, the shadow starting as a copy of the initial weights, updated after every
+    optimizer step as E.mul_(d).add_(W, alpha=1-d), their arithmetic; so after n steps
+    E = d^n W_0 + (1-d) sum_k d^(n-k) W_k, and 0.9965^n of the initial weights is still in it.
     """
 
-    def __init__(self, model: nn.Module, decay: float, window_frac: float):
-        self.decay, self.window_frac, self.updates = decay, window_frac, 0
+    def __init__(self, model: nn.Module, decay: float, window_frac: float, fixed: bool = False):
+        self.decay, self.window_frac, self.fixed, self.updates = decay, window_frac, fixed, 0
         self.shadow = {
             n: t.detach().float().clone() for n, t in model.state_dict().items() if t.is_floating_point()
         }
 
     def decay_at(self, expected_steps: float) -> float:
+        if self.fixed:
+            return self.decay
         n = self.updates
         window = max(self.window_frac * expected_steps, 1.0)
         return min(self.decay, 1 - 1 / window, n / (n + 1))
@@ -2352,7 +2360,12 @@ class EMA:
         d = self.decay_at(expected_steps)
         state = model.state_dict()
         shadow = list(self.shadow.values())
-        torch._foreach_lerp_(shadow, [state[n].float() for n in self.shadow], 1 - d)
+        weights = [state[n].float() for n in self.shadow]
+        if self.fixed:
+            torch._foreach_mul_(shadow, d)
+            torch._foreach_add_(shadow, weights, alpha=1 - d)
+        else:
+            torch._foreach_lerp_(shadow, weights, 1 - d)
         self.updates += 1
 
     @torch.no_grad()
@@ -5723,7 +5736,7 @@ def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
     prime_compile(train_model, model, loader, optimizers, hp, rt, log)
     code = code_bytes(script, hp.code_bytes_mode)
     reserve_s, size_ratio = measure_export_reserve(model, loader, hp, rt, log, code[1])
-    ema = EMA(model, hp.ema_decay, hp.ema_window_frac)
+    ema = EMA(model, hp.ema_decay, hp.ema_window_frac, hp.ema_fixed_decay)
     state = train(model, train_model, optimizers, loader, val, ema, hp, rt, log, reserve_s)
     state.size_ratio = size_ratio
     return dict(

@@ -368,7 +368,7 @@ KNOB_FAMILIES = {
     "VAL", "EVAL", "TRAIN", "MODEL", "VOCAB", "LOGIT", "MLP", "ATTN", "EMBED", "HEADS", "LAYERS",
     "SEED", "PRESET", "VE", "VR", "MATRIX", "SCALAR", "SOFTCAP", "WALLCLOCK", "BETA", "POLAR", "NS",
     "NORMALIZE", "ROW", "SWA", "PRUNE", "LQER", "HEDGE", "NGRAM", "ITERATIONS", "COMPRESS", "WD", "FUSED",
-    "CASEOPS", "AWQ",
+    "CASEOPS", "AWQ", "SEQ",
 }
 # fmt: on
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -594,6 +594,9 @@ class Hyperparameters:
         k("CLOCK_SYNC_EVERY", int, 10, gt=0)  # agree the clock over ranks every N steps (each, near the end)
         k("FUSED_MLP_ENABLED", bool, False)  # CUDA+Triton: LeakyReLU^2 fused into the MLP matmuls (training)
         k("FUSED_CE_ENABLED", bool, False)  # CUDA+Triton: one-pass softcapped cross-entropy (training loss)
+        k("TRAIN_SEQ_SCHEDULE", str, "")  # PR #2014 `L@f,...`: rows of L tokens while position <= f; "" = off
+        k("TRAIN_SEQ_SCHEDULE_MODE", str, "wallclock", choices=("wallclock", "step"))  # position it reads
+        k("SEQ_CHANGE_WARMUP_STEPS", int, 0, ge=0)  # LR ramps back up over N steps after a length change
         # fmt: on
 
     def _evaluation_knobs(self, k: _KnobReader) -> None:
@@ -729,6 +732,14 @@ class Hyperparameters:
                 self.microbatch_tokens % self.train_seq_len == 0,
                 "MICROBATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN",
             ),
+            (
+                all(self.microbatch_tokens % n == 0 for n in self.seq_schedule_lengths),
+                "TRAIN_SEQ_SCHEDULE lengths must divide MICROBATCH_TOKENS (a step's tokens stay the same)",
+            ),
+            (
+                not self.seq_schedule or max(self.seq_schedule_lengths) == self.train_seq_len,
+                "TRAIN_SEQ_SCHEDULE's longest length must be TRAIN_SEQ_LEN (evaluation's length, PR #2014)",
+            ),
             (self.smear_gate_inputs <= self.model_dim, "SMEAR_GATE_INPUTS must be at most MODEL_DIM"),
             (self.unet_skips or not self.skip_gates_enabled, "SKIP_GATES_ENABLED needs UNET_SKIPS=1"),
             (
@@ -795,6 +806,28 @@ class Hyperparameters:
     @property
     def clip_fracs(self) -> tuple[float, ...]:
         return _parse_list("GPTQ_CLIP_FRACS", self.gptq_clip_fracs, float)
+
+    @property
+    def seq_schedule(self) -> tuple[tuple[float, int], ...]:
+        """TRAIN_SEQ_SCHEDULE as (last position, length) stages sorted by position, () when off.
+        PR #2014's form: `1024@0.100,2048@0.700,3072@1.000` trains 1024-token rows up to 10% of the
+        run, 2048 up to 70%, then 3072; past the last position the last length stays."""
+        stages = []
+        for item in _parse_list("TRAIN_SEQ_SCHEDULE", self.train_seq_schedule, str):
+            length, at, last = item.partition("@")
+            name = "TRAIN_SEQ_SCHEDULE"
+            stage = (_parse(name, last, float), _parse(name, length, int)) if at else (0.0, 0)
+            if not (0 < stage[0] <= 1 and stage[1] > 0):
+                raise ConfigError(
+                    f"TRAIN_SEQ_SCHEDULE stage {item!r}: want LENGTH@FRACTION, LENGTH > 0, FRACTION in (0, 1]"
+                )
+            stages.append(stage)
+        return tuple(sorted(stages))
+
+    @property
+    def seq_schedule_lengths(self) -> tuple[int, ...]:
+        """The distinct lengths TRAIN_SEQ_SCHEDULE trains at, in schedule order (TRAIN_SEQ_LEN when off)."""
+        return tuple(dict.fromkeys(n for _, n in self.seq_schedule)) or (self.train_seq_len,)
 
     def with_model_settings(self, settings: Mapping[str, object]) -> Hyperparameters:
         """These settings with the model knobs replaced by an artifact's. A model knob set explicitly
@@ -2315,12 +2348,18 @@ def wd_multiplier(frac: float, hp: Hyperparameters) -> float:
 
 
 def apply_schedule(
-    optimizers: list[torch.optim.Optimizer], frac: float, hp: Hyperparameters, step: int = 0
+    optimizers: list[torch.optim.Optimizer],
+    frac: float,
+    hp: Hyperparameters,
+    step: int = 0,
+    rewarm: float = 1.0,
 ) -> float:
+    """Sets every group's LR, Muon momentum and WD for this step; returns the LR multiplier of the
+    schedule. `rewarm` (SEQ_CHANGE_WARMUP_STEPS) scales the LRs only: QAT reads the schedule's."""
     mult = lr_multiplier(frac, hp)
     for opt in optimizers:
         for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * mult
+            group["lr"] = group["base_lr"] * (mult * rewarm)
             if isinstance(opt, Muon):
                 group["momentum"] = muon_momentum(frac, hp, step)
                 group["weight_decay"] = group["base_weight_decay"] * wd_multiplier(frac, hp)
@@ -5430,6 +5469,8 @@ class TrainState:
     stopped_by_clock: bool = False
     reserve_s: float | None = None  # the artifact's time reserve (see train_budget_ms)
     size_ratio: float | None = None  # the dry export's bytes per entropy byte (fit_artifact's prior)
+    seq_len: int = 0  # the training rows' length this step (TRAIN_SEQ_SCHEDULE)
+    seq_changed_at: int | None = None  # the step of the last length change, while its LR re-warmup runs
 
     @property
     def step_avg_ms(self) -> float:
@@ -5463,13 +5504,14 @@ def expected_steps(state: TrainState, hp: Hyperparameters) -> float:
 
 
 def train_step(
-    ddp_model: nn.Module, model: GPT, loader: DistributedTokenLoader, optimizers, hp, rt
+    ddp_model: nn.Module, model: GPT, loader: DistributedTokenLoader, optimizers, hp, rt, seq_len: int = 0
 ) -> Tensor:
-    """One optimizer step over GRAD_ACCUM micro-batches; returns this rank's mean train loss as a
-    device tensor: reading it is a host sync, so only logging steps do (mean_loss)."""
+    """One optimizer step over GRAD_ACCUM micro-batches of rows of `seq_len` tokens (TRAIN_SEQ_LEN
+    when 0); returns this rank's mean train loss as a device tensor: reading it is a host sync, so
+    only logging steps do (mean_loss)."""
     total = torch.zeros((), device=rt.device)
     for micro in range(rt.grad_accum_steps):
-        x, y = loader.next_batch(hp.microbatch_tokens, hp.train_seq_len)
+        x, y = loader.next_batch(hp.microbatch_tokens, seq_len or hp.train_seq_len)
         sync_grads = micro == rt.grad_accum_steps - 1
         with maybe_no_sync(ddp_model, sync_grads), autocast(rt):
             loss = ddp_model(x, y) / rt.grad_accum_steps
@@ -5496,7 +5538,9 @@ def maybe_no_sync(ddp_model: nn.Module, sync_grads: bool):
 
 def prime_compile(ddp_model, model, loader, optimizers, hp, rt, log) -> float:
     """WARMUP_STEPS untimed steps trigger torch.compile, then weights, optimizer state and data
-    position are restored, so compile time is not training time and the run starts from init."""
+    position are restored, so compile time is not training time and the run starts from init.
+    Every graph the timed loop can need is compiled here: looped, QAT, and each TRAIN_SEQ_SCHEDULE
+    length (PR #2014 compiles each length before its clock starts), all on training tokens."""
     if hp.warmup_steps <= 0:
         return 0.0
     t0 = time.perf_counter()
@@ -5507,8 +5551,9 @@ def prime_compile(ddp_model, model, loader, optimizers, hp, rt, log) -> float:
         for qat in dict.fromkeys([False, hp.qat_start_lr_scale > 0]):
             model.looping = looping
             set_qat(model, quant_plan(model, hp) if qat else None)
-            for _ in range(hp.warmup_steps):
-                train_step(ddp_model, model, loader, optimizers, hp, rt)
+            for seq_len in hp.seq_schedule_lengths:
+                for _ in range(hp.warmup_steps):
+                    train_step(ddp_model, model, loader, optimizers, hp, rt, seq_len)
     model.looping = False
     set_qat(model, None)
     model.load_state_dict(saved_model)
@@ -5519,6 +5564,37 @@ def prime_compile(ddp_model, model, loader, optimizers, hp, rt, log) -> float:
     seconds = time.perf_counter() - t0
     log(kv(warmup_steps=hp.warmup_steps, compile_warmup_s=round(seconds, 2)))
     return seconds
+
+
+def seq_len_at(position: float, hp: Hyperparameters) -> int:
+    """TRAIN_SEQ_SCHEDULE's length at a schedule position: the first stage whose last position is
+    at or past it, the last stage's past its end (PR #2014); TRAIN_SEQ_LEN when off."""
+    for last, seq_len in hp.seq_schedule:
+        if position <= last:
+            return seq_len
+    return hp.seq_schedule[-1][1] if hp.seq_schedule else hp.train_seq_len
+
+
+def set_seq_len(state: TrainState, frac: float, hp: Hyperparameters, log: Logger) -> float:
+    """Sets this step's row length (state.seq_len) from TRAIN_SEQ_SCHEDULE and returns the LR
+    factor of SEQ_CHANGE_WARMUP_STEPS: (k+1)/N on the k-th step after a change (not the first
+    length), else 1 (as PR #2014 runs it). The position is the schedule's `frac`, which every
+    rank agrees on, or step/ITERATIONS (TRAIN_SEQ_SCHEDULE_MODE=step). The batch keeps its tokens:
+    the same stream is cut into MICROBATCH_TOKENS/length rows."""
+    position = frac if hp.train_seq_schedule_mode == "wallclock" else state.step / hp.iterations
+    seq_len = seq_len_at(position, hp)
+    if seq_len != state.seq_len:
+        if state.seq_len and hp.seq_change_warmup_steps:
+            state.seq_changed_at = state.step
+        state.seq_len = seq_len
+        if hp.seq_schedule:
+            log(kv(train_seq_len=seq_len, progress=frac, step=state.step))
+    if state.seq_changed_at is None:
+        return 1.0
+    since = state.step - state.seq_changed_at + 1
+    if since >= hp.seq_change_warmup_steps:
+        state.seq_changed_at = None
+    return min(since / hp.seq_change_warmup_steps, 1.0)
 
 
 def set_looping(model: GPT, frac: float, hp: Hyperparameters, log: Logger) -> None:
@@ -5619,9 +5695,10 @@ def train(
             clock.start(state)
         frac = progress(state, hp)
         set_looping(model, frac, hp, log)
-        mult = apply_schedule(optimizers, frac, hp, state.step)
+        rewarm = set_seq_len(state, frac, hp, log)
+        mult = apply_schedule(optimizers, frac, hp, state.step, rewarm)
         start_qat(model, mult, hp, log)
-        loss = train_step(ddp_model, model, loader, optimizers, hp, rt)
+        loss = train_step(ddp_model, model, loader, optimizers, hp, rt, state.seq_len)
         ema.update(model, expected_steps(state, hp))
         state.step += 1
         state.tokens += hp.train_batch_tokens
@@ -5695,6 +5772,14 @@ def peak_mem_mib(rt: Runtime) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def allow_schedule_graphs(hp: Hyperparameters) -> None:
+    """TRAIN_SEQ_SCHEDULE: each length has its own static graphs (x looping, x QAT, besides the
+    eval graphs, all on GPT.forward), more than dynamo keeps per function by default (8), past
+    which it stops compiling; 64 as PR #2014's lineage sets it. Off: dynamo's default stays."""
+    if len(hp.seq_schedule_lengths) > 1:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
 def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module, bool]:
     """The fp32 model, and the callable used for training (compiled on GPU, DDP when distributed)."""
     model = GPT(hp).to(rt.device)
@@ -5702,6 +5787,7 @@ def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module, bool]
     compiled = hp.compile and rt.device.type == "cuda"
     if compiled:
         torch._dynamo.config.optimize_ddp = False  # DDP graph splitting breaks fullgraph (R0409)
+        allow_schedule_graphs(hp)
         train_model = torch.compile(model, dynamic=False, fullgraph=True)
         compile_eval(model, hp, rt)
     if rt.distributed:

@@ -811,7 +811,9 @@ class Hyperparameters:
     def seq_schedule(self) -> tuple[tuple[float, int], ...]:
         """TRAIN_SEQ_SCHEDULE as (last position, length) stages sorted by position, () when off.
         PR #2014's form: `1024@0.100,2048@0.700,3072@1.000` trains 1024-token rows up to 10% of the
-        run, 2048 up to 70%, then 3072; past the last position the last length stays."""
+        run, 2048 up to 70%, then 3072; past the last position the last length stays. The knob
+        names and values are PR #2014's (its README); this stage rule and SEQ_CHANGE_WARMUP_STEPS'
+        ramp follow a public script of its lineage with the same knobs, not PR #2014's own code."""
         stages = []
         for item in _parse_list("TRAIN_SEQ_SCHEDULE", self.train_seq_schedule, str):
             length, at, last = item.partition("@")

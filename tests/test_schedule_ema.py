@@ -197,6 +197,16 @@ def test_length_change_rewarms_the_learning_rate():
     assert all(g["lr"] == g["base_lr"] * mult * 0.5 for opt in optimizers for g in opt.param_groups)
 
 
+def test_schedule_reads_the_run_fraction_or_the_step_count():
+    """wallclock (default): the schedule position every rank agrees on (time- or step-based, the
+    further); step: step/ITERATIONS whatever the clock says."""
+    for mode, expected in (("wallclock", 32), ("step", 8)):
+        hp = make_hp(TRAIN_SEQ_SCHEDULE_MODE=mode, ITERATIONS=10, **SCHEDULE)
+        state = tg.TrainState(step=1)
+        tg.set_seq_len(state, 0.9, hp, lambda line: None)  # 90% of the time budget spent at step 1
+        assert state.seq_len == expected
+
+
 class CountingBackend:
     """Counts the graphs dynamo hands over (each is a (re)compile; recompiles are dynamo's guards,
     whatever the backend) and runs them eagerly: the cheapest backend on a shared CPU."""

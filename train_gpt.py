@@ -90,6 +90,7 @@ MARCH_STACK: dict[str, str] = {
     "ADAM_BETA2": "0.95",
     "EMA_DECAY": "0.997",
     "EMA_WINDOW_FRAC": "0.05",
+    "EMA_FIXED_DECAY": "0",
     "WARMDOWN_FRAC": "0.72",
     "MIN_LR": "0.0",
     "FUSED_MLP_ENABLED": "0",
@@ -194,6 +195,7 @@ PRESETS: dict[str, dict[str, str]] = {
         "SCALAR_WD": "0.04",
         "EMA_DECAY": "0.997",
         "EMA_WINDOW_FRAC": "1.0",  # the records' decay is fixed: no window cap
+        "EMA_FIXED_DECAY": "1",  # decay EMA_DECAY from step 0, shadow from the initial weights
         "ITERATIONS": "9000",
         "QAT_START_LR_SCALE": "0.15",
         "QUANT_BITS": "6",
@@ -248,6 +250,7 @@ PRESETS: dict[str, dict[str, str]] = {
         "ADAM_BETA2": "0.95",
         "EMA_DECAY": "0.9965",
         "EMA_WINDOW_FRAC": "1.0",  # the records' decay is fixed: no window cap
+        "EMA_FIXED_DECAY": "1",  # decay EMA_DECAY from step 0, shadow from the initial weights
         "WARMDOWN_FRAC": "0.72",
         "MIN_LR": "0.0",
         "QUANT_BITS": "6",
@@ -315,6 +318,7 @@ PRESETS: dict[str, dict[str, str]] = {
         "ADAM_BETA2": "0.99",
         "EMA_DECAY": "0.9965",
         "EMA_WINDOW_FRAC": "1.0",  # the records' decay is fixed: no window cap
+        "EMA_FIXED_DECAY": "1",  # decay EMA_DECAY from step 0, shadow from the initial weights
         "WARMDOWN_FRAC": "0.85",
         "MIN_LR": "0.1",
         "FUSED_MLP_ENABLED": "1",
@@ -394,14 +398,11 @@ PRESET_MISSING: dict[str, tuple[str, ...]] = {
         "swa_every=50",  # tight SWA over the warmdown, on top of EMA
         "gptq_lite",  # per-row clip-percentile search without Hessians (ours: full GPTQ)
         "bigram_zero_init_no_bos_bucket",  # R0323's table and projection both start at zero
-        "ema_fixed_decay",  # ours starts as a plain mean (n/(n+1)) until that reaches EMA_DECAY
     ),
-    "record_0409": ("ema_fixed_decay",),
     "record_0427": (
         "pergroup_lrzip_compressor",
         "ttt_lora_per_loop_slot",  # R0427: a looped block's repeats get adapters of their own (ours share)
         "global_ttt_respect_doc_boundaries",  # R0427's phases attend within documents (ours: plain windows)
-        "ema_fixed_decay",
     ),
 }
 # The smoke run on CaseOps shards of the sample (data/sample/README.md builds them): val_bpb divides
@@ -437,7 +438,7 @@ KNOB_FAMILIES = {
     "VAL", "EVAL", "TRAIN", "MODEL", "VOCAB", "LOGIT", "MLP", "ATTN", "EMBED", "HEADS", "LAYERS",
     "SEED", "PRESET", "VE", "VR", "MATRIX", "SCALAR", "SOFTCAP", "WALLCLOCK", "BETA", "POLAR", "NS",
     "NORMALIZE", "ROW", "SWA", "PRUNE", "LQER", "HEDGE", "NGRAM", "ITERATIONS", "COMPRESS", "WD", "FUSED",
-    "CASEOPS", "AWQ",
+    "CASEOPS", "AWQ", "SEQ",
 }
 # fmt: on
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -644,6 +645,7 @@ class Hyperparameters:
         k("MUON_MOMENTUM_WARMUP_STEPS", int, 1500, ge=0)  # > 0: momentum warms up over N steps, not the FRAC
         k("WD_TAPER_START_FRAC", float, 1.0, ge=0, le=1)  # Muon WD tapers linearly from here (1 = off)
         k("WD_TAPER_FINAL_MULT", float, 0.5, ge=0)  # Muon WD multiplier at the end of the taper
+        k("EMA_FIXED_DECAY", bool, True)  # the records' EMA: EMA_DECAY from step 0 (EMA_WINDOW_FRAC unused)
         # fmt: on
 
     def _schedule_knobs(self, k: _KnobReader) -> None:
@@ -662,6 +664,9 @@ class Hyperparameters:
         k("CLOCK_SYNC_EVERY", int, 10, gt=0)  # agree the clock over ranks every N steps (each, near the end)
         k("FUSED_MLP_ENABLED", bool, True)  # CUDA+Triton: LeakyReLU^2 fused into the MLP matmuls (training)
         k("FUSED_CE_ENABLED", bool, True)  # CUDA+Triton: one-pass softcapped cross-entropy (training loss)
+        k("TRAIN_SEQ_SCHEDULE", str, "")  # PR #2014 `L@f,...`: rows of L tokens while position <= f; "" = off
+        k("TRAIN_SEQ_SCHEDULE_MODE", str, "wallclock", choices=("wallclock", "step"))  # position it reads
+        k("SEQ_CHANGE_WARMUP_STEPS", int, 0, ge=0)  # LR ramps back up over N steps after a length change
         # fmt: on
 
     def _evaluation_knobs(self, k: _KnobReader) -> None:
@@ -797,6 +802,14 @@ class Hyperparameters:
                 self.microbatch_tokens % self.train_seq_len == 0,
                 "MICROBATCH_TOKENS must be a multiple of TRAIN_SEQ_LEN",
             ),
+            (
+                all(self.microbatch_tokens % n == 0 for n in self.seq_schedule_lengths),
+                "TRAIN_SEQ_SCHEDULE lengths must divide MICROBATCH_TOKENS (a step's tokens stay the same)",
+            ),
+            (
+                not self.seq_schedule or max(self.seq_schedule_lengths) == self.train_seq_len,
+                "TRAIN_SEQ_SCHEDULE's longest length must be TRAIN_SEQ_LEN (evaluation's length, PR #2014)",
+            ),
             (self.smear_gate_inputs <= self.model_dim, "SMEAR_GATE_INPUTS must be at most MODEL_DIM"),
             (self.unet_skips or not self.skip_gates_enabled, "SKIP_GATES_ENABLED needs UNET_SKIPS=1"),
             (
@@ -863,6 +876,30 @@ class Hyperparameters:
     @property
     def clip_fracs(self) -> tuple[float, ...]:
         return _parse_list("GPTQ_CLIP_FRACS", self.gptq_clip_fracs, float)
+
+    @property
+    def seq_schedule(self) -> tuple[tuple[float, int], ...]:
+        """TRAIN_SEQ_SCHEDULE as (last position, length) stages sorted by position, () when off.
+        PR #2014's form: `1024@0.100,2048@0.700,3072@1.000` trains 1024-token rows up to 10% of the
+        run, 2048 up to 70%, then 3072; past the last position the last length stays. The knob
+        names and values are PR #2014's (its README); this stage rule and SEQ_CHANGE_WARMUP_STEPS'
+        ramp follow a public script of its lineage with the same knobs, not PR #2014's own code."""
+        stages = []
+        for item in _parse_list("TRAIN_SEQ_SCHEDULE", self.train_seq_schedule, str):
+            length, at, last = item.partition("@")
+            name = "TRAIN_SEQ_SCHEDULE"
+            stage = (_parse(name, last, float), _parse(name, length, int)) if at else (0.0, 0)
+            if not (0 < stage[0] <= 1 and stage[1] > 0):
+                raise ConfigError(
+                    f"TRAIN_SEQ_SCHEDULE stage {item!r}: want LENGTH@FRACTION, LENGTH > 0, FRACTION in (0, 1]"
+                )
+            stages.append(stage)
+        return tuple(sorted(stages))
+
+    @property
+    def seq_schedule_lengths(self) -> tuple[int, ...]:
+        """The distinct lengths TRAIN_SEQ_SCHEDULE trains at, in schedule order (TRAIN_SEQ_LEN when off)."""
+        return tuple(dict.fromkeys(n for _, n in self.seq_schedule)) or (self.train_seq_len,)
 
     def with_model_settings(self, settings: Mapping[str, object]) -> Hyperparameters:
         """These settings with the model knobs replaced by an artifact's. A model knob set explicitly
@@ -2393,12 +2430,18 @@ def wd_multiplier(frac: float, hp: Hyperparameters) -> float:
 
 
 def apply_schedule(
-    optimizers: list[torch.optim.Optimizer], frac: float, hp: Hyperparameters, step: int = 0
+    optimizers: list[torch.optim.Optimizer],
+    frac: float,
+    hp: Hyperparameters,
+    step: int = 0,
+    rewarm: float = 1.0,
 ) -> float:
+    """Sets every group's LR, Muon momentum and WD for this step; returns the LR multiplier of the
+    schedule. `rewarm` (SEQ_CHANGE_WARMUP_STEPS) scales the LRs only: QAT reads the schedule's."""
     mult = lr_multiplier(frac, hp)
     for opt in optimizers:
         for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * mult
+            group["lr"] = group["base_lr"] * (mult * rewarm)
             if isinstance(opt, Muon):
                 group["momentum"] = muon_momentum(frac, hp, step)
                 group["weight_decay"] = group["base_weight_decay"] * wd_multiplier(frac, hp)
@@ -2413,15 +2456,22 @@ class EMA:
     weights are never dragged in; the window term keeps the horizon a fixed fraction of the run,
     so a 4-minute 1-GPU run (~1k steps) does not average over a third of its training while a
     10-minute 8-GPU run (~7k steps) gets the anchors' 0.997.
+
+    `fixed` (EMA_FIXED_DECAY) is the records' EMA instead (R0323, R0409, R0427): d = EMA_DECAY from
+    the first step, the shadow starting as a copy of the initial weights, updated after every
+    optimizer step as E.mul_(d).add_(W, alpha=1-d), their arithmetic; so after n steps
+    E = d^n W_0 + (1-d) sum_k d^(n-k) W_k, and 0.9965^n of the initial weights is still in it.
     """
 
-    def __init__(self, model: nn.Module, decay: float, window_frac: float):
-        self.decay, self.window_frac, self.updates = decay, window_frac, 0
+    def __init__(self, model: nn.Module, decay: float, window_frac: float, fixed: bool = False):
+        self.decay, self.window_frac, self.fixed, self.updates = decay, window_frac, fixed, 0
         self.shadow = {
             n: t.detach().float().clone() for n, t in model.state_dict().items() if t.is_floating_point()
         }
 
     def decay_at(self, expected_steps: float) -> float:
+        if self.fixed:
+            return self.decay
         n = self.updates
         window = max(self.window_frac * expected_steps, 1.0)
         return min(self.decay, 1 - 1 / window, n / (n + 1))
@@ -2431,7 +2481,12 @@ class EMA:
         d = self.decay_at(expected_steps)
         state = model.state_dict()
         shadow = list(self.shadow.values())
-        torch._foreach_lerp_(shadow, [state[n].float() for n in self.shadow], 1 - d)
+        weights = [state[n].float() for n in self.shadow]
+        if self.fixed:
+            torch._foreach_mul_(shadow, d)
+            torch._foreach_add_(shadow, weights, alpha=1 - d)
+        else:
+            torch._foreach_lerp_(shadow, weights, 1 - d)
         self.updates += 1
 
     @torch.no_grad()
@@ -5496,6 +5551,8 @@ class TrainState:
     stopped_by_clock: bool = False
     reserve_s: float | None = None  # the artifact's time reserve (see train_budget_ms)
     size_ratio: float | None = None  # the dry export's bytes per entropy byte (fit_artifact's prior)
+    seq_len: int = 0  # the training rows' length this step (TRAIN_SEQ_SCHEDULE)
+    seq_changed_at: int | None = None  # the step of the last length change, while its LR re-warmup runs
 
     @property
     def step_avg_ms(self) -> float:
@@ -5529,13 +5586,14 @@ def expected_steps(state: TrainState, hp: Hyperparameters) -> float:
 
 
 def train_step(
-    ddp_model: nn.Module, model: GPT, loader: DistributedTokenLoader, optimizers, hp, rt
+    ddp_model: nn.Module, model: GPT, loader: DistributedTokenLoader, optimizers, hp, rt, seq_len: int = 0
 ) -> Tensor:
-    """One optimizer step over GRAD_ACCUM micro-batches; returns this rank's mean train loss as a
-    device tensor: reading it is a host sync, so only logging steps do (mean_loss)."""
+    """One optimizer step over GRAD_ACCUM micro-batches of rows of `seq_len` tokens (TRAIN_SEQ_LEN
+    when 0); returns this rank's mean train loss as a device tensor: reading it is a host sync, so
+    only logging steps do (mean_loss)."""
     total = torch.zeros((), device=rt.device)
     for micro in range(rt.grad_accum_steps):
-        x, y = loader.next_batch(hp.microbatch_tokens, hp.train_seq_len)
+        x, y = loader.next_batch(hp.microbatch_tokens, seq_len or hp.train_seq_len)
         sync_grads = micro == rt.grad_accum_steps - 1
         with maybe_no_sync(ddp_model, sync_grads), autocast(rt):
             loss = ddp_model(x, y) / rt.grad_accum_steps
@@ -5562,7 +5620,9 @@ def maybe_no_sync(ddp_model: nn.Module, sync_grads: bool):
 
 def prime_compile(ddp_model, model, loader, optimizers, hp, rt, log) -> float:
     """WARMUP_STEPS untimed steps trigger torch.compile, then weights, optimizer state and data
-    position are restored, so compile time is not training time and the run starts from init."""
+    position are restored, so compile time is not training time and the run starts from init.
+    Every graph the timed loop can need is compiled here: looped, QAT, and each TRAIN_SEQ_SCHEDULE
+    length (PR #2014 compiles each length before its clock starts), all on training tokens."""
     if hp.warmup_steps <= 0:
         return 0.0
     t0 = time.perf_counter()
@@ -5573,8 +5633,9 @@ def prime_compile(ddp_model, model, loader, optimizers, hp, rt, log) -> float:
         for qat in dict.fromkeys([False, hp.qat_start_lr_scale > 0]):
             model.looping = looping
             set_qat(model, quant_plan(model, hp) if qat else None)
-            for _ in range(hp.warmup_steps):
-                train_step(ddp_model, model, loader, optimizers, hp, rt)
+            for seq_len in hp.seq_schedule_lengths:
+                for _ in range(hp.warmup_steps):
+                    train_step(ddp_model, model, loader, optimizers, hp, rt, seq_len)
     model.looping = False
     set_qat(model, None)
     model.load_state_dict(saved_model)
@@ -5585,6 +5646,37 @@ def prime_compile(ddp_model, model, loader, optimizers, hp, rt, log) -> float:
     seconds = time.perf_counter() - t0
     log(kv(warmup_steps=hp.warmup_steps, compile_warmup_s=round(seconds, 2)))
     return seconds
+
+
+def seq_len_at(position: float, hp: Hyperparameters) -> int:
+    """TRAIN_SEQ_SCHEDULE's length at a schedule position: the first stage whose last position is
+    at or past it, the last stage's past its end (PR #2014); TRAIN_SEQ_LEN when off."""
+    for last, seq_len in hp.seq_schedule:
+        if position <= last:
+            return seq_len
+    return hp.seq_schedule[-1][1] if hp.seq_schedule else hp.train_seq_len
+
+
+def set_seq_len(state: TrainState, frac: float, hp: Hyperparameters, log: Logger) -> float:
+    """Sets this step's row length (state.seq_len) from TRAIN_SEQ_SCHEDULE and returns the LR
+    factor of SEQ_CHANGE_WARMUP_STEPS: (k+1)/N on the k-th step after a change (not the first
+    length), else 1 (as PR #2014 runs it). The position is the schedule's `frac`, which every
+    rank agrees on, or step/ITERATIONS (TRAIN_SEQ_SCHEDULE_MODE=step). The batch keeps its tokens:
+    the same stream is cut into MICROBATCH_TOKENS/length rows."""
+    position = frac if hp.train_seq_schedule_mode == "wallclock" else state.step / hp.iterations
+    seq_len = seq_len_at(position, hp)
+    if seq_len != state.seq_len:
+        if state.seq_len and hp.seq_change_warmup_steps:
+            state.seq_changed_at = state.step
+        state.seq_len = seq_len
+        if hp.seq_schedule:
+            log(kv(train_seq_len=seq_len, progress=frac, step=state.step))
+    if state.seq_changed_at is None:
+        return 1.0
+    since = state.step - state.seq_changed_at + 1
+    if since >= hp.seq_change_warmup_steps:
+        state.seq_changed_at = None
+    return min(since / hp.seq_change_warmup_steps, 1.0)
 
 
 def set_looping(model: GPT, frac: float, hp: Hyperparameters, log: Logger) -> None:
@@ -5685,9 +5777,10 @@ def train(
             clock.start(state)
         frac = progress(state, hp)
         set_looping(model, frac, hp, log)
-        mult = apply_schedule(optimizers, frac, hp, state.step)
+        rewarm = set_seq_len(state, frac, hp, log)
+        mult = apply_schedule(optimizers, frac, hp, state.step, rewarm)
         start_qat(model, mult, hp, log)
-        loss = train_step(ddp_model, model, loader, optimizers, hp, rt)
+        loss = train_step(ddp_model, model, loader, optimizers, hp, rt, state.seq_len)
         ema.update(model, expected_steps(state, hp))
         state.step += 1
         state.tokens += hp.train_batch_tokens
@@ -5761,6 +5854,14 @@ def peak_mem_mib(rt: Runtime) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def allow_schedule_graphs(hp: Hyperparameters) -> None:
+    """TRAIN_SEQ_SCHEDULE: each length has its own static graphs (x looping, x QAT, besides the
+    eval graphs, all on GPT.forward), more than dynamo keeps per function by default (8), past
+    which it stops compiling; 64 as PR #2014's lineage sets it. Off: dynamo's default stays."""
+    if len(hp.seq_schedule_lengths) > 1:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
 def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module, bool]:
     """The fp32 model, and the callable used for training (compiled on GPU, DDP when distributed)."""
     model = GPT(hp).to(rt.device)
@@ -5768,6 +5869,7 @@ def build_model(hp: Hyperparameters, rt: Runtime) -> tuple[GPT, nn.Module, bool]
     compiled = hp.compile and rt.device.type == "cuda"
     if compiled:
         torch._dynamo.config.optimize_ddp = False  # DDP graph splitting breaks fullgraph (R0409)
+        allow_schedule_graphs(hp)
         train_model = torch.compile(model, dynamic=False, fullgraph=True)
         compile_eval(model, hp, rt)
     if rt.distributed:
@@ -5802,7 +5904,7 @@ def run(hp: Hyperparameters, rt: Runtime, log: Logger) -> dict:
     prime_compile(train_model, model, loader, optimizers, hp, rt, log)
     code = code_bytes(script, hp.code_bytes_mode)
     reserve_s, size_ratio = measure_export_reserve(model, loader, hp, rt, log, code[1])
-    ema = EMA(model, hp.ema_decay, hp.ema_window_frac)
+    ema = EMA(model, hp.ema_decay, hp.ema_window_frac, hp.ema_fixed_decay)
     state = train(model, train_model, optimizers, loader, val, ema, hp, rt, log, reserve_s)
     state.size_ratio = size_ratio
     return dict(

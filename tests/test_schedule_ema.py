@@ -55,12 +55,14 @@ def test_fixed_decay_ema_uses_the_records_arithmetic():
     assert torch.equal(ema.shadow["weight"], ref)
 
 
-def test_default_ema_is_unchanged_by_the_knob():
-    """Off (the default) is today's EMA: a plain mean of the weights until n/(n+1) reaches the decay."""
+def test_ema_without_the_knob_is_unchanged():
+    """Off (the March stack) is the running-mean EMA: a plain mean of the weights until n/(n+1)
+    reaches the decay. The defaults run the records' fixed decay."""
     weights = weight_sequence(3)
     ema = run_ema(weights, 0.997, fixed=False)
     torch.testing.assert_close(ema.shadow["weight"], torch.stack(weights[1:]).mean(0))
-    assert tg.Hyperparameters({}).ema_fixed_decay is False
+    assert tg.Hyperparameters({"RUN_PRESET": "march"}).ema_fixed_decay is False
+    assert tg.Hyperparameters({}).ema_fixed_decay is True
 
 
 @pytest.mark.parametrize("preset", ["record_0323", "record_0409", "record_0427"])

@@ -274,7 +274,7 @@ def test_hash_is_stable_and_changes_with_a_value():
     assert a.hash() == b.hash()
     c = Hyperparameters({"MODEL_DIM": "256", "NUM_LAYERS": "4", "XSA_LAST_N": "3", "NUM_LOOPS": "0"})
     assert a.hash() != c.hash()
-    assert Hyperparameters({}).hash() != Hyperparameters({"MATRIX_LR": "0.026"}).hash()
+    assert Hyperparameters({}).hash() != Hyperparameters({"MATRIX_LR": "0.027"}).hash()
 
 
 def test_hp_hash_names_the_configuration_not_the_run():

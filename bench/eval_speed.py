@@ -11,9 +11,16 @@ Pass names are train_gpt.py's (`chunked`, `lora`, `phased` = TTT_MODE=..., `doc`
 accepted. `phased` takes its phases from PHASED_TTT_* and GLOBAL_TTT_*; with `ngram_tilt` the hints
 are computed first (their own `ngram_tilt_hints` line) and every pass records log p(hint).
 Prints one `key:value` line per pass. Each line also projects the pass to the official val set
-(62,021,632 sp1024 tokens) on `--project-gpus` GPUs, assuming time scales linearly with tokens and
-inversely with GPUs (the mixer, which every rank runs whole, with tokens only): a planning figure,
-not a measurement.
+(`--project-tokens`, default 62,021,632 sp1024 tokens; the SP8192 CaseOps records log val_tokens
+47,851,520; both 50,000 documents, `--project-docs`) on `--project-gpus` GPUs: a planning figure, not
+a measurement. The projection scales the measured seconds by the pass's work on that set over its
+work here, by train_gpt.py's own cost model (`projected_s`, which the eval budget uses): windows
+forwarded (flat, sliding, doc), document chunks forwarded and trained (lora), plus the global phases'
+tokens for phased (they train on the first PHASED_TTT_PREFIX_DOCS scored documents, so they do not
+grow with the val set), positions (n-gram passes). Every document has the same length here and in
+the projection (`--doc-tokens`; there, tokens/documents): real lengths vary, and phased scores the
+longest first, so its phases train on more tokens than this assumes. Time is assumed linear in
+that work and inverse in GPUs, except the n-gram hints, tilt and mixer, which every rank runs whole.
 """
 
 from __future__ import annotations
@@ -47,6 +54,26 @@ def passes(hp: tg.Hyperparameters) -> dict[str, tg.Pass]:
 OLD_NAMES = {"ttt": "chunked", "ngram": "ngram_mix"}  # as logged before the passes were renamed
 
 
+def projection_stream(n_tokens: int, doc_tokens: int) -> tg.EvalStream:
+    """The set projected to, as the cost model reads it: a BOS every doc_tokens (the other ids are a
+    constant filler, uint16, and the byte weights a zero-copy view: no memory for 62M positions)."""
+    tokens = np.full(n_tokens + 1, 2, dtype=np.uint16)
+    tokens[::doc_tokens] = tg.BOS_ID
+    return tg.EvalStream(torch.from_numpy(tokens), torch.ones(1).expand(n_tokens))
+
+
+def work_scale(p: tg.Pass, here: tg.EvalStream, there: tg.EvalStream, hp: tg.Hyperparameters) -> float:
+    """The pass's work on the projected set over its work here, by train_gpt's cost model."""
+    return tg.projected_s(p, there, 1.0, hp) / tg.projected_s(p, here, 1.0, hp)
+
+
+def projected_seconds(p: tg.Pass, seconds: float, scale: float, world_size: int, project_gpus: int) -> float:
+    """Seconds on project_gpus GPUs: each rank does 1/world_size of the work, except the n-gram tilt
+    and mixer, which every rank runs over the whole stream."""
+    gpu_factor = 1.0 if p.ngram or p.tilt else world_size / project_gpus
+    return round(seconds * scale * gpu_factor, 1)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=3_000_000, help="scored positions (default 3,000,000)")
@@ -57,6 +84,7 @@ def main() -> int:
     )
     ap.add_argument("--doc-tokens", type=int, default=1200, help="a BOS every this many tokens")
     ap.add_argument("--project-tokens", type=int, default=62_021_632, help="val tokens to project to")
+    ap.add_argument("--project-docs", type=int, default=50_000, help="val documents to project to")
     ap.add_argument("--project-gpus", type=int, default=8, help="GPUs to project to")
     args = ap.parse_args()
     hp = tg.Hyperparameters()
@@ -76,6 +104,7 @@ def main() -> int:
     tokens[:: args.doc_tokens] = tg.BOS_ID
     t = torch.from_numpy(tokens).to(rt.device)
     stream = tg.EvalStream(t, torch.ones(args.tokens, device=rt.device))
+    target = projection_stream(args.project_tokens, max(args.project_tokens // args.project_docs, 1))
     clock = tg.EvalClock(float("inf"), rt)
     log = print if rt.is_main else tg.Logger(None)  # rank 0 prints (no log file)
     if "ngram_tilt" in wanted:
@@ -92,8 +121,7 @@ def main() -> int:
         t0 = time.perf_counter()
         result = tg.run_logged(model, stream, known[name], hp, rt, clock, log, result)
         seconds = time.perf_counter() - t0
-        # every rank mixes the whole stream, so the mixer does not get faster with more GPUs
-        gpu_factor = 1.0 if known[name].ngram or known[name].tilt else rt.world_size / args.project_gpus
+        scale = work_scale(known[name], stream, target, hp)
         line = tg.kv(
             bench_pass=name,
             device=tg.gpu_names() if rt.device.type == "cuda" else "cpu",
@@ -102,8 +130,9 @@ def main() -> int:
             seconds=round(seconds, 2),
             scored_tokens_per_s=int(result["tokens"] / seconds),
             window_tokens_per_s=int(result["window_tokens_per_s"]),
-            projected_s=round(seconds * args.project_tokens / args.tokens * gpu_factor, 1),
-            projected_for=f"{args.project_tokens}_tokens_on_{args.project_gpus}_gpus",
+            work_scale=round(scale, 2),
+            projected_s=projected_seconds(known[name], seconds, scale, rt.world_size, args.project_gpus),
+            projected_for=f"{args.project_tokens}_tokens_{args.project_docs}_docs_on_{args.project_gpus}_gpus",
         )
         log(line)
     if rt.distributed:

@@ -55,10 +55,10 @@ def test_projection_scales_each_pass_by_its_work(bench):
 
 def test_projected_seconds_divide_by_gpus_except_the_ngram_passes(bench):
     known = bench.passes(make_hp())
-    assert bench.projected_seconds(known["phased"], 2.0, 30.0, 1, 8) == 7.5
-    assert bench.projected_seconds(known["doc"], 2.0, 30.0, 2, 8) == 15.0
+    assert bench.projected_seconds(known["phased"], 2.0, 0.0, 30.0, 1, 8) == 7.5
+    assert bench.projected_seconds(known["doc"], 2.0, 4.0, 30.0, 2, 8) == 19.0  # setup once, not scaled
     for name in ("ngram_tilt", "ngram_mix"):  # every rank runs the whole stream
-        assert bench.projected_seconds(known[name], 2.0, 30.0, 1, 8) == 60.0
+        assert bench.projected_seconds(known[name], 2.0, 0.0, 30.0, 1, 8) == 60.0
 
 
 def test_projection_stream_needs_no_memory_per_position(bench):
@@ -87,6 +87,7 @@ def test_eval_speed_times_and_projects_every_pass_on_cpu(tmp_path):
         fields = lines[name]
         assert fields["projected_for"] == "40000_tokens_1000_docs_on_8_gpus" and fields["tokens"] == "400"
         assert float(fields["projected_s"]) >= 0 and float(fields["seconds"]) > 0, name
+        assert float(fields["setup_s"]) >= 0, name
     assert float(lines["lora"]["work_scale"]) == pytest.approx(100.0)
     assert float(lines["phased"]["work_scale"]) < float(lines["lora"]["work_scale"])
     assert "ttt_phase:2" in proc.stdout  # both global phases ran

@@ -99,6 +99,10 @@ def test_the_records_normaliser_does_not_round_trip(tmp_path, capsys, monkeypatc
     sp = train_small(tmp_path / "nfkc", capsys)
     assert verify.normaliser(sp) == "nmt_nfkc (whitespace runs collapsed)"
     assert not any(round_trips(sp, t) for t in HARD_TEXTS[:3])
+    # It strips leading blanks: their bytes go to the first token of text, never to a case operator.
+    (ids, nbytes), *_ = caseops.encode_with_bytes(sp, ["  Leading words"])
+    assert ids[0] == sp.piece_to_id(caseops.TITLE) and nbytes[0] == 0
+    assert int(nbytes.sum()) == len("  Leading words") and nbytes[1] >= 2
     plain = spm.SentencePieceProcessor(model_file=str(REPO / "data/sample/sample_1024_bpe.model"))
     assert verify.normaliser(plain) == "nmt_nfkc (whitespace runs collapsed)"  # official, no --caseops
 

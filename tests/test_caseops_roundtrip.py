@@ -103,6 +103,11 @@ def test_the_records_normaliser_does_not_round_trip(tmp_path, capsys, monkeypatc
     (ids, nbytes), *_ = caseops.encode_with_bytes(sp, ["  Leading words"])
     assert ids[0] == sp.piece_to_id(caseops.TITLE) and nbytes[0] == 0
     assert int(nbytes.sum()) == len("  Leading words") and nbytes[1] >= 2
+    capsys.readouterr()
+    tokenize_docs.warn_if_normalising(Path("nfkc.model"), sp)  # data.tokenize_docs --caseops warns
+    assert "nfkc.model normalises text (nmt_nfkc" in capsys.readouterr().err
+    tokenize_docs.warn_if_normalising(BUNDLED, spm.SentencePieceProcessor(model_file=str(BUNDLED)))
+    assert capsys.readouterr().err == ""
     plain = spm.SentencePieceProcessor(model_file=str(REPO / "data/sample/sample_1024_bpe.model"))
     assert verify.normaliser(plain) == "nmt_nfkc (whitespace runs collapsed)"  # official, no --caseops
 

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--caseops",
         action="store_true",
-        help="CaseOps tokenizer: train on case-transformed text, the case operators as user-defined pieces",
+        help="CaseOps tokenizer: train on case-transformed text, the case operators as user-defined pieces, "
+        "no normalisation (decoding gives every document back)",
     )
     parser.add_argument("--max-docs", type=int, default=None, help="train on at most this many documents")
     parser.add_argument(
@@ -187,7 +188,8 @@ def report(model: Path, args: argparse.Namespace, feed: DocFeed) -> None:
     byte_pieces = sum(sp.is_byte(i) for i in range(size))
     print(
         f"wrote {model} and {model.with_suffix('.vocab')}: vocab_size:{size} byte_pieces:{byte_pieces} "
-        f"docs:{feed.docs} docs_over_max_sentence_length:{feed.too_long} caseops:{int(args.caseops)}"
+        f"docs:{feed.docs} docs_over_max_sentence_length:{feed.too_long} caseops:{int(args.caseops)} "
+        f"normalization:{trainer_settings(args.caseops)['normalization_rule_name']}"
     )
     if size != args.vocab_size:
         print(

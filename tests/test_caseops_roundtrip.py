@@ -52,11 +52,12 @@ def run_cli(module, argv: list[str], capsys) -> tuple[int, str]:
     return code, captured.out + captured.err
 
 
-def train_small(prefix: Path, capsys) -> spm.SentencePieceProcessor:
+def train_small(prefix: Path, capsys) -> tuple[spm.SentencePieceProcessor, str]:
+    """A small CaseOps tokenizer trained by the tool, and what the tool printed."""
     argv = ["--input", str(SAMPLE), "--caseops", "--vocab-size", "400", "--max-docs", "150"]
     code, text = run_cli(train_tokenizer, [*argv, "--threads", "1", "--output", str(prefix)], capsys)
     assert code == 0, text
-    return spm.SentencePieceProcessor(model_file=f"{prefix}.model")
+    return spm.SentencePieceProcessor(model_file=f"{prefix}.model"), text
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +87,9 @@ def test_bundled_caseops_tokenizer_is_a_bijection_on_every_sample_document():
 
 
 def test_train_tokenizer_caseops_trains_a_round_tripping_tokenizer(tmp_path, capsys):
-    sp = train_small(tmp_path / "tok", capsys)
+    sp, printed = train_small(tmp_path / "tok", capsys)
     assert verify.normaliser(sp) == "identity" and sp.get_piece_size() == 400
+    assert "caseops:1 normalization:identity" in printed
     assert [t for t in sample_texts(300) + HARD_TEXTS if not round_trips(sp, t)] == []
     assert train_tokenizer.trainer_settings(False) == train_tokenizer.TRAINER_SETTINGS  # plain: official
 
@@ -96,8 +98,11 @@ def test_the_records_normaliser_does_not_round_trip(tmp_path, capsys, monkeypatc
     """The official settings (nmt_nfkc, whitespace collapsed), which the records' CaseOps tokenizer
     was trained with: the reason --caseops departs from them."""
     monkeypatch.setattr(train_tokenizer, "CASEOPS_SETTINGS", {})
-    sp = train_small(tmp_path / "nfkc", capsys)
-    assert verify.normaliser(sp) == "nmt_nfkc (whitespace runs collapsed)"
+    sp, printed = train_small(tmp_path / "nfkc", capsys)
+    assert (
+        verify.normaliser(sp) == "nmt_nfkc (whitespace runs collapsed)"
+        and "normalization:nmt_nfkc" in printed
+    )
     assert not any(round_trips(sp, t) for t in HARD_TEXTS[:3])
     # It strips leading blanks: their bytes go to the first token of text, never to a case operator.
     (ids, nbytes), *_ = caseops.encode_with_bytes(sp, ["  Leading words"])

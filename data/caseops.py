@@ -119,15 +119,22 @@ def encode_with_bytes(sp, texts: list[str]) -> list[tuple[list[int], np.ndarray]
 
     A token covers the transformed text from its start offset to the next token's start
     (SentencePiece's offset mapping; where spans touch, the records' `piece.surface`), so whitespace
-    the normaliser collapses is charged to the token that absorbed it, and whitespace it strips
-    before the first or after the last token to those tokens: each document's bytes sum to its
-    UTF-8 length.
+    a normalising tokenizer collapses is charged to the token that absorbed it, whitespace it strips
+    after the last token to that token, and whitespace it strips before the first token to the first
+    token of text (an operator stays at 0): each document's bytes sum to its UTF-8 length. The
+    tokenizers data.train_tokenizer --caseops trains normalise nothing, so each token's span is
+    exactly the text it decodes to.
     """
     transformed = [encode(t) for t in texts]
     encoded = sp.encode(transformed, out_type="offset_mapping", num_threads=1) if texts else []
-    result = []
-    for text, enc in zip(transformed, encoded, strict=True):
-        cuts = [0, *(a for a, _ in enc["offsets"][1:]), len(text)]
-        spans = [text[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)] if enc["ids"] else []
-        result.append((list(enc["ids"]), np.array(original_bytes(spans), dtype=np.int64)))
-    return result
+    return [_ids_and_bytes(text, enc) for text, enc in zip(transformed, encoded, strict=True)]
+
+
+def _ids_and_bytes(text: str, enc: dict) -> tuple[list[int], np.ndarray]:
+    if not enc["ids"]:
+        return [], np.zeros(0, dtype=np.int64)
+    lead = enc["offsets"][0][0]  # whitespace stripped before the first token
+    cuts = [lead, *(a for a, _ in enc["offsets"][1:]), len(text)]
+    counts = np.array(original_bytes([text[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]))
+    counts[int(np.argmax(counts > 0))] += len(text[:lead].encode("utf-8"))
+    return list(enc["ids"]), counts.astype(np.int64)

@@ -349,7 +349,21 @@ def open_tokenizer(path: Path, vocab_size: int | None, case_ops: bool = False) -
             f"{path}: a CaseOps tokenizer needs --caseops (and --caseops a CaseOps tokenizer, made with "
             "`python -m data.train_tokenizer --caseops`)"
         )
+    if case_ops:
+        warn_if_normalising(path, sp)
     return actual
+
+
+def warn_if_normalising(path: Path, sp) -> None:
+    """A CaseOps tokenizer that normalises (the records' nmt_nfkc) cannot decode every document back."""
+    from data.verify import RETRAIN_FIX, normaliser
+
+    if normaliser(sp) != "identity":
+        print(
+            f"warning: {path} normalises text ({normaliser(sp)}): documents it changes will not decode to "
+            f"their original text and data.verify --input will fail on them; to make it exact, {RETRAIN_FIX}",
+            file=sys.stderr,
+        )
 
 
 def written_by_us(folder: Path) -> bool:

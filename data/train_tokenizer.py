@@ -9,6 +9,12 @@ Documents are fed whole, NUL replaced by a space and stripped; blank ones are sk
 --caseops trains a CaseOps tokenizer (data/caseops.py; openai/parameter-golf PR #1729): documents
 are fed case-transformed and the four case operators are user-defined pieces, as the records'
 tokenizer_specs_export_caseops_v1_reserved_only.json asks (`reserve_text_transform_controls`).
+Unlike the records' tokenizer it normalises nothing (CASEOPS_SETTINGS: rule `identity`, whitespace
+kept): the records train with nmt_nfkc, which folds characters (NFKC: "ﬁ" -> "fi", "½" -> "1⁄2")
+and collapses whitespace runs and newlines into one space, so decoding their ids does not give the
+original text back although the byte sidecar charges its original bytes. With `identity` and byte
+fallback, decode followed by the inverse case transform gives every document back exactly (only a
+literal U+2581 cannot: SentencePiece reads it as a space), which `data.verify --input` proves.
 
 Note: the bundled data/sample/fineweb_1024_bpe.model has no byte-fallback pieces (its trainer
 spec says byte_fallback=false), so text it cannot cover becomes <unk>. Tokenizers trained here
@@ -42,6 +48,9 @@ TRAINER_SETTINGS = {
     "unk_id": 3,
     "hard_vocab_limit": False,
 }
+# --caseops: a bijective tokenizer, so that val_bpb, charged to the original bytes, is the code
+# length of the original text (the records' nmt_nfkc tokenizer scores the normalised text instead).
+CASEOPS_SETTINGS = {"normalization_rule_name": "identity", "remove_extra_whitespaces": False}
 SP_DEFAULT_MAX_SENTENCE_LENGTH = 4192
 CASEOPS_NAME = "lossless_caps_caseops_v1_reserved"  # the records' tokenizer and dataset suffix
 
@@ -67,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--caseops",
         action="store_true",
-        help="CaseOps tokenizer: train on case-transformed text, the case operators as user-defined pieces",
+        help="CaseOps tokenizer: train on case-transformed text, the case operators as user-defined pieces, "
+        "no normalisation (decoding gives every document back)",
     )
     parser.add_argument("--max-docs", type=int, default=None, help="train on at most this many documents")
     parser.add_argument(
@@ -124,6 +134,13 @@ class DocFeed:
             yield text
 
 
+def trainer_settings(case_ops: bool) -> dict:
+    """The official settings; --caseops adds the operator pieces and the round-tripping normaliser."""
+    if not case_ops:
+        return dict(TRAINER_SETTINGS)
+    return TRAINER_SETTINGS | CASEOPS_SETTINGS | {"user_defined_symbols": list(caseops.OPERATORS)}
+
+
 def train(args: argparse.Namespace) -> Path:
     """Train into a temporary prefix next to the output, then rename: no half-written models."""
     import sentencepiece as spm
@@ -148,8 +165,7 @@ def train(args: argparse.Namespace) -> Path:
                 num_threads=args.threads,
                 max_sentence_length=args.max_sentence_length,
                 minloglevel=2,
-                **TRAINER_SETTINGS,
-                **({"user_defined_symbols": list(caseops.OPERATORS)} if args.caseops else {}),
+                **trainer_settings(args.caseops),
             )
         except RuntimeError as exc:
             if feed.error is None:
@@ -172,7 +188,8 @@ def report(model: Path, args: argparse.Namespace, feed: DocFeed) -> None:
     byte_pieces = sum(sp.is_byte(i) for i in range(size))
     print(
         f"wrote {model} and {model.with_suffix('.vocab')}: vocab_size:{size} byte_pieces:{byte_pieces} "
-        f"docs:{feed.docs} docs_over_max_sentence_length:{feed.too_long} caseops:{int(args.caseops)}"
+        f"docs:{feed.docs} docs_over_max_sentence_length:{feed.too_long} caseops:{int(args.caseops)} "
+        f"normalization:{trainer_settings(args.caseops)['normalization_rule_name']}"
     )
     if size != args.vocab_size:
         print(

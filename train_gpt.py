@@ -4313,12 +4313,13 @@ def scoring_forward(model: GPT, hp: Hyperparameters, rt: Runtime, batch: int, se
     trunk is compiled once for the one padded batch shape on GPU and warmed up on random tokens
     (never validation tokens) laid out as the real batches are, slices of (batch, T+1) windows, so
     no real batch recompiles; the head runs on the scored positions only (`stride` of T)."""
-    hidden = compile_for_eval(model.hidden, hp, rt)
+    plain = model.hidden  # one bound method: each `model.hidden` is a new object, never `is` another
+    hidden = compile_for_eval(plain, hp, rt)
 
     def fwd(x: Tensor, rows: int, width: int) -> Tensor:
         return model.head(hidden(x)[:rows, x.size(1) - width :])
 
-    if hidden is not model.hidden:
+    if hidden is not plain:
         t0 = time.perf_counter()
         gen = torch.Generator(device=rt.device).manual_seed(0)
         with torch.inference_mode(), autocast(rt):  # made inside: an inference tensor, as real batches

@@ -81,6 +81,16 @@ def test_scoring_passes_compile_in_warmup_only(monkeypatch, cpu_runtime, ttt_mod
     torch._dynamo.reset()
 
 
+def test_uncompiled_scoring_runs_no_warmup_forward(cpu_runtime, monkeypatch):
+    """Without compilation (CPU, COMPILE=0) there is nothing to warm up: no forward on random tokens
+    before the real batches (it used to run one per pass: `model.hidden is model.hidden` is False)."""
+    hp, model = tiny_model()
+    calls, lines, plain = [], [], tg.GPT.hidden
+    monkeypatch.setattr(tg.GPT, "hidden", lambda self, ids: calls.append(ids.shape) or plain(self, ids))
+    tg.scoring_forward(model, hp, cpu_runtime, 3, 16, lines.append)
+    assert calls == [] and not [line for line in lines if line.startswith("eval_compile_warmup_s")]
+
+
 def test_scored_logits_equal_the_full_forward(cpu_runtime):
     """The head applied to the scored positions only gives the full forward's logits there."""
     hp, model = tiny_model()

@@ -547,7 +547,7 @@ class Hyperparameters:
         k("VE_ENABLED", bool, False)  # shared value embedding added to V on VE_LAYERS (R0323)
         k("VE_DIM", int, 128, gt=0)  # value embedding width before projection to the KV width
         k("VE_LAYERS", str, "9,10")  # comma list of blocks whose values get it
-        k("ASYM_LOGIT_RESCALE", bool, False)  # learned softcaps for positive/negative logits (PR #1923)
+        k("ASYM_LOGIT_RESCALE", bool, False)  # learned +/- logit caps, frozen but trained by TTT (PR #1923)
         k("VARLEN_ATTN", bool, False)  # attention only within documents (a BOS starts one); FA3 varlen
         # fmt: on
 
@@ -1994,8 +1994,11 @@ class GPT(nn.Module):
         # Asymmetric logit rescale (PR #1923, modded-nanogpt PR #181): separate learned caps for
         # positive and negative logits, both LOGIT_SOFTCAP at init (the plain softcap). PR #1923
         # keeps them out of the training loss and lets test-time training move them: they are
-        # created frozen (requires_grad=False, so DDP and the optimizers skip them); a TTT that
-        # adapts them turns requires_grad on.
+        # created frozen (requires_grad=False, so DDP and the optimizers skip them) and ChunkTTT's
+        # whole-model steps train them (logit_caps): the phased global phases, where PR #1923's
+        # README says they train, and TTT_MODE=chunked; per-document LoRA steps train adapters
+        # only. (PR #1923's code runs its global phases through its training forward, which keeps
+        # the plain cap: there the two caps get no gradient and stay at LOGIT_SOFTCAP.)
         self.softcap_pos = self.softcap_neg = None
         if hp.asym_logit_rescale:
             self.softcap_pos = nn.Parameter(torch.tensor(hp.logit_softcap), requires_grad=False)
@@ -2087,6 +2090,10 @@ class GPT(nn.Module):
             return self.softcap * torch.tanh(raw / self.softcap)
         p, n = self.softcap_pos, self.softcap_neg  # PR #1923's rescale
         return torch.where(raw > 0, p * torch.tanh(raw / p), n * torch.tanh(raw / n))
+
+    def logit_caps(self) -> list[nn.Parameter]:
+        """ASYM_LOGIT_RESCALE's two caps (none when off): what test-time training adds to the model."""
+        return [] if self.softcap_pos is None else [self.softcap_pos, self.softcap_neg]
 
     def raw_logits(self, h: Tensor) -> Tensor:
         raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.tied else self.lm_head(h)
@@ -4325,6 +4332,8 @@ class ChunkTTT:
         self.model, self.hp, self.rt, self.n_chunks, self.seq_len = model, hp, rt, n_chunks, seq_len
         for i, block in enumerate(model.blocks):
             block.requires_grad_(i >= hp.ttt_freeze_blocks)
+        for cap in model.logit_caps():  # PR #1923: frozen in training, trained here with the rest
+            cap.requires_grad_(True)
         self.params = [p for p in model.parameters() if p.requires_grad]
         # One flat gradient buffer, each parameter's .grad a view of it: backward accumulates in
         # place and one all-reduce averages it, with no per-step concatenation.

@@ -314,10 +314,177 @@ PRESETS: dict[str, dict[str, str]] = {
         "QK_GAIN_INIT": "5.0",
         "TTT_MODE": "chunked",
     },
+    # PR #687's stack (submission-2026-03-24: its train_gpt.py defaults, README run command and
+    # seed logs): model_params 33,317,980. R0323's lineage with 8 KV heads, MLP 3.5x (the README's
+    # "3x" is not what its code builds), BigramHash 6144, XSA on all 11 layers, late QAT from LR
+    # scale 0.5 into int5 GPTQ; eval: sliding stride 32, score-first chunked TTT (AdamW 1e-4, 3
+    # epochs on 131,072-token chunks, the last 2 blocks trained) and the Hedge n-gram mixer. Legal
+    # equivalents: its mixer's fifth "entropy" expert is not a distribution over tokens (the
+    # mixture is then not normalised) and its count tables take each chunk's next token too
+    # (chunk_end + 1); NGRAM_MIX is the normalised four-expert mixture counting exactly what was
+    # scored. Warmdown: its 3,500 iterations of 5,997 steps. Pinned in full, so a change of the
+    # script's defaults leaves it alone. Not ours: PRESET_MISSING.
+    "seed_687": {
+        "DATA_PATH": "./data/datasets/fineweb10B_sp1024",
+        "TOKENIZER_PATH": "./data/tokenizers/fineweb_1024_bpe.model",
+        "VOCAB_SIZE": "1024",
+        "CASEOPS_ENABLED": "0",
+        "NUM_LAYERS": "11",
+        "MODEL_DIM": "512",
+        "NUM_HEADS": "8",
+        "NUM_KV_HEADS": "8",
+        "MLP_MULT": "3.5",
+        "LEAKY_RELU_SLOPE": "0.5",
+        "XSA_LAST_N": "11",
+        "QK_GAIN_INIT": "1.5",
+        "ROPE_DIMS": "16",
+        "ROPE_BASE": "22081.790273476247",  # its Rotary NTK-rescales 1024 -> 2048, as R0323's
+        "LN_SCALE": "1",
+        "VALUE_RESIDUAL": "0",
+        "GATED_ATTN": "0",
+        "SMEAR_GATE": "1",
+        "SMEAR_GATE_FORM": "channel",
+        "BIGRAM_BUCKETS": "6144",
+        "BIGRAM_DIM": "128",
+        "VE_ENABLED": "1",
+        "VE_DIM": "128",
+        "VE_LAYERS": "9,10",
+        "UNET_SKIPS": "1",
+        "NUM_LOOPS": "0",
+        "PARALLEL_RESIDUAL_LAST_N": "0",
+        "PARALLEL_START_LAYER": "0",
+        "SKIP_GATES_ENABLED": "0",
+        "SPARSE_ATTN_GATE_ENABLED": "0",
+        "VARLEN_ATTN": "0",
+        "MATRIX_LR": "0.025",
+        "SCALAR_LR": "0.025",
+        "TIED_EMBED_LR": "0.035",
+        "MUON_MOMENTUM": "0.99",
+        "MUON_MOMENTUM_WARMUP_START": "0.92",
+        "MUON_MOMENTUM_WARMUP_STEPS": "1500",
+        "MUON_ROW_NORMALIZE": "0",
+        "MUON_POLAR_EXPRESS": "0",
+        "MUON_WD": "0.04",
+        "EMBED_WD": "0.04",
+        "SCALAR_WD": "0.04",
+        "ADAM_BETA2": "0.95",
+        "GRAD_CLIP_NORM": "0.3",
+        "EMA_DECAY": "0.997",
+        "EMA_WINDOW_FRAC": "1.0",
+        "TRAIN_BATCH_TOKENS": "786432",
+        "TRAIN_SEQ_LEN": "2048",
+        "WARMDOWN_FRAC": "0.58",
+        "MIN_LR": "0.0",
+        "QAT_START_LR_SCALE": "0.5",
+        "QUANT_METHOD": "gptq",
+        "QUANT_BITS": "5",
+        "QUANT_EMBED_BITS": "8",
+        "QUANT_EMBED_GPTQ": "0",
+        "LQER_ENABLED": "0",
+        "COMPRESSOR": "zstd",
+        "EVAL_STRIDE": "32",
+        "TTT_MODE": "chunked",
+        "TTT_OPTIMIZER": "adamw",
+        "TTT_LR": "0.0001",
+        "TTT_MOMENTUM": "0.9",  # AdamW beta1 (its betas: 0.9, 0.999)
+        "TTT_EPOCHS": "3",
+        "TTT_CHUNK_TOKENS": "131072",
+        "TTT_FREEZE_BLOCKS": "9",  # its TTT_FREEZE_BLOCKS=2 counts the trained last blocks
+        "TTT_BATCH_SEQS": "256",  # its 32 per rank on 8 GPUs: one step per epoch of a chunk
+        "TTT_GRAD_CLIP": "1.0",
+        "NGRAM_MIX": "1",
+        "NGRAM_BUCKETS": "65536",
+        "HEDGE_LR": "0.1",
+        "NGRAM_WARMUP_TOKENS": "10000",
+    },
+    # PR #1090's stack, "11L XSA + SwiGLU + LoRA TTT" on one H100 (records/track_non_record_16mb/
+    # 2026-03-24_11L_XSA_SwiGLU_LoRATTT_1xH100: its train_gpt.py, README command and train.log):
+    # 8 query / 4 KV heads, XSA on the last 4 layers, full RoPE, SmearGate, U-Net skips, no
+    # BigramHash, value residual or LN scale; 524,288-token batches over 4,850 s on one GPU (its
+    # 3,000 warmdown iterations of 7,926 steps); no EMA (it averages SWA checkpoints); Muon without
+    # weight decay (its README says 0.04, its script never passes MUON_WD to Muon); per-row RTN
+    # int6 + int8 embeddings + zstd; per-document LoRA TTT, rank 8 on Q and V with scale 1/rank,
+    # Adam 0.05 (betas 0.9, 0.999), 256-token chunks. SwiGLU (hidden 1024) has no knob here: the
+    # 3x LeakyReLU(0.5)^2 MLP stands in at the same parameter count, model_params 26,502,232 as its
+    # script builds (its train.log's 27,092,057 adds a BigramHash(4096, 128) that its script and
+    # README dropped). Legal equivalent: its TTT leaves unscored each document's next BOS, documents
+    # under 5 tokens and one-token chunks; ours scores every position. Not ours: PRESET_MISSING.
+    "seed_1090": {
+        "DATA_PATH": "./data/datasets/fineweb10B_sp1024",
+        "TOKENIZER_PATH": "./data/tokenizers/fineweb_1024_bpe.model",
+        "VOCAB_SIZE": "1024",
+        "CASEOPS_ENABLED": "0",
+        "NUM_LAYERS": "11",
+        "MODEL_DIM": "512",
+        "NUM_HEADS": "8",
+        "NUM_KV_HEADS": "4",
+        "MLP_MULT": "3.0",
+        "LEAKY_RELU_SLOPE": "0.5",
+        "XSA_LAST_N": "4",
+        "QK_GAIN_INIT": "1.5",
+        "ROPE_DIMS": "64",
+        "ROPE_BASE": "10000",
+        "LN_SCALE": "0",
+        "VALUE_RESIDUAL": "0",
+        "GATED_ATTN": "0",
+        "SMEAR_GATE": "1",
+        "SMEAR_GATE_FORM": "channel",
+        "BIGRAM_BUCKETS": "0",
+        "VE_ENABLED": "0",
+        "UNET_SKIPS": "1",
+        "NUM_LOOPS": "0",
+        "PARALLEL_RESIDUAL_LAST_N": "0",
+        "PARALLEL_START_LAYER": "0",
+        "SKIP_GATES_ENABLED": "0",
+        "SPARSE_ATTN_GATE_ENABLED": "0",
+        "VARLEN_ATTN": "0",
+        "MATRIX_LR": "0.04",
+        "SCALAR_LR": "0.04",
+        "TIED_EMBED_LR": "0.05",
+        "MUON_MOMENTUM": "0.95",
+        "MUON_MOMENTUM_WARMUP_START": "0.85",
+        "MUON_MOMENTUM_WARMUP_STEPS": "500",
+        "MUON_ROW_NORMALIZE": "0",
+        "MUON_POLAR_EXPRESS": "0",
+        "MUON_WD": "0.0",
+        "EMBED_WD": "0.0",
+        "SCALAR_WD": "0.0",
+        "ADAM_BETA2": "0.95",
+        "GRAD_CLIP_NORM": "0.0",
+        "EMA_WINDOW_FRAC": "0.0",
+        "TRAIN_BATCH_TOKENS": "524288",
+        "MICROBATCH_TOKENS": "65536",
+        "TRAIN_SEQ_LEN": "2048",
+        "MAX_WALLCLOCK_SECONDS": "4850",
+        "WARMDOWN_FRAC": "0.38",
+        "MIN_LR": "0.0",
+        "QAT_START_LR_SCALE": "0.0",
+        "QUANT_METHOD": "rtn",
+        "QUANT_BITS": "6",
+        "QUANT_EMBED_BITS": "8",
+        "QUANT_EMBED_GPTQ": "0",
+        "LQER_ENABLED": "0",
+        "COMPRESSOR": "zstd",
+        "TTT_MODE": "lora",
+        "TTT_LORA_RANK": "8",
+        "TTT_LORA_ALPHA": "1.0",
+        "TTT_LORA_LR": "0.05",
+        "TTT_LORA_CHUNK": "256",
+        "TTT_BETA1": "0.9",
+        "TTT_BETA2": "0.999",
+        "TTT_ADAM_EPS": "1e-8",
+        "TTT_WEIGHT_DECAY": "0.0",
+        "TTT_WARM_START_A": "0",
+        "TTT_K_LORA": "0",
+        "TTT_O_LORA": "0",
+        "TTT_MLP_LORA": "0",
+        "TTT_NO_QV_MASK": "0",
+        "NGRAM_MIX": "0",
+    },
 }
 
-# What a record preset's record runs that this script does not (yet): --print-config and the run
-# header print `preset_missing:` with it, so a preset never passes for the record itself.
+# What a preset's record or pull request runs that this script does not (yet): --print-config and
+# the run header print `preset_missing:` with it, so a preset never passes for the record itself.
 PRESET_MISSING: dict[str, tuple[str, ...]] = {
     "record_0323": (
         "parameter_banking_parallel_muon",  # PR #399: banked matrices, batched Newton-Schulz
@@ -333,6 +500,25 @@ PRESET_MISSING: dict[str, tuple[str, ...]] = {
         "ttt_lora_per_loop_slot",  # R0427: a looped block's repeats get adapters of their own (ours share)
         "global_ttt_respect_doc_boundaries",  # R0427's phases attend within documents (ours: plain windows)
         "ema_fixed_decay",
+    ),
+    "seed_687": (
+        "ttt_adaptive_temperature=0.98",  # scores with entropy-adapted logit temperature
+        "ttt_polyak_decay=0.998",  # scores with an EMA of the TTT weights
+        "ttt_byte_weighted_loss",  # TTT loss weighted by each target's bytes
+        "ttt_adaptive_lr_max_mult=3",  # TTT LR ramped x1 -> x3 over the first 30 % of chunks
+        "ttt_trains_norms_and_scales_of_frozen_blocks",
+        "magnitude_pruning=3%",
+        "swa_every=50",  # SWA over the warmdown, on top of EMA
+        "bigram_zero_init_no_bos_bucket",
+        "ema_fixed_decay",
+    ),
+    "seed_1090": (
+        "swiglu_mlp",  # silu(gate x) * up x, hidden 1024 (ours: LeakyReLU^2 3x, same count)
+        "swa_every=200",  # SWA over the warmdown instead of EMA
+        "int5_mlp",  # its MLP matrices int5, attention int6
+        "lora_ttt_qv_only",  # ours also adapts the output head
+        "lora_ttt_normal_init",  # A ~ N(0, 0.01), B ~ N(0, 0.001): a fresh adapter is not a no-op
+        "lora_ttt_chunk_only_context",  # it scores each chunk alone; ours with its document's prefix
     ),
 }
 # The smoke run on CaseOps shards of the sample (data/sample/README.md builds them): val_bpb divides

@@ -334,6 +334,7 @@ PRESETS: dict[str, dict[str, str]] = {
         "NUM_HEADS": "8",
         "NUM_KV_HEADS": "8",
         "MLP_MULT": "3.5",
+        "MLP_ACT": "leaky_relu_sq",
         "LEAKY_RELU_SLOPE": "0.5",
         "XSA_LAST_N": "11",
         "QK_GAIN_INIT": "1.5",
@@ -404,11 +405,11 @@ PRESETS: dict[str, dict[str, str]] = {
     # 3,000 warmdown iterations of 7,926 steps); no EMA (it averages SWA checkpoints); Muon without
     # weight decay (its README says 0.04, its script never passes MUON_WD to Muon); per-row RTN
     # int6 + int8 embeddings + zstd; per-document LoRA TTT, rank 8 on Q and V with scale 1/rank,
-    # Adam 0.05 (betas 0.9, 0.999), 256-token chunks. SwiGLU (hidden 1024) has no knob here: the
-    # 3x LeakyReLU(0.5)^2 MLP stands in at the same parameter count, model_params 26,502,232 as its
-    # script builds (its train.log's 27,092,057 adds a BigramHash(4096, 128) that its script and
-    # README dropped). Legal equivalent: its TTT leaves unscored each document's next BOS, documents
-    # under 5 tokens and one-token chunks; ours scores every position. Not ours: PRESET_MISSING.
+    # Adam 0.05 (betas 0.9, 0.999), 256-token chunks; SwiGLU MLP (hidden 1024). model_params
+    # 26,502,232 as its script builds (its train.log's 27,092,057 adds a BigramHash(4096, 128) that
+    # its script and README dropped). Legal equivalent: its TTT leaves unscored each document's next
+    # BOS, documents under 5 tokens and one-token chunks; ours scores every position. Not ours:
+    # PRESET_MISSING.
     "seed_1090": {
         "DATA_PATH": "./data/datasets/fineweb10B_sp1024",
         "TOKENIZER_PATH": "./data/tokenizers/fineweb_1024_bpe.model",
@@ -419,7 +420,7 @@ PRESETS: dict[str, dict[str, str]] = {
         "NUM_HEADS": "8",
         "NUM_KV_HEADS": "4",
         "MLP_MULT": "3.0",
-        "LEAKY_RELU_SLOPE": "0.5",
+        "MLP_ACT": "swiglu",
         "XSA_LAST_N": "4",
         "QK_GAIN_INIT": "1.5",
         "ROPE_DIMS": "64",
@@ -513,7 +514,6 @@ PRESET_MISSING: dict[str, tuple[str, ...]] = {
         "ema_fixed_decay",
     ),
     "seed_1090": (
-        "swiglu_mlp",  # silu(gate x) * up x, hidden 1024 (ours: LeakyReLU^2 3x, same count)
         "swa_every=200",  # SWA over the warmdown instead of EMA
         "int5_mlp",  # its MLP matrices int5, attention int6
         "lora_ttt_qv_only",  # ours also adapts the output head
@@ -735,6 +735,7 @@ class Hyperparameters:
         k("VE_LAYERS", str, "9,10")  # comma list of blocks whose values get it
         k("ASYM_LOGIT_RESCALE", bool, False)  # learned +/- logit caps, frozen but trained by TTT (PR #1923)
         k("VARLEN_ATTN", bool, False)  # attention only within documents (a BOS starts one); FA3 varlen
+        k("MLP_ACT", str, "leaky_relu_sq", choices=("leaky_relu_sq", "swiglu"))  # swiglu: PR #1090
         # fmt: on
 
     def _optimizer_knobs(self, k: _KnobReader) -> None:
@@ -1986,21 +1987,34 @@ def _softcapped_ce_backward(ctx, grad_losses: Tensor, _grad_lse: Tensor):
 softcapped_ce.register_autograd(_softcapped_ce_backward, setup_context=_softcapped_ce_setup)
 
 
+def mlp_hidden(hp: Hyperparameters) -> int:
+    """MLP width: MLP_MULT x MODEL_DIM; SwiGLU (PR #1090) takes 2/3 of it rounded up to a multiple of
+    64, so its three matrices hold the parameters of the two-matrix MLP (1024 at 3 x 512)."""
+    if hp.mlp_act != "swiglu":
+        return int(hp.mlp_mult * hp.model_dim)
+    return -(-int(2 * hp.mlp_mult * hp.model_dim / 3) // 64) * 64
+
+
 class MLP(nn.Module):
-    """LeakyReLU(0.5)^2 (PR #493): W_down(leaky_relu(W_up x)^2)."""
+    """LeakyReLU(0.5)^2 (PR #493): W_down(leaky_relu(W_up x)^2). MLP_ACT=swiglu (PR #1090):
+    W_down(silu(W_gate x) * W_up x), W_gate (`glu`) orthogonal at init like W_up (`fc`)."""
 
     def __init__(self, hp: Hyperparameters):
         super().__init__()
-        hidden = int(hp.mlp_mult * hp.model_dim)
+        hidden = mlp_hidden(hp)
         self.fc, self.proj = (
             CastedLinear(hp.model_dim, hidden, False),
             CastedLinear(hidden, hp.model_dim, False),
         )
         self.proj.zero_init = True
+        # SwiGLU's gate branch; not named "gate" (CONTROL_TENSOR_PATTERNS): a Muon matrix, as in PR #1090
+        self.glu = CastedLinear(hp.model_dim, hidden, False) if hp.mlp_act == "swiglu" else None
         self.slope = hp.leaky_relu_slope
         self.fused = hp.fused_mlp_enabled
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.glu is not None:  # no fused kernel: FUSED_MLP_ENABLED fuses LeakyReLU^2 only
+            return self.proj(F.silu(self.glu(x)) * self.fc(x))
         if self.fused and self.training and x.is_cuda and triton is not None and self.plain():
             w1, w2 = self.fc.weight.bfloat16(), self.proj.weight.bfloat16()
             return FusedLeakyReLUSqMLP.apply(x.bfloat16(), w1, w2, self.slope)

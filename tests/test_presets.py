@@ -14,8 +14,8 @@ import train_gpt as tg
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-# model_params of each source: PR #687's seed logs; PR #1090's train_gpt.py (its SwiGLU MLP, hidden
-# 1024, has the count of the 3x LeakyReLU^2 MLP standing in for it).
+# model_params of each source: PR #687's seed logs; PR #1090's train_gpt.py (11 layers of SwiGLU
+# with hidden 1024; its train.log counts a BigramHash its script no longer builds).
 PARAMS = {"seed_687": 33_317_980, "seed_1090": 26_502_232}
 
 KEY_SETTINGS = {
@@ -24,6 +24,7 @@ KEY_SETTINGS = {
         num_layers=11,
         num_kv_heads=8,
         mlp_mult=3.5,
+        mlp_act="leaky_relu_sq",
         leaky_relu_slope=0.5,
         xsa_last_n=11,
         bigram_buckets=6144,
@@ -51,6 +52,7 @@ KEY_SETTINGS = {
         num_layers=11,
         num_kv_heads=4,
         mlp_mult=3.0,
+        mlp_act="swiglu",
         xsa_last_n=4,
         rope_dims=64,
         ln_scale=False,
@@ -146,6 +148,7 @@ def test_preset_pins_what_the_script_defaults_may_change(preset):
         "TOKENIZER_PATH",
         "VOCAB_SIZE",
         "CASEOPS_ENABLED",
+        "MLP_ACT",
         "NUM_LOOPS",
         "PARALLEL_START_LAYER",
         "SPARSE_ATTN_GATE_ENABLED",

@@ -1,0 +1,73 @@
+"""MLP_ACT=swiglu (PR #1090): W_down(silu(W_gate x) * W_up x) with hidden 2/3 of MLP_MULT x MODEL_DIM
+rounded up to 64, its gate a Muon matrix quantised like the other block matrices; the default MLP is
+untouched."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_hp, randomize_
+
+import train_gpt as tg
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+@pytest.mark.parametrize(
+    "dim,mult,hidden", [(512, 3.0, 1024), (32, 2.0, 64), (96, 4.0, 256), (512, 3.5, 1216)]
+)
+def test_hidden_is_two_thirds_rounded_up_to_64(dim, mult, hidden):
+    """PR #1090: hidden = int(2 * mlp_mult * dim / 3), then up to a multiple of 64."""
+    hp = make_hp(MODEL_DIM=dim, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=mult, MLP_ACT="swiglu")
+    mlp = tg.MLP(hp)
+    assert mlp.fc.weight.shape == mlp.glu.weight.shape == (hidden, dim)
+    assert mlp.proj.weight.shape == (dim, hidden)
+
+
+def test_forward_is_the_gated_formula():
+    hp = make_hp(MLP_ACT="swiglu")
+    mlp = randomize_(tg.MLP(hp))
+    x = torch.randn(2, 5, hp.model_dim)
+    want = F.linear(F.silu(F.linear(x, mlp.glu.weight)) * F.linear(x, mlp.fc.weight), mlp.proj.weight)
+    torch.testing.assert_close(mlp(x), want)
+
+
+def test_same_parameter_count_as_the_plain_mlp_at_mult_3():
+    """3 x 512 x 1024 = 2 x 512 x 1536: the default 11-layer model's count does not move."""
+    with torch.device("meta"):
+        plain = tg.model_params(tg.GPT(tg.Hyperparameters({})))
+        swiglu = tg.model_params(tg.GPT(tg.Hyperparameters({"MLP_ACT": "swiglu"})))
+    assert swiglu == plain
+
+
+def test_gate_is_orthogonal_and_the_output_zero_at_init():
+    hp = make_hp(MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=3, MLP_ACT="swiglu")
+    torch.manual_seed(0)
+    block = tg.GPT(hp).blocks[0].mlp
+    g = block.glu.weight.float()  # (128, 64): orthonormal columns
+    torch.testing.assert_close(g.T @ g, torch.eye(64), rtol=0, atol=1e-5)
+    assert block.proj.weight.abs().max() == 0
+    assert block(torch.randn(1, 3, 64)).abs().max() == 0
+
+
+def test_gate_is_a_muon_matrix_quantised_at_quant_bits():
+    """Its name must not match a control-tensor pattern ("gate" does): PR #1090 trains it with Muon."""
+    hp = make_hp(MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=3, MLP_ACT="swiglu", QUANT_BITS=5)
+    model = tg.GPT(hp)
+    names = {id(p): n for n, p in model.named_parameters()}
+    matrices = {names[id(p)] for p in tg.split_params(model)["matrix"]}
+    assert {"blocks.0.mlp.glu.weight", "blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight"} <= matrices
+    assert tg.quant_plan(model, hp)["blocks.1.mlp.glu.weight"] == 5
+
+
+def test_default_mlp_has_no_gate():
+    model = tg.GPT(make_hp())
+    assert model.blocks[0].mlp.glu is None
+    assert not any("glu" in name for name in model.state_dict())
+
+
+def test_swiglu_model_trains_one_step():
+    hp = make_hp(MLP_ACT="swiglu")
+    model = randomize_(tg.GPT(hp))
+    ids = torch.randint(0, hp.vocab_size, (2, 9))
+    model(ids[:, :-1], ids[:, 1:]).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.blocks[0].mlp.parameters())

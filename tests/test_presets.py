@@ -105,6 +105,7 @@ TINY_EVAL = dict(  # chunks and documents small enough that a 208-token stream a
     TTT_LORA_DOCS="3",
     NGRAM_BUCKETS="32",
     NGRAM_WARMUP_TOKENS="0",
+    NGRAM_CHECK_NORM="1",  # seed_687's mixture checked to be a distribution at every scored position
 )
 
 

@@ -71,3 +71,36 @@ def test_swiglu_model_trains_one_step():
     ids = torch.randint(0, hp.vocab_size, (2, 9))
     model(ids[:, :-1], ids[:, 1:]).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.blocks[0].mlp.parameters())
+
+
+def test_gate_and_up_share_one_hessian_and_gptq_quantises_both(cpu_runtime, shard_dir):
+    """W_gate and W_up read the same input one after the other: one Hessian object for both, as for
+    c_q/c_k/c_v; both get GPTQ at QUANT_BITS."""
+    hp = make_hp(VOCAB_SIZE=1024, MODEL_DIM=128, DATA_PATH=str(shard_dir), MLP_ACT="swiglu")
+    torch.manual_seed(0)
+    model = randomize_(tg.GPT(hp))
+    loader = tg.DistributedTokenLoader(tg.find_shards(hp.data_path, "train"), cpu_runtime)
+    hessians = tg.collect_hessians(model, loader, hp, cpu_runtime, batches=2)
+    gate, up, down = (f"blocks.1.mlp.{n}.weight" for n in ("glu", "fc", "proj"))
+    assert hessians[gate] is hessians[up] and hessians[down] is not hessians[up]
+    assert hessians[gate].shape == (128, 128) and hessians[down].shape == (192, 192)  # 2/3 of 2 x 128, to 64
+    qstate = tg.Quantizer(model, hessians, hp).qstate()
+    W = model.blocks[1].mlp.glu.weight.detach()
+    err = tg.output_error(W - qstate[gate].dequantize(), hessians[gate]).sum()
+    rtn = tg.output_error(W - tg.rtn_quantize(W, hp.quant_bits).dequantize(), hessians[gate]).sum()
+    assert err < rtn
+
+
+def test_artifact_round_trip_rebuilds_the_swiglu_model():
+    """The artifact's settings carry MLP_ACT: a fresh process rebuilds the gated MLP and loads it."""
+    hp = make_hp(NUM_LAYERS=3, MODEL_DIM=128, BIGRAM_BUCKETS=64, COMPRESSOR="zstd", MLP_ACT="swiglu")
+    torch.manual_seed(0)
+    model = randomize_(tg.GPT(hp), std=0.05)
+    blob, _ = tg.fit_artifact(tg.Quantizer(model, {}, hp), 1000, lambda _: None, 16_000_000)
+    meta, qstate = tg.decode_artifact(blob, "mem")
+    assert meta["settings"]["MLP_ACT"] == "swiglu"
+    rebuilt = tg.GPT(tg.Hyperparameters({}).with_model_settings(meta["settings"]))
+    tg.load_artifact_weights(rebuilt, qstate, "mem")
+    assert rebuilt.blocks[0].mlp.glu is not None
+    for name, value in model.state_dict().items():
+        assert torch.allclose(rebuilt.state_dict()[name], value, atol=0.05 * value.abs().max() + 1e-3), name

@@ -507,7 +507,7 @@ PRESET_MISSING: dict[str, tuple[str, ...]] = {
         "ttt_polyak_decay=0.998",  # scores with an EMA of the TTT weights
         "ttt_byte_weighted_loss",  # TTT loss weighted by each target's bytes
         "ttt_adaptive_lr_max_mult=3",  # TTT LR ramped x1 -> x3 over the first 30 % of chunks
-        "ttt_trains_norms_and_scales_of_frozen_blocks",
+        "ttt_last_blocks_norms_and_scales_only",  # ours: the last blocks and every non-block weight
         "magnitude_pruning=3%",
         "swa_every=50",  # SWA over the warmdown, on top of EMA
         "bigram_zero_init_no_bos_bucket",

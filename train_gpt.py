@@ -17,7 +17,8 @@ Every knob is an environment variable read by `Hyperparameters` below; unknown o
 #           PolarNS_MinLR_FusedCE (PR #1787)
 #   R0427 = records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611
 #           (PR #1855)
-#   P2, P638, P687, P1125, P1485 = pull requests #2, #638, #687, #1125, #1485; BASE = the naive baseline.
+#   P638, P687, P1090, P1125, P1485 = pull requests #638, #687, #1090, #1125, #1485;
+#   BASE = the naive baseline.
 
 from __future__ import annotations
 
@@ -387,10 +388,182 @@ PRESETS: dict[str, dict[str, str]] = {
         "QK_GAIN_INIT": "5.0",
         "TTT_MODE": "chunked",
     },
+    # PR #687's stack (submission-2026-03-24: its train_gpt.py defaults, README run command and
+    # seed logs): model_params 33,317,980. R0323's lineage with 8 KV heads, MLP 3.5x (the README's
+    # "3x" is not what its code builds), BigramHash 6144, XSA on all 11 layers, late QAT from LR
+    # scale 0.5 into int5 GPTQ; eval: sliding stride 32, score-first chunked TTT (AdamW 1e-4, 3
+    # epochs on 131,072-token chunks, the last 2 blocks trained) and the Hedge n-gram mixer. Legal
+    # equivalents: its mixer's fifth "entropy" expert is not a distribution over tokens (the
+    # mixture is then not normalised) and its count tables take each chunk's next token too
+    # (chunk_end + 1); NGRAM_MIX is the normalised four-expert mixture counting exactly what was
+    # scored. Warmdown: its 3,500 iterations of 5,997 steps. Pinned in full, so a change of the
+    # script's defaults leaves it alone. Not ours: PRESET_MISSING.
+    "seed_687": {
+        **MARCH_STACK,  # the knobs it does not name keep the March values, not R0427's
+        "DATA_PATH": "./data/datasets/fineweb10B_sp1024",
+        "TOKENIZER_PATH": "./data/tokenizers/fineweb_1024_bpe.model",
+        "VOCAB_SIZE": "1024",
+        "CASEOPS_ENABLED": "0",
+        "NUM_LAYERS": "11",
+        "MODEL_DIM": "512",
+        "NUM_HEADS": "8",
+        "NUM_KV_HEADS": "8",
+        "MLP_MULT": "3.5",
+        "MLP_ACT": "leaky_relu_sq",
+        "LEAKY_RELU_SLOPE": "0.5",
+        "XSA_LAST_N": "11",
+        "QK_GAIN_INIT": "1.5",
+        "ROPE_DIMS": "16",
+        "ROPE_BASE": "22081.790273476247",  # its Rotary NTK-rescales 1024 -> 2048, as R0323's
+        "LN_SCALE": "1",
+        "VALUE_RESIDUAL": "0",
+        "GATED_ATTN": "0",
+        "SMEAR_GATE": "1",
+        "SMEAR_GATE_FORM": "channel",
+        "BIGRAM_BUCKETS": "6144",
+        "BIGRAM_DIM": "128",
+        "VE_ENABLED": "1",
+        "VE_DIM": "128",
+        "VE_LAYERS": "9,10",
+        "UNET_SKIPS": "1",
+        "NUM_LOOPS": "0",
+        "PARALLEL_RESIDUAL_LAST_N": "0",
+        "PARALLEL_START_LAYER": "0",
+        "SKIP_GATES_ENABLED": "0",
+        "SPARSE_ATTN_GATE_ENABLED": "0",
+        "VARLEN_ATTN": "0",
+        "MATRIX_LR": "0.025",
+        "SCALAR_LR": "0.025",
+        "TIED_EMBED_LR": "0.035",
+        "MUON_MOMENTUM": "0.99",
+        "MUON_MOMENTUM_WARMUP_START": "0.92",
+        "MUON_MOMENTUM_WARMUP_STEPS": "1500",
+        "MUON_ROW_NORMALIZE": "0",
+        "MUON_POLAR_EXPRESS": "0",
+        "MUON_WD": "0.04",
+        "EMBED_WD": "0.04",
+        "SCALAR_WD": "0.04",
+        "ADAM_BETA2": "0.95",
+        "GRAD_CLIP_NORM": "0.3",
+        "EMA_DECAY": "0.997",
+        "EMA_WINDOW_FRAC": "1.0",
+        "EMA_FIXED_DECAY": "1",
+        "TRAIN_BATCH_TOKENS": "786432",
+        "TRAIN_SEQ_LEN": "2048",
+        "WARMDOWN_FRAC": "0.58",
+        "MIN_LR": "0.0",
+        "QAT_START_LR_SCALE": "0.5",
+        "QUANT_METHOD": "gptq",
+        "QUANT_BITS": "5",
+        "QUANT_EMBED_BITS": "8",
+        "QUANT_EMBED_GPTQ": "0",
+        "LQER_ENABLED": "0",
+        "COMPRESSOR": "zstd",
+        "EVAL_STRIDE": "32",
+        "TTT_MODE": "chunked",
+        "TTT_OPTIMIZER": "adamw",
+        "TTT_LR": "0.0001",
+        "TTT_MOMENTUM": "0.9",  # AdamW beta1 (its betas: 0.9, 0.999)
+        "TTT_EPOCHS": "3",
+        "TTT_CHUNK_TOKENS": "131072",
+        "TTT_FREEZE_BLOCKS": "9",  # its TTT_FREEZE_BLOCKS=2 counts the trained last blocks
+        "TTT_BATCH_SEQS": "256",  # its 32 per rank on 8 GPUs: one step per epoch of a chunk
+        "TTT_GRAD_CLIP": "1.0",
+        "NGRAM_MIX": "1",
+        "NGRAM_BUCKETS": "65536",
+        "HEDGE_LR": "0.1",
+        "NGRAM_WARMUP_TOKENS": "10000",
+    },
+    # seed_2, the SwiGLU seed system: PR #1090's stack, "11L XSA + SwiGLU + LoRA TTT" on one H100
+    # (records/track_non_record_16mb/2026-03-24_11L_XSA_SwiGLU_LoRATTT_1xH100: its train_gpt.py,
+    # README command and train.log):
+    # 8 query / 4 KV heads, XSA on the last 4 layers, full RoPE, SmearGate, U-Net skips, no
+    # BigramHash, value residual or LN scale; 524,288-token batches over 4,850 s on one GPU (its
+    # 3,000 warmdown iterations of 7,926 steps); no EMA (it averages SWA checkpoints); Muon without
+    # weight decay (its README says 0.04, its script never passes MUON_WD to Muon); per-row RTN
+    # int6 + int8 embeddings + zstd; per-document LoRA TTT, rank 8 on Q and V with scale 1/rank,
+    # Adam 0.05 (betas 0.9, 0.999), 256-token chunks; SwiGLU MLP (hidden 1024). model_params
+    # 26,502,232 as its script builds (its train.log's 27,092,057 adds a BigramHash(4096, 128) that
+    # its script and README dropped). Legal equivalent: its TTT leaves unscored each document's next
+    # BOS, documents under 5 tokens and one-token chunks; ours scores every position. Not ours:
+    # PRESET_MISSING.
+    "seed_2": {
+        **MARCH_STACK,  # the knobs it does not name keep the March values, not R0427's
+        "DATA_PATH": "./data/datasets/fineweb10B_sp1024",
+        "TOKENIZER_PATH": "./data/tokenizers/fineweb_1024_bpe.model",
+        "VOCAB_SIZE": "1024",
+        "CASEOPS_ENABLED": "0",
+        "NUM_LAYERS": "11",
+        "MODEL_DIM": "512",
+        "NUM_HEADS": "8",
+        "NUM_KV_HEADS": "4",
+        "MLP_MULT": "3.0",
+        "MLP_ACT": "swiglu",
+        "XSA_LAST_N": "4",
+        "QK_GAIN_INIT": "1.5",
+        "ROPE_DIMS": "64",
+        "ROPE_BASE": "10000",
+        "LN_SCALE": "0",
+        "VALUE_RESIDUAL": "0",
+        "GATED_ATTN": "0",
+        "SMEAR_GATE": "1",
+        "SMEAR_GATE_FORM": "channel",
+        "BIGRAM_BUCKETS": "0",
+        "VE_ENABLED": "0",
+        "UNET_SKIPS": "1",
+        "NUM_LOOPS": "0",
+        "PARALLEL_RESIDUAL_LAST_N": "0",
+        "PARALLEL_START_LAYER": "0",
+        "SKIP_GATES_ENABLED": "0",
+        "SPARSE_ATTN_GATE_ENABLED": "0",
+        "VARLEN_ATTN": "0",
+        "MATRIX_LR": "0.04",
+        "SCALAR_LR": "0.04",
+        "TIED_EMBED_LR": "0.05",
+        "MUON_MOMENTUM": "0.95",
+        "MUON_MOMENTUM_WARMUP_START": "0.85",
+        "MUON_MOMENTUM_WARMUP_STEPS": "500",
+        "MUON_ROW_NORMALIZE": "0",
+        "MUON_POLAR_EXPRESS": "0",
+        "MUON_WD": "0.0",
+        "EMBED_WD": "0.0",
+        "SCALAR_WD": "0.0",
+        "ADAM_BETA2": "0.95",
+        "GRAD_CLIP_NORM": "0.0",
+        "EMA_WINDOW_FRAC": "0.0",
+        "TRAIN_BATCH_TOKENS": "524288",
+        "MICROBATCH_TOKENS": "65536",
+        "TRAIN_SEQ_LEN": "2048",
+        "MAX_WALLCLOCK_SECONDS": "4850",
+        "WARMDOWN_FRAC": "0.38",
+        "MIN_LR": "0.0",
+        "QAT_START_LR_SCALE": "0.0",
+        "QUANT_METHOD": "rtn",
+        "QUANT_BITS": "6",
+        "QUANT_EMBED_BITS": "8",
+        "QUANT_EMBED_GPTQ": "0",
+        "LQER_ENABLED": "0",
+        "COMPRESSOR": "zstd",
+        "TTT_MODE": "lora",
+        "TTT_LORA_RANK": "8",
+        "TTT_LORA_ALPHA": "1.0",
+        "TTT_LORA_LR": "0.05",
+        "TTT_LORA_CHUNK": "256",
+        "TTT_BETA1": "0.9",
+        "TTT_BETA2": "0.999",
+        "TTT_ADAM_EPS": "1e-8",
+        "TTT_WEIGHT_DECAY": "0.0",
+        "TTT_WARM_START_A": "0",
+        "TTT_K_LORA": "0",
+        "TTT_O_LORA": "0",
+        "TTT_MLP_LORA": "0",
+        "TTT_NO_QV_MASK": "0",
+        "NGRAM_MIX": "0",
+    },
 }
 
-# What a record preset's record runs that this script does not (yet): --print-config and the run
-# header print `preset_missing:` with it, so a preset never passes for the record itself.
+# What a preset's record or pull request runs that this script does not (yet): --print-config and
+# the run header print `preset_missing:` with it, so a preset never passes for the record itself.
 PRESET_MISSING: dict[str, tuple[str, ...]] = {
     "record_0323": (
         "parameter_banking_parallel_muon",  # PR #399: banked matrices, batched Newton-Schulz
@@ -403,6 +576,23 @@ PRESET_MISSING: dict[str, tuple[str, ...]] = {
         "pergroup_lrzip_compressor",
         "ttt_lora_per_loop_slot",  # R0427: a looped block's repeats get adapters of their own (ours share)
         "global_ttt_respect_doc_boundaries",  # R0427's phases attend within documents (ours: plain windows)
+    ),
+    "seed_687": (
+        "ttt_adaptive_temperature=0.98",  # scores with entropy-adapted logit temperature
+        "ttt_polyak_decay=0.998",  # scores with an EMA of the TTT weights
+        "ttt_byte_weighted_loss",  # TTT loss weighted by each target's bytes
+        "ttt_adaptive_lr_max_mult=3",  # TTT LR ramped x1 -> x3 over the first 30 % of chunks
+        "ttt_last_blocks_norms_and_scales_only",  # ours: the last blocks and every non-block weight
+        "magnitude_pruning=3%",
+        "swa_every=50",  # SWA over the warmdown, on top of EMA
+        "bigram_zero_init_no_bos_bucket",
+    ),
+    "seed_2": (
+        "swa_every=200",  # SWA over the warmdown instead of EMA
+        "int5_mlp",  # its MLP matrices int5, attention int6
+        "lora_ttt_qv_only",  # ours also adapts the output head
+        "lora_ttt_normal_init",  # A ~ N(0, 0.01), B ~ N(0, 0.001): a fresh adapter is not a no-op
+        "lora_ttt_chunk_only_context",  # it scores each chunk alone; ours with its document's prefix
     ),
 }
 # The smoke run on CaseOps shards of the sample (data/sample/README.md builds them): val_bpb divides
@@ -617,8 +807,9 @@ class Hyperparameters:
         k("VE_ENABLED", bool, False)  # shared value embedding added to V on VE_LAYERS (R0323)
         k("VE_DIM", int, 128, gt=0)  # value embedding width before projection to the KV width
         k("VE_LAYERS", str, "9,10")  # comma list of blocks whose values get it
-        k("ASYM_LOGIT_RESCALE", bool, False)  # learned softcaps for positive/negative logits (PR #1923)
+        k("ASYM_LOGIT_RESCALE", bool, False)  # learned +/- logit caps, frozen but trained by TTT (PR #1923)
         k("VARLEN_ATTN", bool, True)  # attention only within documents (a BOS starts one); FA3 varlen
+        k("MLP_ACT", str, "leaky_relu_sq", choices=("leaky_relu_sq", "swiglu"))  # swiglu: PR #1090
         # fmt: on
 
     def _optimizer_knobs(self, k: _KnobReader) -> None:
@@ -1914,21 +2105,34 @@ def _softcapped_ce_backward(ctx, grad_losses: Tensor, _grad_lse: Tensor):
 softcapped_ce.register_autograd(_softcapped_ce_backward, setup_context=_softcapped_ce_setup)
 
 
+def mlp_hidden(hp: Hyperparameters) -> int:
+    """MLP width: MLP_MULT x MODEL_DIM; SwiGLU (PR #1090) takes 2/3 of it rounded up to a multiple of
+    64, so its three matrices hold the parameters of the two-matrix MLP (1024 at 3 x 512)."""
+    if hp.mlp_act != "swiglu":
+        return int(hp.mlp_mult * hp.model_dim)
+    return -(-int(2 * hp.mlp_mult * hp.model_dim / 3) // 64) * 64
+
+
 class MLP(nn.Module):
-    """LeakyReLU(0.5)^2 (PR #493): W_down(leaky_relu(W_up x)^2)."""
+    """LeakyReLU(0.5)^2 (PR #493): W_down(leaky_relu(W_up x)^2). MLP_ACT=swiglu (PR #1090):
+    W_down(silu(W_gate x) * W_up x), W_gate (`glu`) orthogonal at init like W_up (`fc`)."""
 
     def __init__(self, hp: Hyperparameters):
         super().__init__()
-        hidden = int(hp.mlp_mult * hp.model_dim)
+        hidden = mlp_hidden(hp)
         self.fc, self.proj = (
             CastedLinear(hp.model_dim, hidden, False),
             CastedLinear(hidden, hp.model_dim, False),
         )
         self.proj.zero_init = True
+        # SwiGLU's gate branch; not named "gate" (CONTROL_TENSOR_PATTERNS): a Muon matrix, as in PR #1090
+        self.glu = CastedLinear(hp.model_dim, hidden, False) if hp.mlp_act == "swiglu" else None
         self.slope = hp.leaky_relu_slope
         self.fused = hp.fused_mlp_enabled
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.glu is not None:  # no fused kernel: FUSED_MLP_ENABLED fuses LeakyReLU^2 only
+            return self.proj(F.silu(self.glu(x)) * self.fc(x))
         if self.fused and self.training and x.is_cuda and triton is not None and self.plain():
             w1, w2 = self.fc.weight.bfloat16(), self.proj.weight.bfloat16()
             return FusedLeakyReLUSqMLP.apply(x.bfloat16(), w1, w2, self.slope)
@@ -2110,8 +2314,11 @@ class GPT(nn.Module):
         # Asymmetric logit rescale (PR #1923, modded-nanogpt PR #181): separate learned caps for
         # positive and negative logits, both LOGIT_SOFTCAP at init (the plain softcap). PR #1923
         # keeps them out of the training loss and lets test-time training move them: they are
-        # created frozen (requires_grad=False, so DDP and the optimizers skip them); a TTT that
-        # adapts them turns requires_grad on.
+        # created frozen (requires_grad=False, so DDP and the optimizers skip them) and ChunkTTT's
+        # whole-model steps train them (logit_caps): the phased global phases, where PR #1923's
+        # README says they train, and TTT_MODE=chunked; per-document LoRA steps train adapters
+        # only. (PR #1923's code runs its global phases through its training forward, which keeps
+        # the plain cap: there the two caps get no gradient and stay at LOGIT_SOFTCAP.)
         self.softcap_pos = self.softcap_neg = None
         if hp.asym_logit_rescale:
             self.softcap_pos = nn.Parameter(torch.tensor(hp.logit_softcap), requires_grad=False)
@@ -2120,7 +2327,7 @@ class GPT(nn.Module):
         self._init_weights(hp)
 
     def _init_weights(self, hp: Hyperparameters) -> None:
-        """Orthogonal matrices (P2: needed for SmearGate), zero output projections and untied head."""
+        """Orthogonal matrices (P1090: needed for SmearGate), zero output projections and untied head."""
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
         for module in self.modules():
             if not isinstance(module, CastedLinear):
@@ -2203,6 +2410,10 @@ class GPT(nn.Module):
             return self.softcap * torch.tanh(raw / self.softcap)
         p, n = self.softcap_pos, self.softcap_neg  # PR #1923's rescale
         return torch.where(raw > 0, p * torch.tanh(raw / p), n * torch.tanh(raw / n))
+
+    def logit_caps(self) -> list[nn.Parameter]:
+        """ASYM_LOGIT_RESCALE's two caps (none when off): what test-time training adds to the model."""
+        return [] if self.softcap_pos is None else [self.softcap_pos, self.softcap_neg]
 
     def raw_logits(self, h: Tensor) -> Tensor:
         raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.tied else self.lm_head(h)
@@ -4460,6 +4671,8 @@ class ChunkTTT:
         self.model, self.hp, self.rt, self.n_chunks, self.seq_len = model, hp, rt, n_chunks, seq_len
         for i, block in enumerate(model.blocks):
             block.requires_grad_(i >= hp.ttt_freeze_blocks)
+        for cap in model.logit_caps():  # PR #1923: frozen in training, trained here with the rest
+            cap.requires_grad_(True)
         self.params = [p for p in model.parameters() if p.requires_grad]
         # One flat gradient buffer, each parameter's .grad a view of it: backward accumulates in
         # place and one all-reduce averages it, with no per-step concatenation.
@@ -4536,7 +4749,7 @@ class ChunkTTT:
 
 class BatchedLoRA:
     """y += (alpha/r) B(Ax) with one (A, B) per row of the batch, i.e. per document (first LoRA TTT
-    record, 2026-03-17; P2/P687): A uniform(+-1/sqrt(in)), B zero, so a fresh adapter is a no-op.
+    record, 2026-03-17; P1090/P687): A uniform(+-1/sqrt(in)), B zero, so a fresh adapter is a no-op.
     A plain object, not a module: it hangs on a CastedLinear's `lora` slot of an eval-time copy.
     `scale` is alpha/rank (TTT_LORA_ALPHA; 1 when unset)."""
 

@@ -32,6 +32,8 @@ OWN_TECHNIQUES = {
     "seed_638": set(),
     "seed_1125": set(),
     "seed_1485_legal": {"NUM_LOOPS"},
+    "seed_687": set(),
+    "seed_2": {"TTT_MODE"},  # per-document LoRA TTT (PR #1090)
 }
 
 

@@ -1435,7 +1435,7 @@ def document_layout(ids: Tensor, max_doc_len: int = 0) -> Tensor:
     """What causal_attention needs to keep (B,T) rows' tokens inside their documents: FA3, the
     int32 cu_seqlens of the flattened batch; SDPA, the (B,1,T,T) causal same-document mask.
     max_doc_len > 0 also cuts a document every max_doc_len tokens from its start (R0427's global
-    TTT phases: _build_cu_seqlens with max_doc_len=EVAL_SEQ_LEN), with room for every cut."""
+    TTT phases: _build_cu_seqlens with max_doc_len=EVAL_SEQ_LEN), every segment kept (no static size)."""
     B, T = ids.shape
     pos = torch.arange(T, device=ids.device)
     starts = (ids == BOS_ID) | (pos == 0)
@@ -1443,8 +1443,11 @@ def document_layout(ids: Tensor, max_doc_len: int = 0) -> Tensor:
         doc_start = torch.where(starts, pos, 0).cummax(1).values
         starts = starts | ((pos - doc_start) % max_doc_len == 0)
     if ATTENTION_BACKEND == "fa3":
-        size = B + B * T // VARLEN_TOKENS_PER_SEGMENT + (B * T // max_doc_len if max_doc_len else 0)
-        first = torch.nonzero_static(starts.flatten(), size=size, fill_value=B * T).squeeze(1)
+        if max_doc_len:  # an eager global phase: exactly its segments, as the record's cu_seqlens
+            first = torch.nonzero(starts.flatten()).squeeze(1)
+        else:
+            size = B + B * T // VARLEN_TOKENS_PER_SEGMENT
+            first = torch.nonzero_static(starts.flatten(), size=size, fill_value=B * T).squeeze(1)
         return torch.cat((first, first.new_full((1,), B * T))).int()
     doc = starts.cumsum(1)
     causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()

@@ -17,6 +17,7 @@ import torch
 import torch._dynamo
 from conftest import make_hp, randomize_
 from test_eval import EVAL_KNOBS, V, random_tokens, val_data
+from test_frontier_optim import reference_varlen
 from test_phased_ttt import (
     PHASED,
     SILENT,
@@ -25,6 +26,7 @@ from test_phased_ttt import (
     perturbed,
     scoring_order,
 )
+from test_training import run_script, sample_shards, tiny_env  # noqa: F401 (sample_shards: a fixture)
 
 import train_gpt as tg
 
@@ -226,9 +228,9 @@ def record_segment_starts(x: np.ndarray, max_doc_len: int) -> list[int]:
 @pytest.mark.parametrize("max_doc_len", [0, 16, 7])
 def test_document_layout_cuts_documents_as_the_record(monkeypatch, seed, max_doc_len):
     """Segments start at BOS, at the row's start, and every max_doc_len tokens from a document's
-    start, as the record's boundaries; FA3's cu_seqlens has room for every cut (its padding is the
-    row length), SDPA's mask keeps each token inside its segment."""
-    n = 640  # FA3 room: 1 + 640/64 documents besides the cuts; at most 9 here
+    start, as the record's boundaries (FA3's cu_seqlens; SDPA's mask keeps each token inside its
+    segment)."""
+    n = 640  # room in the static cu_seqlens (max_doc_len 0): 1 + 640/64 documents; at most 9 here
     rng = np.random.default_rng(seed)
     x = rng.integers(2, V, n)
     x[rng.choice(n, size=8, replace=False)] = tg.BOS_ID
@@ -237,7 +239,10 @@ def test_document_layout_cuts_documents_as_the_record(monkeypatch, seed, max_doc
     want = record_segment_starts(x, max_doc_len)
     monkeypatch.setattr(tg, "ATTENTION_BACKEND", "fa3")
     cu = tg.document_layout(ids, max_doc_len).tolist()
-    assert cu[: len(want)] == want and set(cu[len(want) :]) <= {n}
+    if max_doc_len:  # a global phase: exactly the record's boundaries
+        assert cu == want
+    else:  # the static size of a compiled forward, padded with the row length
+        assert cu[: len(want)] == want and set(cu[len(want) :]) <= {n}
     monkeypatch.setattr(tg, "ATTENTION_BACKEND", "sdpa")
     mask = tg.document_layout(ids, max_doc_len)[0, 0]
     seg = np.searchsorted(np.array(want), np.arange(n), side="right")
@@ -278,6 +283,24 @@ def test_a_documents_phase_loss_does_not_depend_on_its_row_mates():
     torch.testing.assert_close(shared, alone, rtol=0, atol=1e-5)
     assert not model.varlen_attn and model.max_doc_len == 0  # restored
     assert not torch.allclose(row_nll(model, row)[span], row_nll(model, row2)[span])
+
+
+def test_fa3_cu_seqlens_train_the_phase_as_the_sdpa_mask(monkeypatch):
+    """The FA3 path (flash_attn_varlen_func in plain torch) of a one-row phase step, a document cut
+    twice at EVAL_SEQ_LEN included, gives the SDPA mask's losses."""
+    hp, model = looped_model(**DOC_MODEL)
+    row = np.random.default_rng(5).integers(2, V, 60)
+    row[[0, 7, 50]] = tg.BOS_ID  # documents of 7, 43 (cut at 16 and 32) and 10 tokens
+    with tg.documents_within(model, 0):  # documents, uncut
+        uncut = row_nll(model, row)
+    with tg.documents_within(model, hp.eval_window):
+        sdpa = row_nll(model, row)
+        monkeypatch.setattr(tg, "ATTENTION_BACKEND", "fa3")
+        monkeypatch.setattr(tg, "flash_attn_varlen_func", reference_varlen)
+        fa3 = row_nll(model, row)
+    torch.testing.assert_close(fa3, sdpa, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(uncut[: 7 + 16], sdpa[: 7 + 16], rtol=0, atol=0)
+    assert not torch.allclose(uncut[7 + 16 : 50], sdpa[7 + 16 : 50])  # the cuts matter
 
 
 def phase_calls(monkeypatch, **knobs) -> tuple[list, tg.GPT]:
@@ -390,3 +413,35 @@ def test_record_preset_runs_both_and_no_longer_lists_them():
     assert "ttt_lora_per_loop_slot" not in missing and "global_ttt_respect_doc_boundaries" not in missing
     hp = make_hp()
     assert not hp.ttt_lora_per_loop_slot and not hp.global_ttt_respect_doc_boundaries
+
+
+def test_record_knobs_on_two_ranks_score_each_val_token_once(sample_shards, tmp_path):  # noqa: F811
+    """The whole script on 2 gloo ranks, looping on from the start: per-slot adapters and one-row
+    document-respecting phases (each rank its share of a step) score every val token once."""
+    env = tiny_env(
+        sample_shards,
+        RUN_ID="phased_record",
+        ITERATIONS="2",
+        MAX_WALLCLOCK_SECONDS="0",
+        TRAIN_BATCH_TOKENS="1536",
+        MICROBATCH_TOKENS="256",
+        NUM_LAYERS="3",
+        NUM_LOOPS="1",
+        LOOP_START="1",
+        LOOP_END="1",
+        ENABLE_LOOPING_AT="0",
+        TTT_MODE="phased",
+        TTT_LORA_CHUNK="64",
+        TTT_LORA_DOCS="2",
+        PHASED_TTT_PREFIX_DOCS="8",
+        PHASED_TTT_NUM_PHASES="2",
+        GLOBAL_TTT_CHUNK_TOKENS="512",
+        GLOBAL_TTT_BATCH_SEQS="3",
+        TTT_LORA_PER_LOOP_SLOT="1",
+        GLOBAL_TTT_RESPECT_DOC_BOUNDARIES="1",
+    )
+    final, log = run_script(env, tmp_path, nproc=2)
+    assert final["world_size"] == 2 and final["ttt_mode"] == "phased"
+    assert final["scored_before_update"] is True
+    assert final["scored_tokens"] == final["val_tokens"] and final["scored_bytes"] == final["val_bytes"]
+    assert "ttt_phase:2 " in log and "final_eval:phased " in log

@@ -1396,7 +1396,8 @@ def select_attention_backend(rt: Runtime, hp: Hyperparameters | None = None) -> 
     if hp is not None:
         heads = tuple(dict.fromkeys([*heads, (hp.num_heads, hp.num_kv_heads, hp.head_dim)]))
     problem = fa3_problem(rt.device, heads) if rt.device.type == "cuda" else None
-    varlen = hp is not None and (hp.varlen_attn or hp.global_ttt_respect_doc_boundaries)
+    phase_docs = hp is not None and hp.ttt_mode == "phased" and hp.global_ttt_respect_doc_boundaries
+    varlen = hp is not None and (hp.varlen_attn or phase_docs)
     if problem is None and rt.device.type == "cuda" and varlen:
         problem = fa3_varlen_problem(rt.device, hp.num_heads, hp.num_kv_heads, hp.head_dim)
     ATTENTION_BACKEND = "fa3" if rt.device.type == "cuda" and problem is None else "sdpa"
@@ -4721,8 +4722,8 @@ def check_phase_scored(docs, doc_held: dict, spans_index: dict, rt: Runtime) -> 
 def documents_within(model: GPT, max_doc_len: int | None):
     """GLOBAL_TTT_RESPECT_DOC_BOUNDARIES (R0427, default on there): while a global phase trains, each
     step's sequences form one row in which a token attends only to its own document, cut every
-    max_doc_len (EVAL_SEQ_LEN) tokens from its start, as the record's _build_cu_seqlens does.
-    None: the rows attend as the model does (VARLEN_ATTN)."""
+    max_doc_len (EVAL_SEQ_LEN) tokens from its start, as the record's _build_cu_seqlens does (FA3:
+    cu_seqlens; SDPA, without FA3: a dense mask of the row). None: rows attend as the model does."""
     saved = model.varlen_attn, model.max_doc_len
     if max_doc_len is not None:
         model.varlen_attn, model.max_doc_len = True, max_doc_len

@@ -210,6 +210,26 @@ def test_per_loop_slot_compiled_forward_adds_no_recompiles():
     assert compiles[True] == compiles[False] == 1, compiles  # dynamic widths: one graph for all
 
 
+def test_record_phased_pass_compiles_only_in_its_warmup(monkeypatch):
+    """The whole phased pass with both knobs, its forward compiled as compile_for_lora does (dynamic
+    shapes; dynamo's eager backend on CPU): every graph is made in the warmup, none after, though
+    the global phases switch the adapters off and the model to one-row document attention and back;
+    the scores match the eager pass."""
+    torch._dynamo.reset()
+    backend = EagerCounter()
+    monkeypatch.setattr(
+        tg, "compile_for_lora", lambda fn, hp, rt: torch.compile(fn, backend=backend, dynamic=True)
+    )
+    tokens = random_tokens()
+    marks = []
+    compiled = run_looped_phased(tokens, log=lambda line: marks.append((line, backend.compiles)), **RECORD)
+    torch._dynamo.reset()
+    warm = next(n for line, n in marks if line.startswith("ttt_compile_warmup_s:"))
+    assert compiled["ttt_phases_run"] == 2 and backend.compiles == warm, (warm, backend.compiles)
+    monkeypatch.undo()
+    torch.testing.assert_close(compiled["nll"], run_looped_phased(tokens, **RECORD)["nll"], rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------- GLOBAL_TTT_RESPECT_DOC_BOUNDARIES
 
 

@@ -121,6 +121,8 @@ MARCH_STACK: dict[str, str] = {
     "TTT_MLP_LORA": "0",
     "PHASED_TTT_PREFIX_DOCS": "2000",
     "PHASED_TTT_NUM_PHASES": "1",
+    "TTT_LORA_PER_LOOP_SLOT": "0",
+    "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "0",
 }
 
 # Presets are plain tables of env defaults; explicit env vars still win.
@@ -355,6 +357,8 @@ PRESETS: dict[str, dict[str, str]] = {
         "TTT_MLP_LORA": "1",
         "PHASED_TTT_PREFIX_DOCS": "2500",
         "PHASED_TTT_NUM_PHASES": "3",
+        "TTT_LORA_PER_LOOP_SLOT": "1",
+        "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "1",
     },
     # PR #638's stack: 11 layers, XSA on all, LeakyReLU(0.5)^2, value residual, gated attention.
     "seed_638": {
@@ -572,11 +576,7 @@ PRESET_MISSING: dict[str, tuple[str, ...]] = {
         "gptq_lite",  # per-row clip-percentile search without Hessians (ours: full GPTQ)
         "bigram_zero_init_no_bos_bucket",  # R0323's table and projection both start at zero
     ),
-    "record_0427": (
-        "pergroup_lrzip_compressor",
-        "ttt_lora_per_loop_slot",  # R0427: a looped block's repeats get adapters of their own (ours share)
-        "global_ttt_respect_doc_boundaries",  # R0427's phases attend within documents (ours: plain windows)
-    ),
+    "record_0427": ("pergroup_lrzip_compressor",),
     "seed_687": (
         "ttt_adaptive_temperature=0.98",  # scores with entropy-adapted logit temperature
         "ttt_polyak_decay=0.998",  # scores with an EMA of the TTT weights
@@ -913,6 +913,8 @@ class Hyperparameters:
         k("NGRAM_TILT_MIN_ORDER", int, 8, gt=0)  # shortest context the hint looks up
         k("NGRAM_TILT_MAX_ORDER", int, 16, gt=0)  # longest context (looked up first)
         k("NGRAM_TILT_ORDER_STRIDE", int, 2, gt=0)  # orders MIN, MIN+STRIDE, ... up to MAX
+        k("TTT_LORA_PER_LOOP_SLOT", bool, True)  # R0427: each repeat of a looped block its own adapters
+        k("GLOBAL_TTT_RESPECT_DOC_BOUNDARIES", bool, True)  # R0427: phase rows attend within documents
         # fmt: on
 
     def _quantization_knobs(self, k: _KnobReader) -> None:
@@ -1699,7 +1701,9 @@ def select_attention_backend(rt: Runtime, hp: Hyperparameters | None = None) -> 
     if hp is not None:
         heads = tuple(dict.fromkeys([*heads, (hp.num_heads, hp.num_kv_heads, hp.head_dim)]))
     problem = fa3_problem(rt.device, heads) if rt.device.type == "cuda" else None
-    if problem is None and rt.device.type == "cuda" and hp is not None and hp.varlen_attn:
+    phase_docs = hp is not None and hp.ttt_mode == "phased" and hp.global_ttt_respect_doc_boundaries
+    varlen = hp is not None and (hp.varlen_attn or phase_docs)
+    if problem is None and rt.device.type == "cuda" and varlen:
         problem = fa3_varlen_problem(rt.device, hp.num_heads, hp.num_kv_heads, hp.head_dim)
     ATTENTION_BACKEND = "fa3" if rt.device.type == "cuda" and problem is None else "sdpa"
     return problem
@@ -1708,7 +1712,10 @@ def select_attention_backend(rt: Runtime, hp: Hyperparameters | None = None) -> 
 def fa3_varlen_problem(device: torch.device, h: int, hk: int, d: int) -> str | None:
     """Why FA3's varlen function cannot serve VARLEN_ATTN here (see fa3_problem), or None."""
     if flash_attn_varlen_func is None:
-        return "VARLEN_ATTN=1 needs flash_attn_varlen_func from flash_attn_interface (FlashAttention-3)"
+        return (
+            "VARLEN_ATTN=1 or GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=1 needs flash_attn_varlen_func from"
+            " flash_attn_interface (FlashAttention-3)"
+        )
     probe = torch.compile(varlen_attention, dynamic=False, fullgraph=True, backend="aot_eager")
     try:
         q, k, v = (
@@ -1730,14 +1737,23 @@ def fa3_varlen_problem(device: torch.device, h: int, hk: int, d: int) -> str | N
 VARLEN_TOKENS_PER_SEGMENT = 64
 
 
-def document_layout(ids: Tensor) -> Tensor:
+def document_layout(ids: Tensor, max_doc_len: int = 0) -> Tensor:
     """What causal_attention needs to keep (B,T) rows' tokens inside their documents: FA3, the
-    int32 cu_seqlens of the flattened batch; SDPA, the (B,1,T,T) causal same-document mask."""
+    int32 cu_seqlens of the flattened batch; SDPA, the (B,1,T,T) causal same-document mask.
+    max_doc_len > 0 also cuts a document every max_doc_len tokens from its start (R0427's global
+    TTT phases: _build_cu_seqlens with max_doc_len=EVAL_SEQ_LEN), every segment kept (no static size)."""
     B, T = ids.shape
-    starts = (ids == BOS_ID) | (torch.arange(T, device=ids.device) == 0)
+    pos = torch.arange(T, device=ids.device)
+    starts = (ids == BOS_ID) | (pos == 0)
+    if max_doc_len:
+        doc_start = torch.where(starts, pos, 0).cummax(1).values
+        starts = starts | ((pos - doc_start) % max_doc_len == 0)
     if ATTENTION_BACKEND == "fa3":
-        size = B + B * T // VARLEN_TOKENS_PER_SEGMENT
-        first = torch.nonzero_static(starts.flatten(), size=size, fill_value=B * T).squeeze(1)
+        if max_doc_len:  # an eager global phase: exactly its segments, as the record's cu_seqlens
+            first = torch.nonzero(starts.flatten()).squeeze(1)
+        else:
+            size = B + B * T // VARLEN_TOKENS_PER_SEGMENT
+            first = torch.nonzero_static(starts.flatten(), size=size, fill_value=B * T).squeeze(1)
         return torch.cat((first, first.new_full((1,), B * T))).int()
     doc = starts.cumsum(1)
     causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
@@ -2277,6 +2293,7 @@ class GPT(nn.Module):
         super().__init__()
         self.softcap, self.tied = hp.logit_softcap, hp.tie_embeddings
         self.varlen_attn = hp.varlen_attn  # attention stays inside documents (document_layout)
+        self.max_doc_len = 0  # > 0: documents also cut every max_doc_len tokens (a global TTT phase)
         self.fused_ce_enabled = hp.fused_ce_enabled
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         self.bigram = (
@@ -2373,7 +2390,7 @@ class GPT(nn.Module):
         order = self.layer_order(self.looping)
         num_encoder = len(order) // 2
         ve = self.ve_shared(ids) if self.ve_layers else None
-        docs = document_layout(ids) if self.varlen_attn else None
+        docs = document_layout(ids, self.max_doc_len) if self.varlen_attn else None
         v0, skips, lanes = None, [], None
         for i, layer in enumerate(order):
             if i >= num_encoder and lanes is None and 0 < self.parallel_start <= layer:
@@ -4667,8 +4684,11 @@ class ChunkTTT:
     (epochs over sequences cut from it, gradients averaged over ranks, clipped), with the LR on a
     cosine over chunks. The last chunk is scored and never trained on."""
 
-    def __init__(self, model: GPT, hp: Hyperparameters, rt: Runtime, n_chunks: int, seq_len: int):
+    def __init__(
+        self, model: GPT, hp: Hyperparameters, rt: Runtime, n_chunks: int, seq_len: int, one_row=False
+    ):
         self.model, self.hp, self.rt, self.n_chunks, self.seq_len = model, hp, rt, n_chunks, seq_len
+        self.one_row = one_row  # a step's sequences of this rank as one row (documents_within)
         for i, block in enumerate(model.blocks):
             block.requires_grad_(i >= hp.ttt_freeze_blocks)
         for cap in model.logit_caps():  # PR #1923: frozen in training, trained here with the rest
@@ -4733,6 +4753,8 @@ class ChunkTTT:
         if full:
             rows = full[0] + T * torch.arange(len(full), device=dev)
             groups.insert(0, rows[:, None] + torch.arange(T + 1, device=dev))
+        if self.one_row and a < b:  # the same tokens and targets, flattened: [starts[a], end]
+            groups = [torch.arange(starts[a], min(starts[b - 1] + T, hi) + 1, device=dev)[None]]
         for idx in groups:
             window = tokens[idx]
             with autocast(rt):
@@ -4786,31 +4808,51 @@ def add_adapter_output(lora: BatchedLoRA):
     return hook
 
 
+class LoopSlots:
+    """TTT_LORA_PER_LOOP_SLOT (R0427): one adapter per repeat of a looped block's layer, where the
+    record indexes its adapters by slot (place in the executed block order). A forward runs the
+    layer once per repeat, in order, so its k-th call is repeat k: a counter wrapping after the last
+    repeat picks the adapter, and every forward starts at repeat 0."""
+
+    def __init__(self, slots: list[BatchedLoRA]):
+        self.slots, self.visit = slots, 0
+
+    def __call__(self, x: Tensor) -> Tensor | float:
+        lora = self.slots[self.visit]
+        self.visit = (self.visit + 1) % len(self.slots)
+        return lora(x)
+
+
 class LoRASet:
     """The per-document adapters of one eval-time model copy: Q and V (none with TTT_NO_QV_MASK,
     PR #1953), K (TTT_K_LORA), attention output (TTT_O_LORA) and MLP (TTT_MLP_LORA) of every block,
     and the output head. Attached once (so a compiled forward keeps its graph), reset per batch of
-    documents, switched off for a global phase."""
+    documents, switched off for a global phase. A looped block's repeats share its adapters, or with
+    TTT_LORA_PER_LOOP_SLOT get their own (LoopSlots; the model's looping must not change after)."""
 
     def __init__(self, model: GPT, batch: int, hp: Hyperparameters, device: torch.device):
         rank = hp.ttt_lora_rank
         scale = hp.ttt_lora_alpha / rank if hp.ttt_lora_alpha else 1.0
         self.model, self.hooks, adapters = model, [], []
+        order = model.layer_order(model.looping) if hp.ttt_lora_per_loop_slot else []
 
-        def make(d_in: int, d_out: int) -> BatchedLoRA:
-            adapters.append(BatchedLoRA(batch, d_in, d_out, rank, device, scale))
-            return adapters[-1]
+        def make(d_in: int, d_out: int, repeats: int = 1) -> BatchedLoRA | LoopSlots:
+            slots = [BatchedLoRA(batch, d_in, d_out, rank, device, scale) for _ in range(repeats)]
+            adapters.extend(slots)
+            return slots[0] if repeats == 1 else LoopSlots(slots)
 
         wanted = dict(c_q=not hp.ttt_no_qv_mask, c_k=hp.ttt_k_lora, c_v=not hp.ttt_no_qv_mask)
-        for block in model.blocks:
+        for i, block in enumerate(model.blocks):
+            repeats = max(order.count(i), 1)
             for name, on in wanted.items():
                 layer = getattr(block.attn, name)
                 if on:
-                    layer.lora = make(layer.in_features, layer.out_features)
+                    layer.lora = make(layer.in_features, layer.out_features, repeats)
             d = block.attn.c_q.in_features
             for module, on in ((block.attn, hp.ttt_o_lora), (block.mlp, hp.ttt_mlp_lora)):
                 if on:
-                    self.hooks.append(module.register_forward_hook(add_adapter_output(make(d, d))))
+                    hook = add_adapter_output(make(d, d, repeats))
+                    self.hooks.append(module.register_forward_hook(hook))
         model.head_lora = make(model.tok_emb.embedding_dim, model.tok_emb.num_embeddings)
         self.adapters = adapters
 
@@ -5024,11 +5066,27 @@ def check_phase_scored(docs, doc_held: dict, spans_index: dict, rt: Runtime) -> 
         )
 
 
+@contextlib.contextmanager
+def documents_within(model: GPT, max_doc_len: int | None):
+    """GLOBAL_TTT_RESPECT_DOC_BOUNDARIES (R0427, default on there): while a global phase trains, each
+    step's sequences form one row in which a token attends only to its own document, cut every
+    max_doc_len (EVAL_SEQ_LEN) tokens from its start, as the record's _build_cu_seqlens does (FA3:
+    cu_seqlens; SDPA, without FA3: a dense mask of the row). None: rows attend as the model does."""
+    saved = model.varlen_attn, model.max_doc_len
+    if max_doc_len is not None:
+        model.varlen_attn, model.max_doc_len = True, max_doc_len
+    try:
+        yield
+    finally:
+        model.varlen_attn, model.max_doc_len = saved
+
+
 def global_phase(model: GPT, stream: EvalStream, docs, hp: Hyperparameters, rt: Runtime) -> int:
     """R0427's global phase: SGD with momentum on every weight over the scored documents (each with
     its next BOS, concatenated in scoring order), chunks of GLOBAL_TTT_CHUNK_TOKENS with a cosine LR
-    over them, the last chunk never trained on, sequences of EVAL_SEQ_LEN; it runs ChunkTTT's step.
-    Returns the tokens trained on."""
+    over them, the last chunk never trained on, sequences of EVAL_SEQ_LEN (with
+    GLOBAL_TTT_RESPECT_DOC_BOUNDARIES one row a step, attending within documents: documents_within);
+    it runs ChunkTTT's step. Returns the tokens trained on."""
     tokens = torch.cat([stream.tokens[lo : hi + 1] for lo, hi in docs])
     n = len(tokens) - 1
     ledger = ScoreLedger(n)
@@ -5043,11 +5101,13 @@ def global_phase(model: GPT, stream: EvalStream, docs, hp: Hyperparameters, rt: 
     view.ttt_batch_seqs = hp.global_ttt_batch_seqs * rt.world_size  # R0427: per rank
     bounds = [(lo, min(lo + hp.global_ttt_chunk_tokens, n)) for lo in range(0, n, hp.global_ttt_chunk_tokens)]
     model.requires_grad_(True)
-    sgd = ChunkTTT(model, view, rt, len(bounds), hp.eval_window)
+    within = hp.global_ttt_respect_doc_boundaries
+    sgd = ChunkTTT(model, view, rt, len(bounds), hp.eval_window, one_row=within)
     trained = 0
-    for c, (lo, hi) in enumerate(bounds[:-1]):
-        sgd.train_chunk(tokens, c, lo, hi, ledger)
-        trained += hi - lo
+    with documents_within(model, hp.eval_window if within else None):
+        for c, (lo, hi) in enumerate(bounds[:-1]):
+            sgd.train_chunk(tokens, c, lo, hi, ledger)
+            trained += hi - lo
     model.requires_grad_(False)
     for p in model.parameters():
         p.grad = None

@@ -3337,6 +3337,7 @@ class Quantizer:
         self.salient = awq_lite_groups(self.state, self.plan, hessians, hp) if hp.awq_lite_enabled else {}
         self.lqer_norms: dict[tuple[str, int, bool], float] = {}  # ||W - Q(W)||_F per cache key
         self.lqer_cache: dict[tuple[str, int, bool], QuantTensor] = {}
+        self.fill = self.compute_all  # runs the missing quantisations (quantize_keys: across ranks)
 
     def key(self, name: str) -> tuple[str, int, bool]:
         """(name, bits, max-|w| clip): a matrix with its class's SDClip k has no search to give up."""
@@ -3346,24 +3347,37 @@ class Quantizer:
         out = self.quantized()
         return self.with_lqer(out) if self.hp.lqer_enabled else out
 
+    def keys(self) -> dict[str, tuple[str, int, bool]]:
+        """The cache key of every quantised tensor as the plan stands (int8 gates: (name, 8, False))."""
+        return {
+            name: self.key(name) if name in self.plan else (name, 8, False)
+            for name in self.state
+            if name in self.plan or name in self.gates
+        }
+
+    def compute(self, key: tuple[str, int, bool]) -> QuantTensor:
+        """One cache entry: computed where the weights live, kept on the CPU."""
+        name, bits, max_clip = key
+        t = self.state[name]
+        if name not in self.plan:  # an int8 gate
+            return rtn_quantize(t, 8).cpu()
+        salient = self.salient.get(name, ())
+        return quantize_tensor(name, t, bits, self.hessians, self.hp, max_clip, salient).cpu()
+
+    def compute_all(self, keys: list[tuple[str, int, bool]]) -> None:
+        for key in keys:
+            self.cache[key] = self.compute(key)
+
     def quantized(self) -> dict[str, QuantTensor | Tensor]:
-        """Every tensor as stored, before LQER (which ranks all plan tensors together)."""
+        """Every tensor as stored, before LQER (which ranks all plan tensors together); what the cache
+        lacks is computed first (`fill`)."""
+        keys = self.keys()
+        missing = [key for key in keys.values() if key not in self.cache]
+        if missing:
+            self.fill(missing)
         out: dict[str, QuantTensor | Tensor] = {}
         for name, t in self.state.items():
-            if name in self.plan:
-                key = self.key(name)
-                if key not in self.cache:  # computed where the weights live, kept on the CPU
-                    qt = quantize_tensor(
-                        name, t, key[1], self.hessians, self.hp, key[2], self.salient.get(name, ())
-                    )
-                    self.cache[key] = qt.cpu()
-                out[name] = self.cache[key]
-            elif name in self.gates:
-                if (name, 8, False) not in self.cache:
-                    self.cache[name, 8, False] = rtn_quantize(t, 8).cpu()
-                out[name] = self.cache[name, 8, False]
-            else:
-                out[name] = t.to(device="cpu", dtype=torch.float16)
+            out[name] = self.cache[keys[name]] if name in keys else t.to(device="cpu", dtype=torch.float16)
         return out
 
     def with_lqer(self, qstate: dict) -> dict:
@@ -3688,21 +3702,24 @@ def deal_by_cost(costs: Mapping[str, int], ranks: int) -> list[list[str]]:
 
 
 def quantize_across_ranks(qz: Quantizer, rt: Runtime) -> None:
-    """The first GPTQ pass split across ranks (deal_by_cost), every rank's results gathered into
+    """The first GPTQ pass split across ranks (quantize_keys), every rank's results gathered into
     `qz`'s cache on every rank: the same integers as one rank computing all of them, in 1/world of
     the time. The cache holds AWQ-lite groups (chosen alike on every rank from the summed Hessians)
     and int8 gates; LQER, which ranks all tensors together, is then fitted on every rank from the
     gathered cache (qz.qstate). An error on any rank is raised on all (no rank left waiting)."""
+    quantize_keys(qz, list(qz.keys().values()), rt)
+    qz.qstate()  # LQER (when on) from the gathered integers, the same on every rank
+
+
+def quantize_keys(qz: Quantizer, keys: list[tuple[str, int, bool]], rt: Runtime) -> None:
+    """Cache entries dealt across ranks by GPTQ cost (deal_by_cost), each rank's gathered into every
+    rank's cache; an error on any rank is raised on all."""
     if not rt.distributed:
-        qz.qstate()
+        qz.compute_all(keys)
         return
-    costs = {name: gptq_cost(qz, name) for name in qz.state if name in qz.plan or name in qz.gates}
-    share = copy.copy(qz)  # this rank's tensors only, its own cache
-    share.state = {name: qz.state[name] for name in deal_by_cost(costs, rt.world_size)[rt.rank]}
-    share.cache = {}
+    share = deal_by_cost({key: gptq_cost(qz, key[0]) for key in keys}, rt.world_size)[rt.rank]
     try:
-        share.quantized()
-        found = (share.cache, None)
+        found = ({key: qz.compute(key) for key in share}, None)
     except ArtifactError as e:
         found = ({}, str(e))
     gathered = [None] * rt.world_size
@@ -3711,15 +3728,43 @@ def quantize_across_ranks(qz: Quantizer, rt: Runtime) -> None:
         if error:
             raise ArtifactError(error)
         qz.cache.update(cache)
-    qz.qstate()  # LQER (when on) from the gathered integers, the same on every rank
+
+
+def serve_quantize(qz: Quantizer | None, rt: Runtime) -> tuple:
+    """A rank other than 0 while rank 0 fits the artifact: it takes its share of each fit-ladder
+    re-quantisation rank 0 deals out (fit_on_rank0) until rank 0 sends the outcome."""
+    while True:
+        kind, arg = broadcast_object(None, rt.world_size)
+        if kind == "done":
+            return arg
+        with contextlib.suppress(ArtifactError):  # rank 0 raised it too and sends it as the outcome
+            quantize_keys(qz, arg, rt)
+
+
+def fit_on_rank0(qz: Quantizer | None, rt: Runtime, fit) -> tuple:
+    """`fit()` on rank 0 with the fit ladder's re-quantisations (other bits, other clips) dealt across
+    ranks like the first pass; then the outcome (blob, info, error) goes to every rank."""
+
+    def deal(keys: list[tuple[str, int, bool]]) -> None:
+        broadcast_object(("quantize", keys), rt.world_size)
+        quantize_keys(qz, keys, rt)
+
+    if qz is not None and rt.distributed:
+        qz.fill = deal
+    try:
+        outcome = fit()
+    finally:
+        if qz is not None:
+            qz.fill = qz.compute_all
+    return broadcast_object(("done", outcome), rt.world_size)[1]
 
 
 def produce_artifact(
     model: GPT, loader, hp, rt, log, bytes_code: int, limit_fit: bool = True, prior: float | None = None
 ) -> tuple[bytes, dict]:
     """Hessians on every rank (disjoint training batches, summed), GPTQ split across ranks
-    (quantize_across_ranks), then the fit and compression on rank 0; every rank gets the same
-    artifact bytes (or the same error)."""
+    (quantize_across_ranks), then the fit and compression on rank 0, its re-quantisations split
+    across ranks too (fit_on_rank0); every rank gets the same artifact bytes (or the same error)."""
     t0 = time.perf_counter()
     hessians = (
         collect_hessians(model, loader, hp, rt, calibration_batches(hp, rt))
@@ -3729,6 +3774,7 @@ def produce_artifact(
     sync(rt)
     calib_s = time.perf_counter() - t0
     outcome: tuple = (b"", {}, None)
+    qz = None
     try:
         qz = Quantizer(model, hessians, hp)
         t1 = time.perf_counter()
@@ -3736,18 +3782,19 @@ def produce_artifact(
         quant_s = time.perf_counter() - t1
     except ArtifactError as e:
         outcome = (b"", {}, str(e))
-    if rt.is_main and outcome[2] is None:
+
+    def fit() -> tuple:
+        if outcome[2] is not None:
+            return outcome
         try:
             cap = hp.artifact_cap_bytes if limit_fit else 1 << 62
             blob, info = fit_artifact(qz, bytes_code, log, cap, prior)
-            outcome = (
-                blob,
-                dict(info, gptq_time_s=round(calib_s + quant_s, 3), calibration_s=round(calib_s, 3)),
-                None,
-            )
+            times = dict(gptq_time_s=round(calib_s + quant_s, 3), calibration_s=round(calib_s, 3))
+            return blob, dict(info, **times), None
         except ArtifactError as e:
-            outcome = (b"", {}, str(e))
-    blob, info, error = broadcast_object(outcome, rt.world_size)
+            return b"", {}, str(e)
+
+    blob, info, error = fit_on_rank0(qz, rt, fit) if rt.is_main else serve_quantize(qz, rt)
     if error:
         raise ArtifactError(error)
     return blob, info

@@ -200,9 +200,9 @@ def test_format_1_artifacts_still_load():
 def test_unknown_versions_and_compressor_ids_are_refused_with_the_fix():
     _, _, payload = tiny_payload()
     blob = bytearray(format_1_artifact(payload))
-    blob[len(tg.ARTIFACT_MAGIC)] = 3
+    blob[len(tg.ARTIFACT_MAGIC)] = 4
     with pytest.raises(
-        tg.ArtifactError, match=r"new.ptz: artifact format version 3, .*reads versions 1, 2; "
+        tg.ArtifactError, match=r"new.ptz: artifact format version 4, .*reads versions 1, 2, 3; "
     ):
         tg.decode_artifact(bytes(blob), "new.ptz")
     blob[len(tg.ARTIFACT_MAGIC)] = 2  # a format-1 body under a format-2 header

@@ -27,6 +27,7 @@ import concurrent.futures
 import contextlib
 import copy
 import difflib
+import functools
 import hashlib
 import importlib
 import io
@@ -3036,7 +3037,14 @@ def shuffle_words(data: bytes, word: int, inverse: bool = False) -> bytes:
 def similarity_order(q: np.ndarray) -> np.ndarray:
     """R0427's `_similarity_sort_l1`: from row 0, each next row the unused one nearest in L1 (ties: the
     lowest index), so neighbouring rows differ little. The distances are exact (integer sums far
-    below 2^24 in float32), so the order does not depend on the thread count."""
+    below 2^24 in float32), so the order does not depend on the thread count. O(rows^2 * cols): the
+    fit ladder's re-compressions reuse the orders of matrices it did not move (memo)."""
+    return cached_order(q.tobytes(), q.shape).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def cached_order(data: bytes, shape: tuple[int, int]) -> np.ndarray:
+    q = np.frombuffer(data, np.int8).reshape(shape)
     x = torch.from_numpy(q.astype(np.float32))
     dist = torch.cdist(x, x, p=1)
     dist[:, 0] = math.inf
@@ -3113,17 +3121,24 @@ def layouts(stream: Stream, rows: bool) -> list[int]:
     return out
 
 
-def stream_jobs(payload: bytes, spans: list[Stream], candidates) -> list[tuple[int, bytes, str, int]]:
+def stream_jobs(
+    payload: bytes, spans: list[Stream], candidates, threads: int = 0
+) -> list[tuple[int, bytes, str, int]]:
     """Every (stream index, bytes, method, layout) to try; `candidates(i, stream)` lists the options.
-    Each layout is computed once per stream, whatever the methods."""
-    jobs = []
-    for i, stream in enumerate(spans):
-        data, laid = payload[stream.start : stream.end], {}
-        for method, layout in candidates(i, stream):
-            if layout not in laid:
-                laid[layout] = to_layout(data, stream, layout)
-            jobs.append((i, laid[layout], method, layout))
-    return jobs
+    Each layout is computed once per stream, whatever the methods, in a thread pool (the row sorts'
+    distances release the GIL)."""
+    wanted = [
+        (i, method, layout) for i, stream in enumerate(spans) for method, layout in candidates(i, stream)
+    ]
+    keys = sorted({(i, layout) for i, _, layout in wanted})
+
+    def lay(key: tuple[int, int]) -> bytes:
+        stream = spans[key[0]]
+        return to_layout(payload[stream.start : stream.end], stream, key[1])
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(threads or cpu_cores(), len(keys)))) as pool:
+        laid = dict(zip(keys, pool.map(lay, keys), strict=True))
+    return [(i, laid[i, layout], method, layout) for i, method, layout in wanted]
 
 
 def run_jobs(jobs: list[tuple[int, bytes, str, int]], threads: int) -> list[bytes]:
@@ -3162,7 +3177,7 @@ def compress_streams(
         own = int_methods if stream.ints and int_methods else methods
         return [(m, layout) for m in own for layout in layouts(stream, rows)]
 
-    jobs = stream_jobs(payload, spans, candidates)
+    jobs = stream_jobs(payload, spans, candidates, threads)
     blobs = run_jobs(jobs, threads)
     best: dict[int, int] = {}  # stream -> its smallest job
     per_method: dict[tuple[str, int], int] = {}  # (method, stream) -> that method's smallest job
@@ -3186,7 +3201,7 @@ def compress_payload(payload: bytes, codec: str | Codec) -> bytes:
     spans = payload_layout(payload)
     if len(spans) != len(codec.choices):
         raise ArtifactError(f"payload has {len(spans)} streams, the codec {len(codec.choices)}")
-    jobs = stream_jobs(payload, spans, lambda i, stream: [codec.choices[i]])
+    jobs = stream_jobs(payload, spans, lambda i, stream: [codec.choices[i]], codec.threads)
     return streams_body(codec.choices, run_jobs(jobs, codec.threads))
 
 

@@ -2967,7 +2967,7 @@ class Codec:
         return 3 if any(m == "lrzip" or layout > SHUFFLED for m, layout in self.choices) else 2
 
 
-class Stream(NamedTuple):
+class PayloadStream(NamedTuple):
     """One stream of a payload: bytes [start, end), word size (2: shuffle-able), whether it holds
     integers, and (role, rows, cols) of each int8 matrix in it (byte packing only: row transforms)."""
 
@@ -2983,7 +2983,7 @@ def payload_streams(payload: bytes) -> list[tuple[int, int, int]]:
     return [(s.start, s.end, s.word) for s in payload_layout(payload)]
 
 
-def payload_layout(payload: bytes) -> list[Stream]:
+def payload_layout(payload: bytes) -> list[PayloadStream]:
     """The streams of a payload: the meta head, each role's integers in parts of about STREAM_BYTES
     values (whole tensors; cut by value counts, so a fit-ladder bit move under QUANT_PACKING=bits keeps
     the Codec's streams), all row scales, all fp16 tensors (word size 2: shuffle-able), then any
@@ -2996,20 +2996,20 @@ def payload_layout(payload: bytes) -> list[Stream]:
         count, role = math.prod(e["shape"]), role_key(e["name"])[0]
         matrix = (role, e["shape"][0], count // e["shape"][0])
         roles.setdefault(role, []).append((count, packed_size(count, e["bits"], meta["packing"]), matrix))
-    spans, pos = [Stream(0, 4 + head_len, 1, False, ())], 4 + head_len
+    spans, pos = [PayloadStream(0, 4 + head_len, 1, False, ())], 4 + head_len
     for items in roles.values():
         counts, done = [count for count, _, _ in items], 0
         for part in even_parts(counts, math.ceil(sum(counts) / STREAM_BYTES)):
             run = items[done : done + len(part)]
             size = sum(nbytes for _, nbytes, _ in run)
             matrices = tuple(m for *_, m in run) if meta["packing"] == "bytes" else ()
-            spans.append(Stream(pos, pos + size, 1, True, matrices))
+            spans.append(PayloadStream(pos, pos + size, 1, True, matrices))
             pos, done = pos + size, done + len(part)
     scales = 2 * sum(e["shape"][0] for e in ints)
     floats = 2 * sum(math.prod(e["shape"]) for e in meta["tensors"] if e["kind"] == "fp16")
-    spans.append(Stream(pos, pos + scales, 2, False, ()))
-    spans.append(Stream(pos + scales, pos + scales + floats, 2, False, ()))
-    spans.append(Stream(pos + scales + floats, len(payload), 1, False, ()))  # extras: int8 and fp16
+    spans.append(PayloadStream(pos, pos + scales, 2, False, ()))
+    spans.append(PayloadStream(pos + scales, pos + scales + floats, 2, False, ()))
+    spans.append(PayloadStream(pos + scales + floats, len(payload), 1, False, ()))  # extras: int8 and fp16
     return [
         s._replace(word=s.word if (s.end - s.start) % s.word == 0 else 1) for s in spans if s.end > s.start
     ]
@@ -3092,7 +3092,7 @@ def rows_layout(data: bytes, sort: bool) -> bytes:
     return b"".join(out)
 
 
-def to_layout(data: bytes, stream: Stream, layout: int) -> bytes:
+def to_layout(data: bytes, stream: PayloadStream, layout: int) -> bytes:
     if layout == SHUFFLED:
         return shuffle_words(data, stream.word)
     if layout in (COLUMNS, SORTED):
@@ -3110,7 +3110,7 @@ def from_layout(data: bytes, layout: int) -> bytes:
     return data
 
 
-def layouts(stream: Stream, rows: bool) -> list[int]:
+def layouts(stream: PayloadStream, rows: bool) -> list[int]:
     """The layouts a stream tries: byte-shuffled for 2-byte words; with `rows`, an int8 stream also
     column-major, and similarity-sorted where its role is one R0427 sorts (row indices fit u16)."""
     out = [RAW, SHUFFLED] if stream.word == 2 else [RAW]
@@ -3122,7 +3122,7 @@ def layouts(stream: Stream, rows: bool) -> list[int]:
 
 
 def stream_jobs(
-    payload: bytes, spans: list[Stream], candidates, threads: int = 0
+    payload: bytes, spans: list[PayloadStream], candidates, threads: int = 0
 ) -> list[tuple[int, bytes, str, int]]:
     """Every (stream index, bytes, method, layout) to try; `candidates(i, stream)` lists the options.
     Each layout is computed once per stream, whatever the methods, in a thread pool (the row sorts'
@@ -3173,7 +3173,7 @@ def compress_streams(
     stream used one method (the methods tried on every stream)."""
     spans = payload_layout(payload)
 
-    def candidates(i: int, stream: Stream) -> list[tuple[str, int]]:
+    def candidates(i: int, stream: PayloadStream) -> list[tuple[str, int]]:
         own = int_methods if stream.ints and int_methods else methods
         return [(m, layout) for m in own for layout in layouts(stream, rows)]
 

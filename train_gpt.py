@@ -2913,11 +2913,13 @@ def available_compressors(choice: str) -> list[str]:
 def compressor_plan(hp: Hyperparameters) -> tuple[list[str], dict]:
     """COMPRESSOR's methods and compress_streams' options. pergroup is R0427's serializer: the integer
     streams (one role each) lrzip'd and transposed (rows similarity-sorted in its hot roles), the
-    rest brotli; here each row transform is kept only where it shrinks its stream."""
+    rest brotli. Here each row transform is kept only where it shrinks its stream, and an integer
+    stream keeps brotli where that is smaller: R0427's flags keep lrzip's LZ4 pre-test, which stores
+    a near-uniform stream raw (bench/RESULTS.md)."""
     if hp.compressor == "pergroup":
         lrzip_binary()
         compressor_module("brotli")
-        return ["brotli"], dict(int_methods=["lrzip"], rows=hp.row_transforms)
+        return ["brotli"], dict(int_methods=["brotli", "lrzip"], rows=hp.row_transforms)
     return available_compressors(hp.compressor), dict(rows=hp.row_transforms)
 
 

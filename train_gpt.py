@@ -28,6 +28,7 @@ import concurrent.futures
 import contextlib
 import copy
 import difflib
+import functools
 import hashlib
 import importlib
 import io
@@ -37,7 +38,9 @@ import math
 import os
 import platform
 import re
+import shutil
 import struct
+import subprocess
 import sys
 import time
 import tokenize
@@ -46,6 +49,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -359,6 +363,7 @@ PRESETS: dict[str, dict[str, str]] = {
         "PHASED_TTT_NUM_PHASES": "3",
         "TTT_LORA_PER_LOOP_SLOT": "1",
         "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "1",
+        "COMPRESSOR": "pergroup",  # needs the lrzip binary (apt-get install lrzip), as R0427 did
     },
     # PR #638's stack: 11 layers, XSA on all, LeakyReLU(0.5)^2, value residual, gated attention.
     "seed_638": {
@@ -576,7 +581,6 @@ PRESET_MISSING: dict[str, tuple[str, ...]] = {
         "gptq_lite",  # per-row clip-percentile search without Hessians (ours: full GPTQ)
         "bigram_zero_init_no_bos_bucket",  # R0323's table and projection both start at zero
     ),
-    "record_0427": ("pergroup_lrzip_compressor",),
     "seed_687": (
         "ttt_adaptive_temperature=0.98",  # scores with entropy-adapted logit temperature
         "ttt_polyak_decay=0.998",  # scores with an EMA of the TTT weights
@@ -933,7 +937,8 @@ class Hyperparameters:
         k("GPTQ_CLIP_FRACS", str, "1.0,0.95,0.9,0.85,0.8,0.75,0.7")  # clip candidates (fractions of row max)
         k("GPTQ_SDCLIP_K", float, 12.85, ge=0)  # > 0: rows clip at k x std (SDClip), not the search
         k("QAT_START_LR_SCALE", float, 0.0, ge=0, le=1)  # late QAT below this LR multiplier (0 = off)
-        k("COMPRESSOR", str, "auto", choices=("auto", "zstd", "brotli", "lzma"))  # auto: smallest importable
+        # auto: the smallest importable library; lrzip: the binary; pergroup: R0427's (compressor_plan)
+        k("COMPRESSOR", str, "auto", choices=("auto", "zstd", "brotli", "lzma", "lrzip", "pergroup"))
         k("CODE_BYTES_MODE", str, "packed", choices=("raw", "packed"))  # count the packed form (pack_source)
         k("ARTIFACT_CAP_BYTES", int, 16000000, gt=0)  # code + compressed model must fit (decimal bytes)
         k("MLP_CLIP_SIGMAS", float, 11.5, ge=0)  # > 0: SDClip k of MLP matrices; 0 = GPTQ_SDCLIP_K
@@ -952,6 +957,7 @@ class Hyperparameters:
         k("AWQ_LITE_GROUP_SIZE", int, 64, gt=0)  # consecutive input columns per group
         k("COMPRESS_STREAMS", bool, True)  # payload as parallel independent streams (format 2); 0: one
         k("COMPRESS_THREADS", int, 0, ge=0)  # threads compressing the streams; 0 = one per CPU core
+        k("COMPRESS_ROW_TRANSFORMS", bool, False)  # int streams also tried column-major / row-sorted (R0427)
         # fmt: on
 
     def validate(self) -> None:
@@ -1047,7 +1053,23 @@ class Hyperparameters:
                 not self.awq_lite_enabled or self.quant_packing == "bytes",
                 "AWQ_LITE_ENABLED=1 needs QUANT_PACKING=bytes (salient columns exceed the bit-packed range)",
             ),
+            (
+                self.compress_streams or not (self.compress_row_transforms or self.compressor == "pergroup"),
+                "COMPRESSOR=pergroup and COMPRESS_ROW_TRANSFORMS=1 work per stream: set COMPRESS_STREAMS=1",
+            ),
+            (
+                not self.compress_row_transforms or self.quant_packing == "bytes",
+                "COMPRESS_ROW_TRANSFORMS=1 reorders one byte per integer: needs QUANT_PACKING=bytes",
+            ),
         ]
+
+    @property
+    def row_transforms(self) -> bool:
+        """Integer streams also tried column-major and row-sorted: COMPRESS_ROW_TRANSFORMS, or R0427's
+        COMPRESSOR=pergroup, which always transposes (bit-packed integers have no rows to reorder)."""
+        return self.quant_packing == "bytes" and (
+            self.compress_row_transforms or self.compressor == "pergroup"
+        )
 
     @property
     def head_dim(self) -> int:
@@ -2729,12 +2751,14 @@ class EMA:
 # Artifact file: MAGIC, then <version u16, compressor id u8, sha256 of the body, body length u64>, then the
 # body. The payload is <meta length u32, meta JSON, tensor bytes>; a version 1 body is the payload
 # compressed as one stream, a version 2 body its independent streams (compress_streams; compressor id
-# STREAMS_ID). Loading never unpickles.
+# STREAMS_ID); version 3 is version 2 with lrzip streams or row transforms (R0427 'pergroup'), so a
+# script without them refuses it. Loading never unpickles.
 ARTIFACT_MAGIC = b"PGOLFQ\r\n"
-ARTIFACT_VERSIONS = (1, 2)
+ARTIFACT_VERSIONS = (1, 2, 3)
 STREAMS_ID = 255
 ARTIFACT_HEADER = struct.Struct("<HB32sQ")
-COMPRESSORS = ("zstd", "brotli", "lzma")
+COMPRESSORS = ("zstd", "brotli", "lzma")  # the Python libraries COMPRESSOR=auto tries
+METHOD_IDS = (*COMPRESSORS, "lrzip")  # compressor ids in the file; lrzip (a binary) only when named
 # The self-extracting script: exec of the base85, compressed text (R0409 submitted the lzma form).
 PACKED_PREFIX = "import base64,{0};exec({0}.decompress(base64.b85decode("
 PACKERS = ("lzma", "brotli")
@@ -3191,8 +3215,30 @@ def compressor_module(method: str):
         ) from None
 
 
+def lrzip_binary() -> str:
+    path = shutil.which("lrzip")
+    if path is None:
+        raise ArtifactError(
+            "compressor lrzip (COMPRESSOR=lrzip or pergroup, as R0427 ran it) needs the lrzip binary on "
+            "PATH: `apt-get install lrzip` (or pick COMPRESSOR=brotli)"
+        )
+    return path
+
+
+def lrzip(data: bytes, *args: str) -> bytes:
+    """The lrzip binary through pipes (R0427 shells out to it the same way, through files)."""
+    run = subprocess.run([lrzip_binary(), "-q", *args], input=data, capture_output=True)
+    if run.returncode:
+        raise ArtifactError(f"lrzip {' '.join(args)} failed: {run.stderr.decode(errors='replace').strip()}")
+    return run.stdout
+
+
 def compress(data: bytes, method: str) -> bytes:
-    """zstd level 22, brotli quality 11 (24-bit window), or lzma preset 9 extreme (R0325)."""
+    """zstd level 22, brotli quality 11 (24-bit window), lzma preset 9 extreme (R0325), or R0427's
+    `lrzip -z -L 9` (ZPAQ context mixing) pinned to one thread (-p 1): lrzip's blocks otherwise follow
+    the core count, and so could its bytes; the streams already run in parallel."""
+    if method == "lrzip":
+        return lrzip(data, "-z", "-L", "9", "-p", "1")
     lib = compressor_module(method)
     if method == "zstd":
         return lib.ZstdCompressor(level=22).compress(data)
@@ -3202,6 +3248,8 @@ def compress(data: bytes, method: str) -> bytes:
 
 
 def decompress(blob: bytes, method: str) -> bytes:
+    if method == "lrzip":
+        return lrzip(blob, "-d")
     lib = compressor_module(method)
     if method == "zstd":
         return lib.ZstdDecompressor().decompress(blob)
@@ -3210,6 +3258,9 @@ def decompress(blob: bytes, method: str) -> bytes:
 
 def available_compressors(choice: str) -> list[str]:
     """COMPRESSOR=auto: every importable one (the smallest output wins); else just the one named."""
+    if choice == "lrzip":
+        lrzip_binary()
+        return [choice]
     if choice != "auto":
         compressor_module(choice)
         return [choice]
@@ -3221,14 +3272,28 @@ def available_compressors(choice: str) -> list[str]:
     return found
 
 
+def compressor_plan(hp: Hyperparameters) -> tuple[list[str], dict]:
+    """COMPRESSOR's methods and compress_streams' options. pergroup is R0427's serializer: the integer
+    streams (one role each) lrzip'd and transposed (rows similarity-sorted in its hot roles), the
+    rest brotli. Here each row transform is kept only where it shrinks its stream, and an integer
+    stream keeps brotli where that is smaller: R0427's flags keep lrzip's LZ4 pre-test, which stores
+    a near-uniform stream raw (bench/RESULTS.md)."""
+    if hp.compressor == "pergroup":
+        lrzip_binary()
+        compressor_module("brotli")
+        return ["brotli"], dict(int_methods=["brotli", "lrzip"], rows=hp.row_transforms)
+    return available_compressors(hp.compressor), dict(rows=hp.row_transforms)
+
+
 def compress_best(
-    data: bytes, methods: list[str], streams: bool = False, threads: int = 0
+    data: bytes, methods: list[str], streams: bool = False, threads: int = 0, **options
 ) -> tuple[str | Codec, bytes, dict[str, int]]:
     """Compress with each method in parallel threads (the libraries release the GIL); keep the smallest.
     `streams`: `data` is a payload, compressed as independent streams, each with its smallest method
-    (a v2 body, see compress_streams); sizes are then what each method alone would give."""
+    (a v2 body, see compress_streams, which takes `options`); sizes are then what each method alone
+    would give."""
     if streams:
-        return compress_streams(data, methods, threads)
+        return compress_streams(data, methods, threads, **options)
     with concurrent.futures.ThreadPoolExecutor(len(methods)) as pool:
         blobs = dict(zip(methods, pool.map(lambda m: compress(data, m), methods), strict=True))
     best = min(methods, key=lambda m: (len(blobs[m]), methods.index(m)))
@@ -3241,49 +3306,77 @@ def compress_best(
 # AWQ-lite / LQER extras) compress in parallel threads, and each gets its own smallest method. The cut
 # depends on the payload only, never on the thread count: the same bytes.
 STREAM_BYTES = 4 << 20
-STREAM_HEADER = struct.Struct("<BBI")  # per stream: compressor id, byte-shuffled, compressed length
+STREAM_HEADER = struct.Struct("<BBI")  # per stream: compressor id, layout, compressed length
+# A stream's layout: as in the payload; 2-byte words byte-shuffled (fp16 streams); or, for a stream of
+# int8 matrices (one role), R0427's 'pergroup' transforms: column-major (its transpose), or rows
+# similarity-sorted then column-major. Layouts 2 and 3 are self-describing (columns_layout).
+RAW, SHUFFLED, COLUMNS, SORTED = range(4)
+SORTED_ROLES = ("tok_emb.weight", "attn.c_q.weight", "mlp.fc.weight")  # R0427's _SIMSORT_KEYS
 
 
 @dataclass(frozen=True)
 class Codec:
-    """Each stream's method and whether its 2-byte words are byte-shuffled (fp16 streams, where that
-    compressed smaller); `threads` only sets the speed (0: one per CPU core of this process)."""
+    """Each stream's method and layout (RAW, SHUFFLED, COLUMNS, SORTED; False/True read as the
+    first two); `threads` only sets the speed (0: one per CPU core of this process)."""
 
-    choices: tuple[tuple[str, bool], ...]
+    choices: tuple[tuple[str, int], ...]
     threads: int = 0
 
-    def __str__(self) -> str:  # the log's `compressor`: the methods used, e.g. brotli or brotli+lzma
+    def __str__(self) -> str:  # the log's `compressor`: the methods used, e.g. brotli or brotli+lrzip
         used = {m for m, _ in self.choices}
-        return "+".join(m for m in COMPRESSORS if m in used)
+        return "+".join(m for m in METHOD_IDS if m in used)
+
+    def version(self) -> int:
+        """3 where a stream needs lrzip or a row transform (a script without them refuses it), else 2."""
+        return 3 if any(m == "lrzip" or layout > SHUFFLED for m, layout in self.choices) else 2
+
+
+class PayloadStream(NamedTuple):
+    """One stream of a payload: bytes [start, end), word size (2: shuffle-able), whether it holds
+    integers, and (role, rows, cols) of each int8 matrix in it (byte packing only: row transforms)."""
+
+    start: int
+    end: int
+    word: int
+    ints: bool
+    matrices: tuple[tuple[str, int, int], ...]
 
 
 def payload_streams(payload: bytes) -> list[tuple[int, int, int]]:
-    """(start, end, word size) of each stream of a payload: the meta head, each role's integers in parts
-    of about STREAM_BYTES values (whole tensors; cut by value counts, so a fit-ladder bit move under
-    QUANT_PACKING=bits keeps the Codec's streams), all row scales, all fp16 tensors (word size 2:
-    shuffle-able), then any AWQ-lite / LQER extras (build_payload's order)."""
+    """(start, end, word size) of each stream of a payload (payload_layout)."""
+    return [(s.start, s.end, s.word) for s in payload_layout(payload)]
+
+
+def payload_layout(payload: bytes) -> list[PayloadStream]:
+    """The streams of a payload: the meta head, each role's integers in parts of about STREAM_BYTES
+    values (whole tensors; cut by value counts, so a fit-ladder bit move under QUANT_PACKING=bits keeps
+    the Codec's streams), all row scales, all fp16 tensors (word size 2: shuffle-able), then any
+    AWQ-lite / LQER extras (build_payload's order)."""
     (head_len,) = struct.unpack_from("<I", payload)
     meta = json.loads(payload[4 : 4 + head_len])
     ints = [e for e in meta["tensors"] if e["kind"] == "int"]
-    roles: dict[str, list[tuple[int, int]]] = {}  # role -> (values, packed bytes) of each tensor
+    roles: dict[str, list[tuple[int, int, tuple]]] = {}  # role -> (values, packed bytes, matrix) per tensor
     for e in ints:
-        count = math.prod(e["shape"])
-        roles.setdefault(role_key(e["name"])[0], []).append(
-            (count, packed_size(count, e["bits"], meta["packing"]))
-        )
-    spans, pos = [(0, 4 + head_len, 1)], 4 + head_len
+        count, role = math.prod(e["shape"]), role_key(e["name"])[0]
+        matrix = (role, e["shape"][0], count // e["shape"][0])
+        roles.setdefault(role, []).append((count, packed_size(count, e["bits"], meta["packing"]), matrix))
+    spans, pos = [PayloadStream(0, 4 + head_len, 1, False, ())], 4 + head_len
     for items in roles.values():
-        counts, done = [count for count, _ in items], 0
+        counts, done = [count for count, _, _ in items], 0
         for part in even_parts(counts, math.ceil(sum(counts) / STREAM_BYTES)):
-            size = sum(nbytes for _, nbytes in items[done : done + len(part)])
-            spans.append((pos, pos + size, 1))
+            run = items[done : done + len(part)]
+            size = sum(nbytes for _, nbytes, _ in run)
+            matrices = tuple(m for *_, m in run) if meta["packing"] == "bytes" else ()
+            spans.append(PayloadStream(pos, pos + size, 1, True, matrices))
             pos, done = pos + size, done + len(part)
     scales = 2 * sum(e["shape"][0] for e in ints)
     floats = 2 * sum(math.prod(e["shape"]) for e in meta["tensors"] if e["kind"] == "fp16")
-    spans.append((pos, pos + scales, 2))
-    spans.append((pos + scales, pos + scales + floats, 2))
-    spans.append((pos + scales + floats, len(payload), 1))  # extras: int8 factors and fp16 scales
-    return [(a, b, word if (b - a) % word == 0 else 1) for a, b, word in spans if b > a]
+    spans.append(PayloadStream(pos, pos + scales, 2, False, ()))
+    spans.append(PayloadStream(pos + scales, pos + scales + floats, 2, False, ()))
+    spans.append(PayloadStream(pos + scales + floats, len(payload), 1, False, ()))  # extras: int8 and fp16
+    return [
+        s._replace(word=s.word if (s.end - s.start) % s.word == 0 else 1) for s in spans if s.end > s.start
+    ]
 
 
 def even_parts(sizes: list[int], parts: int) -> list[list[int]]:
@@ -3305,17 +3398,114 @@ def shuffle_words(data: bytes, word: int, inverse: bool = False) -> bytes:
     return (a.reshape(word, -1).T if inverse else a.reshape(-1, word).T).tobytes()
 
 
-def stream_jobs(payload: bytes, spans, candidates) -> list[tuple[int, bytes, str, bool]]:
-    """Every (stream index, bytes, method, shuffled) to try; `candidates(word)` lists the options."""
-    jobs = []
-    for i, (start, end, word) in enumerate(spans):
-        for method, shuffled in candidates(i, word):
-            data = payload[start:end]
-            jobs.append((i, shuffle_words(data, word) if shuffled else data, method, shuffled))
-    return jobs
+def similarity_order(q: np.ndarray) -> np.ndarray:
+    """R0427's `_similarity_sort_l1`: from row 0, each next row the unused one nearest in L1 (ties: the
+    lowest index), so neighbouring rows differ little. The distances are exact (integer sums far
+    below 2^24 in float32), so the order does not depend on the thread count. O(rows^2 * cols): the
+    fit ladder's re-compressions reuse the orders of matrices it did not move (memo)."""
+    return cached_order(q.tobytes(), q.shape).copy()
 
 
-def run_jobs(jobs: list[tuple[int, bytes, str, bool]], threads: int) -> list[bytes]:
+@functools.lru_cache(maxsize=64)
+def cached_order(data: bytes, shape: tuple[int, int]) -> np.ndarray:
+    q = np.frombuffer(data, np.int8).reshape(shape)
+    x = torch.from_numpy(q.astype(np.float32))
+    dist = torch.cdist(x, x, p=1)
+    dist[:, 0] = math.inf
+    order = [0]
+    for _ in range(len(q) - 1):
+        order.append(int(torch.argmin(dist[order[-1]])))
+        dist[:, order[-1]] = math.inf
+    return np.array(order, dtype=np.int64)
+
+
+def columns_layout(data: bytes, matrices, sort: bool) -> bytes:
+    """<count u32, (rows u32, cols u32) each>, with `sort` each matrix's row order (u16, R0427's
+    stored permutation), then each int8 matrix column-major (R0427 transposes before compressing)."""
+    head = struct.pack("<I", len(matrices)) + b"".join(struct.pack("<II", r, c) for _, r, c in matrices)
+    orders, columns, pos = [], [], 0
+    for _, rows, cols in matrices:
+        q = np.frombuffer(data, np.int8, rows * cols, pos).reshape(rows, cols)
+        pos += rows * cols
+        if sort:
+            order = similarity_order(q)
+            orders.append(order.astype("<u2").tobytes())
+            q = q[order]
+        columns.append(np.ascontiguousarray(q.T).tobytes())
+    return head + b"".join(orders + columns)
+
+
+def rows_layout(data: bytes, sort: bool) -> bytes:
+    """The inverse of columns_layout: the matrices back in their payload bytes, row-major, unsorted."""
+    (count,) = struct.unpack_from("<I", data)
+    shapes = [struct.unpack_from("<II", data, 4 + 8 * i) for i in range(count)]
+    pos, orders, out = 4 + 8 * count, [], []
+    for rows, _ in shapes if sort else ():
+        orders.append(np.frombuffer(data, "<u2", rows, pos).astype(np.int64))
+        pos += 2 * rows
+    for i, (rows, cols) in enumerate(shapes):
+        q = np.frombuffer(data, np.int8, rows * cols, pos).reshape(cols, rows).T
+        pos += rows * cols
+        if sort:
+            restored = np.empty_like(q)
+            restored[orders[i]] = q
+            q = restored
+        out.append(np.ascontiguousarray(q).tobytes())
+    if pos != len(data):
+        raise ArtifactError(f"a column-major stream has {len(data) - pos} stray bytes")
+    return b"".join(out)
+
+
+def to_layout(data: bytes, stream: PayloadStream, layout: int) -> bytes:
+    if layout == SHUFFLED:
+        return shuffle_words(data, stream.word)
+    if layout in (COLUMNS, SORTED):
+        return columns_layout(data, stream.matrices, layout == SORTED)
+    return data
+
+
+def from_layout(data: bytes, layout: int) -> bytes:
+    if layout == SHUFFLED:
+        return shuffle_words(data, 2, inverse=True)
+    if layout in (COLUMNS, SORTED):
+        return rows_layout(data, layout == SORTED)
+    if layout != RAW:
+        raise ArtifactError(f"stream layout {layout} is unknown; evaluate it with the script that wrote it")
+    return data
+
+
+def layouts(stream: PayloadStream, rows: bool) -> list[int]:
+    """The layouts a stream tries: byte-shuffled for 2-byte words; with `rows`, an int8 stream also
+    column-major, and similarity-sorted where its role is one R0427 sorts (row indices fit u16)."""
+    out = [RAW, SHUFFLED] if stream.word == 2 else [RAW]
+    if rows and stream.matrices:
+        out.append(COLUMNS)
+        if all(role in SORTED_ROLES and r <= 1 << 16 for role, r, _ in stream.matrices):
+            out.append(SORTED)
+    return out
+
+
+def stream_jobs(
+    payload: bytes, spans: list[PayloadStream], candidates, threads: int = 0
+) -> list[tuple[int, bytes, str, int]]:
+    """Every (stream index, bytes, method, layout) to try; `candidates(i, stream)` lists the options.
+    Each layout is computed once per stream, whatever the methods, in a thread pool (the row sorts'
+    distances release the GIL)."""
+    wanted = [
+        (i, method, layout) for i, stream in enumerate(spans) for method, layout in candidates(i, stream)
+    ]
+    keys = sorted({(i, layout) for i, _, layout in wanted})
+
+    def lay(key: tuple[int, int]) -> bytes:
+        stream = spans[key[0]]
+        return to_layout(payload[stream.start : stream.end], stream, key[1])
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(threads or cpu_cores(), len(keys)))) as pool:
+        laid = dict(zip(keys, pool.map(lay, keys), strict=True))
+    return [(i, laid[i, layout], method, layout) for i, method, layout in wanted]
+
+
+def run_jobs(jobs: list[tuple[int, bytes, str, int]], threads: int) -> list[bytes]:
     """Compress every job in a thread pool, largest first (the longest sets the wall time); the
     results come back in job order, so the bytes do not depend on the thread count."""
     order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][1]))
@@ -3330,20 +3520,28 @@ def cpu_cores() -> int:
 
 
 def streams_body(choices, blobs: list[bytes]) -> bytes:
-    """v2 body: <stream count u16>, a STREAM_HEADER per stream, then the compressed streams."""
+    """v2/v3 body: <stream count u16>, a STREAM_HEADER per stream, then the compressed streams."""
     table = b"".join(
-        STREAM_HEADER.pack(COMPRESSORS.index(m), s, len(b)) for (m, s), b in zip(choices, blobs, strict=True)
+        STREAM_HEADER.pack(METHOD_IDS.index(m), layout, len(b))
+        for (m, layout), b in zip(choices, blobs, strict=True)
     )
     return struct.pack("<H", len(blobs)) + table + b"".join(blobs)
 
 
-def compress_streams(payload: bytes, methods: list[str], threads: int = 0) -> tuple[Codec, bytes, dict]:
-    """Every stream with every method (fp16 streams also byte-shuffled), in parallel; each stream keeps
-    its smallest (ties: the earlier method, unshuffled). Sizes: the body if every stream used one method."""
-    spans = payload_streams(payload)
-    jobs = stream_jobs(
-        payload, spans, lambda i, word: [(m, s) for m in methods for s in (False, True)[:word]]
-    )
+def compress_streams(
+    payload: bytes, methods: list[str], threads: int = 0, int_methods: list[str] | None = None, rows=False
+) -> tuple[Codec, bytes, dict]:
+    """Every stream with every method (integer streams: `int_methods` where given) in each of its
+    layouts (layouts), in parallel; each stream keeps its smallest (ties: the earlier method, then
+    the plainer layout, so a transform that does not shrink is never kept). Sizes: the body if every
+    stream used one method (the methods tried on every stream)."""
+    spans = payload_layout(payload)
+
+    def candidates(i: int, stream: PayloadStream) -> list[tuple[str, int]]:
+        own = int_methods if stream.ints and int_methods else methods
+        return [(m, layout) for m in own for layout in layouts(stream, rows)]
+
+    jobs = stream_jobs(payload, spans, candidates, threads)
     blobs = run_jobs(jobs, threads)
     best: dict[int, int] = {}  # stream -> its smallest job
     per_method: dict[tuple[str, int], int] = {}  # (method, stream) -> that method's smallest job
@@ -3354,30 +3552,32 @@ def compress_streams(payload: bytes, methods: list[str], threads: int = 0) -> tu
     codec = Codec(tuple(jobs[best[i]][2:] for i in range(len(spans))), threads)
     body = streams_body(codec.choices, [blobs[best[i]] for i in range(len(spans))])
     overhead = len(body) - sum(len(blobs[j]) for j in best.values())
-    sizes = {m: overhead + sum(len(blobs[per_method[m, i]]) for i in range(len(spans))) for m in methods}
+    everywhere = [m for m in methods if all((m, i) in per_method for i in range(len(spans)))]
+    sizes = {m: overhead + sum(len(blobs[per_method[m, i]]) for i in range(len(spans))) for m in everywhere}
     return codec, body, sizes
 
 
 def compress_payload(payload: bytes, codec: str | Codec) -> bytes:
     """The artifact body of a payload: one stream (`codec` a method name, the v1 format) or, with a
-    Codec, the payload's streams compressed by the methods it chose (the v2 format)."""
+    Codec, the payload's streams compressed by the methods and layouts it chose (v2/v3)."""
     if isinstance(codec, str):
         return compress(payload, codec)
-    spans = payload_streams(payload)
+    spans = payload_layout(payload)
     if len(spans) != len(codec.choices):
         raise ArtifactError(f"payload has {len(spans)} streams, the codec {len(codec.choices)}")
-    jobs = stream_jobs(payload, spans, lambda i, word: [codec.choices[i]])
+    jobs = stream_jobs(payload, spans, lambda i, stream: [codec.choices[i]], codec.threads)
     return streams_body(codec.choices, run_jobs(jobs, codec.threads))
 
 
 def decompress_streams(body: bytes) -> bytes:
-    """The payload of a v2 body: each stream decompressed and un-shuffled, in order."""
+    """The payload of a v2/v3 body: each stream decompressed and put back in payload order."""
     (count,) = struct.unpack_from("<H", body)
     pos, parts = 2 + count * STREAM_HEADER.size, []
     for i in range(count):
-        method_id, shuffled, length = STREAM_HEADER.unpack_from(body, 2 + i * STREAM_HEADER.size)
-        data = decompress(body[pos : pos + length], COMPRESSORS[method_id])
-        parts.append(shuffle_words(data, 2, inverse=True) if shuffled else data)
+        method_id, layout, length = STREAM_HEADER.unpack_from(body, 2 + i * STREAM_HEADER.size)
+        if method_id >= len(METHOD_IDS):
+            raise ArtifactError(f"stream {i} has compressor id {method_id}, which this script lacks")
+        parts.append(from_layout(decompress(body[pos : pos + length], METHOD_IDS[method_id]), layout))
         pos += length
     if pos != len(body):
         raise ArtifactError(f"{len(body) - pos} stray bytes after the last stream")
@@ -3487,17 +3687,19 @@ def parse_payload(payload: bytes) -> tuple[dict, dict[str, QuantTensor | Tensor]
 
 
 def encode_artifact(body: bytes, codec: str | Codec) -> bytes:
-    """Version 1 for a body compressed by one method (`codec` its name), version 2 for streams."""
+    """Version 1 for a body compressed by one method (`codec` its name), 2 or 3 for streams."""
     digest = hashlib.sha256(body).digest()
-    version, method_id = (1, COMPRESSORS.index(codec)) if isinstance(codec, str) else (2, STREAMS_ID)
+    version, method_id = (
+        (1, METHOD_IDS.index(codec)) if isinstance(codec, str) else (codec.version(), STREAMS_ID)
+    )
     return ARTIFACT_MAGIC + ARTIFACT_HEADER.pack(version, method_id, digest, len(body)) + body
 
 
 def decompress_body(body: bytes, version: int, method_id: int) -> bytes:
-    if version == 2 and method_id == STREAMS_ID:
+    if version in (2, 3) and method_id == STREAMS_ID:
         return decompress_streams(body)
-    if version == 1 and method_id < len(COMPRESSORS):
-        return decompress(body, COMPRESSORS[method_id])
+    if version == 1 and method_id < len(METHOD_IDS):
+        return decompress(body, METHOD_IDS[method_id])
     raise ArtifactError(f"compressor id {method_id} is not one of artifact format version {version}")
 
 
@@ -3699,6 +3901,7 @@ class Quantizer:
         self.salient = awq_lite_groups(self.state, self.plan, hessians, hp) if hp.awq_lite_enabled else {}
         self.lqer_norms: dict[tuple[str, int, bool], float] = {}  # ||W - Q(W)||_F per cache key
         self.lqer_cache: dict[tuple[str, int, bool], QuantTensor] = {}
+        self.fill = self.compute_all  # runs the missing quantisations (quantize_keys: across ranks)
 
     def key(self, name: str) -> tuple[str, int, bool]:
         """(name, bits, max-|w| clip): a matrix with its class's SDClip k has no search to give up."""
@@ -3708,24 +3911,37 @@ class Quantizer:
         out = self.quantized()
         return self.with_lqer(out) if self.hp.lqer_enabled else out
 
+    def keys(self) -> dict[str, tuple[str, int, bool]]:
+        """The cache key of every quantised tensor as the plan stands (int8 gates: (name, 8, False))."""
+        return {
+            name: self.key(name) if name in self.plan else (name, 8, False)
+            for name in self.state
+            if name in self.plan or name in self.gates
+        }
+
+    def compute(self, key: tuple[str, int, bool]) -> QuantTensor:
+        """One cache entry: computed where the weights live, kept on the CPU."""
+        name, bits, max_clip = key
+        t = self.state[name]
+        if name not in self.plan:  # an int8 gate
+            return rtn_quantize(t, 8).cpu()
+        salient = self.salient.get(name, ())
+        return quantize_tensor(name, t, bits, self.hessians, self.hp, max_clip, salient).cpu()
+
+    def compute_all(self, keys: list[tuple[str, int, bool]]) -> None:
+        for key in keys:
+            self.cache[key] = self.compute(key)
+
     def quantized(self) -> dict[str, QuantTensor | Tensor]:
-        """Every tensor as stored, before LQER (which ranks all plan tensors together)."""
+        """Every tensor as stored, before LQER (which ranks all plan tensors together); what the cache
+        lacks is computed first (`fill`)."""
+        keys = self.keys()
+        missing = [key for key in keys.values() if key not in self.cache]
+        if missing:
+            self.fill(missing)
         out: dict[str, QuantTensor | Tensor] = {}
         for name, t in self.state.items():
-            if name in self.plan:
-                key = self.key(name)
-                if key not in self.cache:  # computed where the weights live, kept on the CPU
-                    qt = quantize_tensor(
-                        name, t, key[1], self.hessians, self.hp, key[2], self.salient.get(name, ())
-                    )
-                    self.cache[key] = qt.cpu()
-                out[name] = self.cache[key]
-            elif name in self.gates:
-                if (name, 8, False) not in self.cache:
-                    self.cache[name, 8, False] = rtn_quantize(t, 8).cpu()
-                out[name] = self.cache[name, 8, False]
-            else:
-                out[name] = t.to(device="cpu", dtype=torch.float16)
+            out[name] = self.cache[keys[name]] if name in keys else t.to(device="cpu", dtype=torch.float16)
         return out
 
     def with_lqer(self, qstate: dict) -> dict:
@@ -3978,8 +4194,9 @@ def fit_artifact(
     qstate = qz.qstate()
     if prior is not None:
         qstate = plan_from_prior(qz, qstate, prior, limit, log, done)
-    methods = available_compressors(hp.compressor)
-    method, body, sizes = compress_best(qz.payload(qstate), methods, hp.compress_streams, hp.compress_threads)
+    methods, options = compressor_plan(hp)
+    payload = qz.payload(qstate)
+    method, body, sizes = compress_best(payload, methods, hp.compress_streams, hp.compress_threads, **options)
     log(kv(compressor=method, **{f"bytes_{m}": n for m, n in sizes.items()}))
     est = SizeEstimate(qstate, body)
     ratio = est.ratio
@@ -4050,21 +4267,24 @@ def deal_by_cost(costs: Mapping[str, int], ranks: int) -> list[list[str]]:
 
 
 def quantize_across_ranks(qz: Quantizer, rt: Runtime) -> None:
-    """The first GPTQ pass split across ranks (deal_by_cost), every rank's results gathered into
+    """The first GPTQ pass split across ranks (quantize_keys), every rank's results gathered into
     `qz`'s cache on every rank: the same integers as one rank computing all of them, in 1/world of
     the time. The cache holds AWQ-lite groups (chosen alike on every rank from the summed Hessians)
     and int8 gates; LQER, which ranks all tensors together, is then fitted on every rank from the
     gathered cache (qz.qstate). An error on any rank is raised on all (no rank left waiting)."""
+    quantize_keys(qz, list(qz.keys().values()), rt)
+    qz.qstate()  # LQER (when on) from the gathered integers, the same on every rank
+
+
+def quantize_keys(qz: Quantizer, keys: list[tuple[str, int, bool]], rt: Runtime) -> None:
+    """Cache entries dealt across ranks by GPTQ cost (deal_by_cost), each rank's gathered into every
+    rank's cache; an error on any rank is raised on all."""
     if not rt.distributed:
-        qz.qstate()
+        qz.compute_all(keys)
         return
-    costs = {name: gptq_cost(qz, name) for name in qz.state if name in qz.plan or name in qz.gates}
-    share = copy.copy(qz)  # this rank's tensors only, its own cache
-    share.state = {name: qz.state[name] for name in deal_by_cost(costs, rt.world_size)[rt.rank]}
-    share.cache = {}
+    share = deal_by_cost({key: gptq_cost(qz, key[0]) for key in keys}, rt.world_size)[rt.rank]
     try:
-        share.quantized()
-        found = (share.cache, None)
+        found = ({key: qz.compute(key) for key in share}, None)
     except ArtifactError as e:
         found = ({}, str(e))
     gathered = [None] * rt.world_size
@@ -4073,15 +4293,43 @@ def quantize_across_ranks(qz: Quantizer, rt: Runtime) -> None:
         if error:
             raise ArtifactError(error)
         qz.cache.update(cache)
-    qz.qstate()  # LQER (when on) from the gathered integers, the same on every rank
+
+
+def serve_quantize(qz: Quantizer | None, rt: Runtime) -> tuple:
+    """A rank other than 0 while rank 0 fits the artifact: it takes its share of each fit-ladder
+    re-quantisation rank 0 deals out (fit_on_rank0) until rank 0 sends the outcome."""
+    while True:
+        kind, arg = broadcast_object(None, rt.world_size)
+        if kind == "done":
+            return arg
+        with contextlib.suppress(ArtifactError):  # rank 0 raised it too and sends it as the outcome
+            quantize_keys(qz, arg, rt)
+
+
+def fit_on_rank0(qz: Quantizer | None, rt: Runtime, fit) -> tuple:
+    """`fit()` on rank 0 with the fit ladder's re-quantisations (other bits, other clips) dealt across
+    ranks like the first pass; then the outcome (blob, info, error) goes to every rank."""
+
+    def deal(keys: list[tuple[str, int, bool]]) -> None:
+        broadcast_object(("quantize", keys), rt.world_size)
+        quantize_keys(qz, keys, rt)
+
+    if qz is not None and rt.distributed:
+        qz.fill = deal
+    try:
+        outcome = fit()
+    finally:
+        if qz is not None:
+            qz.fill = qz.compute_all
+    return broadcast_object(("done", outcome), rt.world_size)[1]
 
 
 def produce_artifact(
     model: GPT, loader, hp, rt, log, bytes_code: int, limit_fit: bool = True, prior: float | None = None
 ) -> tuple[bytes, dict]:
     """Hessians on every rank (disjoint training batches, summed), GPTQ split across ranks
-    (quantize_across_ranks), then the fit and compression on rank 0; every rank gets the same
-    artifact bytes (or the same error)."""
+    (quantize_across_ranks), then the fit and compression on rank 0, its re-quantisations split
+    across ranks too (fit_on_rank0); every rank gets the same artifact bytes (or the same error)."""
     t0 = time.perf_counter()
     hessians = (
         collect_hessians(model, loader, hp, rt, calibration_batches(hp, rt))
@@ -4091,6 +4339,7 @@ def produce_artifact(
     sync(rt)
     calib_s = time.perf_counter() - t0
     outcome: tuple = (b"", {}, None)
+    qz = None
     try:
         qz = Quantizer(model, hessians, hp)
         t1 = time.perf_counter()
@@ -4098,18 +4347,19 @@ def produce_artifact(
         quant_s = time.perf_counter() - t1
     except ArtifactError as e:
         outcome = (b"", {}, str(e))
-    if rt.is_main and outcome[2] is None:
+
+    def fit() -> tuple:
+        if outcome[2] is not None:
+            return outcome
         try:
             cap = hp.artifact_cap_bytes if limit_fit else 1 << 62
             blob, info = fit_artifact(qz, bytes_code, log, cap, prior)
-            outcome = (
-                blob,
-                dict(info, gptq_time_s=round(calib_s + quant_s, 3), calibration_s=round(calib_s, 3)),
-                None,
-            )
+            times = dict(gptq_time_s=round(calib_s + quant_s, 3), calibration_s=round(calib_s, 3))
+            return blob, dict(info, **times), None
         except ArtifactError as e:
-            outcome = (b"", {}, str(e))
-    blob, info, error = broadcast_object(outcome, rt.world_size)
+            return b"", {}, str(e)
+
+    blob, info, error = fit_on_rank0(qz, rt, fit) if rt.is_main else serve_quantize(qz, rt)
     if error:
         raise ArtifactError(error)
     return blob, info
@@ -6231,6 +6481,16 @@ def check_outputs_free(hp: Hyperparameters, rt: Runtime) -> Path:
     return log_path
 
 
+def check_compressor(hp: Hyperparameters) -> None:
+    """A training run's COMPRESSOR (e.g. pergroup's lrzip binary) is found before training, not at
+    the export ten minutes later."""
+    if not hp.eval_only:
+        try:
+            compressor_plan(hp)
+        except ArtifactError as e:
+            raise ConfigError(str(e)) from None
+
+
 def model_params(model: nn.Module) -> int:
     """The parameter count a run logs (`model_params:`) and --print-config prints."""
     return sum(p.numel() for p in model.parameters())
@@ -6276,6 +6536,7 @@ def main(argv: list[str]) -> int:
             return 0
         rt = init_runtime(hp)
         log_path = check_outputs_free(hp, rt)
+        check_compressor(hp)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
     python3 bench/artifact_size.py                       # default model (env knobs apply), fresh init
     python3 bench/artifact_size.py --weights heavy-tail  # matrices redrawn from a Student-t (nu=3)
+    python3 bench/artifact_size.py --weights channels    # the same, times log-normal column scales
     python3 bench/artifact_size.py --weights heavy-tail --quant gptq   # GPTQ, Hessian-chosen clips
     python3 bench/artifact_size.py --artifact final_model_<RUN_ID>.ptz   # a trained run's integers
     python3 bench/artifact_size.py --tradeoff   # error vs entropy per clip choice and width (GPTQ)
@@ -9,6 +10,7 @@
     COMPRESSOR=brotli python3 bench/artifact_size.py --fit-cut 1000000 --prior   # planned, as in a run
     COMPRESSOR=brotli python3 bench/artifact_size.py --weights heavy-tail --packing bytes --threads 1 0
     python3 bench/artifact_size.py --speed   # brotli-11 CPU throughput by weight distribution
+    COMPRESSOR=brotli COMPRESS_ROW_TRANSFORMS=1 python3 bench/artifact_size.py --packing bytes --threads 0
 
 Quantisation is round-to-nearest with each row's max |w| as its clip (no calibration data) unless
 `--quant gptq`: then GPTQ runs with the script's clip choice (GPTQ_CLIP_FRACS, or GPTQ_SDCLIP_K)
@@ -19,7 +21,9 @@ bits per parameter (format 1: the payload as one stream, each COMPRESSOR in turn
 
 `--threads T ...` then compresses the payload as format 2 (independent streams, each with its
 smallest COMPRESSOR) with COMPRESS_THREADS=T (0: one per CPU core): bytes and wall seconds, and the
-CPU seconds of each stream job (the longest is the wall time with a core per job).
+CPU seconds of each stream job (the longest is the wall time with a core per job). With
+COMPRESS_ROW_TRANSFORMS=1 or COMPRESSOR=pergroup the integer streams also try R0427's row layouts
+(format 3; `layouts` lists each stream's: 0 raw, 1 byte-shuffled, 2 column-major, 3 sorted rows).
 
 `--tradeoff` prints, for one heavy-tailed matrix of each block shape of the default model under a
 synthetic Hessian, the entropy (bits per weight: what the compressors track) and the relative
@@ -51,11 +55,13 @@ def stand_in(weights: str, quant: str) -> tg.Quantizer:
     hp = tg.Hyperparameters()
     torch.manual_seed(hp.seed)
     model = tg.GPT(hp)
-    if weights == "heavy-tail":  # trained matrices are heavy-tailed; keep each one's std
+    if weights in ("heavy-tail", "channels"):  # trained matrices are heavy-tailed; keep each one's std
         with torch.no_grad():
             for name in tg.quant_plan(model, hp):
                 p = model.get_parameter(name)
                 draw = torch.distributions.StudentT(3.0).sample(p.shape)
+                if weights == "channels":  # log-normal input-channel scales (sigma 1): outlier channels
+                    draw = draw * torch.exp(torch.randn(p.shape[1]))
                 p.copy_(draw / draw.std() * max(float(p.std()), 0.02))
     hessians = {}
     if quant == "gptq":
@@ -109,8 +115,9 @@ def tradeoff() -> None:
                 )
 
 
-def streams(payload: bytes, methods: list[str], threads: int, params: int) -> None:
-    """Format 2 at COMPRESS_THREADS=`threads`: the artifact's bytes, wall seconds, and each job's time."""
+def streams(payload: bytes, methods: list[str], threads: int, params: int, **options) -> None:
+    """Format 2 at COMPRESS_THREADS=`threads`: the artifact's bytes, wall seconds, and each job's time.
+    `options`: compress_streams' (COMPRESSOR=pergroup, COMPRESS_ROW_TRANSFORMS=1: format 3)."""
     jobs: list[float] = []
     real = tg.compress
 
@@ -120,27 +127,38 @@ def streams(payload: bytes, methods: list[str], threads: int, params: int) -> No
         jobs.append(time.thread_time() - t0)
         return blob
 
-    tg.compress = timed
+    sorts: list[float] = []
+    real_sort = tg.similarity_order
+
+    def timed_sort(q):
+        t0 = time.thread_time()
+        order = real_sort(q)
+        sorts.append(time.thread_time() - t0)
+        return order
+
+    tg.compress, tg.similarity_order = timed, timed_sort
     try:
         t0 = time.perf_counter()
-        codec, body, sizes = tg.compress_streams(payload, methods, threads)
+        codec, body, sizes = tg.compress_streams(payload, methods, threads, **options)
         seconds = time.perf_counter() - t0
     finally:
-        tg.compress = real
+        tg.compress, tg.similarity_order = real, real_sort
     size = len(body)
     print(
         tg.kv(
-            format=2,
+            format=codec.version(),
             threads=threads or tg.cpu_cores(),
             streams=len(codec.choices),
             jobs=len(jobs),
             compressor=codec,
+            layouts=",".join(str(layout) for _, layout in codec.choices),
             raw_bytes=len(payload),
             bytes=size,
             bits_per_param=round(8 * size / params, 3),
             compress_s=round(seconds, 2),
             job_cpu_s_sum=round(sum(jobs), 2),
             job_cpu_s_max=round(max(jobs), 2),
+            sort_cpu_s=round(sum(sorts), 2),
         )
     )
 
@@ -177,7 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--weights", choices=["fresh", "heavy-tail"], default="fresh")
+    parser.add_argument("--weights", choices=["fresh", "heavy-tail", "channels"], default="fresh")
     parser.add_argument("--quant", choices=["rtn", "gptq"], default="rtn")
     parser.add_argument("--packing", choices=["bytes", "bits", "both"], default="both")
     parser.add_argument("--artifact", help="re-encode the integers of this artifact instead")
@@ -187,6 +205,7 @@ def main() -> None:
     parser.add_argument("--prior", action="store_true", help="--fit-cut planned with a fresh dry run's ratio")
     parser.add_argument("--threads", type=int, nargs="+", help="also format 2 at these COMPRESS_THREADS")
     parser.add_argument("--speed", action="store_true", help="brotli-11 CPU throughput per weight stand-in")
+    parser.add_argument("--streams-only", action="store_true", help="with --threads: no format 1 lines")
     args = parser.parse_args()
     if args.speed:
         return speed()
@@ -207,12 +226,12 @@ def main() -> None:
     print(tg.kv(source=source.replace(" ", "_"), params=params, entropy_raw_bytes=int(entropy)))
     if args.entropy_only:
         return
-    methods = tg.available_compressors(tg.Hyperparameters().compressor)
+    methods, options = tg.compressor_plan(tg.Hyperparameters())
     for packing in ("bytes", "bits") if args.packing == "both" else (args.packing,):
         payload = tg.build_payload(qstate, {}, packing)
         for threads in args.threads or []:
-            streams(payload, methods, threads, params)
-        for method in methods:
+            streams(payload, methods, threads, params, **options)
+        for method in [] if args.streams_only else methods:
             t0, cpu0 = time.perf_counter(), time.thread_time()
             size = len(tg.compress(payload, method))
             seconds, cpu = time.perf_counter() - t0, time.thread_time() - cpu0

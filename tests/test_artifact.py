@@ -199,7 +199,9 @@ def count_compressions(monkeypatch) -> list[str]:
     calls: list[str] = []
     for name in ("compress_best", "compress_payload"):
         real = getattr(tg, name)
-        monkeypatch.setattr(tg, name, lambda *a, name=name, real=real: calls.append(name) or real(*a))
+        monkeypatch.setattr(
+            tg, name, lambda *a, name=name, real=real, **kw: calls.append(name) or real(*a, **kw)
+        )
     return calls
 
 

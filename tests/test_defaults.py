@@ -43,8 +43,14 @@ def resolved(preset: str = "") -> dict[str, object]:
     return knobs
 
 
+# Where the defaults keep our closest equivalent: R0427's per-group lrzip needs a system binary that
+# a bare GPU image lacks (RUN_PRESET=record_0427 asks for it, and a run without it stops at once).
+DEFAULTS_NOT_R0427 = {"COMPRESSOR"}
+
+
 def test_defaults_are_the_record_0427_preset():
-    assert resolved() == resolved("record_0427")
+    defaults, record = resolved(), resolved("record_0427")
+    assert {name for name in defaults if defaults[name] != record[name]} == DEFAULTS_NOT_R0427
 
 
 def test_march_preset_restores_the_march_stack_at_full_size():

@@ -200,9 +200,9 @@ def test_format_1_artifacts_still_load():
 def test_unknown_versions_and_compressor_ids_are_refused_with_the_fix():
     _, _, payload = tiny_payload()
     blob = bytearray(format_1_artifact(payload))
-    blob[len(tg.ARTIFACT_MAGIC)] = 3
+    blob[len(tg.ARTIFACT_MAGIC)] = 4
     with pytest.raises(
-        tg.ArtifactError, match=r"new.ptz: artifact format version 3, .*reads versions 1, 2; "
+        tg.ArtifactError, match=r"new.ptz: artifact format version 4, .*reads versions 1, 2, 3; "
     ):
         tg.decode_artifact(bytes(blob), "new.ptz")
     blob[len(tg.ARTIFACT_MAGIC)] = 2  # a format-1 body under a format-2 header
@@ -332,12 +332,12 @@ def export_inputs(hp: tg.Hyperparameters) -> tuple[tg.GPT, dict[str, torch.Tenso
 
 def export_on(rank: int, world_size: int, knobs: dict) -> tuple[bytes, list[str]]:
     """produce_artifact on this rank (calibration replaced by the fixed Hessians); the artifact and
-    the tensors this rank quantised."""
+    the (name, bits, max-|w| clip) of every tensor this rank quantised."""
     hp = make_hp(**SMALL, COMPRESSOR="zstd", QUANT_EMBED_GPTQ=True, **knobs)
     model, hessians = export_inputs(hp)
     tg.collect_hessians = lambda *args: hessians
     quantized, real = [], tg.quantize_tensor
-    tg.quantize_tensor = lambda name, *args: quantized.append(name) or real(name, *args)
+    tg.quantize_tensor = lambda name, *args: quantized.append((name, args[1], args[4])) or real(name, *args)
     try:
         rt = tg.Runtime(rank, world_size, rank, torch.device("cpu"), 1, "t")
         blob, _ = tg.produce_artifact(model, None, hp, rt, [].append, 1000)
@@ -382,3 +382,24 @@ def test_gptq_split_across_ranks_writes_the_same_artifact_bytes(world_size, knob
     shares = [done for _, done in results]
     assert sorted(sum(shares, [])) == sorted(everything)  # each matrix quantised once, by one rank
     assert all(shares)  # every rank did some
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_fit_ladder_requantisations_are_split_across_ranks_with_the_same_bytes(
+    world_size, tmp_path, monkeypatch
+):
+    """A cap 7 % under the model's size: the fit ladder re-quantises blocks at max-|w| clips and at
+    int5; those GPTQ runs are dealt across ranks too, and the artifact stays the same bytes."""
+    torch.set_num_threads(1)
+    monkeypatch.setattr(tg, "collect_hessians", tg.collect_hessians)  # export_on replaces it
+    knobs = dict(ARTIFACT_CAP_BYTES=1000 + int(0.93 * len(export_on(0, 1, {})[0])))
+    reference, everything = export_on(0, 1, knobs)
+    moved = [key for key in everything if key[1] == 5 or key[2]]
+    assert moved and len(set(everything)) == len(everything)  # the ladder re-quantised, each key once
+    args = (world_size, free_port(), str(tmp_path), knobs)
+    mp.spawn(_rank_main, args=args, nprocs=world_size, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
+    assert all(blob == reference for blob, _ in results)
+    shares = [done for _, done in results]
+    assert sorted(sum(shares, [])) == sorted(everything)
+    assert sum(any(key in moved for key in share) for share in shares) > 1  # not rank 0 alone

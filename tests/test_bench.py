@@ -196,3 +196,61 @@ def test_p1_knobs_agree_between_scripts():
     for knob in ("MAX_WALLCLOCK_SECONDS=240", "TRAIN_BATCH_TOKENS=196608", "fineweb_1024_bpe.model"):
         assert knob in p1 and knob in evidence, knob
     assert "--val-docs 4194" in p1 and "VAL_DOCS:-4194" in evidence
+
+
+FRONTIER = ROOT / "bench" / "frontier_quant.py"
+
+
+def load_frontier():
+    spec = importlib.util.spec_from_file_location("frontier_quant", FRONTIER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_frontier_quant_preset_keeps_its_shape_and_each_variant_starts_from_the_base(monkeypatch):
+    for name in [k for k in os.environ if tg._looks_like_ours(k, set())]:
+        monkeypatch.delenv(name)
+    bench = load_frontier()
+    record = tg.Hyperparameters({"RUN_PRESET": "record_0427"})
+    base = bench.variant_hp({}, "record_0427")
+    for knob in ("VOCAB_SIZE", "MLP_MULT", "NUM_LOOPS", "PARALLEL_START_LAYER", "SPARSE_ATTN_GATE_ENABLED"):
+        assert base.knobs[knob] == record.knobs[knob], knob
+    assert base.quant_embed_bits == 8 and not base.quant_embed_gptq and base.gptq_sdclip_k == 0
+    assert not (base.lqer_enabled or base.gated_attn_quant_gate or base.awq_lite_enabled)
+    # the stack is every quantisation knob R0427's preset sets, nothing more
+    stack = bench.variant_hp(bench.VARIANTS["r0427_stack"], "record_0427")
+    for knob in {**bench.BASE, **bench.VARIANTS["r0427_stack"]}:
+        assert stack.knobs[knob] == record.knobs[knob], knob
+
+
+def test_frontier_quant_calibrated_run_at_a_tiny_record_shape(tmp_path, shard_dir):
+    env = {k: v for k, v in os.environ.items() if not tg._looks_like_ours(k, set())}
+    env.update(OMP_NUM_THREADS="1", MODEL_DIM="128", TRAIN_SEQ_LEN="64", MICROBATCH_TOKENS="128")
+    env.update(DATA_PATH=str(shard_dir), COMPRESSOR="lzma", COMPRESS_THREADS="2", VARLEN_ATTN="0")
+    env.update(FUSED_MLP_ENABLED="0", FUSED_CE_ENABLED="0")
+    cmd = [sys.executable, str(FRONTIER), "--preset", "record_0427", "--calib-tokens", "256"]
+    cmd += ["--variants", "lqer_asym,r0427_stack", "--containers"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [dict(item.split(":", 1) for item in line.split()) for line in proc.stdout.splitlines()]
+    head, code = rows[0], int(rows[1]["bytes_code"])
+    assert head["preset"] == "record_0427" and head["stand_in"] == "trained_like_calibrated_256"
+    variants = [r for r in rows if "export_s" in r]
+    assert [r["variant"] for r in variants] == ["baseline", "lqer_asym", "r0427_stack"]
+    for r in variants:
+        assert int(r["bytes_total"]) == int(r["bytes_model"]) + code
+        spent = float(head["calib_s"]) + float(r["gptq_s"]) + float(r["compress_s"])
+        assert abs(float(r["export_s"]) - spent) < 0.2  # each part rounded to 0.1 s
+    lqer, stack = variants[1], variants[2]
+    assert len(lqer["lqer_tensors"].split(",")) == 3 and float(lqer["lqer_err_ratio"]) < 1
+    assert float(stack["gate_max_abs_err"]) > 0  # R0427's sparse gates, drawn non-zero, stored int8
+    # the containers: format 2 the same bytes at 1 and 2 threads, and the variant's own row among them
+    for name, row in (("baseline", variants[0]), ("r0427_stack", stack)):
+        sizes = {
+            (r["compress_streams"], r["compress_threads"]): r["bytes_model"]
+            for r in rows
+            if r.get("variant") == name and "compress_streams" in r
+        }
+        assert sizes.keys() == {("0", "1"), ("1", "1"), ("1", "2")}
+        assert sizes["1", "1"] == sizes["1", "2"] == row["bytes_model"]

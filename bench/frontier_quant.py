@@ -21,16 +21,20 @@ Each variant is BASE (GPTQ int6 with the clip search, int8 round-to-nearest embe
 else) plus the knobs it names, as R0427 / PR #1908 run them, compressed as the export compresses
 (COMPRESSOR, COMPRESS_STREAMS, COMPRESS_THREADS). Per variant: the compressed model bytes, with the
 counted code (CODE_BYTES_MODE), the seconds of GPTQ (incl. AWQ-lite's choice and LQER) and of
-compression, the Hessian-weighted output error of every quantised matrix relative to the baseline's
-(`rel_err`), the relative weight error sqrt(sum |W - Q|^2 / sum |W|^2) of the quantised tensors
-(`rel_weight_err`), and for LQER / AWQ-lite the error of the matrices they touch, before and after.
-`--containers`: the baseline's and the stack's payloads again as one stream (COMPRESS_STREAMS=0)
-and as streams with COMPRESS_THREADS 1 and 2.
+compression (GPTQ seconds: each tensor is quantised once per distinct recipe, timed, and reused by the
+variants that quantise it alike; a variant's figure sums its tensors' measured seconds, as an export
+computing them all would spend), the Hessian-weighted output error of every quantised matrix
+relative to the baseline's (`rel_err`), the relative weight error sqrt(sum |W - Q|^2 / sum |W|^2)
+of the quantised tensors (`rel_weight_err`), and for LQER / AWQ-lite the error of the matrices they
+touch, before and after.
+`--containers`: after every variant, the stack's and the baseline's payloads again as one stream
+(COMPRESS_STREAMS=0) and as streams with COMPRESS_THREADS 1 and 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -128,6 +132,44 @@ def calibrated_stand_in(hp: tg.Hyperparameters, tokens: int) -> tuple[dict, tg.H
     return state, hessians, seconds
 
 
+class TensorMemo:
+    """Each tensor's quantisation computed once per distinct recipe and reused by the variants that
+    quantise it alike (LQER, gates and AWQ-lite change a few tensors, not all): with `install`, it
+    stands in for train_gpt.quantize_tensor. `spent` sums each returned tensor's own measured seconds
+    (the first computation's), so a variant's GPTQ time counts every tensor it stores, as an export
+    computing them all would, at a fraction of the bench's time."""
+
+    def __init__(self):
+        self.done: dict[tuple, tuple[tg.QuantTensor, float]] = {}
+        self.spent = self.fresh = 0.0  # seconds of the tensors returned / computed since reset
+        self.real = tg.quantize_tensor
+
+    def recipe(self, name, bits, hessians, hp, max_clip, salient) -> tuple:
+        gptq = tg.gptq_applies(name, hessians, hp)
+        fine = (hp.awq_lite_bits, hp.awq_lite_group_size) if salient else ()
+        knobs = (hp.gptq_clip_fracs, hp.gptq_damp, hp.gptq_block_size, hp.gptq_act_order) if gptq else ()
+        return name, bits, bool(max_clip), tuple(salient), gptq, tg.clip_sigmas(name, hp), fine, knobs
+
+    def __call__(self, name, w, bits, hessians, hp, max_clip=False, salient=()):
+        key = self.recipe(name, bits, hessians, hp, max_clip, salient)
+        if key not in self.done:
+            t0 = time.perf_counter()
+            qt = self.real(name, w, bits, hessians, hp, max_clip, salient)
+            self.done[key] = qt, time.perf_counter() - t0
+            self.fresh += self.done[key][1]
+        qt, seconds = self.done[key]
+        self.spent += seconds
+        return qt
+
+    @contextlib.contextmanager
+    def install(self):
+        tg.quantize_tensor = self
+        try:
+            yield
+        finally:
+            tg.quantize_tensor = self.real
+
+
 def errors(qz: tg.Quantizer, qstate: dict) -> dict[str, float]:
     out = {}
     for name, t in qstate.items():
@@ -174,18 +216,24 @@ def compressed(payload: bytes, hp: tg.Hyperparameters, streams: bool, threads: i
     return body, time.perf_counter() - t0
 
 
-def measure(name: str, hp: tg.Hyperparameters, state, hessians, base: dict | None, code: int) -> dict:
+def measure(
+    name: str, hp: tg.Hyperparameters, state, hessians, base: dict | None, code: int, memo: TensorMemo
+) -> dict:
+    """One variant's row. GPTQ seconds: the wall time of Quantizer + qstate (AWQ-lite's choice, LQER)
+    less the tensors it computed, plus each stored tensor's own measured seconds."""
     model = shape_model(hp)
     model.load_state_dict(state)
+    memo.spent = memo.fresh = 0.0
     t0 = time.perf_counter()
-    qz = tg.Quantizer(model, hessians, hp)
-    qstate = qz.qstate()
-    gptq_s = time.perf_counter() - t0
+    with memo.install():
+        qz = tg.Quantizer(model, hessians, hp)
+        qstate = qz.qstate()
+    gptq_s = time.perf_counter() - t0 - memo.fresh + memo.spent
     payload = qz.payload(qstate)
     body, compress_s = compressed(payload, hp, hp.compress_streams, hp.compress_threads)
     err = errors(qz, qstate)
     row = dict(variant=name, bytes_model=tg.artifact_size(body), bytes_total=tg.artifact_size(body) + code)
-    row.update(gptq_s=round(gptq_s, 1), compress_s=round(compress_s, 1))
+    row.update(gptq_s=round(gptq_s, 1), gptq_new_s=round(memo.fresh, 1), compress_s=round(compress_s, 1))
     row.update(rel_weight_err=round(weight_error(qz, qstate), 5))
     if base is not None:
         row["bytes_vs_baseline"] = row["bytes_model"] - base["bytes_model"]
@@ -194,12 +242,17 @@ def measure(name: str, hp: tg.Hyperparameters, state, hessians, base: dict | Non
     return dict(row, err=err, payload=payload)
 
 
-def containers(name: str, hp: tg.Hyperparameters, payload: bytes) -> None:
-    """The same payload in each CONTAINERS setting: bytes and wall seconds."""
+def containers(name: str, hp: tg.Hyperparameters, measured: dict) -> None:
+    """The variant's payload in each CONTAINERS setting: bytes and wall seconds (its own setting's
+    from its row, not compressed again)."""
     for streams, threads in CONTAINERS:
-        body, seconds = compressed(payload, hp, streams, threads)
         row = dict(variant=name, compress_streams=int(streams), compress_threads=threads)
-        print(tg.kv(**row, bytes_model=tg.artifact_size(body), compress_s=round(seconds, 1)), flush=True)
+        if (streams, threads) == (hp.compress_streams, hp.compress_threads):
+            size, seconds = measured["bytes_model"], measured["compress_s"]
+        else:
+            body, seconds = compressed(measured["payload"], hp, streams, threads)
+            size, seconds = tg.artifact_size(body), round(seconds, 1)
+        print(tg.kv(**row, bytes_model=size, compress_s=seconds), flush=True)
 
 
 def main() -> None:
@@ -222,16 +275,18 @@ def main() -> None:
     print(tg.kv(preset=args.preset or "none", stand_in=stand, params=params, calib_s=round(calib_s, 1)))
     print(tg.kv(bytes_code=code, code_bytes_mode=hp.code_bytes_mode, compressor=hp.compressor), flush=True)
     names = args.variants.split(",") if args.variants else list(VARIANTS)
-    base = None
+    base, memo, kept = None, TensorMemo(), {}
     for name in dict.fromkeys(["baseline", *names]):  # the baseline first: the others are relative to it
         vhp = variant_hp(VARIANTS[name], args.preset)
-        row = measure(name, vhp, state, hessians, base, code)
+        row = measure(name, vhp, state, hessians, base, code, memo)
         base = base or row
         export_s = round(calib_s + row["gptq_s"] + row["compress_s"], 1)
         shown = {k: v for k, v in row.items() if k not in ("err", "payload")}
         print(tg.kv(**shown, export_s=export_s), flush=True)
         if args.containers and name in ("baseline", "r0427_stack"):
-            containers(name, vhp, row["payload"])
+            kept[name] = vhp, row
+    for name, (vhp, row) in reversed(kept.items()):  # after every variant (the stack first): slow
+        containers(name, vhp, row)
 
 
 if __name__ == "__main__":

@@ -226,7 +226,9 @@ def test_frontier_quant_preset_keeps_its_shape_and_each_variant_starts_from_the_
 
 def test_frontier_quant_calibrated_run_at_a_tiny_record_shape(tmp_path, shard_dir):
     env = {k: v for k, v in os.environ.items() if not tg._looks_like_ours(k, set())}
-    env.update(OMP_NUM_THREADS="1", MODEL_DIM="128", TRAIN_SEQ_LEN="64", MICROBATCH_TOKENS="128")
+    env.update(
+        OMP_NUM_THREADS="1", MODEL_DIM="64", ROPE_DIMS="8", TRAIN_SEQ_LEN="64", MICROBATCH_TOKENS="128"
+    )
     env.update(DATA_PATH=str(shard_dir), COMPRESSOR="lzma", COMPRESS_THREADS="2", VARLEN_ATTN="0")
     env.update(FUSED_MLP_ENABLED="0", FUSED_CE_ENABLED="0")
     cmd = [sys.executable, str(FRONTIER), "--preset", "record_0427", "--calib-tokens", "256"]
@@ -254,3 +256,19 @@ def test_frontier_quant_calibrated_run_at_a_tiny_record_shape(tmp_path, shard_di
         }
         assert sizes.keys() == {("0", "1"), ("1", "1"), ("1", "2")}
         assert sizes["1", "1"] == sizes["1", "2"] == row["bytes_model"]
+
+
+def test_frontier_quant_memo_gives_every_variant_the_tensors_it_would_compute_alone():
+    bench = load_frontier()
+    hps = {name: make_hp(MODEL_DIM=64, **{**bench.BASE, **knobs}) for name, knobs in bench.VARIANTS.items()}
+    state, hessians = bench.stand_in(hps["baseline"])
+    memo = bench.TensorMemo()
+    for name, hp in hps.items():  # one memo across the variants, as the bench runs them
+        model = bench.shape_model(hp)
+        model.load_state_dict(state)
+        alone = tg.Quantizer(model, hessians, hp).qstate()
+        with memo.install():
+            shared = tg.Quantizer(model, hessians, hp).qstate()
+        assert tg.quantize_tensor is memo.real
+        assert tg.build_payload(shared, {}, "bytes") == tg.build_payload(alone, {}, "bytes"), name
+    assert 0 < len(memo.done) < sum(len(tg.quant_plan(bench.shape_model(hp), hp)) for hp in hps.values())

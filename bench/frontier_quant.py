@@ -20,21 +20,26 @@ excepted: every variant starts from BASE. Env knobs win over both.
 Each variant is BASE (GPTQ int6 with the clip search, int8 round-to-nearest embeddings, nothing
 else) plus the knobs it names, as R0427 / PR #1908 run them, compressed as the export compresses
 (COMPRESSOR, COMPRESS_STREAMS, COMPRESS_THREADS). Per variant: the compressed model bytes, with the
-counted code (CODE_BYTES_MODE), the seconds of GPTQ (incl. AWQ-lite's choice and LQER) and of
-compression (GPTQ seconds: each tensor is quantised once per distinct recipe, timed, and reused by the
-variants that quantise it alike; a variant's figure sums its tensors' measured seconds, as an export
-computing them all would spend), the Hessian-weighted output error of every quantised matrix
-relative to the baseline's (`rel_err`), the relative weight error sqrt(sum |W - Q|^2 / sum |W|^2)
-of the quantised tensors (`rel_weight_err`), and for LQER / AWQ-lite the error of the matrices they
-touch, before and after.
+counted code (CODE_BYTES_MODE); CPU seconds (a shared machine's wall time measures its load) of
+calibration, of GPTQ (incl. AWQ-lite's choice and LQER) and of compression (the sum of the stream
+jobs: one core; the longest job: a core per job), and their sum `export_cpu_s`; the Hessian-weighted
+output error of every quantised matrix relative to the baseline's (`rel_err`); the relative weight
+error sqrt(sum |W - Q|^2 / sum |W|^2) of the quantised tensors (`rel_weight_err`); for LQER /
+AWQ-lite the error of the matrices they touch, before and after. So that a full-size table takes
+minutes, not an hour, each tensor is quantised and each stream compressed once per distinct input
+and reused by the variants that give the same one (LQER, gates, AWQ-lite change a few tensors, not
+all); a reused one counts the CPU seconds it first took, as an export computing it would spend
+(`gptq_new_cpu_s`: what this variant computed itself).
 `--containers`: after every variant, the stack's and the baseline's payloads again as one stream
-(COMPRESS_STREAMS=0) and as streams with COMPRESS_THREADS 1 and 2.
+(COMPRESS_STREAMS=0) and as streams at the COMPRESS_THREADS 1 and 2 the variant did not use,
+compressed for real: bytes, wall seconds, jobs' CPU seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import sys
 import time
@@ -113,9 +118,10 @@ def stand_in(hp: tg.Hyperparameters) -> tuple[dict[str, torch.Tensor], tg.Hessia
     return {n: t.detach().clone() for n, t in model.state_dict().items()}, hessians
 
 
-def calibrated_stand_in(hp: tg.Hyperparameters, tokens: int) -> tuple[dict, tg.Hessians, float]:
+def calibrated_stand_in(hp: tg.Hyperparameters, tokens: int) -> tuple[dict, tg.Hessians, float, float]:
     """The reserve probe's trained-like weights, non-zero gates, and Hessians over `tokens` training
-    tokens (MICROBATCH_TOKENS per forward); returns the state, the Hessians and their seconds."""
+    tokens (MICROBATCH_TOKENS per forward); returns the state, the Hessians, and their wall and CPU
+    seconds."""
     model = shape_model(hp)
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), 1, "bench")
     loader = tg.DistributedTokenLoader(tg.find_shards(hp.data_path, "train"), rt)
@@ -125,19 +131,19 @@ def calibrated_stand_in(hp: tg.Hyperparameters, tokens: int) -> tuple[dict, tg.H
         for name, p in model.named_parameters():
             if name.endswith(tg.GATE_SUFFIXES):  # zero at init (R0427): nothing to quantise
                 p.normal_(0, 0.05, generator=gen)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         hessians = tg.collect_hessians(model, loader, hp, rt, batches)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         state = {n: t.detach().clone() for n, t in model.state_dict().items()}
-    return state, hessians, seconds
+    return state, hessians, seconds, cpu
 
 
 class TensorMemo:
     """Each tensor's quantisation computed once per distinct recipe and reused by the variants that
     quantise it alike (LQER, gates and AWQ-lite change a few tensors, not all): with `install`, it
-    stands in for train_gpt.quantize_tensor. `spent` sums each returned tensor's own measured seconds
-    (the first computation's), so a variant's GPTQ time counts every tensor it stores, as an export
-    computing them all would, at a fraction of the bench's time."""
+    stands in for train_gpt.quantize_tensor. `spent` sums each returned tensor's own measured CPU
+    seconds (the first computation's), so a variant's GPTQ time counts every tensor it stores, as an
+    export computing them all would, at a fraction of the bench's time."""
 
     def __init__(self):
         self.done: dict[tuple, tuple[tg.QuantTensor, float]] = {}
@@ -153,9 +159,9 @@ class TensorMemo:
     def __call__(self, name, w, bits, hessians, hp, max_clip=False, salient=()):
         key = self.recipe(name, bits, hessians, hp, max_clip, salient)
         if key not in self.done:
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             qt = self.real(name, w, bits, hessians, hp, max_clip, salient)
-            self.done[key] = qt, time.perf_counter() - t0
+            self.done[key] = qt, time.thread_time() - t0
             self.fresh += self.done[key][1]
         qt, seconds = self.done[key]
         self.spent += seconds
@@ -168,6 +174,34 @@ class TensorMemo:
             yield
         finally:
             tg.quantize_tensor = self.real
+
+
+class CompressMemo:
+    """train_gpt.compress with each job's CPU seconds recorded (`jobs`), and, with `reuse`, each
+    distinct (data, method) compressed once: format 2's streams that a variant leaves unchanged (most
+    of them) are not compressed again; a reused job counts the seconds it first took."""
+
+    def __init__(self, reuse: bool):
+        self.done: dict[tuple[bytes, str], tuple[bytes, float]] = {}
+        self.reuse, self.jobs, self.real = reuse, [], tg.compress
+
+    def __call__(self, data: bytes, method: str) -> bytes:
+        key = (hashlib.blake2b(data, digest_size=16).digest(), method)
+        if key not in self.done or not self.reuse:
+            t0 = time.thread_time()  # this thread's CPU: what the job costs, whatever else runs
+            blob = self.real(data, method)
+            self.done[key] = blob, time.thread_time() - t0
+        self.jobs.append(self.done[key][1])
+        return self.done[key][0]
+
+    @contextlib.contextmanager
+    def install(self):
+        self.jobs = []
+        tg.compress = self
+        try:
+            yield
+        finally:
+            tg.compress = self.real
 
 
 def errors(qz: tg.Quantizer, qstate: dict) -> dict[str, float]:
@@ -209,31 +243,34 @@ def touched_errors(qz: tg.Quantizer, qstate: dict, err: dict, base_err: dict) ->
     return out
 
 
-def compressed(payload: bytes, hp: tg.Hyperparameters, streams: bool, threads: int) -> tuple[bytes, float]:
-    """The payload compressed as the export does (compress_best), and the wall seconds it took."""
-    t0 = time.perf_counter()
-    _, body, _ = tg.compress_best(payload, tg.available_compressors(hp.compressor), streams, threads)
-    return body, time.perf_counter() - t0
-
-
-def measure(
-    name: str, hp: tg.Hyperparameters, state, hessians, base: dict | None, code: int, memo: TensorMemo
-) -> dict:
-    """One variant's row. GPTQ seconds: the wall time of Quantizer + qstate (AWQ-lite's choice, LQER)
-    less the tensors it computed, plus each stored tensor's own measured seconds."""
-    model = shape_model(hp)
-    model.load_state_dict(state)
-    memo.spent = memo.fresh = 0.0
+def compressed(payload: bytes, hp: tg.Hyperparameters, streams: bool, threads: int, memo: CompressMemo):
+    """The payload compressed as the export does (compress_best); the body, the wall seconds, and the
+    CPU seconds of every compression job (their sum: one core; their max: a core per job)."""
     t0 = time.perf_counter()
     with memo.install():
+        _, body, _ = tg.compress_best(payload, tg.available_compressors(hp.compressor), streams, threads)
+    return body, time.perf_counter() - t0, list(memo.jobs)
+
+
+def measure(name: str, hp: tg.Hyperparameters, state, hessians, base: dict | None, code: int, memos) -> dict:
+    """One variant's row. CPU seconds of GPTQ: Quantizer + qstate (AWQ-lite's choice, LQER) less the
+    tensors it computed, plus each stored tensor's own measured seconds; of compression: the sum of
+    its jobs' (reused or not) and the longest."""
+    tensors, streams = memos
+    model = shape_model(hp)
+    model.load_state_dict(state)
+    tensors.spent = tensors.fresh = 0.0
+    t0 = time.thread_time()
+    with tensors.install():
         qz = tg.Quantizer(model, hessians, hp)
         qstate = qz.qstate()
-    gptq_s = time.perf_counter() - t0 - memo.fresh + memo.spent
+    gptq_s = time.thread_time() - t0 - tensors.fresh + tensors.spent
     payload = qz.payload(qstate)
-    body, compress_s = compressed(payload, hp, hp.compress_streams, hp.compress_threads)
+    body, _, jobs = compressed(payload, hp, hp.compress_streams, hp.compress_threads, streams)
     err = errors(qz, qstate)
     row = dict(variant=name, bytes_model=tg.artifact_size(body), bytes_total=tg.artifact_size(body) + code)
-    row.update(gptq_s=round(gptq_s, 1), gptq_new_s=round(memo.fresh, 1), compress_s=round(compress_s, 1))
+    row.update(gptq_cpu_s=round(gptq_s, 1), gptq_new_cpu_s=round(tensors.fresh, 1))
+    row.update(compress_cpu_s=round(sum(jobs), 1), compress_job_max_s=round(max(jobs), 1))
     row.update(rel_weight_err=round(weight_error(qz, qstate), 5))
     if base is not None:
         row["bytes_vs_baseline"] = row["bytes_model"] - base["bytes_model"]
@@ -243,16 +280,18 @@ def measure(
 
 
 def containers(name: str, hp: tg.Hyperparameters, measured: dict) -> None:
-    """The variant's payload in each CONTAINERS setting: bytes and wall seconds (its own setting's
-    from its row, not compressed again)."""
+    """The variant's payload in each other CONTAINERS setting, compressed for real (no reuse): bytes,
+    wall seconds on this machine, CPU seconds of the jobs."""
     for streams, threads in CONTAINERS:
         row = dict(variant=name, compress_streams=int(streams), compress_threads=threads)
         if (streams, threads) == (hp.compress_streams, hp.compress_threads):
-            size, seconds = measured["bytes_model"], measured["compress_s"]
-        else:
-            body, seconds = compressed(measured["payload"], hp, streams, threads)
-            size, seconds = tg.artifact_size(body), round(seconds, 1)
-        print(tg.kv(**row, bytes_model=size, compress_s=seconds), flush=True)
+            continue  # the variant's own row
+        body, wall, jobs = compressed(measured["payload"], hp, streams, threads, CompressMemo(reuse=False))
+        row.update(bytes_model=tg.artifact_size(body), compress_wall_s=round(wall, 1))
+        print(
+            tg.kv(**row, compress_cpu_s=round(sum(jobs), 1), compress_job_max_s=round(max(jobs), 1)),
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -267,22 +306,23 @@ def main() -> None:
     hp = variant_hp({}, args.preset)
     code = tg.code_bytes(Path(tg.__file__), hp.code_bytes_mode)[1]
     if args.calib_tokens:
-        state, hessians, calib_s = calibrated_stand_in(hp, args.calib_tokens)
+        state, hessians, calib_s, calib_cpu_s = calibrated_stand_in(hp, args.calib_tokens)
         stand = f"trained_like_calibrated_{args.calib_tokens}"
     else:
-        (state, hessians), calib_s, stand = stand_in(hp), 0.0, "synthetic"
+        (state, hessians), calib_s, calib_cpu_s, stand = stand_in(hp), 0.0, 0.0, "synthetic"
     params = sum(t.numel() for t in state.values())
-    print(tg.kv(preset=args.preset or "none", stand_in=stand, params=params, calib_s=round(calib_s, 1)))
+    head = dict(preset=args.preset or "none", stand_in=stand, params=params, calib_s=round(calib_s, 1))
+    print(tg.kv(**head, calib_cpu_s=round(calib_cpu_s, 1)))
     print(tg.kv(bytes_code=code, code_bytes_mode=hp.code_bytes_mode, compressor=hp.compressor), flush=True)
     names = args.variants.split(",") if args.variants else list(VARIANTS)
-    base, memo, kept = None, TensorMemo(), {}
+    base, memos, kept = None, (TensorMemo(), CompressMemo(reuse=True)), {}
     for name in dict.fromkeys(["baseline", *names]):  # the baseline first: the others are relative to it
         vhp = variant_hp(VARIANTS[name], args.preset)
-        row = measure(name, vhp, state, hessians, base, code, memo)
+        row = measure(name, vhp, state, hessians, base, code, memos)
         base = base or row
-        export_s = round(calib_s + row["gptq_s"] + row["compress_s"], 1)
+        export = round(calib_cpu_s + row["gptq_cpu_s"] + row["compress_cpu_s"], 1)
         shown = {k: v for k, v in row.items() if k not in ("err", "payload")}
-        print(tg.kv(**shown, export_s=export_s), flush=True)
+        print(tg.kv(**shown, export_cpu_s=export), flush=True)
         if args.containers and name in ("baseline", "r0427_stack"):
             kept[name] = vhp, row
     for name, (vhp, row) in reversed(kept.items()):  # after every variant (the stack first): slow

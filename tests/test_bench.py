@@ -242,33 +242,30 @@ def test_frontier_quant_calibrated_run_at_a_tiny_record_shape(tmp_path, shard_di
     assert [r["variant"] for r in variants] == ["baseline", "lqer_asym", "r0427_stack"]
     for r in variants:
         assert int(r["bytes_total"]) == int(r["bytes_model"]) + code
-        spent = float(head["calib_s"]) + float(r["gptq_s"]) + float(r["compress_s"])
-        assert abs(float(r["export_s"]) - spent) < 0.2  # each part rounded to 0.1 s
+        spent = float(head["calib_cpu_s"]) + float(r["gptq_cpu_s"]) + float(r["compress_cpu_s"])
+        assert abs(float(r["export_cpu_s"]) - spent) < 0.2  # each part rounded to 0.1 s
+        assert float(r["compress_job_max_s"]) <= float(r["compress_cpu_s"])
     lqer, stack = variants[1], variants[2]
     assert len(lqer["lqer_tensors"].split(",")) == 3 and float(lqer["lqer_err_ratio"]) < 1
+    assert float(lqer["gptq_new_cpu_s"]) < float(lqer["gptq_cpu_s"])  # the baseline's tensors reused
     assert float(stack["gate_max_abs_err"]) > 0  # R0427's sparse gates, drawn non-zero, stored int8
-    # the containers: format 2 the same bytes at 1 and 2 threads, and the variant's own row among them
+    # the containers the variants did not use, compressed again: format 2 the same bytes at any thread count
     for name, row in (("baseline", variants[0]), ("r0427_stack", stack)):
         sizes = {
             (r["compress_streams"], r["compress_threads"]): r["bytes_model"]
             for r in rows
             if r.get("variant") == name and "compress_streams" in r
         }
-        assert sizes.keys() == {("0", "1"), ("1", "1"), ("1", "2")}
-        assert sizes["1", "1"] == sizes["1", "2"] == row["bytes_model"]
+        assert sizes.keys() == {("0", "1"), ("1", "1")}  # ("1", "2") is the variant's own row
+        assert sizes["1", "1"] == row["bytes_model"] != sizes["0", "1"]
 
 
-def test_frontier_quant_memo_gives_every_variant_the_tensors_it_would_compute_alone():
+def test_frontier_quant_compress_memo_gives_the_same_body_and_counts_reused_jobs():
     bench = load_frontier()
-    hps = {name: make_hp(MODEL_DIM=64, **{**bench.BASE, **knobs}) for name, knobs in bench.VARIANTS.items()}
-    state, hessians = bench.stand_in(hps["baseline"])
-    memo = bench.TensorMemo()
-    for name, hp in hps.items():  # one memo across the variants, as the bench runs them
-        model = bench.shape_model(hp)
-        model.load_state_dict(state)
-        alone = tg.Quantizer(model, hessians, hp).qstate()
-        with memo.install():
-            shared = tg.Quantizer(model, hessians, hp).qstate()
-        assert tg.quantize_tensor is memo.real
-        assert tg.build_payload(shared, {}, "bytes") == tg.build_payload(alone, {}, "bytes"), name
-    assert 0 < len(memo.done) < sum(len(tg.quant_plan(bench.shape_model(hp), hp)) for hp in hps.values())
+    hp = make_hp(COMPRESSOR="lzma")
+    payload = bytes(range(256)) * 4096 + bytes(50_000)
+    memo = bench.CompressMemo(reuse=True)
+    first, _, jobs = bench.compressed(payload, hp, True, 2, memo)
+    again, _, reused = bench.compressed(payload, hp, True, 1, memo)
+    assert first == again == tg.compress_streams(payload, ["lzma"], 1)[1] and tg.compress is memo.real
+    assert sorted(reused) == sorted(jobs) and len(memo.done) == len(jobs)  # nothing compressed twice, seconds carried

@@ -238,7 +238,7 @@ def test_frontier_quant_calibrated_run_at_a_tiny_record_shape(tmp_path, shard_di
     rows = [dict(item.split(":", 1) for item in line.split()) for line in proc.stdout.splitlines()]
     head, code = rows[0], int(rows[1]["bytes_code"])
     assert head["preset"] == "record_0427" and head["stand_in"] == "trained_like_calibrated_256"
-    variants = [r for r in rows if "export_s" in r]
+    variants = [r for r in rows if "export_cpu_s" in r]
     assert [r["variant"] for r in variants] == ["baseline", "lqer_asym", "r0427_stack"]
     for r in variants:
         assert int(r["bytes_total"]) == int(r["bytes_model"]) + code
@@ -263,9 +263,31 @@ def test_frontier_quant_calibrated_run_at_a_tiny_record_shape(tmp_path, shard_di
 def test_frontier_quant_compress_memo_gives_the_same_body_and_counts_reused_jobs():
     bench = load_frontier()
     hp = make_hp(COMPRESSOR="lzma")
-    payload = bytes(range(256)) * 4096 + bytes(50_000)
+    state, hessians = bench.stand_in(hp)
+    model = bench.shape_model(hp)
+    model.load_state_dict(state)
+    qz = tg.Quantizer(model, hessians, hp)
+    payload = qz.payload(qz.qstate())
     memo = bench.CompressMemo(reuse=True)
     first, _, jobs = bench.compressed(payload, hp, True, 2, memo)
     again, _, reused = bench.compressed(payload, hp, True, 1, memo)
     assert first == again == tg.compress_streams(payload, ["lzma"], 1)[1] and tg.compress is memo.real
-    assert sorted(reused) == sorted(jobs) and len(memo.done) == len(jobs)  # nothing compressed twice, seconds carried
+    assert sorted(reused) == sorted(jobs) and len(memo.done) == len(
+        jobs
+    )  # nothing compressed twice, seconds carried
+
+
+def test_frontier_quant_memo_gives_every_variant_the_tensors_it_would_compute_alone():
+    bench = load_frontier()
+    hps = {name: make_hp(MODEL_DIM=64, **{**bench.BASE, **knobs}) for name, knobs in bench.VARIANTS.items()}
+    state, hessians = bench.stand_in(hps["baseline"])
+    memo = bench.TensorMemo()
+    for name, hp in hps.items():  # one memo across the variants, as the bench runs them
+        model = bench.shape_model(hp)
+        model.load_state_dict(state)
+        alone = tg.Quantizer(model, hessians, hp).qstate()
+        with memo.install():
+            shared = tg.Quantizer(model, hessians, hp).qstate()
+        assert tg.quantize_tensor is memo.real
+        assert tg.build_payload(shared, {}, "bytes") == tg.build_payload(alone, {}, "bytes"), name
+    assert 0 < len(memo.done) < sum(len(tg.quant_plan(bench.shape_model(hp), hp)) for hp in hps.values())

@@ -29,7 +29,8 @@ AWQ-lite the error of the matrices they touch, before and after. So that a full-
 minutes, not an hour, each tensor is quantised and each stream compressed once per distinct input
 and reused by the variants that give the same one (LQER, gates, AWQ-lite change a few tensors, not
 all); a reused one counts the CPU seconds it first took, as an export computing it would spend
-(`gptq_new_cpu_s`: what this variant computed itself).
+(`gptq_new_cpu_s`: what this variant computed itself; `compress_jobs_reused` of `compress_jobs`
+were reused, so `compress_wall_s` is a real wall time only where none was).
 `--containers`: after every variant, the stack's and the baseline's payloads again as one stream
 (COMPRESS_STREAMS=0) and as streams at the COMPRESS_THREADS 1 and 2 the variant did not use,
 compressed for real: bytes, wall seconds, jobs' CPU seconds.
@@ -183,7 +184,7 @@ class CompressMemo:
 
     def __init__(self, reuse: bool):
         self.done: dict[tuple[bytes, str], tuple[bytes, float]] = {}
-        self.reuse, self.jobs, self.real = reuse, [], tg.compress
+        self.reuse, self.jobs, self.real, self.reused = reuse, [], tg.compress, 0
 
     def __call__(self, data: bytes, method: str) -> bytes:
         key = (hashlib.blake2b(data, digest_size=16).digest(), method)
@@ -191,12 +192,14 @@ class CompressMemo:
             t0 = time.thread_time()  # this thread's CPU: what the job costs, whatever else runs
             blob = self.real(data, method)
             self.done[key] = blob, time.thread_time() - t0
+        else:
+            self.reused += 1
         self.jobs.append(self.done[key][1])
         return self.done[key][0]
 
     @contextlib.contextmanager
     def install(self):
-        self.jobs = []
+        self.jobs, self.reused = [], 0
         tg.compress = self
         try:
             yield
@@ -266,11 +269,12 @@ def measure(name: str, hp: tg.Hyperparameters, state, hessians, base: dict | Non
         qstate = qz.qstate()
     gptq_s = time.thread_time() - t0 - tensors.fresh + tensors.spent
     payload = qz.payload(qstate)
-    body, _, jobs = compressed(payload, hp, hp.compress_streams, hp.compress_threads, streams)
+    body, wall, jobs = compressed(payload, hp, hp.compress_streams, hp.compress_threads, streams)
     err = errors(qz, qstate)
     row = dict(variant=name, bytes_model=tg.artifact_size(body), bytes_total=tg.artifact_size(body) + code)
     row.update(gptq_cpu_s=round(gptq_s, 1), gptq_new_cpu_s=round(tensors.fresh, 1))
     row.update(compress_cpu_s=round(sum(jobs), 1), compress_job_max_s=round(max(jobs), 1))
+    row.update(compress_wall_s=round(wall, 1), compress_jobs=len(jobs), compress_jobs_reused=streams.reused)
     row.update(rel_weight_err=round(weight_error(qz, qstate), 5))
     if base is not None:
         row["bytes_vs_baseline"] = row["bytes_model"] - base["bytes_model"]

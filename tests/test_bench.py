@@ -248,6 +248,8 @@ def test_frontier_quant_calibrated_run_at_a_tiny_record_shape(tmp_path, shard_di
     lqer, stack = variants[1], variants[2]
     assert len(lqer["lqer_tensors"].split(",")) == 3 and float(lqer["lqer_err_ratio"]) < 1
     assert float(lqer["gptq_new_cpu_s"]) < float(lqer["gptq_cpu_s"])  # the baseline's tensors reused
+    assert int(variants[0]["compress_jobs_reused"]) == 0 < int(lqer["compress_jobs_reused"])
+    assert int(lqer["compress_jobs_reused"]) < int(lqer["compress_jobs"])  # LQER's own stream is new
     assert float(stack["gate_max_abs_err"]) > 0  # R0427's sparse gates, drawn non-zero, stored int8
     # the containers the variants did not use, compressed again: format 2 the same bytes at any thread count
     for name, row in (("baseline", variants[0]), ("r0427_stack", stack)):

@@ -21,11 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "throughput.py"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("throughput", BENCH)
+def load_script(path: Path):
+    """A bench script as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_bench():
+    return load_script(BENCH)
 
 
 def test_smoke_benchmark_prints_every_figure(tmp_path):
@@ -200,10 +205,14 @@ def test_p1_knobs_agree_between_scripts():
 
 
 def load_ablation():
-    spec = importlib.util.spec_from_file_location("p1_ablation", ROOT / "bench" / "p1_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "bench" / "p1_ablation.py")
+
+
+FRONTIER = ROOT / "bench" / "frontier_quant.py"
+
+
+def load_frontier():
+    return load_script(FRONTIER)
 
 
 def test_p1_ablation_dry_run_prints_one_valid_p1_command_per_ablation():
@@ -237,3 +246,90 @@ def test_p1_ablation_table_compares_each_run_with_the_default(tmp_path):
     assert rows[2].startswith("| default | defaults | 900 | 266.1 | 1.2400 | +0.0100 | 1.2500 | +0.0000 |")
     assert "| 1.2625 | +0.0125 | 15,900,000 |" in rows[3]
     assert rows[4].startswith("| no_varlen | `VARLEN_ATTN=0` | missing |")
+
+
+def test_frontier_quant_preset_keeps_its_shape_and_each_variant_starts_from_the_base(monkeypatch):
+    for name in [k for k in os.environ if tg._looks_like_ours(k, set())]:
+        monkeypatch.delenv(name)
+    bench = load_frontier()
+    record = tg.Hyperparameters({"RUN_PRESET": "record_0427"})
+    base = bench.variant_hp({}, "record_0427")
+    for knob in ("VOCAB_SIZE", "MLP_MULT", "NUM_LOOPS", "PARALLEL_START_LAYER", "SPARSE_ATTN_GATE_ENABLED"):
+        assert base.knobs[knob] == record.knobs[knob], knob
+    assert base.quant_embed_bits == 8 and not base.quant_embed_gptq and base.gptq_sdclip_k == 0
+    assert not (base.lqer_enabled or base.gated_attn_quant_gate or base.awq_lite_enabled)
+    # the stack is every quantisation knob R0427's preset sets, nothing more
+    stack = bench.variant_hp(bench.VARIANTS["r0427_stack"], "record_0427")
+    for knob in {**bench.BASE, **bench.VARIANTS["r0427_stack"]}:
+        assert stack.knobs[knob] == record.knobs[knob], knob
+
+
+def test_frontier_quant_calibrated_run_at_a_tiny_record_shape(tmp_path, shard_dir):
+    env = {k: v for k, v in os.environ.items() if not tg._looks_like_ours(k, set())}
+    env.update(
+        OMP_NUM_THREADS="1", MODEL_DIM="64", ROPE_DIMS="8", TRAIN_SEQ_LEN="64", MICROBATCH_TOKENS="128"
+    )
+    env.update(DATA_PATH=str(shard_dir), COMPRESSOR="lzma", COMPRESS_THREADS="2", VARLEN_ATTN="0")
+    env.update(FUSED_MLP_ENABLED="0", FUSED_CE_ENABLED="0")
+    cmd = [sys.executable, str(FRONTIER), "--preset", "record_0427", "--calib-tokens", "256"]
+    cmd += ["--variants", "lqer_asym,r0427_stack", "--containers"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [dict(item.split(":", 1) for item in line.split()) for line in proc.stdout.splitlines()]
+    head, code = rows[0], int(rows[1]["bytes_code"])
+    assert head["preset"] == "record_0427" and head["stand_in"] == "trained_like_calibrated_256"
+    variants = [r for r in rows if "export_cpu_s" in r]
+    assert [r["variant"] for r in variants] == ["baseline", "lqer_asym", "r0427_stack"]
+    for r in variants:
+        assert int(r["bytes_total"]) == int(r["bytes_model"]) + code
+        spent = float(head["calib_cpu_s"]) + float(r["gptq_cpu_s"]) + float(r["compress_cpu_s"])
+        assert abs(float(r["export_cpu_s"]) - spent) < 0.2  # each part rounded to 0.1 s
+        assert float(r["compress_job_max_s"]) <= float(r["compress_cpu_s"])
+    lqer, stack = variants[1], variants[2]
+    assert len(lqer["lqer_tensors"].split(",")) == 3 and float(lqer["lqer_err_ratio"]) < 1
+    assert float(lqer["gptq_new_cpu_s"]) < float(lqer["gptq_cpu_s"])  # the baseline's tensors reused
+    assert int(variants[0]["compress_jobs_reused"]) == 0 < int(lqer["compress_jobs_reused"])
+    assert int(lqer["compress_jobs_reused"]) < int(lqer["compress_jobs"])  # LQER's own stream is new
+    assert float(stack["gate_max_abs_err"]) > 0  # R0427's sparse gates, drawn non-zero, stored int8
+    # the containers the variants did not use, compressed again: format 2 the same bytes at any thread count
+    for name, row in (("baseline", variants[0]), ("r0427_stack", stack)):
+        sizes = {
+            (r["compress_streams"], r["compress_threads"]): r["bytes_model"]
+            for r in rows
+            if r.get("variant") == name and "compress_streams" in r
+        }
+        assert sizes.keys() == {("0", "1"), ("1", "1")}  # ("1", "2") is the variant's own row
+        assert sizes["1", "1"] == row["bytes_model"] != sizes["0", "1"]
+
+
+def test_frontier_quant_compress_memo_gives_the_same_body_and_counts_reused_jobs():
+    bench = load_frontier()
+    hp = make_hp(COMPRESSOR="lzma")
+    state, hessians = bench.stand_in(hp)
+    model = bench.shape_model(hp)
+    model.load_state_dict(state)
+    qz = tg.Quantizer(model, hessians, hp)
+    payload = qz.payload(qz.qstate())
+    memo = bench.CompressMemo(reuse=True)
+    first, _, jobs = bench.compressed(payload, hp, True, 2, memo)
+    again, _, reused = bench.compressed(payload, hp, True, 1, memo)
+    assert first == again == tg.compress_streams(payload, ["lzma"], 1)[1] and tg.compress is memo.real
+    assert sorted(reused) == sorted(jobs) and len(memo.done) == len(
+        jobs
+    )  # nothing compressed twice, seconds carried
+
+
+def test_frontier_quant_memo_gives_every_variant_the_tensors_it_would_compute_alone():
+    bench = load_frontier()
+    hps = {name: make_hp(MODEL_DIM=64, **{**bench.BASE, **knobs}) for name, knobs in bench.VARIANTS.items()}
+    state, hessians = bench.stand_in(hps["baseline"])
+    memo = bench.TensorMemo()
+    for name, hp in hps.items():  # one memo across the variants, as the bench runs them
+        model = bench.shape_model(hp)
+        model.load_state_dict(state)
+        alone = tg.Quantizer(model, hessians, hp).qstate()
+        with memo.install():
+            shared = tg.Quantizer(model, hessians, hp).qstate()
+        assert tg.quantize_tensor is memo.real
+        assert tg.build_payload(shared, {}, "bytes") == tg.build_payload(alone, {}, "bytes"), name
+    assert 0 < len(memo.done) < sum(len(tg.quant_plan(bench.shape_model(hp), hp)) for hp in hps.values())

@@ -1332,7 +1332,7 @@ def find_shards(data_path: str, split: str) -> list[Path]:
         raise DataError(
             f"no {split} shards matching {data_path}/fineweb_{split}_*.bin. Fetch the official data with "
             f"{download_command(data_path)}, or build the bundled sample with "
-            "`python -m data.tokenize_docs --input data/sample/sample_wiki.jsonl.xz "
+            "`python3 -m data.tokenize_docs --input data/sample/sample_wiki.jsonl.xz "
             "--output data/datasets/sample_sp1024` (RUN_PRESET=smoke reads it)"
         )
     return files
@@ -4422,8 +4422,8 @@ def byte_sidecar(hp: Hyperparameters, sp: spm.SentencePieceProcessor, n_tokens: 
         raise DataError(
             f"no val byte sidecar (fineweb_val_bytes_*.bin) in DATA_PATH={hp.data_path}, but {why}: "
             "val_bpb must be charged to the original text's bytes, which only the sidecar holds. Build "
-            "the shards with `python -m data.tokenize_docs --caseops ...` or download them with "
-            "`python -m data.download --variant sp8192_caseops`"
+            "the shards with `python3 -m data.tokenize_docs --caseops ...` or download them with "
+            "`python3 -m data.download --variant sp8192_caseops`"
         )
     return sidecar
 

@@ -103,7 +103,7 @@ def projected_seconds(
     (the setup before its clock starts, e.g. the trunk's compile warmup; phased: its global phases,
     already projected), not scaled."""
     gpu_factor = 1.0 if p.ngram or p.tilt else world_size / project_gpus
-    return round(once_s + seconds * scale * gpu_factor, 1)
+    return once_s + seconds * scale * gpu_factor  # unrounded: a tiny pass must not project to 0
 
 
 def pass_line(name, seconds, result, phases: PhaseLog, here, there, hp, rt, args) -> str:
@@ -118,7 +118,7 @@ def pass_line(name, seconds, result, phases: PhaseLog, here, there, hp, rt, args
         phase_s = None if there_s is None else there_s * rt.world_size / args.project_gpus
         once_s += phase_s or 0.0
         extra = dict(phase_s=round(phases.seconds, 2), phase_tokens=phases.tokens)
-        extra["projected_phase_s"] = "n/a" if phase_s is None else round(phase_s, 1)
+        extra["projected_phase_s"] = "n/a" if phase_s is None else phase_s
         if phase_s is None:
             print(
                 "eval_speed: the global phases trained no token here, so projected_s leaves them out "

@@ -159,7 +159,7 @@ def test_find_shards_on_empty_dir_names_path_and_commands(tmp_path):
         train_gpt.find_shards(str(tmp_path), "val")
     message = str(err.value)
     assert f"{tmp_path}/fineweb_val_*.bin" in message
-    assert "python -m data.download" in message and "python -m data.tokenize_docs" in message
+    assert "python3 -m data.download" in message and "python3 -m data.tokenize_docs" in message
 
 
 def test_load_validation_trims_to_whole_sequences_plus_one(tmp_path, tiny_hp):

@@ -429,7 +429,7 @@ def test_record_scores_see_a_phase_that_reads_unscored_documents(monkeypatch):
 def test_record_preset_runs_both_and_no_longer_lists_them():
     preset = tg.PRESETS["record_0427"]
     assert preset["TTT_LORA_PER_LOOP_SLOT"] == "1" and preset["GLOBAL_TTT_RESPECT_DOC_BOUNDARIES"] == "1"
-    missing = tg.PRESET_MISSING["record_0427"]
+    missing = tg.PRESET_MISSING.get("record_0427", ())
     assert "ttt_lora_per_loop_slot" not in missing and "global_ttt_respect_doc_boundaries" not in missing
     hp = make_hp()
     assert not hp.ttt_lora_per_loop_slot and not hp.global_ttt_respect_doc_boundaries

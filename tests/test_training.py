@@ -367,7 +367,7 @@ def test_missing_data_stops_with_the_command_to_build_it(tmp_path):
     env = dict(TINY, RUN_ID="nodata", DATA_PATH=str(tmp_path / "nowhere"), TOKENIZER_PATH=str(TOKENIZER))
     proc = run_raw(env, tmp_path)
     assert proc.returncode == 3
-    assert "nowhere/fineweb_val_*.bin" in proc.stdout and "python -m data.tokenize_docs" in proc.stdout
+    assert "nowhere/fineweb_val_*.bin" in proc.stdout and "python3 -m data.tokenize_docs" in proc.stdout
     assert "data error" in (tmp_path / "logs" / "nodata.txt").read_text()
 
 

@@ -884,7 +884,18 @@ class Hyperparameters:
                 raise ConfigError(message)
 
     def _consistency_checks(self) -> list[tuple[bool, str]]:
-        """Rules no single knob's bounds can state; bounds hold here (no division by zero)."""
+        """Rules no single knob's bounds can state; bounds hold here (no division by zero). Checked in
+        this order; the first that fails is the error."""
+        return [
+            *self._shape_checks(),
+            *self._schedule_checks(),
+            *self._architecture_checks(),
+            *self._evaluation_checks(),
+            *self._quantization_checks(),
+        ]
+
+    def _shape_checks(self) -> list[tuple[bool, str]]:
+        """Model dimensions and the looped segment fit together."""
         return [
             (self.model_dim % self.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
             (self.num_heads % self.num_kv_heads == 0, "NUM_HEADS must be divisible by NUM_KV_HEADS"),
@@ -897,6 +908,11 @@ class Hyperparameters:
                 "NUM_LOOPS > 0 needs 0 <= LOOP_START <= LOOP_END < NUM_LAYERS",
             ),
             (self.bigram_buckets != 1, "BIGRAM_BUCKETS must be 0 (off) or >= 2"),  # two ranges
+        ]
+
+    def _schedule_checks(self) -> list[tuple[bool, str]]:
+        """The optimizer, the clock and the batch geometry agree."""
+        return [
             (
                 not self.muon_polar_express or self.muon_ns_steps <= len(POLAR_EXPRESS_COEFFS),
                 f"MUON_POLAR_EXPRESS has {len(POLAR_EXPRESS_COEFFS)} coefficient tuples: MUON_NS_STEPS <= 5",
@@ -923,6 +939,11 @@ class Hyperparameters:
                 not self.seq_schedule or max(self.seq_schedule_lengths) == self.train_seq_len,
                 "TRAIN_SEQ_SCHEDULE's longest length must be TRAIN_SEQ_LEN (evaluation's length, PR #2014)",
             ),
+        ]
+
+    def _architecture_checks(self) -> list[tuple[bool, str]]:
+        """The model's optional parts fit the model and each other."""
+        return [
             (self.smear_gate_inputs <= self.model_dim, "SMEAR_GATE_INPUTS must be at most MODEL_DIM"),
             (self.unet_skips or not self.skip_gates_enabled, "SKIP_GATES_ENABLED needs UNET_SKIPS=1"),
             (
@@ -949,12 +970,22 @@ class Hyperparameters:
                 all(0 <= i < self.num_layers for i in self.ve_layer_ids),
                 "VE_LAYERS must list block indices < NUM_LAYERS",
             ),
+        ]
+
+    def _evaluation_checks(self) -> list[tuple[bool, str]]:
+        """Evaluation settings fit the model."""
+        return [
             (self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS must be at most NUM_LAYERS"),
             (
                 self.ngram_tilt_min_order <= self.ngram_tilt_max_order,
                 "NGRAM_TILT_MIN_ORDER must be at most NGRAM_TILT_MAX_ORDER",
             ),
             (not self.eval_only or self.artifact_path, "EVAL_ONLY=1 needs ARTIFACT_PATH=<artifact file>"),
+        ]
+
+    def _quantization_checks(self) -> list[tuple[bool, str]]:
+        """Quantisation and compression settings fit each other."""
+        return [
             (
                 all(0 <= i < self.num_layers for i in self.int5_layers),
                 "QUANT_INT5_LAYERS must list block indices < NUM_LAYERS",
